@@ -1,0 +1,3 @@
+"""kdrun: knowledge-distillation experiments, teacher -> scratch -> distill -> compare."""
+
+__version__ = "0.1.0"

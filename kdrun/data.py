@@ -1,0 +1,213 @@
+"""Data set builders, registered by name in DATASETS, and the train/val/test split.
+
+A builder returns a ``RawData`` (tensors, already scaled to a sensible range);
+``load_data`` then carves the validation split from the training data with a
+fixed seed, optionally subsamples, and standardises with training statistics.
+All data sets here are small enough to live in memory as tensors. To add a data
+set: write its builder, add it to DATASETS, add ``configs/dataset/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kdrun.errors import DataError
+
+
+
+@dataclass
+class RawData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    random_labels: bool = False  # labels carry no signal: evaluate on the training data
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # float32, (N, *input_shape)
+    y: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    eval_split: str = "test"  # "train" when the labels are random: accuracy is memorisation
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+# ---------------------------------------------------------------- builders
+
+
+def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
+    """MNIST-1D (Greydanus 2020), generated locally with the package's standard
+    arguments: 4 000 train / 1 000 test sequences of length 40. Never downloads."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    d = make_dataset(args)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731 (N, 1, 40)
+    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return RawData(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10)
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> RawData:
+    """scikit-learn's bundled 8x8 handwritten digits (1 797 images, UCI); the test
+    split is carved with ``seed`` since the set has none of its own."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    return _carve_test(x, y, test_fraction, seed, num_classes=10)
+
+
+def synthetic(
+    n: int = 2000, dim: int = 50, classes: int = 5, random_labels: bool = False,
+    test_fraction: float = 0.2, seed: int = 0,
+) -> RawData:
+    """Gaussian features; labels from a hidden random one-hidden-layer network, so
+    that a test split means something. ``random_labels=true`` draws labels at random
+    instead (the seed script's memorisation setting): accuracy is then measured on
+    the training data and labelled as such."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    if random_labels:
+        y = torch.randint(0, classes, (n,), generator=g)
+        return RawData(x, y, x, y, classes, random_labels=True)
+    w1 = torch.randn(dim, 64, generator=g) / dim**0.5
+    w2 = torch.randn(64, classes, generator=g)
+    y = (torch.tanh(x @ w1 * 2) @ w2).argmax(1)
+    return _carve_test(x, y, test_fraction, seed, classes)
+
+
+def _carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = round(len(y) * test_fraction)
+    te, tr = perm[:n_test], perm[n_test:]
+    return RawData(x[tr], y[tr], x[te], y[te], num_classes)
+
+
+def _torchvision(cls_name: str, root: str, download: bool, channels: int | None) -> RawData:
+    """A torchvision data set read from its own on-disk format under ``root``."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root = os.path.expanduser(root)
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except (RuntimeError, OSError) as e:  # missing files offline, or no network for download
+        raise DataError(_missing_message(cls, root, download, e)) from e
+    x_train, x_test = _images(train.data), _images(test.data)
+    if channels and channels != x_train.shape[1]:
+        x_train, x_test = (x.expand(-1, channels, -1, -1).contiguous() for x in (x_train, x_test))
+    targets = lambda ds: torch.as_tensor(ds.targets, dtype=torch.int64)  # noqa: E731
+    return RawData(x_train, targets(train), x_test, targets(test), len(train.classes))
+
+
+def _images(data) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
+    x = torch.as_tensor(data)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.float().div_(255.0)
+
+
+def _missing_message(cls, root: str, download: bool, error: Exception) -> str:
+    if hasattr(cls, "resources"):  # MNIST family: raw idx files
+        folder = os.path.join(root, cls.__name__, "raw")
+        files = [os.path.basename(url).removesuffix(".gz") for url, _ in cls.resources]
+    else:  # CIFAR family: pickled batches
+        folder = os.path.join(root, cls.base_folder)
+        files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    if download:
+        return (f"could not download {cls.__name__} ({str(error).splitlines()[0]}); with no "
+                f"network, put {', '.join(files)} in {folder}")
+    return (f"{cls.__name__} not found: put {', '.join(files)} in {folder}, or set "
+            f"dataset.download=true (needs internet)")
+
+
+def mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
+    """MNIST (LeCun et al. 1998) via torchvision; ``channels=3`` copies the gray channel."""
+    return _torchvision("MNIST", root, download, channels)
+
+
+def fashion_mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
+    """Fashion-MNIST (Xiao et al. 2017) via torchvision."""
+    return _torchvision("FashionMNIST", root, download, channels)
+
+
+def cifar10(root: str = "data", download: bool = False) -> RawData:
+    """CIFAR-10 (Krizhevsky 2009) via torchvision."""
+    return _torchvision("CIFAR10", root, download, None)
+
+
+def cifar100(root: str = "data", download: bool = False) -> RawData:
+    """CIFAR-100 (Krizhevsky 2009), 100 fine labels, via torchvision."""
+    return _torchvision("CIFAR100", root, download, None)
+
+
+DATASETS = {
+    "mnist1d": mnist1d, "digits": digits, "synthetic": synthetic, "mnist": mnist,
+    "fashion_mnist": fashion_mnist, "cifar10": cifar10, "cifar100": cifar100,
+}
+
+
+def builder_keys(name: str) -> list[str]:
+    return list(inspect.signature(DATASETS[name]).parameters)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def load_data(dataset_cfg, split_cfg) -> Data:
+    """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
+    arguments) and split it into train / val / test as ``split_cfg`` says."""
+    name = dataset_cfg.name
+    raw = DATASETS[name](**{k: v for k, v in dict(dataset_cfg).items() if k != "name"})
+    x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
+    if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
+        train = Split(x, y)
+        return Data(name, train, train, train, raw.num_classes, eval_split="train")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_cfg.seed))
+    n_val = round(len(y) * split_cfg.val_fraction)
+    val, train = perm[:n_val], perm[n_val:]
+    x_test, y_test = _subsample(raw.x_test, raw.y_test, split_cfg.max_test, split_cfg.seed)
+    splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
+    if split_cfg.standardize:
+        mean, std = _stats(splits[0].x)
+        for s in splits:
+            s.x = (s.x - mean) / std
+    return Data(name, *splits, raw.num_classes)
+
+
+def _subsample(x, y, limit, seed):
+    if limit is None or limit >= len(y):
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit]
+    return x[keep], y[keep]
+
+
+def _stats(x: torch.Tensor):
+    """Per-channel mean/std for (N, C, ...) inputs, per-feature for flat (N, D)."""
+    dims = [0] + list(range(2, x.ndim))
+    mean = x.mean(dim=dims, keepdim=True)[0]
+    std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
+    return mean, std

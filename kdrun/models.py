@@ -1,0 +1,138 @@
+"""Model builders, registered by name in MODELS.
+
+A builder takes the data's ``input_shape`` (without the batch dimension) and
+``num_classes``, plus the keys of its ``configs/teacher|student/*.yaml`` file.
+Layers are named (``conv0``, ``fc1``, ``head``, ...) so later losses can tap
+intermediate features by name. To add a model: write its builder, add it to
+MODELS, add a YAML file with ``arch: <name>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kdrun.errors import ConfigError, DataError
+
+
+def _as_list(value, n: int) -> list:
+    """An int (used for every layer) or a list with one entry per layer."""
+    if isinstance(value, int | str) or value is None:
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"expected one value per layer ({n}), got {list(value)}")
+    return list(value)
+
+
+def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: float = 0.0):
+    """Fully connected ReLU network on the flattened input."""
+    layers = OrderedDict(flatten=nn.Flatten())
+    width = int(torch.tensor(input_shape).prod())
+    for i, h in enumerate(hidden):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"relu{i}"] = nn.ReLU()
+        if dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout(dropout)
+        width = h
+    layers["head"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+def cnn(
+    input_shape,
+    num_classes,
+    channels: Sequence[int] = (25, 25, 25),
+    kernel_size: int | Sequence[int] = 3,
+    stride: int | Sequence[int] = 1,
+    pool: str = "none",
+    global_pool: int | None = None,
+    hidden: Sequence[int] = (),
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+):
+    """Convolutional network: Conv1d for sequences (C, L), Conv2d for images (C, H, W).
+
+    Each conv block is conv -> [batchnorm] -> ReLU -> [max/avg pool by 2]; then an
+    optional adaptive average pool to ``global_pool`` cells per spatial dim, a
+    flatten, optional dense ``hidden`` layers, and the class head.
+    """
+    if len(input_shape) not in (2, 3):
+        raise DataError(
+            f"a cnn needs sequence (C, L) or image (C, H, W) inputs; this data set has "
+            f"flat features of shape {tuple(input_shape)}: use an mlp"
+        )
+    two_d = len(input_shape) == 3
+    Conv = nn.Conv2d if two_d else nn.Conv1d
+    Norm = nn.BatchNorm2d if two_d else nn.BatchNorm1d
+    Pools = {"max": nn.MaxPool2d if two_d else nn.MaxPool1d,
+             "avg": nn.AvgPool2d if two_d else nn.AvgPool1d}
+    Adaptive = nn.AdaptiveAvgPool2d if two_d else nn.AdaptiveAvgPool1d
+
+    n = len(channels)
+    layers = OrderedDict()
+    width = input_shape[0]
+    for i, (c, k, s) in enumerate(zip(channels, _as_list(kernel_size, n), _as_list(stride, n))):
+        layers[f"conv{i}"] = Conv(width, c, k, stride=s, padding=k // 2)
+        if batch_norm:
+            layers[f"bn{i}"] = Norm(c)
+        layers[f"relu{i}"] = nn.ReLU()
+        if pool != "none":
+            layers[f"pool{i}"] = Pools[pool](2)
+        width = c
+    if global_pool:
+        layers["global_pool"] = Adaptive(global_pool)
+    layers["flatten"] = nn.Flatten()
+    body = nn.Sequential(layers)
+    with torch.no_grad():
+        width = body(torch.zeros(1, *input_shape)).shape[1]
+    for i, h in enumerate(hidden):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"relu_fc{i}"] = nn.ReLU()
+        width = h
+    if dropout > 0:
+        layers["drop"] = nn.Dropout(dropout)
+    layers["head"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+
+NOT_BUILDER_KEYS = ("arch",)
+
+
+def builder_keys(arch: str) -> list[str]:
+    """The config keys a model builder accepts (besides the data-given shapes)."""
+    params = inspect.signature(MODELS[arch]).parameters
+    return [p for p in params if p not in ("input_shape", "num_classes")]
+
+
+def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -> nn.Module:
+    """Build ``model_cfg.arch`` for this data; ``role`` (teacher/student) names errors."""
+    params = {k: v for k, v in dict(model_cfg).items() if k not in NOT_BUILDER_KEYS}
+    try:
+        return MODELS[model_cfg.arch](tuple(input_shape), num_classes, **params)
+    except RuntimeError as e:  # e.g. the input shrinks to nothing after too many strided convs
+        raise ConfigError(
+            f"{role}", model_cfg.arch,
+            f"cannot be built for input shape {tuple(input_shape)} ({str(e).splitlines()[0]})",
+        ) from e
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module) -> float:
+    """Size of the weights and buffers in memory, in MB (1e6 bytes)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def describe(model_cfg) -> str:
+    """A short name such as ``mlp[100,100]`` or ``cnn[25,25,25]``."""
+    widths = model_cfg.get("hidden") if model_cfg.arch == "mlp" else model_cfg.get("channels")
+    return f"{model_cfg.arch}[{','.join(str(w) for w in widths or [])}]"

@@ -1,0 +1,148 @@
+"""Everything that turns results into files and tables: metrics.csv, summary.csv,
+the printed comparison table, and ``kdrun-report`` for a sweep directory."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kdrun.store import atomic_write
+
+METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
+SUMMARY_COLUMNS = [
+    "role", "seed", "arch", "params", "size_mb", "epochs", "best_epoch", "val_acc_best",
+    "test_acc_last", "test_acc_best_val", "eval_split", "train_seconds", "latency_ms",
+    "checkpoint",
+]
+
+
+class MetricsLog:
+    """Long-form metrics.csv, appended and flushed every epoch (a killed run keeps
+    what it did). ``keys`` (dataset, loss, T, alpha, ...) are added to every row."""
+
+    def __init__(self, path: Path, keys: dict):
+        self.path, self.keys = path, keys
+        self.columns = METRIC_COLUMNS + list(keys)
+        if not path.exists() or path.stat().st_size == 0:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, self.columns).writeheader()
+
+    def append(self, rows: list[dict], seed: int) -> None:
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            for row in rows:
+                writer.writerow({**row, "seed": seed, **self.keys})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_summary(path: Path, rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    return df
+
+
+# ---------------------------------------------------------------- printed table
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def gain_verdict(gains: list[float]) -> str:
+    """Say whether a mean gain over seeds stands out of the seed-to-seed noise."""
+    if len(gains) < 2:
+        return "one student seed: its noise is unknown (set repeats=3 for mean ± std)"
+    mean, std = statistics.mean(gains), statistics.stdev(gains)
+    if abs(mean) <= std:
+        return f"within noise (|mean| <= std over {len(gains)} seeds): no evidence of an effect"
+    word = "helps" if mean > 0 else "hurts"
+    return f"distillation {word}: |mean| > std over {len(gains)} seeds"
+
+
+def comparison_table(summary: pd.DataFrame, header: str) -> str:
+    """Teacher / scratch / distilled rows with params and accuracies, then the gain."""
+    lines = [header, f"{'role':<10} {'model':<16} {'params':>9}  "
+                     f"{'test acc, last':>16}  {'test acc, best val':>18}"]
+    by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
+    for role, rows in by_role.items():
+        lines.append(f"{role:<10} {rows.arch.iloc[0]:<16} {rows.params.iloc[0]:>9,}  "
+                     f"{mean_std(list(rows.test_acc_last)):>16}  "
+                     f"{mean_std(list(rows.test_acc_best_val)):>18}")
+    scratch, distilled = by_role["scratch"], by_role["distilled"]
+    gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
+             for col in ("test_acc_last", "test_acc_best_val")}
+    lines.append(f"{'gain':<10} {'distilled-scratch':<26}  "
+                 f"{_signed(gains['test_acc_last']):>16}  {_signed(gains['test_acc_best_val']):>18}")
+    lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
+    return "\n".join(lines)
+
+
+def _signed(values: list[float]) -> str:
+    text = mean_std(values)
+    return text if text.startswith("-") else "+" + text
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def aggregate_sweep(sweep_dir: Path) -> pd.DataFrame:
+    """Concatenate every job's summary.csv under ``sweep_dir`` into one table."""
+    frames = []
+    for path in sorted(sweep_dir.glob("*/summary.csv")):
+        df = pd.read_csv(path)
+        df.insert(0, "job", path.parent.name)
+        frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no */summary.csv under {sweep_dir}: is it a kdrun sweep directory?")
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_sweep_report(sweep_dir: Path) -> Path:
+    """summary.csv of all jobs and a markdown table of distilled accuracy and gain."""
+    df = aggregate_sweep(sweep_dir)
+    write_summary(sweep_dir / "summary.csv", df.to_dict("records"))
+    keys = [k for k in ("loss", "T", "alpha") if k in df and df[k].notna().any()]
+    scratch = df[df.role == "scratch"].set_index(["job", "seed"]).test_acc_best_val
+    distilled = df[df.role == "distilled"].set_index(["job", "seed"])
+    distilled = distilled.assign(gain=distilled.test_acc_best_val - scratch).reset_index()
+    table = distilled.groupby(keys, dropna=False).agg(
+        n=("gain", "size"), val_acc=("val_acc_best", "mean"),
+        test_acc=("test_acc_best_val", "mean"), test_std=("test_acc_best_val", "std"),
+        gain=("gain", "mean"), gain_std=("gain", "std"),
+    ).reset_index()
+    report = sweep_dir / "report.md"
+    text = f"# kdrun sweep report\n\n{sweep_dir}\n\n{markdown_table(table.round(2))}\n"
+    atomic_write(report, lambda tmp: tmp.write_text(text))
+    return report
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    rows = [list(df.columns), ["---"] * len(df.columns)] + df.astype(str).values.tolist()
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """kdrun-report DIR: (re)aggregate a sweep directory, finished or not."""
+    parser = argparse.ArgumentParser(prog="kdrun-report", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        report = write_sweep_report(args.sweep_dir)
+    except FileNotFoundError as e:
+        print(f"kdrun-report: error: {e}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Run-directory layout and crash-safe checkpoint files.
+
+Checkpoints are written to a temporary file and renamed into place, so a killed
+run never leaves a half-written ``.pt``; they hold only tensors and plain
+containers and are loaded with ``weights_only=True``, so loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class RunDir:
+    """Where one run's files go: metrics.csv, summary.csv, checkpoints/."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.metrics_csv = self.root / "metrics.csv"
+        self.summary_csv = self.root / "summary.csv"
+        self.checkpoints = self.root / "checkpoints"
+
+    def checkpoint(self, role: str, seed: int, first_seed: int) -> Path:
+        """teacher.pt / scratch.pt / distilled.pt; extra student seeds get ``.seed<N>``."""
+        suffix = "" if role == "teacher" or seed == first_seed else f".seed{seed}"
+        return self.checkpoints / f"{role}{suffix}.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path`` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

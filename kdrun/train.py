@@ -1,0 +1,174 @@
+"""fit() and evaluate(): the training loop every stage shares.
+
+Data sits in memory as tensors; batches are indexed from a seed-determined
+permutation, so two fits with the same seed see the same batches in the same
+order. fit() knows nothing about files: it hands each epoch's metric rows to a
+callback.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from kdrun.data import Data, Split
+from kdrun.errors import TrainingDiverged
+
+
+@dataclass
+class FitResult:
+    stage: str
+    seed: int
+    epochs: int
+    best_epoch: int  # epoch with the highest validation accuracy (first one on ties)
+    val_acc_best: float
+    test_acc_last: float
+    test_acc_best_val: float  # test accuracy at best_epoch: selected on val, never on test
+    train_seconds: float
+    best_state: dict = field(repr=False)  # weights at best_epoch; the model keeps the last ones
+    optimizer_state: dict = field(repr=False)
+
+
+def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum,
+                               weight_decay=tcfg.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer]
+    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+
+def make_schedule(optimizer, tcfg, epochs: int):
+    """Per-epoch learning-rate schedule, or None for a constant rate."""
+    if tcfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if tcfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, tcfg.step_size, tcfg.gamma)
+    return None
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits for every row of x, in eval mode (dropout off, batchnorm frozen)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(xb) for xb in x.split(batch_size)])
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy in percent) on a split."""
+    logits = predict_logits(model, split.x, batch_size)
+    loss = F.cross_entropy(logits, split.y).item()
+    acc = (logits.argmax(1) == split.y).float().mean().item() * 100
+    return loss, acc
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape, device, batch: int = 1, repeats: int = 30) -> float:
+    """Median wall time of one eval-mode forward pass on ``batch`` inputs, in ms."""
+    model.eval()
+    x = torch.randn(batch, *input_shape, device=device)
+    times = []
+    for i in range(repeats + 5):
+        t0 = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 5:  # the first calls warm caches up
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    loss_fn: nn.Module,
+    tcfg,
+    *,
+    stage: str,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    soft_targets: torch.Tensor | None = None,
+    on_epoch: Callable[[list[dict]], None] = lambda rows: None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` in place for ``epochs`` epochs and evaluate it after each.
+
+    ``soft_targets`` are the teacher's logits for every training example (row i
+    belongs to data.train.x[i]); they are indexed with the same batch indices as
+    the inputs. ``seed`` fixes the batch order and the dropout masks.
+    """
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    x, y = data.train.x.to(device), data.train.y.to(device)
+    targets = soft_targets.to(device) if soft_targets is not None else None
+    splits = {"val": _to(data.val, device), "test": _to(data.test, device)}
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), tcfg)
+    schedule = make_schedule(optimizer, tcfg, epochs)
+
+    best = {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}
+    total_seconds, n = 0.0, len(y)
+    bar = tqdm(range(1, epochs + 1), desc=f"{stage:<9}", unit="ep", disable=not progress,
+               leave=True, dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for idx in torch.randperm(n, generator=order).to(device).split(tcfg.batch_size):
+            logits = model(x[idx])
+            loss = loss_fn(logits, None if targets is None else targets[idx], y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y[idx]).sum()
+        if schedule is not None:
+            schedule.step()
+        seconds = time.perf_counter() - t0
+        total_seconds += seconds
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"{stage} stage diverged at epoch {epoch} (train loss {train_loss}, lr {lr:g}): "
+                f"lower trainer.lr or set trainer.grad_clip"
+            )
+        rows = [_row(stage, epoch, "train", train_loss, correct.item() / n * 100, lr, seconds)]
+        for name, split in splits.items():
+            rows.append(_row(stage, epoch, name, *evaluate(model, split, tcfg.eval_batch_size),
+                             lr, seconds))
+        val_acc, test_acc = rows[1]["acc"], rows[2]["acc"]
+        if val_acc > best["val"]:
+            best.update(epoch=epoch, val=val_acc, test=test_acc,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        on_epoch(rows)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.1f}%")
+    return FitResult(
+        stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"], val_acc_best=best["val"],
+        test_acc_last=rows[2]["acc"], test_acc_best_val=best["test"],
+        train_seconds=total_seconds, best_state=best["state"],
+        optimizer_state=optimizer.state_dict(),
+    )
+
+
+def _to(split: Split, device) -> Split:
+    return Split(split.x.to(device), split.y.to(device))
+
+
+def _row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
+    return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "acc": acc,
+            "lr": lr, "seconds": seconds}

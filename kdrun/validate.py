@@ -1,0 +1,150 @@
+"""One validation step over the composed config, before anything is trained.
+
+Each rule checks one key and says what would be valid; the first failure raises a
+ConfigError that the CLI prints as one line. Keys a config does not have (e.g.
+``loss.T`` under ``loss=ce``) are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdrun import data, losses, models
+from kdrun.errors import ConfigError
+
+Check = Callable[[object], str | None]  # returns what would be valid, or None when fine
+
+
+def number(lo=None, hi=None, *, lo_open=False, hi_open=False, integer=False,
+           optional=False) -> Check:
+    kind = "an integer" if integer else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    want = f"must be {kind}" + (f" {' and '.join(bounds)}" if bounds else "")
+    want += " (or null)" if optional else ""
+
+    def check(v):
+        if v is None:
+            return None if optional else want
+        if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
+            return want
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return want
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return want
+        return None
+
+    return check
+
+
+def one_of(*options) -> Check:
+    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
+
+
+def boolean(v) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def positive_ints(v) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i > 0
+                                     for i in v)
+    return None if ok else "must be a list of positive integers, e.g. [64, 64]"
+
+
+def int_or_ints(v) -> str | None:
+    return None if isinstance(v, int) and v > 0 else positive_ints(v)
+
+
+def device(v) -> str | None:
+    ok = isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
+    return None if ok else "must be auto, cpu, cuda or cuda:N"
+
+
+PROBABILITY = number(0, 1)
+RULES: dict[str, Check] = {
+    "seed": number(integer=True),
+    "repeats": number(1, integer=True),
+    "device": device,
+    "num_threads": number(1, integer=True, optional=True),
+    "progress": boolean,
+    "split.val_fraction": number(0, 1, hi_open=True),
+    "split.seed": number(integer=True),
+    "split.max_train": number(1, integer=True, optional=True),
+    "split.max_test": number(1, integer=True, optional=True),
+    "split.standardize": boolean,
+    "dataset.name": one_of(*data.DATASETS),
+    "dataset.num_samples": number(10, integer=True),
+    "dataset.n": number(10, integer=True),
+    "dataset.dim": number(1, integer=True),
+    "dataset.classes": number(2, integer=True),
+    "dataset.test_fraction": number(0, 1, lo_open=True, hi_open=True),
+    "dataset.random_labels": boolean,
+    "dataset.download": boolean,
+    "dataset.channels": one_of(1, 3),
+    "loss.name": one_of(*losses.LOSSES),
+    "loss.T": number(0, lo_open=True),
+    "loss.alpha": PROBABILITY,
+    "loss.t2_scale": boolean,
+    "trainer.epochs": number(1, integer=True),
+    "trainer.teacher_epochs": number(1, integer=True, optional=True),
+    "trainer.student_epochs": number(1, integer=True, optional=True),
+    "trainer.batch_size": number(1, integer=True),
+    "trainer.eval_batch_size": number(1, integer=True),
+    "trainer.optimizer": one_of("adam", "adamw", "sgd"),
+    "trainer.lr": number(0, lo_open=True),
+    "trainer.momentum": number(0, 1, hi_open=True),
+    "trainer.weight_decay": number(0),
+    "trainer.schedule": one_of("none", "cosine", "step"),
+    "trainer.step_size": number(1, integer=True),
+    "trainer.gamma": number(0, 1, lo_open=True),
+    "trainer.grad_clip": number(0, lo_open=True, optional=True),
+    "trainer.distill_from": one_of("best_val", "last"),
+}
+MODEL_RULES: dict[str, Check] = {
+    "arch": one_of(*models.MODELS),
+    "hidden": lambda v: None if v == [] else positive_ints(v),
+    "channels": positive_ints,
+    "kernel_size": int_or_ints,
+    "stride": int_or_ints,
+    "dropout": number(0, 1, hi_open=True),
+    "pool": one_of("none", "max", "avg"),
+    "global_pool": number(1, integer=True, optional=True),
+    "batch_norm": boolean,
+}
+_ABSENT = object()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid key of a composed kdrun config."""
+    for key, check in RULES.items():
+        _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
+    _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name), ("name",))
+    for role in ("teacher", "student"):
+        for key, check in MODEL_RULES.items():
+            _check(f"{role}.{key}", cfg[role].get(key, _ABSENT), check)
+        _check_params(role, cfg[role], models.builder_keys(cfg[role].arch), ("arch",))
+
+
+def _check(key: str, value, check: Check) -> None:
+    if value is _ABSENT:
+        return
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    problem = check(value)
+    if problem:
+        raise ConfigError(key, value, problem)
+
+
+def _check_params(group: str, node, accepted: list[str], own: tuple[str, ...]) -> None:
+    """Every key of a dataset or model config must be an argument of its builder."""
+    for key in node:
+        if key not in accepted and key not in own:
+            raise ConfigError(f"{group}.{key}", node[key],
+                              f"not a setting of {group} {node.get('name') or node.get('arch')}; "
+                              f"valid: {', '.join(accepted)}")
