@@ -67,5 +67,5 @@ LOSSES: dict[str, type[nn.Module]] = {"kd": KD, "ce": CE}
 
 def build_loss(loss_cfg) -> nn.Module:
     """Build the loss named ``loss_cfg.name`` with the rest of ``loss_cfg`` as arguments."""
-    params = {k: v for k, v in dict(loss_cfg).items() if k != "name"}
-    return LOSSES[loss_cfg.name](**params)
+    params = dict(loss_cfg)
+    return LOSSES[params.pop("name")](**params)

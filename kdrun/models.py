@@ -133,6 +133,10 @@ def size_mb(model: nn.Module) -> float:
 
 
 def describe(model_cfg) -> str:
-    """A short name such as ``mlp[100,100]`` or ``cnn[25,25,25]``."""
-    widths = model_cfg.get("hidden") if model_cfg.arch == "mlp" else model_cfg.get("channels")
-    return f"{model_cfg.arch}[{','.join(str(w) for w in widths or [])}]"
+    """A short name such as ``mlp[100,100]`` or ``cnn[32,32]+fc[128]``."""
+    join = lambda widths: ",".join(str(w) for w in widths or [])  # noqa: E731
+    if model_cfg.arch == "cnn":
+        dense = model_cfg.get("hidden")
+        return f"cnn[{join(model_cfg.get('channels'))}]" + (f"+fc[{join(dense)}]" if dense else "")
+    widths = model_cfg.get("hidden", model_cfg.get("channels"))
+    return f"{model_cfg.arch}[{join(widths)}]"

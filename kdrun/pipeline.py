@@ -32,7 +32,7 @@ def pick_device(name: str) -> torch.device:
 
 def run_keys(cfg: DictConfig) -> dict:
     """The settings that tell runs of a sweep apart, added to every CSV row."""
-    return {"dataset": cfg.dataset.name, "loss": cfg.loss.name,
+    return {"dataset": cfg.dataset.name, "method": cfg.loss.name,
             "T": cfg.loss.get("T"), "alpha": cfg.loss.get("alpha")}
 
 
@@ -138,7 +138,8 @@ class Stages:
 
 
 def _header(cfg: DictConfig, data: Data) -> str:
-    loss = " ".join(f"{k}={v}" for k, v in cfg.loss.items())
+    loss = " ".join(f"{k}={v}" for k, v in cfg.loss.items() if k != "name")
+    loss = f"loss={cfg.loss.name} {loss}".strip()
     seeds = ",".join(map(str, student_seeds(cfg)))
     text = f"kdrun | dataset={data.name} | {loss} | student seeds {seeds}"
     if data.eval_split == "train":

@@ -57,30 +57,41 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean of paired (same-seed) gains."""
+    from scipy.stats import t
+
+    n, mean = len(gains), statistics.mean(gains)
+    half = t.ppf((1 + level) / 2, n - 1) * statistics.stdev(gains) / n**0.5
+    return mean - half, mean + half
+
+
 def gain_verdict(gains: list[float]) -> str:
-    """Say whether a mean gain over seeds stands out of the seed-to-seed noise."""
+    """Say whether the mean gain over seeds stands out of the seed-to-seed noise."""
     if len(gains) < 2:
-        return "one student seed: its noise is unknown (set repeats=3 for mean ± std)"
-    mean, std = statistics.mean(gains), statistics.stdev(gains)
-    if abs(mean) <= std:
-        return f"within noise (|mean| <= std over {len(gains)} seeds): no evidence of an effect"
-    word = "helps" if mean > 0 else "hurts"
-    return f"distillation {word}: |mean| > std over {len(gains)} seeds"
+        return "one student seed, so its noise is unknown (set repeats=3 or more)"
+    lo, hi = gain_interval(gains)
+    where = f"95% CI [{lo:+.2f}, {hi:+.2f}] over {len(gains)} paired seeds"
+    if lo <= 0 <= hi:
+        return f"{where}: within noise, no evidence that distillation changes accuracy here"
+    return f"{where}: distillation {'helps' if lo > 0 else 'hurts'}, beyond seed noise"
 
 
 def comparison_table(summary: pd.DataFrame, header: str) -> str:
     """Teacher / scratch / distilled rows with params and accuracies, then the gain."""
-    lines = [header, f"{'role':<10} {'model':<16} {'params':>9}  "
-                     f"{'test acc, last':>16}  {'test acc, best val':>18}"]
+    split = summary.eval_split.iloc[0]  # "test", or "train" when the labels are random
+    w = max(17, *(len(a) for a in summary.arch))
+    lines = [header, f"{'role':<10} {'model':<{w}} {'params':>9}  "
+                     f"{split + ' acc, last':>16}  {split + ' acc, best val':>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
     for role, rows in by_role.items():
-        lines.append(f"{role:<10} {rows.arch.iloc[0]:<16} {rows.params.iloc[0]:>9,}  "
+        lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>9,}  "
                      f"{mean_std(list(rows.test_acc_last)):>16}  "
                      f"{mean_std(list(rows.test_acc_best_val)):>18}")
     scratch, distilled = by_role["scratch"], by_role["distilled"]
     gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
              for col in ("test_acc_last", "test_acc_best_val")}
-    lines.append(f"{'gain':<10} {'distilled-scratch':<26}  "
+    lines.append(f"{'gain':<10} {'distilled-scratch':<{w + 10}}  "
                  f"{_signed(gains['test_acc_last']):>16}  {_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
     return "\n".join(lines)
@@ -110,7 +121,7 @@ def write_sweep_report(sweep_dir: Path) -> Path:
     """summary.csv of all jobs and a markdown table of distilled accuracy and gain."""
     df = aggregate_sweep(sweep_dir)
     write_summary(sweep_dir / "summary.csv", df.to_dict("records"))
-    keys = [k for k in ("loss", "T", "alpha") if k in df and df[k].notna().any()]
+    keys = [k for k in ("method", "T", "alpha") if k in df and df[k].notna().any()]
     scratch = df[df.role == "scratch"].set_index(["job", "seed"]).test_acc_best_val
     distilled = df[df.role == "distilled"].set_index(["job", "seed"])
     distilled = distilled.assign(gain=distilled.test_acc_best_val - scratch).reset_index()

@@ -1,0 +1,143 @@
+"""The pipeline in-process on small data: fairness of the comparison, the teacher's
+mode, the files written, best-val selection, and every seed experiment."""
+
+import csv
+
+import pandas as pd
+import pytest
+import torch
+
+from kdrun import pipeline
+from kdrun.errors import TrainingDiverged
+from kdrun.models import build_model
+from kdrun.report import METRIC_COLUMNS, SUMMARY_COLUMNS, MetricsLog
+from kdrun.store import load_checkpoint
+from kdrun.train import evaluate
+from tests.helpers import TINY, make_config, write_cifar, write_mnist
+
+SMALL = TINY + ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
+                "teacher.hidden=[32]", "student.hidden=[16]", "trainer.batch_size=32"]
+
+
+def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
+    """With no teacher term, the distilled student must reproduce the scratch student bit
+    for bit: same init, same batch order, same dropout masks, only the loss may differ."""
+    cfg = make_config(*SMALL, "loss=ce", "trainer.epochs=3", "repeats=2", "student.dropout=0.3")
+    result = pipeline.run(cfg, tmp_path)
+    rows = {(r["role"], r["seed"]): r for r in result["rows"]}
+    for seed in (0, 1):
+        s, d = rows[("scratch", seed)], rows[("distilled", seed)]
+        assert (s["test_acc_last"], s["val_acc_best"]) == (d["test_acc_last"], d["val_acc_best"])
+    a = load_checkpoint(tmp_path / "checkpoints" / "scratch.pt")["model"]
+    b = load_checkpoint(tmp_path / "checkpoints" / "distilled.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "checkpoints" / "scratch.seed1.pt").exists()
+    assert rows[("scratch", 0)]["test_acc_last"] != rows[("scratch", 1)]["test_acc_last"] or \
+        rows[("scratch", 0)]["val_acc_best"] != rows[("scratch", 1)]["val_acc_best"]
+
+
+def test_kd_run_differs_from_scratch(tmp_path):
+    cfg = make_config(*SMALL, "trainer.epochs=2", "loss.alpha=1.0")
+    rows = pipeline.run(cfg, tmp_path)["rows"]
+    a = load_checkpoint(tmp_path / "checkpoints" / "scratch.pt")["model"]
+    b = load_checkpoint(tmp_path / "checkpoints" / "distilled.pt")["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+
+
+def test_teacher_targets_come_from_eval_mode_without_grad(tmp_path):
+    cfg = make_config(*SMALL, "teacher.dropout=0.5")
+    data = pipeline.load_data(cfg.dataset, cfg.split)
+    stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
+    teacher = build_model(cfg.teacher, data.input_shape, data.num_classes)
+    teacher.train()  # as a framework might leave it
+    logits = stages.teacher_logits(teacher)
+    assert not logits.requires_grad
+    assert torch.equal(logits, stages.teacher_logits(teacher))  # dropout off: deterministic
+    teacher.eval()
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(data.train.x))
+
+
+def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
+    cfg = make_config(*SMALL, "trainer.epochs=3")
+    pipeline.run(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert METRIC_COLUMNS + ["dataset", "method", "T", "alpha"] == list(metrics.columns)
+    assert len(metrics) == 3 * 3 * 3  # (teacher, scratch, distilled) x 3 epochs x 3 splits
+    assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert set(SUMMARY_COLUMNS) <= set(summary.columns)
+    assert list(summary.role) == ["teacher", "scratch", "distilled"]
+    data = pipeline.load_data(cfg.dataset, cfg.split)
+    for _, row in summary.iterrows():
+        ckpt = load_checkpoint(row.checkpoint)  # weights_only=True
+        model = build_model(cfg[row.role if row.role == "teacher" else "student"],
+                            ckpt["input_shape"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+        assert evaluate(model, data.test, 1000)[1] == pytest.approx(row.test_acc_last)
+        assert ckpt["epoch"] == 3 and ckpt["config"]["loss"]["name"] == "kd"
+
+
+def test_best_val_is_selected_on_validation_not_test(tmp_path):
+    cfg = make_config(*SMALL, "trainer.epochs=6", "trainer.lr=0.05")
+    pipeline.run(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    for _, row in pd.read_csv(tmp_path / "summary.csv").iterrows():
+        stage = metrics[metrics.stage == row.role]
+        val = stage[stage.split == "val"].set_index("epoch").acc
+        test = stage[stage.split == "test"].set_index("epoch").acc
+        best = val.idxmax()  # first epoch with the highest validation accuracy
+        assert row.best_epoch == best
+        assert row.test_acc_best_val == pytest.approx(test[best])
+        assert row.test_acc_last == pytest.approx(test[test.index.max()])
+
+
+def test_metrics_rows_are_on_disk_after_each_epoch(tmp_path):
+    log = MetricsLog(tmp_path / "m.csv", {"T": 4})
+    log.append([{"stage": "teacher", "epoch": 1, "split": "train", "loss": 1.0, "acc": 50.0,
+                 "lr": 0.1, "seconds": 0.5}], seed=0)
+    with open(tmp_path / "m.csv") as f:  # a second reader, as after a kill
+        rows = list(csv.DictReader(f))
+    assert rows == [{"stage": "teacher", "seed": "0", "epoch": "1", "split": "train",
+                     "loss": "1.0", "acc": "50.0", "lr": "0.1", "seconds": "0.5", "T": "4"}]
+
+
+def test_divergence_is_reported_with_stage_and_epoch(tmp_path):
+    cfg = make_config(*SMALL, "trainer.lr=1e30", "trainer.optimizer=sgd")
+    with pytest.raises(TrainingDiverged, match=r"teacher stage diverged at epoch 1"):
+        pipeline.run(cfg, tmp_path)
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_seed_synthetic_runs(tmp_path):
+    cfg = make_config("experiment=seed_synthetic", "progress=false", "trainer.epochs=1")
+    assert cfg.dataset.random_labels and cfg.loss.T == 3 and cfg.loss.alpha == 0.7
+    assert list(cfg.teacher.hidden) == [256, 256, 128] and list(cfg.student.hidden) == [64]
+    rows = pipeline.run(cfg, tmp_path)["rows"]
+    assert {r["eval_split"] for r in rows} == {"train"}
+
+
+@pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_mnist_cnn"])
+def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
+    write_mnist(tmp_path / "data", n_train=64, n_test=16)
+    cfg = make_config(f"experiment={experiment}", f"dataset.root={tmp_path}/data",
+                      "progress=false", "trainer.epochs=1")
+    result = pipeline.run(cfg, tmp_path / "run")
+    teacher, student = result["rows"][0], result["rows"][1]
+    if experiment == "seed_mnist_mlp":
+        assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.batch_size) == (7, 0.8, 64)
+        assert teacher["params"] == 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 12010
+        assert student["params"] == 784 * 20 + 20 + 20 * 10 + 10
+    else:
+        assert cfg.dataset.channels == 3 and cfg.trainer.grad_clip == 1.0
+        assert (cfg.loss.T, cfg.loss.alpha) == (3, 0.5)
+
+
+def test_seed_cifar10_cnn_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
+    write_cifar(tmp_path / "data", n_per_batch=8)
+    cfg = make_config("experiment=seed_cifar10_cnn", f"dataset.root={tmp_path}/data",
+                      "progress=false", "trainer.epochs=1")
+    assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.epochs) == (10, 0.9, 1)
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert rows[0]["arch"] == "cnn[12,12]" and rows[1]["arch"] == "cnn[12]"
