@@ -18,7 +18,6 @@ import torch
 from kdrun.errors import DataError
 
 
-
 @dataclass
 class RawData:
     x_train: torch.Tensor

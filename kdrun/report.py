@@ -92,7 +92,8 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
     gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
              for col in ("test_acc_last", "test_acc_best_val")}
     lines.append(f"{'gain':<10} {'distilled-scratch':<{w + 10}}  "
-                 f"{_signed(gains['test_acc_last']):>16}  {_signed(gains['test_acc_best_val']):>18}")
+                 f"{_signed(gains['test_acc_last']):>16}  "
+                 f"{_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
     return "\n".join(lines)
 
@@ -113,7 +114,7 @@ def aggregate_sweep(sweep_dir: Path) -> pd.DataFrame:
         df.insert(0, "job", path.parent.name)
         frames.append(df)
     if not frames:
-        raise FileNotFoundError(f"no */summary.csv under {sweep_dir}: is it a kdrun sweep directory?")
+        raise FileNotFoundError(f"no */summary.csv under {sweep_dir}: not a kdrun sweep directory")
     return pd.concat(frames, ignore_index=True)
 
 

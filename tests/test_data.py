@@ -93,16 +93,19 @@ def test_cifar_reads_pickled_batches(tmp_path, skip_cifar_md5, classes):
     assert torch.allclose(d.test.x, expected)
 
 
-@pytest.mark.parametrize("name,where", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"),
-                                        ("cifar10", "cifar-10-batches-py"),
-                                        ("cifar100", "cifar-100-python")])
-def test_missing_data_set_says_where_to_put_which_files(tmp_path, name, where):
+@pytest.mark.parametrize("name,where,file", [
+    ("mnist", "MNIST/raw", "train-images-idx3-ubyte"),
+    ("fashion_mnist", "FashionMNIST/raw", "t10k-labels-idx1-ubyte"),
+    ("cifar10", "cifar-10-batches-py", "data_batch_5"),
+    ("cifar100", "cifar-100-python", "meta"),
+])
+def test_missing_data_set_says_where_to_put_which_files(tmp_path, name, where, file):
     kwargs = {"channels": 1} if "mnist" in name else {}
     with pytest.raises(DataError) as e:
         load(name=name, root=str(tmp_path), download=False, **kwargs)
     message = str(e.value)
     assert f"{tmp_path}/{where}" in message and "download=true" in message
-    assert ("train-images-idx3-ubyte" in message) or ("test" in message)
+    assert file in message
 
 
 def test_random_cifar_pixels_are_uint8_scaled(tmp_path, skip_cifar_md5):

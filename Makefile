@@ -1,0 +1,43 @@
+# kdrun developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep test test-slow test-full lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv if absent and install kdrun with its dev tools
+	@echo "kdrun installed in $(VENV); activate with: source $(BIN)/activate"
+
+run: $(STAMP) ## run the default pipeline (MNIST-1D, offline, well under a minute on 2 CPU cores)
+	$(BIN)/kdrun
+
+sweep: $(STAMP) ## a small T x alpha sweep on the default data
+	$(BIN)/kdrun -m loss.T=1,4 loss.alpha=0.5,0.9 repeats=1
+
+test: $(STAMP) ## the test suite without the slow tests (a few minutes on 2 CPU cores)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) ## only the slow tests
+	$(BIN)/python -m pytest -q -m slow
+
+test-full: $(STAMP) ## every test
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff over the code and the tests
+	$(BIN)/ruff check kdrun tests
+
+clean: ## delete run outputs, caches and build files (keeps .venv)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,79 @@
+"""The installed `kdrun` and `kdrun-report` commands, run as a user runs them: as
+subprocesses from an unrelated working directory."""
+
+import os
+import subprocess
+
+import pandas as pd
+import pytest
+
+from kdrun.store import load_checkpoint
+from tests.helpers import KDRUN, KDRUN_REPORT
+
+FAST = ["progress=false", "repeats=1", "trainer.epochs=1", "split.max_train=400",
+        "split.max_test=200", "num_threads=1"]
+
+
+def kdrun(cwd, *args, command=KDRUN, env=None):
+    base = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = {**base, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([command, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_default_pipeline_writes_its_files_from_any_directory(tmp_path):
+    p = kdrun(tmp_path, *FAST)
+    assert p.returncode == 0, p.stderr
+    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert {"stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds", "T",
+            "alpha"} <= set(metrics.columns)
+    assert set(metrics.stage) == {"teacher", "scratch", "distilled"}
+    assert set(metrics.split) == {"train", "val", "test"}
+    summary = pd.read_csv(run / "summary.csv")
+    assert list(summary.role) == ["teacher", "scratch", "distilled"]
+    assert {"params", "size_mb", "test_acc_last", "test_acc_best_val", "train_seconds",
+            "latency_ms"} <= set(summary.columns)
+    for name in ("teacher", "scratch", "distilled"):
+        assert "model" in load_checkpoint(run / "checkpoints" / f"{name}.pt")
+    assert (run / ".hydra" / "config.yaml").exists()
+    for word in ("teacher", "scratch", "distilled", "gain", "cnn[32,32,32]+fc[128]",
+                 "mlp[100,100]", "metrics.csv"):
+        assert word in p.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["dataset=foo"], ["dataset='foo'", "valid:", "mnist1d", "digits"]),
+    (["loss.T=0"], ["loss.T=0", "> 0"]),
+    (["loss.alpha=2"], ["loss.alpha=2", "<= 1"]),
+    (["loss.Tx=3"], ["loss.Tx", "+loss.Tx"]),
+    (["-m", "loss.T=1,0"], ["loss.T=0", "> 0"]),
+])
+def test_user_mistakes_get_one_line_exit_2_and_write_nothing(tmp_path, args, words):
+    p = kdrun(tmp_path, *args)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdrun: error: "), p.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_full_error_switch_shows_the_traceback(tmp_path):
+    p = kdrun(tmp_path, "loss.T=0", env={"HYDRA_FULL_ERROR": "1"})
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_sweep_job_dirs_are_named_by_overrides_and_kdrun_report_aggregates(tmp_path):
+    p = kdrun(tmp_path, "-m", "loss.alpha=0.5,0.9", *FAST)
+    assert p.returncode == 0, p.stderr
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = sorted(d.name for d in sweep.iterdir() if (d / "summary.csv").exists())
+    assert [j.split(",")[0] for j in jobs] == ["loss.alpha=0.5", "loss.alpha=0.9"]
+    r = kdrun(tmp_path, str(sweep), command=KDRUN_REPORT)
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(sweep / "summary.csv")
+    assert len(table) == 2 * 3 and set(table.alpha) == {0.5, 0.9}
+    assert "| method | T | alpha |" in (sweep / "report.md").read_text()
+    bad = kdrun(tmp_path, str(tmp_path), command=KDRUN_REPORT)
+    assert bad.returncode == 2 and "no */summary.csv" in bad.stderr
