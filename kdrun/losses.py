@@ -24,6 +24,14 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
+@torch.no_grad()
+def soft_target_entropy(teacher_logits: torch.Tensor, T: float) -> float:
+    """Mean entropy (nats) of the teacher's softened distributions softmax(t / T):
+    how soft the targets really are at this temperature (max: log of the class count)."""
+    log_p = F.log_softmax(teacher_logits.float() / T, dim=1)
+    return float(-(log_p.exp() * log_p).sum(1).mean())
+
+
 class KD(nn.Module):
     """Knowledge distillation, Hinton, Vinyals & Dean 2015, "Distilling the Knowledge
     in a Neural Network" (arXiv:1503.02531).

@@ -1,31 +1,42 @@
 """The four stages: train the teacher, train the student from scratch, distill the
-student from the teacher, compare. The pipeline never knows which loss it runs."""
+student from the teacher, compare. The pipeline never knows which loss it runs.
+
+Each stage goes through the stage cache (kdrun/cache.py): a stage some earlier run
+or sweep job finished is reused, a stage a killed run left half-done is resumed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import statistics
-from pathlib import Path
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.cache import StageEntry
 from kdrun.data import Data, load_data
-from kdrun.errors import ConfigError
-from kdrun.losses import CE, build_loss
+from kdrun.errors import ConfigError, UserError
+from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.models import build_model, count_params, describe, size_mb
-from kdrun.report import MetricsLog, comparison_table, write_summary
-from kdrun.store import RunDir, save_checkpoint
-from kdrun.train import FitResult, fit, latency_ms, predict_logits
+from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
+from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
+from kdrun.train import fit, latency_ms, predict_logits
 
 log = logging.getLogger("kdrun")
+
+# Trainer keys that never change a stage's result (or are resolved per stage).
+NOT_IN_STAGE_KEY = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
+                    "eval_batch_size", "checkpoint_every")
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", name, "CUDA is not available on this machine; use cpu or auto")
     return torch.device(name)
 
@@ -40,109 +51,192 @@ def student_seeds(cfg: DictConfig) -> list[int]:
     return [cfg.seed + i for i in range(cfg.repeats)]
 
 
+def config_hash(cfg: DictConfig) -> str:
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                if k not in ("progress", "hydra")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
-    """Run the whole pipeline into ``out_dir``; return the summary rows and the table."""
+    """Run the whole pipeline into ``out_dir``; return the summary rows and the table.
+    A run directory that already holds this finished run is not run again."""
+    run_dir = RunDir(out_dir)
+    finished = _finished_run(cfg, run_dir)
+    if finished is not None:
+        return finished
     device = pick_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
-    run_dir = RunDir(out_dir)
-    run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg.dataset, cfg.split)
     log.info("data: %s, %d train / %d val / %d %s examples, input %s, %d classes",
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
     stages = Stages(cfg, data, device, run_dir)
 
-    teacher, rows = stages.teacher()
+    teacher, teacher_entry, rows = stages.teacher()
     loss = build_loss(cfg.loss)
     soft_targets = None
     if loss.needs_teacher:
-        soft_targets = stages.teacher_logits(teacher)
+        soft_targets = stages.teacher_logits(teacher, teacher_entry)
     else:
         log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
                  "(a control; its gain should be about zero)", cfg.loss.name)
     for seed in student_seeds(cfg):
         rows.append(stages.student("scratch", CE(), seed))
-        rows.append(stages.student("distilled", loss, seed, soft_targets))
+        row = stages.student("distilled", loss, seed, soft_targets, teacher_entry.key)
+        if soft_targets is not None and "T" in cfg.loss:
+            row["soft_target_entropy"] = soft_target_entropy(soft_targets, cfg.loss.T)
+        rows.append(row)
 
     summary = write_summary(run_dir.summary_csv, rows)
-    table = comparison_table(summary, header=_header(cfg, data))
+    result = _report(cfg, data.name, data.eval_split, run_dir, summary)
+    run_dir.mark_done({"config_hash": config_hash(cfg),
+                       "distilled_val_acc": result["distilled_val_acc"]})
+    return result
+
+
+def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
+    table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
-    distilled_val = [r["val_acc_best"] for r in rows if r["role"] == "distilled"]
-    return {"rows": rows, "table": table, "distilled_val_acc": statistics.mean(distilled_val)}
+    distilled_val = summary[summary.role == "distilled"].val_acc_best
+    return {"rows": summary.to_dict("records"), "table": table,
+            "distilled_val_acc": float(statistics.mean(distilled_val))}
+
+
+def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
+    """The stored result when ``run_dir`` already holds this run, finished."""
+    done = run_dir.done()
+    if done is None:
+        return None
+    if done["config_hash"] != config_hash(cfg):
+        raise UserError(f"{run_dir.root} already holds a finished run of another config; "
+                        f"choose a new output directory")
+    log.info("%s: this run already finished, nothing to do", run_dir.root)
+    summary = pd.read_csv(run_dir.summary_csv)
+    return _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
 
 
 class Stages:
-    """Trains the teacher and the students of one run and records their files."""
+    """Trains (or reuses, or resumes) each stage of one run and records its files."""
 
     def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         self.tcfg = cfg.trainer
-        self.metrics = MetricsLog(run_dir.metrics_csv, run_keys(cfg))
+        run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
+        self.metrics = MetricsLog(run_dir.metrics_csv, run_keys(cfg))  # rebuilt on every start
+        self.events = EventLog(run_dir.events)
 
-    def teacher(self) -> tuple[torch.nn.Module, list[dict]]:
-        model, result = self._train("teacher", self.cfg.teacher, CE(), self.cfg.seed,
-                                    self.tcfg.teacher_epochs or self.tcfg.epochs)
-        if self.tcfg.distill_from == "best_val":
-            model.load_state_dict(result.best_state)
-        return model, [self._summary_row("teacher", self.cfg.teacher, model, result)]
+    def teacher(self) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
+        epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
+        entry, row = self._stage("teacher", self.cfg.teacher, CE(), self.cfg.seed, epochs, {})
+        model = self._load(self.cfg.teacher, entry, self.tcfg.distill_from)
+        return model, entry, [row]
 
-    def teacher_logits(self, teacher: torch.nn.Module) -> torch.Tensor:
+    def teacher_logits(self, teacher: torch.nn.Module, entry: StageEntry) -> torch.Tensor:
         """The teacher's logits on every training example, computed once in eval mode
-        without gradients, and reused by every distillation epoch."""
-        teacher.to(self.device)
-        return predict_logits(teacher, self.data.train.x.to(self.device), self.tcfg.eval_batch_size)
+        without gradients, stored with the teacher, and reused by every distillation
+        epoch and every job that distills from this teacher."""
+        path = entry.dir / f"logits-{self.tcfg.distill_from}.pt"
+        with entry.lock():
+            if path.exists():
+                return torch.load(path, weights_only=True).to(self.device)
+            teacher.to(self.device)
+            logits = predict_logits(teacher, self.data.train.x.to(self.device),
+                                    self.tcfg.eval_batch_size)
+            atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
+            return logits
 
-    def student(self, role: str, loss, seed: int, soft_targets=None) -> dict:
+    def student(self, role: str, loss, seed: int, soft_targets=None, teacher_key=None) -> dict:
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
-        model, result = self._train(role, self.cfg.student, loss, seed, epochs, soft_targets)
-        return self._summary_row(role, self.cfg.student, model, result)
+        extra = {}
+        if role == "distilled":  # a distilled student depends on its loss and its teacher
+            extra = {"loss": OmegaConf.to_container(self.cfg.loss, resolve=True),
+                     "teacher": teacher_key if loss.needs_teacher else None,
+                     "distill_from": self.tcfg.distill_from if loss.needs_teacher else None}
+        _, row = self._stage(role, self.cfg.student, loss, seed, epochs, extra, soft_targets)
+        return row
 
-    def _train(self, role, model_cfg, loss, seed, epochs, soft_targets=None):
+    # ------------------------------------------------------------ one stage
+
+    def _stage(self, role, model_cfg, loss, seed, epochs, extra, soft_targets=None):
+        entry = StageEntry(self.cache_root, self._material(role, model_cfg, seed, epochs, extra))
+        with entry.lock():
+            reused = entry.done()
+            if reused:
+                self.metrics.append(entry.read_rows(), seed, reused=True)
+                self.events.write("reused", role, seed, entry.key)
+            else:
+                self._train(entry, role, model_cfg, loss, seed, epochs, soft_targets)
+        checkpoint = self.run_dir.checkpoint(role, seed, self.cfg.seed)
+        link_or_copy(entry.result_pt, checkpoint)
+        row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
+               "checkpoint": str(checkpoint), **run_keys(self.cfg)}
+        return entry, row
+
+    def _material(self, role, model_cfg, seed, epochs, extra) -> dict:
+        """Exactly the settings that decide this stage's result: its cache key."""
+        as_dict = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+        trainer = {k: v for k, v in as_dict(self.tcfg).items() if k not in NOT_IN_STAGE_KEY}
+        return {"stage": role, "dataset": as_dict(self.cfg.dataset), "split": as_dict(self.cfg.split),
+                "model": as_dict(model_cfg), "trainer": trainer, "epochs": epochs,
+                "seed": seed, **extra}
+
+    def _train(self, entry: StageEntry, role, model_cfg, loss, seed, epochs, soft_targets):
+        resume = entry.start()
+        if resume is not None:
+            self.metrics.append(entry.read_rows(), seed, reused=True)
+            self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
+        every = self.tcfg.checkpoint_every
+
+        def on_epoch(rows, snapshot):
+            entry.append_rows(rows)
+            self.metrics.append(rows, seed, reused=False)
+            if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
+                entry.save_state(snapshot())
+
         torch.manual_seed(seed)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
-        result = fit(
-            model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
-            device=self.device, soft_targets=soft_targets, progress=self.cfg.progress,
-            on_epoch=lambda rows: self.metrics.append(rows, seed),
+        result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
+                     device=self.device, soft_targets=soft_targets, resume=resume,
+                     on_epoch=on_epoch, progress=self.cfg.progress)
+        entry.finish(
+            checkpoint={
+                "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
+                "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
+                "model": model.state_dict(), "best_model": result.best_state,
+                "epoch": result.epochs, "best_epoch": result.best_epoch,
+                "optimizer": result.optimizer_state, "seed": seed,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            },
+            summary={
+                "role": role, "arch": describe(model_cfg), "params": count_params(model),
+                "size_mb": round(size_mb(model), 4), "epochs": result.epochs,
+                "best_epoch": result.best_epoch, "val_acc_best": result.val_acc_best,
+                "test_acc_last": result.test_acc_last,
+                "test_acc_best_val": result.test_acc_best_val,
+                "eval_split": self.data.eval_split,
+                "train_seconds": round(result.train_seconds, 3),
+                "latency_ms": round(latency_ms(model, self.data.input_shape, self.device), 4),
+            },
         )
-        self._save(role, model_cfg, model, result)
-        return model, result
+        self.events.write("trained", role, seed, entry.key)
 
-    def _save(self, role, model_cfg, model, result: FitResult) -> Path:
-        path = self.run_dir.checkpoint(role, result.seed, self.cfg.seed)
-        save_checkpoint(path, {
-            "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
-            "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
-            "model": model.state_dict(), "best_model": result.best_state,
-            "epoch": result.epochs, "best_epoch": result.best_epoch,
-            "optimizer": result.optimizer_state, "seed": result.seed,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        })
-        return path
-
-    def _summary_row(self, role, model_cfg, model, result: FitResult) -> dict:
-        return {
-            "role": role, "seed": result.seed, "arch": describe(model_cfg),
-            "params": count_params(model), "size_mb": round(size_mb(model), 4),
-            "epochs": result.epochs, "best_epoch": result.best_epoch,
-            "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
-            "test_acc_best_val": result.test_acc_best_val, "eval_split": self.data.eval_split,
-            "train_seconds": round(result.train_seconds, 3),
-            "latency_ms": round(latency_ms(model, self.data.input_shape, self.device), 4),
-            "checkpoint": str(self.run_dir.checkpoint(role, result.seed, self.cfg.seed)),
-            **run_keys(self.cfg),
-        }
+    def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
+        checkpoint = load_checkpoint(entry.result_pt)
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(checkpoint["best_model" if weights == "best_val" else "model"])
+        return model.to(self.device)
 
 
-def _header(cfg: DictConfig, data: Data) -> str:
+def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
     loss = " ".join(f"{k}={v}" for k, v in cfg.loss.items() if k != "name")
     loss = f"loss={cfg.loss.name} {loss}".strip()
     seeds = ",".join(map(str, student_seeds(cfg)))
-    text = f"kdrun | dataset={data.name} | {loss} | student seeds {seeds}"
-    if data.eval_split == "train":
+    text = f"kdrun | dataset={dataset_name} | {loss} | student seeds {seeds}"
+    if eval_split == "train":
         text += ("\naccuracies are on the TRAINING data: the labels are random, so they "
                  "measure memorisation, not generalisation")
     return text

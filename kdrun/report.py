@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import time
 import statistics
 import sys
 from pathlib import Path
@@ -24,20 +26,37 @@ SUMMARY_COLUMNS = [
 
 class MetricsLog:
     """Long-form metrics.csv, appended and flushed every epoch (a killed run keeps
-    what it did). ``keys`` (dataset, loss, T, alpha, ...) are added to every row."""
+    what it did). ``keys`` (dataset, method, T, alpha) are added to every row, and
+    ``reused`` says whether the row was trained by this process or taken from the
+    stage cache. The file starts afresh with each (re)start of a run: the stage
+    cache holds every finished epoch, so nothing is lost and nothing is doubled."""
 
     def __init__(self, path: Path, keys: dict):
         self.path, self.keys = path, keys
-        self.columns = METRIC_COLUMNS + list(keys)
-        if not path.exists() or path.stat().st_size == 0:
-            with open(path, "w", newline="") as f:
-                csv.DictWriter(f, self.columns).writeheader()
+        self.columns = METRIC_COLUMNS + ["reused"] + list(keys)
+        atomic_write(path, lambda tmp: tmp.write_text(",".join(self.columns) + "\n"))
 
-    def append(self, rows: list[dict], seed: int) -> None:
+    def append(self, rows: list[dict], seed: int, reused: bool = False) -> None:
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             for row in rows:
-                writer.writerow({**row, "seed": seed, **self.keys})
+                writer.writerow({**row, "seed": seed, "reused": reused, **self.keys})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class EventLog:
+    """events.jsonl: one line per stage of a run saying whether it was trained,
+    reused from the stage cache, or resumed after an interruption."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, event: str, stage: str, seed: int, key: str, **extra) -> None:
+        line = {"time": time.time(), "event": event, "stage": stage, "seed": seed, "key": key,
+                **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -7,7 +7,9 @@ containers and are loaded with ``weights_only=True``, so loading one never runs 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +23,14 @@ class RunDir:
         self.metrics_csv = self.root / "metrics.csv"
         self.summary_csv = self.root / "summary.csv"
         self.checkpoints = self.root / "checkpoints"
+        self.events = self.root / "events.jsonl"  # what each stage did: trained, reused, resumed
+        self.done_json = self.root / "done.json"  # written last: the run finished
+
+    def done(self) -> dict | None:
+        return json.loads(self.done_json.read_text()) if self.done_json.exists() else None
+
+    def mark_done(self, info: dict) -> None:
+        atomic_write(self.done_json, lambda tmp: tmp.write_text(json.dumps(info)))
 
     def checkpoint(self, role: str, seed: int, first_seed: int) -> Path:
         """teacher.pt / scratch.pt / distilled.pt; extra student seeds get ``.seed<N>``."""
@@ -39,6 +49,19 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put a finished (never rewritten) file at ``target``: a hard link where the file
+    system allows one, else a copy; atomic either way."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

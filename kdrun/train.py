@@ -99,7 +99,8 @@ def fit(
     seed: int,
     device: torch.device,
     soft_targets: torch.Tensor | None = None,
-    on_epoch: Callable[[list[dict]], None] = lambda rows: None,
+    resume: dict | None = None,
+    on_epoch: Callable[[list[dict], Callable[[], dict]], None] = lambda rows, snapshot: None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` epochs and evaluate it after each.
@@ -107,6 +108,11 @@ def fit(
     ``soft_targets`` are the teacher's logits for every training example (row i
     belongs to data.train.x[i]); they are indexed with the same batch indices as
     the inputs. ``seed`` fixes the batch order and the dropout masks.
+
+    After each epoch ``on_epoch(rows, snapshot)`` gets that epoch's metric rows and
+    a function returning the full training state (weights, optimiser, schedule,
+    RNGs, best-so-far); passing such a state back as ``resume`` continues where
+    it left off, ending exactly where an uninterrupted fit would.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -116,11 +122,22 @@ def fit(
     model.to(device)
     optimizer = make_optimizer(model.parameters(), tcfg)
     schedule = make_schedule(optimizer, tcfg, epochs)
+    progress_state = {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
+                      "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
+    if resume is not None:
+        progress_state = _restore(resume, model, optimizer, schedule, order)
+    best = progress_state["best"]
 
-    best = {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}
-    total_seconds, n = 0.0, len(y)
-    bar = tqdm(range(1, epochs + 1), desc=f"{stage:<9}", unit="ep", disable=not progress,
-               leave=True, dynamic_ncols=True)
+    def snapshot() -> dict:
+        return {**progress_state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict() if schedule else None,
+                "torch_rng": torch.get_rng_state(), "order_rng": order.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    n = len(y)
+    bar = tqdm(range(progress_state["epoch"] + 1, epochs + 1), desc=f"{stage:<9}", unit="ep",
+               disable=not progress, leave=True, dynamic_ncols=True,
+               initial=progress_state["epoch"], total=epochs)
     for epoch in bar:
         model.train()
         lr = optimizer.param_groups[0]["lr"]
@@ -140,7 +157,6 @@ def fit(
         if schedule is not None:
             schedule.step()
         seconds = time.perf_counter() - t0
-        total_seconds += seconds
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
@@ -155,14 +171,30 @@ def fit(
         if val_acc > best["val"]:
             best.update(epoch=epoch, val=val_acc, test=test_acc,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        on_epoch(rows)
+        progress_state.update(epoch=epoch, test_last=test_acc,
+                              seconds=progress_state["seconds"] + seconds)
+        on_epoch(rows, snapshot)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.1f}%")
+    bar.close()
     return FitResult(
         stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"], val_acc_best=best["val"],
-        test_acc_last=rows[2]["acc"], test_acc_best_val=best["test"],
-        train_seconds=total_seconds, best_state=best["state"],
+        test_acc_last=progress_state["test_last"], test_acc_best_val=best["test"],
+        train_seconds=progress_state["seconds"], best_state=best["state"],
         optimizer_state=optimizer.state_dict(),
     )
+
+
+def _restore(state: dict, model, optimizer, schedule, order: torch.Generator) -> dict:
+    """Load a snapshot() into the live objects; return its progress counters."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    order.set_state(state["order_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}
 
 
 def _to(split: Split, device) -> Split:

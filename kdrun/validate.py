@@ -73,6 +73,8 @@ RULES: dict[str, Check] = {
     "device": device,
     "num_threads": number(1, integer=True, optional=True),
     "progress": boolean,
+    "cache.enabled": boolean,
+    "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),
     "split.seed": number(integer=True),
     "split.max_train": number(1, integer=True, optional=True),
@@ -105,6 +107,7 @@ RULES: dict[str, Check] = {
     "trainer.gamma": number(0, 1, lo_open=True),
     "trainer.grad_clip": number(0, lo_open=True, optional=True),
     "trainer.distill_from": one_of("best_val", "last"),
+    "trainer.checkpoint_every": number(0, integer=True),
 }
 MODEL_RULES: dict[str, Check] = {
     "arch": one_of(*models.MODELS),

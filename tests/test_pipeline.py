@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdrun import pipeline
+from kdrun.cache import StageEntry
 from kdrun.errors import TrainingDiverged
 from kdrun.models import build_model
 from kdrun.report import METRIC_COLUMNS, SUMMARY_COLUMNS, MetricsLog
@@ -22,7 +23,7 @@ SMALL = TINY + ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher
 def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
     """With no teacher term, the distilled student must reproduce the scratch student bit
     for bit: same init, same batch order, same dropout masks, only the loss may differ."""
-    cfg = make_config(*SMALL, "loss=ce", "trainer.epochs=3", "repeats=2", "student.dropout=0.3")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "loss=ce", "trainer.epochs=3", "repeats=2", "student.dropout=0.3")
     result = pipeline.run(cfg, tmp_path)
     rows = {(r["role"], r["seed"]): r for r in result["rows"]}
     for seed in (0, 1):
@@ -37,7 +38,7 @@ def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
 
 
 def test_kd_run_differs_from_scratch(tmp_path):
-    cfg = make_config(*SMALL, "trainer.epochs=2", "loss.alpha=1.0")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=2", "loss.alpha=1.0")
     rows = pipeline.run(cfg, tmp_path)["rows"]
     a = load_checkpoint(tmp_path / "checkpoints" / "scratch.pt")["model"]
     b = load_checkpoint(tmp_path / "checkpoints" / "distilled.pt")["model"]
@@ -46,24 +47,25 @@ def test_kd_run_differs_from_scratch(tmp_path):
 
 
 def test_teacher_targets_come_from_eval_mode_without_grad(tmp_path):
-    cfg = make_config(*SMALL, "teacher.dropout=0.5")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "teacher.dropout=0.5")
     data = pipeline.load_data(cfg.dataset, cfg.split)
     stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
     teacher = build_model(cfg.teacher, data.input_shape, data.num_classes)
     teacher.train()  # as a framework might leave it
-    logits = stages.teacher_logits(teacher)
+    logits = stages.teacher_logits(teacher, StageEntry(tmp_path / "c", {"n": 1}))
     assert not logits.requires_grad
-    assert torch.equal(logits, stages.teacher_logits(teacher))  # dropout off: deterministic
+    again = stages.teacher_logits(teacher, StageEntry(tmp_path / "c", {"n": 2}))
+    assert torch.equal(logits, again)  # dropout off: deterministic
     teacher.eval()
     with torch.no_grad():
         assert torch.allclose(logits, teacher(data.train.x))
 
 
 def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
-    cfg = make_config(*SMALL, "trainer.epochs=3")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=3")
     pipeline.run(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert METRIC_COLUMNS + ["dataset", "method", "T", "alpha"] == list(metrics.columns)
+    assert METRIC_COLUMNS + ["reused", "dataset", "method", "T", "alpha"] == list(metrics.columns)
     assert len(metrics) == 3 * 3 * 3  # (teacher, scratch, distilled) x 3 epochs x 3 splits
     assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
     summary = pd.read_csv(tmp_path / "summary.csv")
@@ -80,7 +82,7 @@ def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
 
 
 def test_best_val_is_selected_on_validation_not_test(tmp_path):
-    cfg = make_config(*SMALL, "trainer.epochs=6", "trainer.lr=0.05")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=6", "trainer.lr=0.05")
     pipeline.run(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     for _, row in pd.read_csv(tmp_path / "summary.csv").iterrows():
@@ -100,18 +102,19 @@ def test_metrics_rows_are_on_disk_after_each_epoch(tmp_path):
     with open(tmp_path / "m.csv") as f:  # a second reader, as after a kill
         rows = list(csv.DictReader(f))
     assert rows == [{"stage": "teacher", "seed": "0", "epoch": "1", "split": "train",
-                     "loss": "1.0", "acc": "50.0", "lr": "0.1", "seconds": "0.5", "T": "4"}]
+                     "loss": "1.0", "acc": "50.0", "lr": "0.1", "seconds": "0.5", "reused": "False",
+                     "T": "4"}]
 
 
 def test_divergence_is_reported_with_stage_and_epoch(tmp_path):
-    cfg = make_config(*SMALL, "trainer.lr=1e30", "trainer.optimizer=sgd")
+    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.lr=1e30", "trainer.optimizer=sgd")
     with pytest.raises(TrainingDiverged, match=r"teacher stage diverged at epoch 1"):
         pipeline.run(cfg, tmp_path)
     assert (tmp_path / "metrics.csv").exists()
 
 
 def test_seed_synthetic_runs(tmp_path):
-    cfg = make_config("experiment=seed_synthetic", "progress=false", "trainer.epochs=1")
+    cfg = make_config("experiment=seed_synthetic", f"cache.dir={tmp_path}/cache", "progress=false", "trainer.epochs=1")
     assert cfg.dataset.random_labels and cfg.loss.T == 3 and cfg.loss.alpha == 0.7
     assert list(cfg.teacher.hidden) == [256, 256, 128] and list(cfg.student.hidden) == [64]
     rows = pipeline.run(cfg, tmp_path)["rows"]
@@ -121,7 +124,7 @@ def test_seed_synthetic_runs(tmp_path):
 @pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_mnist_cnn"])
 def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
     write_mnist(tmp_path / "data", n_train=64, n_test=16)
-    cfg = make_config(f"experiment={experiment}", f"dataset.root={tmp_path}/data",
+    cfg = make_config(f"experiment={experiment}", f"cache.dir={tmp_path}/cache", f"dataset.root={tmp_path}/data",
                       "progress=false", "trainer.epochs=1")
     result = pipeline.run(cfg, tmp_path / "run")
     teacher, student = result["rows"][0], result["rows"][1]
@@ -136,7 +139,7 @@ def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
 
 def test_seed_cifar10_cnn_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
     write_cifar(tmp_path / "data", n_per_batch=8)
-    cfg = make_config("experiment=seed_cifar10_cnn", f"dataset.root={tmp_path}/data",
+    cfg = make_config("experiment=seed_cifar10_cnn", f"cache.dir={tmp_path}/cache", f"dataset.root={tmp_path}/data",
                       "progress=false", "trainer.epochs=1")
     assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.epochs) == (10, 0.9, 1)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
