@@ -22,8 +22,8 @@ install: $(STAMP) ## create .venv if absent and install kdrun with its dev tools
 run: $(STAMP) ## run the default pipeline (MNIST-1D, offline, well under a minute on 2 CPU cores)
 	$(BIN)/kdrun
 
-sweep: $(STAMP) ## a small T x alpha sweep on the default data
-	$(BIN)/kdrun -m loss.T=1,4 loss.alpha=0.5,0.9 repeats=1
+sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 student seeds, ~1 min)
+	$(BIN)/kdrun -m loss.T=1,2,4 loss.alpha=0.5,0.9
 
 test: $(STAMP) ## the test suite without the slow tests (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q -m "not slow"

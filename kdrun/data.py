@@ -9,6 +9,7 @@ set: write its builder, add it to DATASETS, add ``configs/dataset/<name>.yaml``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Data:
 # ---------------------------------------------------------------- builders
 
 
+@functools.lru_cache(maxsize=2)  # sweep jobs in one process generate it once
 def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
     """MNIST-1D (Greydanus 2020), generated locally with the package's standard
     arguments: 4 000 train / 1 000 test sequences of length 40. Never downloads."""

@@ -180,7 +180,8 @@ class Stages:
         """Exactly the settings that decide this stage's result: its cache key."""
         as_dict = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
         trainer = {k: v for k, v in as_dict(self.tcfg).items() if k not in NOT_IN_STAGE_KEY}
-        return {"stage": role, "dataset": as_dict(self.cfg.dataset), "split": as_dict(self.cfg.split),
+        return {"stage": role, "dataset": as_dict(self.cfg.dataset),
+                "split": as_dict(self.cfg.split),
                 "model": as_dict(model_cfg), "trainer": trainer, "epochs": epochs,
                 "seed": seed, **extra}
 

@@ -1,15 +1,13 @@
-"""Everything that turns results into files and tables: metrics.csv, summary.csv,
-the printed comparison table, and ``kdrun-report`` for a sweep directory."""
+"""What one run writes and prints: metrics.csv, summary.csv, events.jsonl and the
+comparison table with its noise verdict. (Sweeps: kdrun/sweep.py.)"""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import time
 import statistics
-import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -85,15 +83,30 @@ def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float
     return mean - half, mean + half
 
 
+def significance(gains: list[float]) -> str:
+    """'helps' / 'hurts' only when the mean gain is both beyond one std of zero and
+    outside its 95% interval; otherwise say which test it failed."""
+    if len(gains) < 2:
+        return "unknown (1 seed)"
+    mean, std = statistics.mean(gains), statistics.stdev(gains)
+    lo, hi = gain_interval(gains)
+    if abs(mean) <= std:
+        return "not significant (within 1 std)"
+    if lo <= 0 <= hi:
+        return "not significant (95% CI includes 0)"
+    return "helps" if mean > 0 else "hurts"
+
+
 def gain_verdict(gains: list[float]) -> str:
-    """Say whether the mean gain over seeds stands out of the seed-to-seed noise."""
+    """One sentence on whether the mean gain stands out of the seed-to-seed noise."""
     if len(gains) < 2:
         return "one student seed, so its noise is unknown (set repeats=3 or more)"
     lo, hi = gain_interval(gains)
     where = f"95% CI [{lo:+.2f}, {hi:+.2f}] over {len(gains)} paired seeds"
-    if lo <= 0 <= hi:
-        return f"{where}: within noise, no evidence that distillation changes accuracy here"
-    return f"{where}: distillation {'helps' if lo > 0 else 'hurts'}, beyond seed noise"
+    verdict = significance(gains)
+    if verdict in ("helps", "hurts"):
+        return f"{where}: distillation {verdict}, beyond seed noise"
+    return f"{where}: {verdict}, no evidence that distillation changes accuracy here"
 
 
 def comparison_table(summary: pd.DataFrame, header: str) -> str:
@@ -120,60 +133,3 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
 def _signed(values: list[float]) -> str:
     text = mean_std(values)
     return text if text.startswith("-") else "+" + text
-
-
-# ---------------------------------------------------------------- sweeps
-
-
-def aggregate_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """Concatenate every job's summary.csv under ``sweep_dir`` into one table."""
-    frames = []
-    for path in sorted(sweep_dir.glob("*/summary.csv")):
-        df = pd.read_csv(path)
-        df.insert(0, "job", path.parent.name)
-        frames.append(df)
-    if not frames:
-        raise FileNotFoundError(f"no */summary.csv under {sweep_dir}: not a kdrun sweep directory")
-    return pd.concat(frames, ignore_index=True)
-
-
-def write_sweep_report(sweep_dir: Path) -> Path:
-    """summary.csv of all jobs and a markdown table of distilled accuracy and gain."""
-    df = aggregate_sweep(sweep_dir)
-    write_summary(sweep_dir / "summary.csv", df.to_dict("records"))
-    keys = [k for k in ("method", "T", "alpha") if k in df and df[k].notna().any()]
-    scratch = df[df.role == "scratch"].set_index(["job", "seed"]).test_acc_best_val
-    distilled = df[df.role == "distilled"].set_index(["job", "seed"])
-    distilled = distilled.assign(gain=distilled.test_acc_best_val - scratch).reset_index()
-    table = distilled.groupby(keys, dropna=False).agg(
-        n=("gain", "size"), val_acc=("val_acc_best", "mean"),
-        test_acc=("test_acc_best_val", "mean"), test_std=("test_acc_best_val", "std"),
-        gain=("gain", "mean"), gain_std=("gain", "std"),
-    ).reset_index()
-    report = sweep_dir / "report.md"
-    text = f"# kdrun sweep report\n\n{sweep_dir}\n\n{markdown_table(table.round(2))}\n"
-    atomic_write(report, lambda tmp: tmp.write_text(text))
-    return report
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    rows = [list(df.columns), ["---"] * len(df.columns)] + df.astype(str).values.tolist()
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """kdrun-report DIR: (re)aggregate a sweep directory, finished or not."""
-    parser = argparse.ArgumentParser(prog="kdrun-report", description=main.__doc__)
-    parser.add_argument("sweep_dir", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        report = write_sweep_report(args.sweep_dir)
-    except FileNotFoundError as e:
-        print(f"kdrun-report: error: {e}", file=sys.stderr)
-        return 2
-    print(report.read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

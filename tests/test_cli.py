@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kdrun.store import load_checkpoint
-from tests.helpers import KDRUN, KDRUN_REPORT
+from tests.helpers import KDRUN
 
 FAST = ["progress=false", "repeats=1", "trainer.epochs=1", "split.max_train=400",
         "split.max_test=200", "num_threads=1"]
@@ -62,18 +62,3 @@ def test_user_mistakes_get_one_line_exit_2_and_write_nothing(tmp_path, args, wor
 def test_full_error_switch_shows_the_traceback(tmp_path):
     p = kdrun(tmp_path, "loss.T=0", env={"HYDRA_FULL_ERROR": "1"})
     assert p.returncode != 0 and "Traceback" in p.stderr
-
-
-def test_sweep_job_dirs_are_named_by_overrides_and_kdrun_report_aggregates(tmp_path):
-    p = kdrun(tmp_path, "-m", "loss.alpha=0.5,0.9", *FAST)
-    assert p.returncode == 0, p.stderr
-    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
-    jobs = sorted(d.name for d in sweep.iterdir() if (d / "summary.csv").exists())
-    assert [j.split(",")[0] for j in jobs] == ["loss.alpha=0.5", "loss.alpha=0.9"]
-    r = kdrun(tmp_path, str(sweep), command=KDRUN_REPORT)
-    assert r.returncode == 0, r.stderr
-    table = pd.read_csv(sweep / "summary.csv")
-    assert len(table) == 2 * 3 and set(table.alpha) == {0.5, 0.9}
-    assert "| method | T | alpha |" in (sweep / "report.md").read_text()
-    bad = kdrun(tmp_path, str(tmp_path), command=KDRUN_REPORT)
-    assert bad.returncode == 2 and "no */summary.csv" in bad.stderr

@@ -24,6 +24,5 @@ def test_every_yaml_key_has_a_comment():
             stripped = line.strip()
             if not stripped or stripped.startswith(("#", "-")) or stripped.endswith(":"):
                 continue
-            if ":" in stripped and not stripped.startswith(("format:", "dir:", "subdir:",
-                                                            "chdir:")):
+            if ":" in stripped and not stripped.startswith(("format:", "dir:", "subdir:")):
                 assert "#" in stripped, f"{path.relative_to(ROOT)}: '{stripped}' has no comment"

@@ -20,10 +20,18 @@ SMALL = TINY + ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher
                 "teacher.hidden=[32]", "student.hidden=[16]", "trainer.batch_size=32"]
 
 
+def cache(tmp_path) -> str:
+    return f"cache.dir={tmp_path}/cache"
+
+
+def small_config(tmp_path, *overrides):
+    return make_config(cache(tmp_path), *SMALL, *overrides)
+
+
 def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
     """With no teacher term, the distilled student must reproduce the scratch student bit
     for bit: same init, same batch order, same dropout masks, only the loss may differ."""
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "loss=ce", "trainer.epochs=3", "repeats=2", "student.dropout=0.3")
+    cfg = small_config(tmp_path, "loss=ce", "trainer.epochs=3", "repeats=2", "student.dropout=0.3")
     result = pipeline.run(cfg, tmp_path)
     rows = {(r["role"], r["seed"]): r for r in result["rows"]}
     for seed in (0, 1):
@@ -38,7 +46,7 @@ def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
 
 
 def test_kd_run_differs_from_scratch(tmp_path):
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=2", "loss.alpha=1.0")
+    cfg = small_config(tmp_path, "trainer.epochs=2", "loss.alpha=1.0")
     rows = pipeline.run(cfg, tmp_path)["rows"]
     a = load_checkpoint(tmp_path / "checkpoints" / "scratch.pt")["model"]
     b = load_checkpoint(tmp_path / "checkpoints" / "distilled.pt")["model"]
@@ -47,7 +55,7 @@ def test_kd_run_differs_from_scratch(tmp_path):
 
 
 def test_teacher_targets_come_from_eval_mode_without_grad(tmp_path):
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "teacher.dropout=0.5")
+    cfg = small_config(tmp_path, "teacher.dropout=0.5")
     data = pipeline.load_data(cfg.dataset, cfg.split)
     stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
     teacher = build_model(cfg.teacher, data.input_shape, data.num_classes)
@@ -62,7 +70,7 @@ def test_teacher_targets_come_from_eval_mode_without_grad(tmp_path):
 
 
 def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=3")
+    cfg = small_config(tmp_path, "trainer.epochs=3")
     pipeline.run(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert METRIC_COLUMNS + ["reused", "dataset", "method", "T", "alpha"] == list(metrics.columns)
@@ -82,7 +90,7 @@ def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
 
 
 def test_best_val_is_selected_on_validation_not_test(tmp_path):
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.epochs=6", "trainer.lr=0.05")
+    cfg = small_config(tmp_path, "trainer.epochs=6", "trainer.lr=0.05")
     pipeline.run(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     for _, row in pd.read_csv(tmp_path / "summary.csv").iterrows():
@@ -107,14 +115,15 @@ def test_metrics_rows_are_on_disk_after_each_epoch(tmp_path):
 
 
 def test_divergence_is_reported_with_stage_and_epoch(tmp_path):
-    cfg = make_config(f"cache.dir={tmp_path}/cache", *SMALL, "trainer.lr=1e30", "trainer.optimizer=sgd")
+    cfg = small_config(tmp_path, "trainer.lr=1e30", "trainer.optimizer=sgd")
     with pytest.raises(TrainingDiverged, match=r"teacher stage diverged at epoch 1"):
         pipeline.run(cfg, tmp_path)
     assert (tmp_path / "metrics.csv").exists()
 
 
 def test_seed_synthetic_runs(tmp_path):
-    cfg = make_config("experiment=seed_synthetic", f"cache.dir={tmp_path}/cache", "progress=false", "trainer.epochs=1")
+    cfg = make_config("experiment=seed_synthetic", cache(tmp_path), "progress=false",
+                      "trainer.epochs=1")
     assert cfg.dataset.random_labels and cfg.loss.T == 3 and cfg.loss.alpha == 0.7
     assert list(cfg.teacher.hidden) == [256, 256, 128] and list(cfg.student.hidden) == [64]
     rows = pipeline.run(cfg, tmp_path)["rows"]
@@ -124,7 +133,7 @@ def test_seed_synthetic_runs(tmp_path):
 @pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_mnist_cnn"])
 def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
     write_mnist(tmp_path / "data", n_train=64, n_test=16)
-    cfg = make_config(f"experiment={experiment}", f"cache.dir={tmp_path}/cache", f"dataset.root={tmp_path}/data",
+    cfg = make_config(f"experiment={experiment}", cache(tmp_path), f"dataset.root={tmp_path}/data",
                       "progress=false", "trainer.epochs=1")
     result = pipeline.run(cfg, tmp_path / "run")
     teacher, student = result["rows"][0], result["rows"][1]
@@ -139,7 +148,8 @@ def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
 
 def test_seed_cifar10_cnn_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
     write_cifar(tmp_path / "data", n_per_batch=8)
-    cfg = make_config("experiment=seed_cifar10_cnn", f"cache.dir={tmp_path}/cache", f"dataset.root={tmp_path}/data",
+    cfg = make_config("experiment=seed_cifar10_cnn", cache(tmp_path),
+                      f"dataset.root={tmp_path}/data",
                       "progress=false", "trainer.epochs=1")
     assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.epochs) == (10, 0.9, 1)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]

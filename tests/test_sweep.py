@@ -1,0 +1,197 @@
+"""Sweeps and the stage cache: one teacher per sweep, locks under parallel jobs,
+resume after kill -9, skipping finished jobs, and the sweep report."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from kdrun import pipeline
+from kdrun.cache import StageEntry
+from kdrun.store import load_checkpoint
+from kdrun.sweep import main as kdrun_report
+from kdrun.train import fit
+from tests.helpers import KDRUN, make_config
+
+FAST = ["progress=false", "repeats=1", "trainer.epochs=2", "split.max_train=400",
+        "split.max_test=200", "num_threads=1"]
+
+
+def kdrun(cwd, *args, wait=True):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([KDRUN, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out + err
+
+
+def events(*run_dirs) -> list[dict]:
+    lines = []
+    for d in run_dirs:
+        path = d / "events.jsonl"
+        lines += [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return lines
+
+
+def count(evts, event, stage):
+    return sum(e["event"] == event and e["stage"] == stage for e in evts)
+
+
+def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_path):
+    kdrun(tmp_path, "-m", "loss.T=1,4", "loss.alpha=0.5,0.9", *FAST)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    rest = "repeats=1,split.max_test=200,split.max_train=400,trainer.epochs=2"  # no progress=...
+    assert [j.name for j in jobs] == [f"loss.T={t},loss.alpha={a},{rest}"
+                                      for t in (1, 4) for a in (0.5, 0.9)]
+    evts = events(*jobs)
+    assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 3
+    assert count(evts, "trained", "scratch") == 1 and count(evts, "trained", "distilled") == 4
+    # every job's metrics carry the reused teacher rows, marked as such
+    metrics = pd.read_csv(jobs[3] / "metrics.csv")
+    assert metrics[metrics.stage == "teacher"].reused.all()
+    assert not metrics[metrics.stage == "distilled"].reused.any()
+
+    for name in ("summary.csv", "report.md", "gain_heatmap.png", "curves.png"):
+        assert (sweep / name).stat().st_size > 0
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 4 * 3
+    assert {"job", "role", "seed", "T", "alpha", "test_acc_best_val", "val_acc_best", "reused",
+            "soft_target_entropy"} <= set(summary.columns)
+    report = (sweep / "report.md").read_text()
+    assert "selected on validation accuracy" in report and "| 4 | 0.9 |" in report
+    assert "How soft the teacher's targets were" in report
+
+    # kdrun-report on the same directory reproduces the same summary
+    (sweep / "summary.csv").unlink()
+    assert kdrun_report([str(sweep)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(sweep / "summary.csv"), summary)
+
+    # the same sweep again into the same directory: every job is already finished
+    out = kdrun(tmp_path, "-m", "loss.T=1,4", "loss.alpha=0.5,0.9", *FAST,
+                f"hydra.sweep.dir={sweep}")
+    assert out.count("this run already finished") == 4
+    assert len(events(*jobs)) == len(evts)
+
+
+def test_two_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
+    args = [*FAST, "trainer.teacher_epochs=30", "split.max_train=2000"]
+    procs = [kdrun(tmp_path, f"loss.alpha={a}", f"hydra.run.dir=run{a}", *args, wait=False)
+             for a in (0.5, 0.9)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    evts = events(tmp_path / "run0.5", tmp_path / "run0.9")
+    assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 1
+    assert count(evts, "trained", "scratch") == 1
+    for a in (0.5, 0.9):
+        assert len(pd.read_csv(tmp_path / f"run{a}" / "summary.csv")) == 3
+
+
+def test_run_killed_during_distillation_resumes_without_redoing_epochs(tmp_path):
+    args = ["progress=false", "repeats=1", "num_threads=1", "trainer.teacher_epochs=3",
+            "trainer.student_epochs=100", "split.max_train=1000", "hydra.run.dir=run"]
+    proc = kdrun(tmp_path, *args, wait=False)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until distillation is a few epochs in
+        if metrics.exists() and metrics.read_text().count("\ndistilled,") >= 3 * 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_rows = metrics.read_text().count("\ndistilled,")
+    assert 0 < killed_rows < 3 * 100, "the kill did not land during distillation"
+
+    kdrun(tmp_path, *args)
+    evts = events(tmp_path / "run")
+    assert count(evts, "reused", "teacher") == 1 and count(evts, "reused", "scratch") == 1
+    (resumed,) = [e for e in evts if e["event"] == "resumed"]
+    assert resumed["stage"] == "distilled" and resumed["from_epoch"] >= 4
+    m = pd.read_csv(metrics)
+    assert not m.duplicated(["stage", "seed", "epoch", "split"]).any()
+    assert len(m) == 3 * (3 + 100 + 100)
+    distilled = m[m.stage == "distilled"]
+    assert sorted(set(distilled.epoch)) == list(range(1, 101))
+    assert distilled[distilled.epoch <= resumed["from_epoch"]].reused.all()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "distilled.pt")["epoch"] == 100
+
+
+def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
+    cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "student.dropout=0.2",
+                      "trainer.schedule=cosine", "progress=false")
+    data = pipeline.load_data(cfg.dataset, cfg.split)
+
+    def train(resume=None, stop_at=None):
+        torch.manual_seed(0)
+        model = pipeline.build_model(cfg.student, data.input_shape, data.num_classes)
+        saved = {}
+
+        def on_epoch(rows, snapshot):
+            if rows[0]["epoch"] == stop_at:
+                saved["state"] = snapshot()
+                raise KeyboardInterrupt
+
+        try:
+            result = fit(model, data, pipeline.CE(), cfg.trainer, stage="scratch", epochs=6,
+                         seed=0, device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
+                         progress=False)
+        except KeyboardInterrupt:
+            return saved["state"]
+        return model, result
+
+    full_model, full = train()
+    state = train(stop_at=3)
+    torch.save(state, tmp_path / "s.pt")  # through disk, as after a kill
+    resumed_model, resumed = train(resume=torch.load(tmp_path / "s.pt", weights_only=True))
+    assert (resumed.best_epoch, resumed.test_acc_last) == (full.best_epoch, full.test_acc_last)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k])
+
+
+def stage_keys(tmp_path, *overrides):
+    cfg = make_config(*overrides)
+    data = pipeline.Data("x", *[None] * 3, num_classes=10)
+    stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
+    teacher = StageEntry(tmp_path, stages._material("teacher", cfg.teacher, cfg.seed, 5, {}))
+    scratch = StageEntry(tmp_path, stages._material("scratch", cfg.student, cfg.seed, 5, {}))
+    return teacher.key, scratch.key
+
+
+@pytest.mark.parametrize("override,teacher_same,scratch_same", [
+    ("loss.T=8", True, True),
+    ("loss.alpha=0.1", True, True),
+    ("loss=ce", True, True),
+    ("student.hidden=[50]", True, False),
+    ("teacher.channels=[64,64,64]", False, True),
+    ("dataset=digits", False, False),
+    ("seed=1", False, False),
+    ("trainer.lr=0.001", False, False),
+    ("trainer.student_epochs=7", True, True),  # resolved epochs are passed separately
+])
+def test_cache_keys_depend_on_exactly_what_decides_the_stage(tmp_path, override, teacher_same,
+                                                             scratch_same):
+    base_teacher, base_scratch = stage_keys(tmp_path)
+    teacher, scratch = stage_keys(tmp_path, override)
+    assert (teacher == base_teacher) == teacher_same
+    assert (scratch == base_scratch) == scratch_same
+
+
+def test_finished_run_dir_refuses_another_config(tmp_path):
+    cfg = make_config("dataset=synthetic", "dataset.n=200", "teacher=mlp", "repeats=1",
+                      "trainer.epochs=1", "progress=false", f"cache.dir={tmp_path}/cache")
+    pipeline.run(cfg, tmp_path / "run")
+    assert pipeline.run(cfg, tmp_path / "run")["rows"]  # same config: returns the stored result
+    other = make_config("dataset=synthetic", "dataset.n=200", "teacher=mlp", "repeats=1",
+                        "trainer.epochs=2", "progress=false", f"cache.dir={tmp_path}/cache")
+    with pytest.raises(pipeline.UserError, match="already holds a finished run of another config"):
+        pipeline.run(other, tmp_path / "run")
