@@ -37,6 +37,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
 
 @dataclass
 class Data:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kdrun.errors import ConfigError, DataError
+from kdrun.errors import ConfigError, DataError, UserError
 
 
 def _as_list(value, n: int) -> list:
@@ -101,7 +101,7 @@ def cnn(
 
 MODELS = {"mlp": mlp, "cnn": cnn}
 
-NOT_BUILDER_KEYS = ("arch",)
+NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder arguments
 
 
 def builder_keys(arch: str) -> list[str]:
@@ -120,6 +120,23 @@ def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -
             f"{role}", model_cfg.arch,
             f"cannot be built for input shape {tuple(input_shape)} ({str(e).splitlines()[0]})",
         ) from e
+
+
+def load_weights(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state dict, naming the first layer that does not fit if it does not."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name not in own:
+            raise UserError(f"{source}: the checkpoint has a layer {name} that this model "
+                            f"lacks (its layers: {', '.join(own)})")
+        if own[name].shape != tensor.shape:
+            raise UserError(f"{source}: layer {name} has shape {list(tensor.shape)} in the "
+                            f"checkpoint but {list(own[name].shape)} in this model (made for "
+                            f"another architecture or class count?)")
+    missing = [name for name in own if name not in state]
+    if missing:
+        raise UserError(f"{source}: the checkpoint lacks layer {missing[0]} of this model")
+    model.load_state_dict(state)
 
 
 def count_params(model: nn.Module) -> int:

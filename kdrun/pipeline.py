@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -21,10 +22,10 @@ from kdrun.cache import StageEntry
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.losses import CE, build_loss, soft_target_entropy
-from kdrun.models import build_model, count_params, describe, size_mb
+from kdrun.models import build_model, count_params, describe, load_weights, size_mb
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
-from kdrun.train import fit, latency_ms, predict_logits
+from kdrun.train import evaluate, fit, latency_ms, predict_logits
 
 log = logging.getLogger("kdrun")
 
@@ -128,9 +129,49 @@ class Stages:
         self.events = EventLog(run_dir.events)
 
     def teacher(self) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
+        if self.cfg.teacher.get("checkpoint"):
+            return self._given_teacher(self.cfg.teacher.checkpoint)
         epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
         entry, row = self._stage("teacher", self.cfg.teacher, CE(), self.cfg.seed, epochs, {})
         model = self._load(self.cfg.teacher, entry, self.tcfg.distill_from)
+        return model, entry, [row]
+
+    def _given_teacher(self, path: str):
+        """A user's own trained teacher: loaded and evaluated instead of trained."""
+        source = f"teacher.checkpoint={path}"
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{source}: no such file")
+        try:
+            checkpoint = load_checkpoint(path)
+        except Exception as e:  # truncated, not a torch file, or it would need to run code
+            raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint "
+                            f"({str(e).splitlines()[0][:120]})") from e
+        if not isinstance(checkpoint, dict):
+            raise UserError(f"{source}: expected a state dict or a kdrun checkpoint")
+        weights = "best_model" if self.tcfg.distill_from == "best_val" else "model"
+        state = checkpoint.get(weights) or checkpoint.get("model") or checkpoint
+        model_cfg = self.cfg.teacher
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, "teacher")
+        load_weights(model, state, source)
+        model.to(self.device)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+        entry = StageEntry(self.cache_root, {
+            "stage": "teacher", "checkpoint_sha256": digest, "weights": weights,
+            "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
+            "split": OmegaConf.to_container(self.cfg.split, resolve=True)})
+        entry.dir.mkdir(parents=True, exist_ok=True)
+        val_acc, test_acc = (evaluate(model, s.to(self.device), self.tcfg.eval_batch_size)[1]
+                             for s in (self.data.val, self.data.test))
+        self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
+        row = {"role": "teacher", "seed": self.cfg.seed, "arch": describe(model_cfg),
+               "params": count_params(model), "size_mb": round(size_mb(model), 4), "epochs": 0,
+               "best_epoch": 0, "val_acc_best": val_acc, "test_acc_last": test_acc,
+               "test_acc_best_val": test_acc, "eval_split": self.data.eval_split,
+               "train_seconds": 0.0,
+               "latency_ms": round(latency_ms(model, self.data.input_shape, self.device), 4),
+               "reused": True, "cache_key": entry.key, "checkpoint": str(path),
+               **run_keys(self.cfg)}
         return model, entry, [row]
 
     def teacher_logits(self, teacher: torch.nn.Module, entry: StageEntry) -> torch.Tensor:

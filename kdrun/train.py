@@ -118,7 +118,7 @@ def fit(
     order = torch.Generator().manual_seed(seed)
     x, y = data.train.x.to(device), data.train.y.to(device)
     targets = soft_targets.to(device) if soft_targets is not None else None
-    splits = {"val": _to(data.val, device), "test": _to(data.test, device)}
+    splits = {"val": data.val.to(device), "test": data.test.to(device)}
     model.to(device)
     optimizer = make_optimizer(model.parameters(), tcfg)
     schedule = make_schedule(optimizer, tcfg, epochs)
@@ -195,10 +195,6 @@ def _restore(state: dict, model, optimizer, schedule, order: torch.Generator) ->
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}
-
-
-def _to(split: Split, device) -> Split:
-    return Split(split.x.to(device), split.y.to(device))
 
 
 def _row(stage, epoch, split, loss, acc, lr, seconds) -> dict:

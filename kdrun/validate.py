@@ -93,6 +93,8 @@ RULES: dict[str, Check] = {
     "loss.T": number(0, lo_open=True),
     "loss.alpha": PROBABILITY,
     "loss.t2_scale": boolean,
+    "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
+        "must be the path of a teacher checkpoint, or null to train one"),
     "trainer.epochs": number(1, integer=True),
     "trainer.teacher_epochs": number(1, integer=True, optional=True),
     "trainer.student_epochs": number(1, integer=True, optional=True),
@@ -131,7 +133,7 @@ def validate(cfg: DictConfig) -> None:
     for role in ("teacher", "student"):
         for key, check in MODEL_RULES.items():
             _check(f"{role}.{key}", cfg[role].get(key, _ABSENT), check)
-        _check_params(role, cfg[role], models.builder_keys(cfg[role].arch), ("arch",))
+        _check_params(role, cfg[role], models.builder_keys(cfg[role].arch), models.NOT_BUILDER_KEYS)
 
 
 def _check(key: str, value, check: Check) -> None:

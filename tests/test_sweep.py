@@ -97,6 +97,29 @@ def test_two_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
         assert len(pd.read_csv(tmp_path / f"run{a}" / "summary.csv")) == 3
 
 
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_with_one_teacher(tmp_path):
+    kdrun(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          "loss.alpha=0.5,0.9", "trainer.teacher_epochs=20", *FAST)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    evts = events(*[d for d in sweep.iterdir() if d.is_dir()])
+    assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 1
+    assert len(pd.read_csv(sweep / "summary.csv")) == 2 * 3
+
+
+def test_sweep_and_run_dirs_have_sub_second_names():
+    """Two sweeps started in the same second must not share a directory."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("kdrun.configs", version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    raw = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert raw["sweep"]["dir"].endswith("${now:%H-%M-%S.%f}")
+    assert raw["run"]["dir"].endswith("${now:%H-%M-%S.%f}")
+    assert raw["sweep"]["subdir"] == "${hydra.job.override_dirname}"
+
+
 def test_run_killed_during_distillation_resumes_without_redoing_epochs(tmp_path):
     args = ["progress=false", "repeats=1", "num_threads=1", "trainer.teacher_epochs=3",
             "trainer.student_epochs=100", "split.max_train=1000", "hydra.run.dir=run"]
@@ -195,3 +218,35 @@ def test_finished_run_dir_refuses_another_config(tmp_path):
                         "trainer.epochs=2", "progress=false", f"cache.dir={tmp_path}/cache")
     with pytest.raises(pipeline.UserError, match="already holds a finished run of another config"):
         pipeline.run(other, tmp_path / "run")
+
+
+def test_bring_your_own_teacher_skips_training_and_is_evaluated(tmp_path):
+    base = ["dataset=synthetic", "dataset.n=300", "teacher=mlp", "teacher.hidden=[32]",
+            "repeats=1", "trainer.epochs=3", "progress=false", f"cache.dir={tmp_path}/cache"]
+    first = pipeline.run(make_config(*base), tmp_path / "a")["rows"][0]
+    own = tmp_path / "a" / "checkpoints" / "teacher.pt"
+    cfg = make_config(*base, f"teacher.checkpoint={own}", "loss.T=2")
+    rows = pipeline.run(cfg, tmp_path / "b")["rows"]
+    assert rows[0]["test_acc_best_val"] == pytest.approx(first["test_acc_best_val"])
+    assert rows[0]["epochs"] == 0
+    assert [e["event"] for e in events(tmp_path / "b")][0] == "given"
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "no such file"),
+    ("garbage", "not a loadable weights-only PyTorch checkpoint"),
+    ("wrong_shape", "layer fc0.weight has shape [64, 10] in the checkpoint but [32, 10]"),
+])
+def test_bad_teacher_checkpoints_are_named(tmp_path, problem, message):
+    path = tmp_path / "teacher.pt"
+    if problem == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    if problem == "wrong_shape":
+        other = pipeline.build_model(make_config("teacher=mlp", "teacher.hidden=[64]").teacher,
+                                     (10,), 5)
+        torch.save({"model": other.state_dict()}, path)
+    cfg = make_config("dataset=synthetic", "dataset.n=200", "dataset.dim=10", "teacher=mlp",
+                      "teacher.hidden=[32]", f"teacher.checkpoint={path}", "progress=false",
+                      f"cache.dir={tmp_path}/cache")
+    with pytest.raises(pipeline.UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        pipeline.run(cfg, tmp_path / "run")
