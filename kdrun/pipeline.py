@@ -49,7 +49,9 @@ def run_keys(cfg: DictConfig) -> dict:
 
 
 def student_seeds(cfg: DictConfig) -> list[int]:
-    return [cfg.seed + i for i in range(cfg.repeats)]
+    """seed*repeats, ..., seed*repeats + repeats-1: a sweep over ``seed=0,1,2`` gets
+    disjoint student seeds, so no two teachers share (and correlate) a scratch student."""
+    return [cfg.seed * cfg.repeats + i for i in range(cfg.repeats)]
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -211,7 +213,7 @@ class Stages:
                 self.events.write("reused", role, seed, entry.key)
             else:
                 self._train(entry, role, model_cfg, loss, seed, epochs, soft_targets)
-        checkpoint = self.run_dir.checkpoint(role, seed, self.cfg.seed)
+        checkpoint = self.run_dir.checkpoint(role, seed, student_seeds(self.cfg)[0])
         link_or_copy(entry.result_pt, checkpoint)
         row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
                "checkpoint": str(checkpoint), **run_keys(self.cfg)}

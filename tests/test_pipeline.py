@@ -154,3 +154,13 @@ def test_seed_cifar10_cnn_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
     assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.epochs) == (10, 0.9, 1)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert rows[0]["arch"] == "cnn[12,12]" and rows[1]["arch"] == "cnn[12]"
+
+
+def test_runs_with_different_seeds_never_share_a_student_seed(tmp_path):
+    seeds = [pipeline.student_seeds(make_config(f"seed={s}", "repeats=3")) for s in (0, 1, 2)]
+    assert seeds == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    cfg = small_config(tmp_path, "seed=1", "repeats=2")
+    pipeline.run(cfg, tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["distilled.pt", "distilled.seed3.pt", "scratch.pt", "scratch.seed3.pt",
+                     "teacher.pt"]
