@@ -174,6 +174,9 @@ DATASETS = {
 }
 
 
+NOT_BUILDER_KEYS = ("name", "augment")  # dataset config keys that are not builder arguments
+
+
 def builder_keys(name: str) -> list[str]:
     return list(inspect.signature(DATASETS[name]).parameters)
 
@@ -185,7 +188,8 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
     arguments) and split it into train / val / test as ``split_cfg`` says."""
     name = dataset_cfg.name
-    raw = DATASETS[name](**{k: v for k, v in dict(dataset_cfg).items() if k != "name"})
+    params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
+    raw = DATASETS[name](**params)
     x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
     if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
         train = Split(x, y)

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
@@ -25,13 +26,23 @@ from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.models import build_model, count_params, describe, load_weights, size_mb
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
-from kdrun.train import evaluate, fit, latency_ms, predict_logits
+from kdrun.train import (
+    CachedLogits,
+    LiveTeacher,
+    TeacherTargets,
+    configure_device,
+    evaluate,
+    fit,
+    latency_ms,
+    predict_logits,
+)
 
 log = logging.getLogger("kdrun")
 
 # Trainer keys that never change a stage's result (or are resolved per stage).
 NOT_IN_STAGE_KEY = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
-                    "eval_batch_size", "checkpoint_every")
+                    "eval_batch_size", "checkpoint_every", "cache_teacher_logits",
+                    "cudnn_benchmark", "fused_optimizer", "channels_last", "compile")
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,18 +89,19 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
     teacher, teacher_entry, rows = stages.teacher()
     loss = build_loss(cfg.loss)
-    soft_targets = None
+    targets, entropy = None, {}
     if loss.needs_teacher:
-        soft_targets = stages.teacher_logits(teacher, teacher_entry)
+        targets = stages.teacher_targets(teacher, teacher_entry)
+        if "T" in cfg.loss:  # how soft the targets are, on the unaugmented training set
+            logits = stages.teacher_logits(teacher, teacher_entry)
+            entropy = {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
     else:
         log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
                  "(a control; its gain should be about zero)", cfg.loss.name)
     for seed in student_seeds(cfg):
         rows.append(stages.student("scratch", CE(), seed))
-        row = stages.student("distilled", loss, seed, soft_targets, teacher_entry.key)
-        if soft_targets is not None and "T" in cfg.loss:
-            row["soft_target_entropy"] = soft_target_entropy(soft_targets, cfg.loss.T)
-        rows.append(row)
+        rows.append({**stages.student("distilled", loss, seed, targets, teacher_entry.key),
+                     **entropy})
 
     summary = write_summary(run_dir.summary_csv, rows)
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
@@ -129,6 +141,7 @@ class Stages:
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
         self.metrics = MetricsLog(run_dir.metrics_csv, run_keys(cfg))  # rebuilt on every start
         self.events = EventLog(run_dir.events)
+        self.augment = make_augment(cfg.dataset.get("augment"), data.input_shape)
 
     def teacher(self) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
         if self.cfg.teacher.get("checkpoint"):
@@ -176,6 +189,13 @@ class Stages:
                **run_keys(self.cfg)}
         return model, entry, [row]
 
+    def teacher_targets(self, teacher: torch.nn.Module, entry: StageEntry) -> TeacherTargets:
+        """Cached logits when the training data is not augmented (the default), else the
+        teacher itself, run on each augmented batch."""
+        if self.augment is None and self.tcfg.cache_teacher_logits:
+            return CachedLogits(self.teacher_logits(teacher, entry))
+        return LiveTeacher(teacher, configure_device(self.tcfg, self.device))
+
     def teacher_logits(self, teacher: torch.nn.Module, entry: StageEntry) -> torch.Tensor:
         """The teacher's logits on every training example, computed once in eval mode
         without gradients, stored with the teacher, and reused by every distillation
@@ -190,7 +210,7 @@ class Stages:
             atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
             return logits
 
-    def student(self, role: str, loss, seed: int, soft_targets=None, teacher_key=None) -> dict:
+    def student(self, role: str, loss, seed: int, teacher=None, teacher_key=None) -> dict:
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
@@ -199,12 +219,12 @@ class Stages:
             extra = {"loss": OmegaConf.to_container(self.cfg.loss, resolve=True),
                      "teacher": teacher_key if loss.needs_teacher else None,
                      "distill_from": self.tcfg.distill_from if loss.needs_teacher else None}
-        _, row = self._stage(role, self.cfg.student, loss, seed, epochs, extra, soft_targets)
+        _, row = self._stage(role, self.cfg.student, loss, seed, epochs, extra, teacher)
         return row
 
     # ------------------------------------------------------------ one stage
 
-    def _stage(self, role, model_cfg, loss, seed, epochs, extra, soft_targets=None):
+    def _stage(self, role, model_cfg, loss, seed, epochs, extra, teacher=None):
         entry = StageEntry(self.cache_root, self._material(role, model_cfg, seed, epochs, extra))
         with entry.lock():
             reused = entry.done()
@@ -212,7 +232,7 @@ class Stages:
                 self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, loss, seed, epochs, soft_targets)
+                self._train(entry, role, model_cfg, loss, seed, epochs, teacher)
         checkpoint = self.run_dir.checkpoint(role, seed, student_seeds(self.cfg)[0])
         link_or_copy(entry.result_pt, checkpoint)
         row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
@@ -228,7 +248,7 @@ class Stages:
                 "model": as_dict(model_cfg), "trainer": trainer, "epochs": epochs,
                 "seed": seed, **extra}
 
-    def _train(self, entry: StageEntry, role, model_cfg, loss, seed, epochs, soft_targets):
+    def _train(self, entry: StageEntry, role, model_cfg, loss, seed, epochs, teacher):
         resume = entry.start()
         if resume is not None:
             self.metrics.append(entry.read_rows(), seed, reused=True)
@@ -244,7 +264,7 @@ class Stages:
         torch.manual_seed(seed)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
-                     device=self.device, soft_targets=soft_targets, resume=resume,
+                     device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
         entry.finish(
             checkpoint={

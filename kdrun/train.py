@@ -37,12 +37,13 @@ class FitResult:
     optimizer_state: dict = field(repr=False)
 
 
-def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
+def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = {"fused": True} if tcfg.get("fused_optimizer") and device.type == "cuda" else {}
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum,
-                               weight_decay=tcfg.weight_decay)
+                               weight_decay=tcfg.weight_decay, **fused)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer]
-    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
 
 
 def make_schedule(optimizer, tcfg, epochs: int):
@@ -88,6 +89,65 @@ def latency_ms(model: nn.Module, input_shape, device, batch: int = 1, repeats: i
     return statistics.median(times)
 
 
+class CachedLogits:
+    """Teacher logits computed once for the whole training set, looked up by index."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def to(self, device) -> CachedLogits:
+        return CachedLogits(self.logits.to(device))
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[idx]
+
+
+class LiveTeacher:
+    """The teacher run on each training batch (in eval mode, without gradients): needed
+    when the batch is augmented, so teacher and student see the same view."""
+
+    def __init__(self, model: nn.Module, autocast):
+        self.model, self.autocast = model.eval(), autocast
+
+    def to(self, device) -> LiveTeacher:
+        return LiveTeacher(self.model.to(device), self.autocast)
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x).float()
+
+
+TeacherTargets = CachedLogits | LiveTeacher
+
+
+def configure_device(tcfg, device: torch.device):
+    """Backend switches for CUDA (TF32, cuDNN autotuning); returns the autocast
+    context to train under (bf16 on CUDA when ``amp``, a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32"))
+        torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32"))
+        torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark"))
+    enabled = bool(tcfg.get("amp")) and device.type == "cuda"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_model(model: nn.Module, tcfg, device: torch.device) -> nn.Module:
+    """Move to the device; channels-last for 2-D convnets on CUDA; optionally compile.
+    Returns the module to call (compiled or not); ``model`` keeps the weights."""
+    model.to(device)
+    convs_2d = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if device.type == "cuda" and tcfg.get("channels_last") and convs_2d:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if tcfg.get("compile") else model
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device) -> tuple:
+    """Index tensors of one epoch: a random permutation of range(n), cut into batches.
+    Every example is visited exactly once; the order is fixed by the generator."""
+    return torch.randperm(n, generator=generator).to(device).split(batch_size)
+
+
 def fit(
     model: nn.Module,
     data: Data,
@@ -98,16 +158,18 @@ def fit(
     epochs: int,
     seed: int,
     device: torch.device,
-    soft_targets: torch.Tensor | None = None,
+    teacher: TeacherTargets | None = None,
+    augment=None,
     resume: dict | None = None,
     on_epoch: Callable[[list[dict], Callable[[], dict]], None] = lambda rows, snapshot: None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` epochs and evaluate it after each.
 
-    ``soft_targets`` are the teacher's logits for every training example (row i
-    belongs to data.train.x[i]); they are indexed with the same batch indices as
-    the inputs. ``seed`` fixes the batch order and the dropout masks.
+    ``teacher(idx, x)`` gives the teacher's logits for the batch of training
+    examples ``idx`` whose (possibly augmented) inputs are ``x``. ``augment(x,
+    generator)`` transforms a batch on the device. ``seed`` fixes the batch order,
+    the augmentation draws and the dropout masks.
 
     After each epoch ``on_epoch(rows, snapshot)`` gets that epoch's metric rows and
     a function returning the full training state (weights, optimiser, schedule,
@@ -116,22 +178,25 @@ def fit(
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
+    augment_rng = torch.Generator().manual_seed(seed + 1)
+    autocast = configure_device(tcfg, device)
     x, y = data.train.x.to(device), data.train.y.to(device)
-    targets = soft_targets.to(device) if soft_targets is not None else None
+    teacher = teacher.to(device) if teacher is not None else None
     splits = {"val": data.val.to(device), "test": data.test.to(device)}
-    model.to(device)
-    optimizer = make_optimizer(model.parameters(), tcfg)
+    forward = prepare_model(model, tcfg, device)
+    optimizer = make_optimizer(model.parameters(), tcfg, device)
     schedule = make_schedule(optimizer, tcfg, epochs)
     progress_state = {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
                       "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
     if resume is not None:
-        progress_state = _restore(resume, model, optimizer, schedule, order)
+        progress_state = _restore(resume, model, optimizer, schedule, order, augment_rng)
     best = progress_state["best"]
 
     def snapshot() -> dict:
         return {**progress_state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict() if schedule else None,
                 "torch_rng": torch.get_rng_state(), "order_rng": order.get_state(),
+                "augment_rng": augment_rng.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     n = len(y)
@@ -144,9 +209,12 @@ def fit(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for idx in torch.randperm(n, generator=order).to(device).split(tcfg.batch_size):
-            logits = model(x[idx])
-            loss = loss_fn(logits, None if targets is None else targets[idx], y[idx])
+        for idx in epoch_batches(n, tcfg.batch_size, order, device):
+            xb = x[idx] if augment is None else augment(x[idx], augment_rng)
+            target = None if teacher is None else teacher(idx, xb)
+            with autocast():
+                logits = forward(xb)
+            loss = loss_fn(logits.float(), target, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
@@ -156,6 +224,8 @@ def fit(
             correct += (logits.argmax(1) == y[idx]).sum()
         if schedule is not None:
             schedule.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
         seconds = time.perf_counter() - t0
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):
@@ -184,7 +254,7 @@ def fit(
     )
 
 
-def _restore(state: dict, model, optimizer, schedule, order: torch.Generator) -> dict:
+def _restore(state: dict, model, optimizer, schedule, order, augment_rng) -> dict:
     """Load a snapshot() into the live objects; return its progress counters."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -192,6 +262,7 @@ def _restore(state: dict, model, optimizer, schedule, order: torch.Generator) ->
         schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
     order.set_state(state["order_rng"])
+    augment_rng.set_state(state["augment_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}

@@ -89,6 +89,8 @@ RULES: dict[str, Check] = {
     "dataset.random_labels": boolean,
     "dataset.download": boolean,
     "dataset.channels": one_of(1, 3),
+    "dataset.augment.crop_padding": number(0, integer=True),
+    "dataset.augment.hflip": boolean,
     "loss.name": one_of(*losses.LOSSES),
     "loss.T": number(0, lo_open=True),
     "loss.alpha": PROBABILITY,
@@ -110,6 +112,9 @@ RULES: dict[str, Check] = {
     "trainer.grad_clip": number(0, lo_open=True, optional=True),
     "trainer.distill_from": one_of("best_val", "last"),
     "trainer.checkpoint_every": number(0, integer=True),
+    **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
+                                              "cudnn_benchmark", "fused_optimizer",
+                                              "channels_last", "compile")},
 }
 MODEL_RULES: dict[str, Check] = {
     "arch": one_of(*models.MODELS),
@@ -129,7 +134,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid key of a composed kdrun config."""
     for key, check in RULES.items():
         _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
-    _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name), ("name",))
+    _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name),
+                  data.NOT_BUILDER_KEYS)
     for role in ("teacher", "student"):
         for key, check in MODEL_RULES.items():
             _check(f"{role}.{key}", cfg[role].get(key, _ABSENT), check)

@@ -13,6 +13,7 @@ import torch
 
 from kdrun import pipeline
 from kdrun.cache import StageEntry
+from kdrun.data import Split
 from kdrun.store import load_checkpoint
 from kdrun.sweep import main as kdrun_report
 from kdrun.train import fit
@@ -183,7 +184,8 @@ def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
 
 def stage_keys(tmp_path, *overrides):
     cfg = make_config(*overrides)
-    data = pipeline.Data("x", *[None] * 3, num_classes=10)
+    split = Split(torch.zeros(2, 1, 40), torch.zeros(2, dtype=torch.long))
+    data = pipeline.Data("x", split, split, split, num_classes=10)
     stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
     teacher = StageEntry(tmp_path, stages._material("teacher", cfg.teacher, cfg.seed, 5, {}))
     scratch = StageEntry(tmp_path, stages._material("scratch", cfg.student, cfg.seed, 5, {}))
