@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-slow test-full lint clean
+.PHONY: help install run sweep bench test test-slow test-full lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ run: $(STAMP) ## run the default pipeline (MNIST-1D, offline, well under a minut
 
 sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 student seeds, ~1 min)
 	$(BIN)/kdrun -m loss.T=1,2,4 loss.alpha=0.5,0.9
+
+bench: $(STAMP) ## kdrun's epochs vs the seed notebook's loop, side by side (a few minutes on CPU)
+	$(BIN)/python benchmarks/bench_kd.py
 
 test: $(STAMP) ## the test suite without the slow tests (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -32,9 +32,25 @@ def hydra_main(cfg: DictConfig) -> float:
 
     try:
         validate(cfg)
+        if cfg.num_threads is None:
+            cfg.num_threads = threads_per_job(HydraConfig.get())
         return pipeline.run(cfg, HydraConfig.get().runtime.output_dir)["distilled_val_acc"]
     except UserError as e:
         fail(e)
+
+
+def threads_per_job(hydra_cfg) -> int | None:
+    """CPU threads for one job: torch's default alone, an equal share of the cores when
+    a launcher runs several jobs at once (two 2-thread jobs on 2 cores run many times
+    slower than one)."""
+    parallel = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
+    if not parallel or parallel == 1:
+        return None
+    import torch
+
+    cores = os.cpu_count() or 1
+    jobs = cores if parallel < 0 else min(parallel, cores)
+    return max(1, min(torch.get_num_threads(), cores) // jobs)
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""The fast paths must not change what is computed: batch order, on-device
+augmentation, cached teacher logits."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdrun import pipeline
+from kdrun.augment import make_augment, random_crop, random_hflip
+from kdrun.models import build_model
+from kdrun.store import load_checkpoint
+from kdrun.train import CachedLogits, LiveTeacher, epoch_batches, predict_logits
+from tests.helpers import make_config
+
+
+def test_epoch_batches_visit_every_example_once_in_a_seeded_order():
+    batches = epoch_batches(103, 10, torch.Generator().manual_seed(5), "cpu")
+    assert [len(b) for b in batches] == [10] * 10 + [3]
+    assert sorted(torch.cat(batches).tolist()) == list(range(103))
+    again = torch.cat(epoch_batches(103, 10, torch.Generator().manual_seed(5), "cpu"))
+    other = torch.cat(epoch_batches(103, 10, torch.Generator().manual_seed(6), "cpu"))
+    assert torch.equal(torch.cat(batches), again) and not torch.equal(again, other)
+
+
+def test_random_crop_cuts_a_window_of_the_zero_padded_image():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6)
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 5, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert torch.equal(random_crop(x, 0, torch.Generator()), x)
+
+
+def test_random_hflip_mirrors_some_images_and_keeps_the_rest():
+    x = torch.randn(64, 1, 4, 4)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 10 < sum(flipped) < 54 and out.dtype == x.dtype
+
+
+def test_augmentation_is_off_unless_configured_and_refuses_sequences():
+    off = OmegaConf.create({"crop_padding": 0, "hflip": False})
+    assert make_augment(off, (1, 28, 28)) is None and make_augment(None, (1, 40)) is None
+    with pytest.raises(pipeline.ConfigError, match="need images"):
+        make_augment(OmegaConf.create({"crop_padding": 4, "hflip": False}), (1, 40))
+
+
+def test_cached_teacher_logits_equal_live_teacher_logits():
+    teacher = build_model(OmegaConf.create({"arch": "mlp", "hidden": [32], "dropout": 0.5}),
+                          (10,), 4)
+    x = torch.randn(50, 10)
+    cached = CachedLogits(predict_logits(teacher, x, 1000))
+    live = LiveTeacher(teacher, lambda: torch.autocast("cpu", enabled=False))
+    idx = torch.tensor([3, 17, 42])
+    assert torch.allclose(cached(idx, x[idx]), live(idx, x[idx]), atol=1e-6)
+
+
+def test_distillation_with_and_without_cached_logits_gives_the_same_student(tmp_path):
+    def distilled(cache_logits):
+        cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "repeats=1",
+                          "trainer.epochs=1", "progress=false", "teacher.dropout=0.3",
+                          f"trainer.cache_teacher_logits={cache_logits}",
+                          f"cache.dir={tmp_path}/cache{cache_logits}")
+        pipeline.run(cfg, tmp_path / f"run{cache_logits}")
+        return load_checkpoint(tmp_path / f"run{cache_logits}" / "checkpoints" / "distilled.pt")
+
+    a, b = distilled(True)["model"], distilled(False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_augmented_images_distill_with_the_teacher_on_the_same_view(tmp_path, monkeypatch):
+    cfg = make_config("dataset=digits", "dataset.augment.crop_padding=1",
+                      "dataset.augment.hflip=true", "teacher=mlp", "repeats=1",
+                      "trainer.epochs=1", "progress=false", f"cache.dir={tmp_path}/cache")
+    stages_seen = []
+    original = pipeline.Stages.teacher_targets
+
+    def spy(self, teacher, entry):
+        targets = original(self, teacher, entry)
+        stages_seen.append(type(targets).__name__)
+        return targets
+
+    monkeypatch.setattr(pipeline.Stages, "teacher_targets", spy)
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert stages_seen == ["LiveTeacher"] and len(rows) == 3
+
+
+def test_parallel_jobs_share_the_cores():
+    from kdrun.cli import threads_per_job
+
+    cores = __import__("os").cpu_count()
+    assert threads_per_job(OmegaConf.create({"launcher": {"_target_": "basic"}})) is None
+    assert threads_per_job(OmegaConf.create({"launcher": {"n_jobs": 1}})) is None
+    for n_jobs in (2, -1, 64):
+        threads = threads_per_job(OmegaConf.create({"launcher": {"n_jobs": n_jobs}}))
+        jobs = cores if n_jobs < 0 else min(n_jobs, cores)
+        assert 1 <= threads and threads * jobs <= max(cores, jobs)
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights_close_to_eager(tmp_path):
+    def run(compile_):
+        cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "repeats=1",
+                          "trainer.epochs=2", "progress=false", f"trainer.compile={compile_}",
+                          f"cache.dir={tmp_path}/cache{compile_}")
+        rows = pipeline.run(cfg, tmp_path / f"run{compile_}")["rows"]
+        path = tmp_path / f"run{compile_}" / "checkpoints" / "distilled.pt"
+        return rows, load_checkpoint(path)["model"]
+
+    eager_rows, eager = run(False)
+    compiled_rows, compiled = run(True)
+    assert list(compiled) == list(eager)  # no "_orig_mod." prefixes: loadable without compile
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-4) for k in eager)
+    assert [r["role"] for r in compiled_rows] == [r["role"] for r in eager_rows]
