@@ -38,7 +38,7 @@ test-full: $(STAMP) ## every test
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff over the code and the tests
-	$(BIN)/ruff check kdrun tests
+	$(BIN)/ruff check kdrun tests benchmarks
 
 clean: ## delete run outputs, caches and build files (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
