@@ -58,7 +58,8 @@ def cnn(
 
     Each conv block is conv -> [batchnorm] -> ReLU -> [max/avg pool by 2]; then an
     optional adaptive average pool to ``global_pool`` cells per spatial dim, a
-    flatten, optional dense ``hidden`` layers, and the class head.
+    flatten, optional dense ``hidden`` layers, and the class head. ``features`` (an
+    identity) marks the last feature map for feature-based losses.
     """
     if len(input_shape) not in (2, 3):
         raise DataError(
@@ -83,6 +84,7 @@ def cnn(
         if pool != "none":
             layers[f"pool{i}"] = Pools[pool](2)
         width = c
+    layers["features"] = nn.Identity()  # the last feature map, a tap point for feature losses
     if global_pool:
         layers["global_pool"] = Adaptive(global_pool)
     layers["flatten"] = nn.Flatten()

@@ -22,6 +22,7 @@ from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
+from kdrun.features import feature_shape
 from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.models import build_model, count_params, describe, load_weights, size_mb
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
@@ -91,7 +92,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     loss = build_loss(cfg.loss)
     targets, entropy = None, {}
     if loss.needs_teacher:
-        targets = stages.teacher_targets(teacher, teacher_entry)
+        targets = stages.teacher_targets(teacher, teacher_entry, loss)
         if "T" in cfg.loss:  # how soft the targets are, on the unaugmented training set
             logits = stages.teacher_logits(teacher, teacher_entry)
             entropy = {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
@@ -99,9 +100,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
                  "(a control; its gain should be about zero)", cfg.loss.name)
     for seed in student_seeds(cfg):
-        rows.append(stages.student("scratch", CE(), seed))
-        rows.append({**stages.student("distilled", loss, seed, targets, teacher_entry.key),
-                     **entropy})
+        rows.append(stages.student("scratch", CE, seed))
+        rows.append({**stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
+                                      teacher_entry.key), **entropy})
 
     summary = write_summary(run_dir.summary_csv, rows)
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
@@ -147,7 +148,7 @@ class Stages:
         if self.cfg.teacher.get("checkpoint"):
             return self._given_teacher(self.cfg.teacher.checkpoint)
         epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
-        entry, row = self._stage("teacher", self.cfg.teacher, CE(), self.cfg.seed, epochs, {})
+        entry, row = self._stage("teacher", self.cfg.teacher, CE, self.cfg.seed, epochs, {})
         model = self._load(self.cfg.teacher, entry, self.tcfg.distill_from)
         return model, entry, [row]
 
@@ -189,12 +190,15 @@ class Stages:
                **run_keys(self.cfg)}
         return model, entry, [row]
 
-    def teacher_targets(self, teacher: torch.nn.Module, entry: StageEntry) -> TeacherTargets:
-        """Cached logits when the training data is not augmented (the default), else the
-        teacher itself, run on each augmented batch."""
-        if self.augment is None and self.tcfg.cache_teacher_logits:
+    def teacher_targets(self, teacher: torch.nn.Module, entry: StageEntry,
+                        loss: torch.nn.Module) -> TeacherTargets:
+        """Cached logits when the training data is not augmented and the loss reads only
+        logits (the default); else the teacher itself, run on each batch."""
+        features = getattr(loss, "needs_features", False)
+        if self.augment is None and self.tcfg.cache_teacher_logits and not features:
             return CachedLogits(self.teacher_logits(teacher, entry))
-        return LiveTeacher(teacher, configure_device(self.tcfg, self.device))
+        return LiveTeacher(teacher, configure_device(self.tcfg, self.device),
+                           loss.teacher_layer if features else None)
 
     def teacher_logits(self, teacher: torch.nn.Module, entry: StageEntry) -> torch.Tensor:
         """The teacher's logits on every training example, computed once in eval mode
@@ -210,21 +214,21 @@ class Stages:
             atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
             return logits
 
-    def student(self, role: str, loss, seed: int, teacher=None, teacher_key=None) -> dict:
+    def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None) -> dict:
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         extra = {}
         if role == "distilled":  # a distilled student depends on its loss and its teacher
             extra = {"loss": OmegaConf.to_container(self.cfg.loss, resolve=True),
-                     "teacher": teacher_key if loss.needs_teacher else None,
-                     "distill_from": self.tcfg.distill_from if loss.needs_teacher else None}
-        _, row = self._stage(role, self.cfg.student, loss, seed, epochs, extra, teacher)
+                     "teacher": teacher_key if teacher is not None else None,
+                     "distill_from": self.tcfg.distill_from if teacher is not None else None}
+        _, row = self._stage(role, self.cfg.student, make_loss, seed, epochs, extra, teacher)
         return row
 
     # ------------------------------------------------------------ one stage
 
-    def _stage(self, role, model_cfg, loss, seed, epochs, extra, teacher=None):
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None):
         entry = StageEntry(self.cache_root, self._material(role, model_cfg, seed, epochs, extra))
         with entry.lock():
             reused = entry.done()
@@ -232,7 +236,7 @@ class Stages:
                 self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, loss, seed, epochs, teacher)
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher)
         checkpoint = self.run_dir.checkpoint(role, seed, student_seeds(self.cfg)[0])
         link_or_copy(entry.result_pt, checkpoint)
         row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
@@ -248,7 +252,7 @@ class Stages:
                 "model": as_dict(model_cfg), "trainer": trainer, "epochs": epochs,
                 "seed": seed, **extra}
 
-    def _train(self, entry: StageEntry, role, model_cfg, loss, seed, epochs, teacher):
+    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher):
         resume = entry.start()
         if resume is not None:
             self.metrics.append(entry.read_rows(), seed, reused=True)
@@ -263,6 +267,12 @@ class Stages:
 
         torch.manual_seed(seed)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
+        loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
+        if getattr(loss, "needs_features", False):
+            shape = self.data.input_shape
+            loss.prepare(feature_shape(model, loss.student_layer, shape, "loss.student_layer"),
+                         feature_shape(teacher.model, loss.teacher_layer, shape,
+                                       "loss.teacher_layer"))
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
@@ -271,6 +281,7 @@ class Stages:
                 "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
                 "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
                 "model": model.state_dict(), "best_model": result.best_state,
+                "loss_state": loss.state_dict(),
                 "epoch": result.epochs, "best_epoch": result.best_epoch,
                 "optimizer": result.optimizer_state, "seed": seed,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
+from kdrun.features import FeatureTap
 
 
 @dataclass
@@ -98,24 +99,28 @@ class CachedLogits:
     def to(self, device) -> CachedLogits:
         return CachedLogits(self.logits.to(device))
 
-    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[idx]
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.logits[idx], None
 
 
 class LiveTeacher:
     """The teacher run on each training batch (in eval mode, without gradients): needed
-    when the batch is augmented, so teacher and student see the same view."""
+    when the batch is augmented, so teacher and student see the same view, and when a
+    loss reads the teacher's intermediate ``layer``."""
 
-    def __init__(self, model: nn.Module, autocast):
+    def __init__(self, model: nn.Module, autocast, layer: str | None = None):
         self.model, self.autocast = model.eval(), autocast
+        self.tap = FeatureTap(model, layer, "loss.teacher_layer") if layer else None
 
     def to(self, device) -> LiveTeacher:
-        return LiveTeacher(self.model.to(device), self.autocast)
+        self.model.to(device)
+        return self
 
     @torch.no_grad()
-    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor):
         with self.autocast():
-            return self.model(x).float()
+            logits = self.model(x).float()
+        return logits, (self.tap.value.float() if self.tap else None)
 
 
 TeacherTargets = CachedLogits | LiveTeacher
@@ -184,16 +189,21 @@ def fit(
     teacher = teacher.to(device) if teacher is not None else None
     splits = {"val": data.val.to(device), "test": data.test.to(device)}
     forward = prepare_model(model, tcfg, device)
-    optimizer = make_optimizer(model.parameters(), tcfg, device)
+    loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
+    student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
+        if getattr(loss_fn, "student_layer", None) else None
+    optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
     schedule = make_schedule(optimizer, tcfg, epochs)
     progress_state = {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
                       "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
     if resume is not None:
         progress_state = _restore(resume, model, optimizer, schedule, order, augment_rng)
+        loss_fn.load_state_dict(resume["loss"])
     best = progress_state["best"]
 
     def snapshot() -> dict:
-        return {**progress_state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        return {**progress_state, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict() if schedule else None,
                 "torch_rng": torch.get_rng_state(), "order_rng": order.get_state(),
                 "augment_rng": augment_rng.get_state(),
@@ -205,16 +215,19 @@ def fit(
                initial=progress_state["epoch"], total=epochs)
     for epoch in bar:
         model.train()
+        if hasattr(loss_fn, "start_epoch"):
+            loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for idx in epoch_batches(n, tcfg.batch_size, order, device):
             xb = x[idx] if augment is None else augment(x[idx], augment_rng)
-            target = None if teacher is None else teacher(idx, xb)
+            t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
             with autocast():
                 logits = forward(xb)
-            loss = loss_fn(logits.float(), target, y[idx])
+            s_feature = student_tap.value.float() if student_tap else None
+            loss = loss_fn(logits.float(), t_logits, y[idx], s_feature, t_feature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
@@ -246,6 +259,8 @@ def fit(
         on_epoch(rows, snapshot)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.1f}%")
     bar.close()
+    if student_tap:
+        student_tap.remove()
     return FitResult(
         stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"], val_acc_best=best["val"],
         test_acc_last=progress_state["test_last"], test_acc_best_val=best["test"],

@@ -95,6 +95,12 @@ RULES: dict[str, Check] = {
     "loss.T": number(0, lo_open=True),
     "loss.alpha": PROBABILITY,
     "loss.t2_scale": boolean,
+    **{f"loss.{w}": number(0) for w in ("beta", "gamma", "dkd_alpha", "dkd_beta", "w_dist",
+                                         "w_angle")},
+    "loss.warmup": number(0, integer=True),
+    "loss.eps": number(0, lo_open=True),
+    "loss.student_layer": lambda v: None if isinstance(v, str) and v else "must be a layer name",
+    "loss.teacher_layer": lambda v: None if isinstance(v, str) and v else "must be a layer name",
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
     "trainer.epochs": number(1, integer=True),
@@ -136,6 +142,11 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
     _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name),
                   data.NOT_BUILDER_KEYS)
+    if cfg.loss.name == "at":  # attention maps need feature maps on both sides
+        for role in ("teacher", "student"):
+            if cfg[role].arch != "cnn":
+                raise ConfigError(f"{role}.arch", cfg[role].arch,
+                                  f"loss=at needs a cnn {role} (attention maps of feature maps)")
     for role in ("teacher", "student"):
         for key, check in MODEL_RULES.items():
             _check(f"{role}.{key}", cfg[role].get(key, _ABSENT), check)

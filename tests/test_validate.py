@@ -33,13 +33,15 @@ BAD = [
     ("teacher.arch=transformer", "teacher.arch", "mlp, cnn"),
     ("+teacher.width=3", "teacher.width", "valid: channels"),
     ("+dataset.colour=1", "dataset.colour", "valid: num_samples, seed"),
+    ("loss=at", "student.arch", "needs a cnn student"),
+    ("loss=dkd loss.dkd_beta=-1", "loss.dkd_beta", ">= 0"),
 ]
 
 
 @pytest.mark.parametrize("override,key,valid", BAD)
 def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
     with pytest.raises(ConfigError) as e:
-        validate(make_config(override))
+        validate(make_config(*override.split()))
     assert e.value.key == key
     assert str(e.value).startswith(f"{key}=") and valid in str(e.value)
     assert "\n" not in str(e.value)
@@ -51,5 +53,8 @@ def test_every_shipped_config_is_valid(experiment):
     validate(make_config())
     validate(make_config(f"experiment={experiment}"))
     for option in ["dataset=digits", "dataset=cifar100", "dataset=fashion_mnist", "loss=ce",
-                   "teacher=mlp_large", "student=cnn", "student=mlp_small"]:
+                   "teacher=mlp_large", "student=cnn", "student=mlp_small", "loss=dkd",
+                   "loss=dist", "loss=mse_logits", "loss=fitnet", "loss=rkd", "loss=sp",
+                   "loss=pkt"]:
         validate(make_config(option))
+    validate(make_config("loss=at", "student=cnn"))

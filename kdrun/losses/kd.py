@@ -1,9 +1,7 @@
-"""Distillation losses: one small nn.Module per method, registered by name in LOSSES.
+"""Hinton's KD, the cross-entropy control, and the KD part other methods add on.
 
-Every loss is called as ``loss(student_logits, teacher_logits, labels)``; a loss
-whose ``needs_teacher`` is False ignores the teacher (and the pipeline then does
-not compute teacher outputs for it). To add a method: write its class here, add
-it to LOSSES, and add ``configs/loss/<name>.yaml``.
+Every loss is called as ``loss(student_logits, teacher_logits, labels,
+student_feature, teacher_feature)``; see kdrun/losses/__init__.py.
 """
 
 from __future__ import annotations
@@ -50,7 +48,8 @@ class KD(nn.Module):
         super().__init__()
         self.T, self.alpha, self.t2_scale = float(T), float(alpha), bool(t2_scale)
 
-    def forward(self, student_logits, teacher_logits, labels):
+    def forward(self, student_logits, teacher_logits, labels, student_feature=None,
+                teacher_feature=None):
         hard = F.cross_entropy(student_logits, labels)
         if self.alpha == 0:
             return hard
@@ -60,20 +59,31 @@ class KD(nn.Module):
         return self.alpha * soft + (1 - self.alpha) * hard
 
 
+class WithKD(nn.Module):
+    """Base of the methods that add their own term to cross-entropy and, optionally,
+    Hinton's KD: L = (1 - alpha) * CE + alpha * T^2 * KL(p_t^T || p_s^T) + their term.
+    With alpha=0 (their papers' setting unless stated) it is CE + their term."""
+
+    needs_teacher = True
+
+    def __init__(self, alpha: float = 0.0, T: float = 4.0):
+        super().__init__()
+        self.alpha, self.T = float(alpha), float(T)
+
+    def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
+        hard = F.cross_entropy(student_logits, labels)
+        if self.alpha == 0:
+            return hard
+        soft = soft_kl(student_logits, teacher_logits, self.T) * self.T**2
+        return (1 - self.alpha) * hard + self.alpha * soft
+
+
 class CE(nn.Module):
     """Plain cross-entropy on the labels, no teacher: the distill stage then trains
     the student exactly as the scratch stage does (a control run)."""
 
     needs_teacher = False
 
-    def forward(self, student_logits, teacher_logits, labels):
+    def forward(self, student_logits, teacher_logits, labels, student_feature=None,
+                teacher_feature=None):
         return F.cross_entropy(student_logits, labels)
-
-
-LOSSES: dict[str, type[nn.Module]] = {"kd": KD, "ce": CE}
-
-
-def build_loss(loss_cfg) -> nn.Module:
-    """Build the loss named ``loss_cfg.name`` with the rest of ``loss_cfg`` as arguments."""
-    params = dict(loss_cfg)
-    return LOSSES[params.pop("name")](**params)
