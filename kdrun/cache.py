@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from kdrun.store import atomic_write, load_checkpoint, save_checkpoint
 
-CACHE_VERSION = 1  # bump when a change makes old stage results invalid
+CACHE_VERSION = 2  # bump when a change makes old stage results invalid
 ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
 
 

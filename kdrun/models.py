@@ -145,12 +145,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def size_mb(model: nn.Module) -> float:
-    """Size of the weights and buffers in memory, in MB (1e6 bytes)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
-
-
 def describe(model_cfg) -> str:
     """A short name such as ``mlp[100,100]`` or ``cnn[32,32]+fc[128]``."""
     join = lambda widths: ",".join(str(w) for w in widths or [])  # noqa: E731

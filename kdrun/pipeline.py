@@ -24,7 +24,8 @@ from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.features import feature_shape
 from kdrun.losses import CE, build_loss, soft_target_entropy
-from kdrun.models import build_model, count_params, describe, load_weights, size_mb
+from kdrun.measure import against_teacher, model_figures
+from kdrun.models import build_model, describe, load_weights
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
 from kdrun.train import (
@@ -34,7 +35,6 @@ from kdrun.train import (
     configure_device,
     evaluate,
     fit,
-    latency_ms,
     predict_logits,
 )
 
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         rows.append({**stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
                                       teacher_entry.key), **entropy})
 
+    against_teacher(rows)
     summary = write_summary(run_dir.summary_csv, rows)
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     run_dir.mark_done({"config_hash": config_hash(cfg),
@@ -181,11 +182,10 @@ class Stages:
                              for s in (self.data.val, self.data.test))
         self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
         row = {"role": "teacher", "seed": self.cfg.seed, "arch": describe(model_cfg),
-               "params": count_params(model), "size_mb": round(size_mb(model), 4), "epochs": 0,
+               **model_figures(model, self.data.input_shape, self.device), "epochs": 0,
                "best_epoch": 0, "val_acc_best": val_acc, "test_acc_last": test_acc,
                "test_acc_best_val": test_acc, "eval_split": self.data.eval_split,
                "train_seconds": 0.0,
-               "latency_ms": round(latency_ms(model, self.data.input_shape, self.device), 4),
                "reused": True, "cache_key": entry.key, "checkpoint": str(path),
                **run_keys(self.cfg)}
         return model, entry, [row]
@@ -287,14 +287,14 @@ class Stages:
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
             summary={
-                "role": role, "arch": describe(model_cfg), "params": count_params(model),
-                "size_mb": round(size_mb(model), 4), "epochs": result.epochs,
+                "role": role, "arch": describe(model_cfg),
+                **model_figures(model, self.data.input_shape, self.device),
+                "epochs": result.epochs,
                 "best_epoch": result.best_epoch, "val_acc_best": result.val_acc_best,
                 "test_acc_last": result.test_acc_last,
                 "test_acc_best_val": result.test_acc_best_val,
                 "eval_split": self.data.eval_split,
                 "train_seconds": round(result.train_seconds, 3),
-                "latency_ms": round(latency_ms(model, self.data.input_shape, self.device), 4),
             },
         )
         self.events.write("trained", role, seed, entry.key)

@@ -16,8 +16,9 @@ from kdrun.store import atomic_write
 
 METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
 SUMMARY_COLUMNS = [
-    "role", "seed", "arch", "params", "size_mb", "epochs", "best_epoch", "val_acc_best",
-    "test_acc_last", "test_acc_best_val", "eval_split", "train_seconds", "latency_ms",
+    "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
+    "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
+    "train_seconds",
     "checkpoint",
 ]
 
@@ -127,6 +128,11 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
+    if "compression" in distilled:
+        row = distilled.iloc[0]
+        lines.append(f"student vs teacher: {row.compression:.2f}x fewer parameters, "
+                     f"{row.speedup_b1:.2f}x faster at batch 1, {row.speedup_b256:.2f}x at "
+                     f"batch 256 ({row.size_mb:.3f} MB on disk)")
     return "\n".join(lines)
 
 

@@ -9,7 +9,6 @@ callback.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,22 +71,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, fl
     loss = F.cross_entropy(logits, split.y).item()
     acc = (logits.argmax(1) == split.y).float().mean().item() * 100
     return loss, acc
-
-
-@torch.no_grad()
-def latency_ms(model: nn.Module, input_shape, device, batch: int = 1, repeats: int = 30) -> float:
-    """Median wall time of one eval-mode forward pass on ``batch`` inputs, in ms."""
-    model.eval()
-    x = torch.randn(batch, *input_shape, device=device)
-    times = []
-    for i in range(repeats + 5):
-        t0 = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 5:  # the first calls warm caches up
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 class CachedLogits:

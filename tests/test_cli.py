@@ -33,7 +33,8 @@ def test_default_pipeline_writes_its_files_from_any_directory(tmp_path):
     summary = pd.read_csv(run / "summary.csv")
     assert list(summary.role) == ["teacher", "scratch", "distilled"]
     assert {"params", "size_mb", "test_acc_last", "test_acc_best_val", "train_seconds",
-            "latency_ms"} <= set(summary.columns)
+            "latency_ms_b1", "latency_ms_b256", "compression", "speedup_b1"} <= set(summary.columns)
+    assert summary.compression[1] == pytest.approx(summary.params[0] / summary.params[1], rel=1e-3)
     for name in ("teacher", "scratch", "distilled"):
         assert "model" in load_checkpoint(run / "checkpoints" / f"{name}.pt")
     assert (run / ".hydra" / "config.yaml").exists()
