@@ -2,7 +2,8 @@
 never changes for a feature- or relation-based loss.
 
 A layer is named as in ``model.named_modules()`` (``conv1``, ``fc0``, ...);
-``penultimate`` means the input of the class head (the embedding the head sees).
+``penultimate`` means the input of the class head, the model's last linear layer
+(the embedding the head sees).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class FeatureTap:
         self.value: torch.Tensor | None = None
         names = dict(model.named_modules())
         if layer == "penultimate":
-            self._handle = names["head"].register_forward_pre_hook(self._keep_input)
+            head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+            self._handle = head.register_forward_pre_hook(self._keep_input)
         elif layer in names and layer:
             self._handle = names[layer].register_forward_hook(self._keep_output)
         else:

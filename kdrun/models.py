@@ -101,7 +101,64 @@ def cnn(
     return nn.Sequential(layers)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+def _need_images(input_shape, name: str) -> None:
+    if len(input_shape) != 3:
+        raise DataError(f"a {name} needs images (C, H, W); this data set has inputs of shape "
+                        f"{tuple(input_shape)}: use an mlp or a cnn")
+
+
+def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: bool = False):
+    """torchvision's ResNet-18 (He et al. 2016) with ``num_classes`` outputs and a first
+    convolution for the data's channel count. ``small_inputs`` swaps the 7x7/2 stem and
+    max-pool for a 3x3/1 stem (the usual CIFAR variant)."""
+    import torchvision
+
+    _need_images(input_shape, "resnet18")
+    if pretrained:
+        try:
+            weights = torchvision.models.ResNet18_Weights.DEFAULT
+            model = torchvision.models.resnet18(weights=weights)
+        except Exception as e:  # offline: the weights cannot be downloaded
+            raise DataError(f"teacher.pretrained=true: could not fetch ImageNet weights "
+                            f"({str(e).splitlines()[0][:80]}); set pretrained=false, or "
+                            f"teacher.checkpoint=PATH") from e
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    stem = (3, 1, 1) if small_inputs else (7, 2, 3)
+    if small_inputs or input_shape[0] != 3:
+        model.conv1 = nn.Conv2d(input_shape[0], 64, stem[0], stem[1], stem[2], bias=False)
+    if small_inputs:
+        model.maxpool = nn.Identity()
+    return model
+
+
+def dsconv(input_shape, num_classes, base: int = 16,
+           multipliers: Sequence[int] = (1, 2, 4, 8, 16, 16, 16, 16), pool_blocks: int = 3):
+    """Depthwise-separable CNN (Howard et al. 2017, MobileNets), as the food-11 seed's
+    StudentNet(base=16): a 3x3 conv to ``base`` channels, then blocks of depthwise 3x3
+    conv -> BN -> ReLU6 -> pointwise 1x1 conv to ``base * multipliers[i+1]`` channels,
+    max-pooled by 2 after the first ``pool_blocks`` blocks, a global average pool and
+    the class head."""
+    _need_images(input_shape, "dsconv")
+    widths = [base * m for m in multipliers]
+    layers = OrderedDict(conv0=nn.Conv2d(input_shape[0], widths[0], 3, 1, 1),
+                         bn0=nn.BatchNorm2d(widths[0]), relu0=nn.ReLU6(), pool0=nn.MaxPool2d(2))
+    for i, (w_in, w_out) in enumerate(zip(widths, widths[1:]), start=1):
+        layers[f"dw{i}"] = nn.Conv2d(w_in, w_in, 3, 1, 1, groups=w_in)
+        layers[f"bn{i}"] = nn.BatchNorm2d(w_in)
+        layers[f"relu{i}"] = nn.ReLU6()
+        layers[f"pw{i}"] = nn.Conv2d(w_in, w_out, 1)
+        if i < pool_blocks:
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+    layers["features"] = nn.Identity()
+    layers["global_pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["head"] = nn.Linear(widths[-1], num_classes)
+    return nn.Sequential(layers)
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18, "dsconv": dsconv}
 
 NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder arguments
 
@@ -146,7 +203,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def describe(model_cfg) -> str:
-    """A short name such as ``mlp[100,100]`` or ``cnn[32,32]+fc[128]``."""
+    """A short name such as ``mlp[100,100]``, ``cnn[32,32]+fc[128]`` or ``dsconv[16]``."""
+    if model_cfg.arch == "dsconv":
+        return f"dsconv[{model_cfg.get('base')}]"
+    if model_cfg.arch not in ("mlp", "cnn"):
+        return model_cfg.arch
     join = lambda widths: ",".join(str(w) for w in widths or [])  # noqa: E731
     if model_cfg.arch == "cnn":
         dense = model_cfg.get("hidden")

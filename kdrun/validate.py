@@ -132,6 +132,11 @@ MODEL_RULES: dict[str, Check] = {
     "pool": one_of("none", "max", "avg"),
     "global_pool": number(1, integer=True, optional=True),
     "batch_norm": boolean,
+    "base": number(1, integer=True),
+    "multipliers": positive_ints,
+    "pool_blocks": number(0, integer=True),
+    "pretrained": boolean,
+    "small_inputs": boolean,
 }
 _ABSENT = object()
 

@@ -53,3 +53,23 @@ def test_cnn_on_flat_features_is_a_clear_error():
 def test_describe():
     assert describe(cfg(arch="mlp", hidden=[100, 100])) == "mlp[100,100]"
     assert describe(cfg(arch="cnn", channels=[32, 32], hidden=[128])) == "cnn[32,32]+fc[128]"
+
+
+def test_resnet18_takes_channels_and_classes_from_the_data():
+    m = build_model(cfg(arch="resnet18", pretrained=False, small_inputs=True), (1, 8, 8), 7)
+    assert m.conv1.in_channels == 1 and m.fc.out_features == 7
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 7)
+
+
+def test_dsconv_is_depthwise_separable():
+    m = build_model(cfg(arch="dsconv", base=4, multipliers=[1, 2, 4], pool_blocks=2),
+                    (3, 16, 16), 11)
+    assert m.dw1.groups == m.dw1.in_channels == 4 and m.pw1.kernel_size == (1, 1)
+    assert m.pw2.out_channels == 16 and m(torch.zeros(2, 3, 16, 16)).shape == (2, 11)
+    assert describe(cfg(arch="dsconv", base=4)) == "dsconv[4]"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "dsconv"])
+def test_image_models_refuse_sequences(arch):
+    with pytest.raises(DataError, match="needs images"):
+        build_model(cfg(arch=arch), (1, 40), 10)

@@ -252,3 +252,22 @@ def test_bad_teacher_checkpoints_are_named(tmp_path, problem, message):
                       f"cache.dir={tmp_path}/cache")
     with pytest.raises(pipeline.UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         pipeline.run(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("classes,ok", [(10, True), (5, False)])
+def test_a_resnet18_checkpoint_is_the_teacher(tmp_path, classes, ok):
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=classes)
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    torch.save(net.state_dict(), tmp_path / "resnet18.pt")  # a plain state dict, as users have
+    cfg = make_config("dataset=digits", "teacher=resnet18", f"teacher.checkpoint={tmp_path}/"
+                      "resnet18.pt", "student=mlp", "repeats=1", "trainer.epochs=1",
+                      "progress=false", f"cache.dir={tmp_path}/cache")
+    if not ok:
+        with pytest.raises(pipeline.UserError, match=r"fc.weight has shape \[5, 512\]"):
+            pipeline.run(cfg, tmp_path / "run")
+        return
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert rows[0]["epochs"] == 0 and rows[0]["params"] == sum(p.numel() for p in net.parameters())
+    assert [e["event"] for e in events(tmp_path / "run")][0] == "given"
