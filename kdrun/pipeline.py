@@ -22,6 +22,7 @@ from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
+from kdrun.export import export_onnx
 from kdrun.features import feature_shape
 from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.measure import against_teacher, model_figures
@@ -105,6 +106,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
                                       teacher_entry.key), **entropy})
 
     against_teacher(rows)
+    if cfg.export == "onnx":
+        stages.export_distilled(run_dir.root / "distilled.onnx")
     summary = write_summary(run_dir.summary_csv, rows)
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     run_dir.mark_done({"config_hash": config_hash(cfg),
@@ -298,6 +301,14 @@ class Stages:
             },
         )
         self.events.write("trained", role, seed, entry.key)
+
+    def export_distilled(self, path) -> None:
+        """The first seed's distilled student (last-epoch weights) as ONNX, checked."""
+        checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", 0, 0))
+        model = build_model(self.cfg.student, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(checkpoint["model"])
+        if export_onnx(model, self.data.input_shape, path) > 1e-3:
+            raise UserError(f"{path}: onnxruntime's outputs differ from PyTorch's")
 
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
         checkpoint = load_checkpoint(entry.result_pt)

@@ -73,6 +73,7 @@ RULES: dict[str, Check] = {
     "device": device,
     "num_threads": number(1, integer=True, optional=True),
     "progress": boolean,
+    "export": one_of("none", "onnx"),
     "cache.enabled": boolean,
     "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),

@@ -164,3 +164,19 @@ def test_runs_with_different_seeds_never_share_a_student_seed(tmp_path):
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["distilled.pt", "distilled.seed3.pt", "scratch.pt", "scratch.seed3.pt",
                      "teacher.pt"]
+
+
+def test_export_onnx_writes_a_model_onnxruntime_runs_like_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    cfg = small_config(tmp_path, "export=onnx")
+    pipeline.run(cfg, tmp_path / "run")
+    session = onnxruntime.InferenceSession(str(tmp_path / "run" / "distilled.onnx"))
+    data = pipeline.load_data(cfg.dataset, cfg.split)
+    model = build_model(cfg.student, data.input_shape, data.num_classes)
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "distilled.pt")
+    model.load_state_dict(checkpoint["model"])
+    x = data.test.x[:7]  # another batch size than the export's
+    (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_logits), model.eval()(x), atol=1e-4)
