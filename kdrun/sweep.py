@@ -138,7 +138,8 @@ def _markdown(sweep_dir, table, best, n_started, n_finished, figures) -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    rows = [list(df.columns), ["---"] * len(df.columns)] + df.astype(str).values.tolist()
+    cells = df.astype(object).where(df.notna(), "-").astype(str)  # a key a method lacks: "-"
+    rows = [list(df.columns), ["---"] * len(df.columns)] + cells.values.tolist()
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
