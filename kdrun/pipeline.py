@@ -24,10 +24,11 @@ from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.export import export_onnx
 from kdrun.features import feature_shape
-from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.losses import CE
 from kdrun.measure import against_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
+from kdrun.schemes import SCHEMES
 from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
 from kdrun.train import (
     CachedLogits,
@@ -89,22 +90,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
              data.input_shape, data.num_classes)
     stages = Stages(cfg, data, device, run_dir)
 
-    teacher, teacher_entry, rows = stages.teacher()
-    loss = build_loss(cfg.loss)
-    targets, entropy = None, {}
-    if loss.needs_teacher:
-        targets = stages.teacher_targets(teacher, teacher_entry, loss)
-        if "T" in cfg.loss:  # how soft the targets are, on the unaugmented training set
-            logits = stages.teacher_logits(teacher, teacher_entry)
-            entropy = {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
-    else:
-        log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
-                 "(a control; its gain should be about zero)", cfg.loss.name)
-    for seed in student_seeds(cfg):
-        rows.append(stages.student("scratch", CE, seed))
-        rows.append({**stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
-                                      teacher_entry.key), **entropy})
-
+    rows = SCHEMES[cfg.scheme.name](stages, cfg)
     against_teacher(rows)
     if cfg.export == "onnx":
         stages.export_distilled(run_dir.root / "distilled.onnx")
@@ -148,13 +134,22 @@ class Stages:
         self.events = EventLog(run_dir.events)
         self.augment = make_augment(cfg.dataset.get("augment"), data.input_shape)
 
-    def teacher(self) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
-        if self.cfg.teacher.get("checkpoint"):
-            return self._given_teacher(self.cfg.teacher.checkpoint)
+    @property
+    def student_seeds(self) -> list[int]:
+        return student_seeds(self.cfg)
+
+    def teacher(self, model_cfg) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
+        """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
+        if model_cfg.get("checkpoint"):
+            return self._given_teacher(model_cfg.checkpoint)
         epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
-        entry, row = self._stage("teacher", self.cfg.teacher, CE, self.cfg.seed, epochs, {})
-        model = self._load(self.cfg.teacher, entry, self.tcfg.distill_from)
+        entry, row = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {})
+        model = self._load(model_cfg, entry, self.tcfg.distill_from)
         return model, entry, [row]
+
+    def load_student(self, entry: StageEntry) -> torch.nn.Module:
+        """A finished student, with the weights ``trainer.distill_from`` asks for."""
+        return self._load(self.cfg.student, entry, self.tcfg.distill_from)
 
     def _given_teacher(self, path: str):
         """A user's own trained teacher: loaded and evaluated instead of trained."""
@@ -217,17 +212,16 @@ class Stages:
             atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
             return logits
 
-    def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None) -> dict:
+    def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None):
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         extra = {}
-        if role == "distilled":  # a distilled student depends on its loss and its teacher
+        if role != "scratch":  # a distilled student depends on its loss and its teacher
             extra = {"loss": OmegaConf.to_container(self.cfg.loss, resolve=True),
                      "teacher": teacher_key if teacher is not None else None,
                      "distill_from": self.tcfg.distill_from if teacher is not None else None}
-        _, row = self._stage(role, self.cfg.student, make_loss, seed, epochs, extra, teacher)
-        return row
+        return self._stage(role, self.cfg.student, make_loss, seed, epochs, extra, teacher)
 
     # ------------------------------------------------------------ one stage
 
@@ -322,6 +316,9 @@ def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
     loss = f"loss={cfg.loss.name} {loss}".strip()
     seeds = ",".join(map(str, student_seeds(cfg)))
     text = f"kdrun | dataset={dataset_name} | {loss} | student seeds {seeds}"
+    if cfg.scheme.name != "offline":
+        scheme = " ".join(f"{k}={v}" for k, v in cfg.scheme.items())
+        text += f" | scheme: {scheme}"
     if eval_split == "train":
         text += ("\naccuracies are on the TRAINING data: the labels are random, so they "
                  "measure memorisation, not generalisation")

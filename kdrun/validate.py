@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdrun import data, losses, models
+from kdrun import data, losses, models, schemes
 from kdrun.errors import ConfigError
 
 Check = Callable[[object], str | None]  # returns what would be valid, or None when fine
@@ -74,6 +74,8 @@ RULES: dict[str, Check] = {
     "num_threads": number(1, integer=True, optional=True),
     "progress": boolean,
     "export": one_of("none", "onnx"),
+    "scheme.name": one_of(*schemes.SCHEMES),
+    "scheme.generations": number(1, integer=True),
     "cache.enabled": boolean,
     "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),

@@ -180,3 +180,18 @@ def test_export_onnx_writes_a_model_onnxruntime_runs_like_torch(tmp_path):
     x = data.test.x[:7]  # another batch size than the export's
     (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert torch.allclose(torch.from_numpy(onnx_logits), model.eval()(x), atol=1e-4)
+
+
+def test_born_again_reports_every_generation(tmp_path):
+    cfg = small_config(tmp_path, "scheme=born_again", "scheme.generations=2", "repeats=2")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    roles = [r["role"] for r in rows]
+    assert roles == ["teacher", "scratch", "generation1", "distilled",
+                     "scratch", "generation1", "distilled"]
+    assert {r["arch"] for r in rows} == {"mlp[16]"}  # the teacher: the student's architecture
+    assert [r["generation"] for r in rows[2:4]] == [1, 2]
+    # generation 2 learns from generation 1, not from the teacher
+    material = lambda key: (tmp_path / "cache" / key / "key.json").read_text()  # noqa: E731
+    assert f'"teacher": "{rows[2]["cache_key"]}"' in material(rows[3]["cache_key"])
+    assert f'"teacher": "{rows[0]["cache_key"]}"' in material(rows[2]["cache_key"])
+    assert (tmp_path / "run" / "checkpoints" / "generation1.pt").exists()

@@ -1,0 +1,63 @@
+"""Distillation schemes: who teaches whom. Each returns the run's summary rows, in
+the order teacher, then per student seed: scratch, distilled (and any intermediate
+generations). To add one: write its function here, add it to SCHEMES, and add
+``configs/scheme/<name>.yaml``."""
+
+from __future__ import annotations
+
+import logging
+
+from kdrun.losses import CE, build_loss, soft_target_entropy
+
+log = logging.getLogger("kdrun")
+
+
+def offline(stages, cfg) -> list[dict]:
+    """The classic scheme (Hinton et al. 2015): a teacher trained first (or given as a
+    checkpoint) and frozen; each student seed trained from scratch and distilled."""
+    teacher, entry, rows = stages.teacher(cfg.teacher)
+    targets, extra = _teacher_targets(stages, cfg, teacher, entry)
+    for seed in stages.student_seeds:
+        rows.append(stages.student("scratch", CE, seed)[1])
+        _, row = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
+                                entry.key)
+        rows.append({**row, **extra})
+    return rows
+
+
+def born_again(stages, cfg) -> list[dict]:
+    """Born-again networks, Furlanello et al. 2018 (ICML): self-distillation. The
+    teacher is the student's own architecture trained on the labels (generation 0);
+    generation k is distilled from generation k-1, for ``scheme.generations``
+    generations. The last generation is the row ``distilled``; earlier ones are
+    ``generation1``, ``generation2``, ... in the summary."""
+    teacher, entry, rows = stages.teacher(cfg.student)
+    generations = cfg.scheme.generations
+    for seed in stages.student_seeds:
+        rows.append(stages.student("scratch", CE, seed)[1])
+        model, previous = teacher, entry
+        for generation in range(1, generations + 1):
+            role = "distilled" if generation == generations else f"generation{generation}"
+            targets, extra = _teacher_targets(stages, cfg, model, previous)
+            previous, row = stages.student(role, lambda: build_loss(cfg.loss), seed, targets,
+                                           previous.key)
+            rows.append({**row, "generation": generation, **extra})
+            model = stages.load_student(previous)
+    return rows
+
+
+def _teacher_targets(stages, cfg, teacher, entry):
+    """What the distilled student learns from, and how soft those targets are."""
+    loss = build_loss(cfg.loss)
+    if not loss.needs_teacher:
+        log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
+                 "(a control; its gain should be about zero)", cfg.loss.name)
+        return None, {}
+    targets = stages.teacher_targets(teacher, entry, loss)
+    if "T" not in cfg.loss:
+        return targets, {}
+    logits = stages.teacher_logits(teacher, entry)  # the unaugmented training set
+    return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
+
+
+SCHEMES = {"offline": offline, "born_again": born_again}
