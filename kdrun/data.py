@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kdrun.errors import DataError
+from kdrun.imagefolder import FolderData, imagefolder, split_folder
 
 
 @dataclass
@@ -31,14 +32,37 @@ class RawData:
 
 @dataclass
 class Split:
+    """A split held in memory as tensors (on the training device during training)."""
+
     x: torch.Tensor  # float32, (N, *input_shape)
     y: torch.Tensor  # int64, (N,)
+    in_memory = True
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
     def to(self, device) -> Split:
         return Split(self.x.to(device), self.y.to(device))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """(indices, inputs, labels) per batch: in a random order fixed by ``generator``
+        (every example once), or in order when there is none."""
+        if generator is None:
+            order = torch.arange(len(self), device=self.x.device).split(batch_size)
+        else:
+            order = epoch_batches(len(self), batch_size, generator, self.x.device)
+        for idx in order:
+            yield idx, self.x[idx], self.y[idx]
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device) -> tuple:
+    """Index tensors of one epoch: a random permutation of range(n), cut into batches.
+    Every example is visited exactly once; the order is fixed by the generator."""
+    return torch.randperm(n, generator=generator).to(device).split(batch_size)
 
 
 @dataclass
@@ -52,7 +76,7 @@ class Data:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        return self.train.input_shape
 
 
 # ---------------------------------------------------------------- builders
@@ -171,6 +195,7 @@ def cifar100(root: str = "data", download: bool = False) -> RawData:
 DATASETS = {
     "mnist1d": mnist1d, "digits": digits, "synthetic": synthetic, "mnist": mnist,
     "fashion_mnist": fashion_mnist, "cifar10": cifar10, "cifar100": cifar100,
+    "imagefolder": imagefolder,
 }
 
 
@@ -190,6 +215,8 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
     raw = DATASETS[name](**params)
+    if isinstance(raw, FolderData):  # files on disk, read by a DataLoader
+        return Data(name, *split_folder(raw, split_cfg), raw.num_classes)
     x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
     if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
         train = Split(x, y)

@@ -193,7 +193,8 @@ class Stages:
         """Cached logits when the training data is not augmented and the loss reads only
         logits (the default); else the teacher itself, run on each batch."""
         features = getattr(loss, "needs_features", False)
-        if self.augment is None and self.tcfg.cache_teacher_logits and not features:
+        cacheable = self.data.train.in_memory and self.augment is None
+        if cacheable and self.tcfg.cache_teacher_logits and not features:
             return CachedLogits(self.teacher_logits(teacher, entry))
         return LiveTeacher(teacher, configure_device(self.tcfg, self.device),
                            loss.teacher_layer if features else None)
@@ -207,7 +208,7 @@ class Stages:
             if path.exists():
                 return torch.load(path, weights_only=True).to(self.device)
             teacher.to(self.device)
-            logits = predict_logits(teacher, self.data.train.x.to(self.device),
+            logits = predict_logits(teacher, self.data.train.to(self.device),
                                     self.tcfg.eval_batch_size)
             atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
             return logits

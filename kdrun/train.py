@@ -56,20 +56,27 @@ def make_schedule(optimizer, tcfg, epochs: int):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits for every row of x, in eval mode (dropout off, batchnorm frozen)."""
+def predict_logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
+    """Logits for every row of a tensor, or every example of a split in order, in eval
+    mode (dropout off, batchnorm frozen)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(xb) for xb in x.split(batch_size)])
+    inputs = x.split(batch_size) if torch.is_tensor(x) else (b for _, b, _ in x.batches(batch_size))
+    out = torch.cat([model(xb) for xb in inputs])
     model.train(was_training)
     return out
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy in percent) on a split."""
-    logits = predict_logits(model, split.x, batch_size)
-    loss = F.cross_entropy(logits, split.y).item()
-    acc = (logits.argmax(1) == split.y).float().mean().item() * 100
+    """(cross-entropy loss, accuracy in percent) on a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    pairs = [(model(x), y) for _, x, y in split.batches(batch_size)]
+    model.train(was_training)
+    logits, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    loss = F.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(1) == labels).float().mean().item() * 100
     return loss, acc
 
 
@@ -130,12 +137,6 @@ def prepare_model(model: nn.Module, tcfg, device: torch.device) -> nn.Module:
     return torch.compile(model) if tcfg.get("compile") else model
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device) -> tuple:
-    """Index tensors of one epoch: a random permutation of range(n), cut into batches.
-    Every example is visited exactly once; the order is fixed by the generator."""
-    return torch.randperm(n, generator=generator).to(device).split(batch_size)
-
-
 def fit(
     model: nn.Module,
     data: Data,
@@ -168,7 +169,7 @@ def fit(
     order = torch.Generator().manual_seed(seed)
     augment_rng = torch.Generator().manual_seed(seed + 1)
     autocast = configure_device(tcfg, device)
-    x, y = data.train.x.to(device), data.train.y.to(device)
+    train = data.train.to(device)
     teacher = teacher.to(device) if teacher is not None else None
     splits = {"val": data.val.to(device), "test": data.test.to(device)}
     forward = prepare_model(model, tcfg, device)
@@ -192,7 +193,7 @@ def fit(
                 "augment_rng": augment_rng.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
-    n = len(y)
+    n = len(train)
     bar = tqdm(range(progress_state["epoch"] + 1, epochs + 1), desc=f"{stage:<9}", unit="ep",
                disable=not progress, leave=True, dynamic_ncols=True,
                initial=progress_state["epoch"], total=epochs)
@@ -204,20 +205,21 @@ def fit(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for idx in epoch_batches(n, tcfg.batch_size, order, device):
-            xb = x[idx] if augment is None else augment(x[idx], augment_rng)
+        for idx, xb, yb in train.batches(tcfg.batch_size, order):
+            if augment is not None:
+                xb = augment(xb, augment_rng)
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
             with autocast():
                 logits = forward(xb)
             s_feature = student_tap.value.float() if student_tap else None
-            loss = loss_fn(logits.float(), t_logits, y[idx], s_feature, t_feature)
+            loss = loss_fn(logits.float(), t_logits, yb, s_feature, t_feature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == y[idx]).sum()
+            correct += (logits.argmax(1) == yb).sum()
         if schedule is not None:
             schedule.step()
         if device.type == "cuda":

@@ -7,9 +7,10 @@ from omegaconf import OmegaConf
 
 from kdrun import pipeline
 from kdrun.augment import make_augment, random_crop, random_hflip
+from kdrun.data import epoch_batches
 from kdrun.models import build_model
 from kdrun.store import load_checkpoint
-from kdrun.train import CachedLogits, LiveTeacher, epoch_batches, predict_logits
+from kdrun.train import CachedLogits, LiveTeacher, predict_logits
 from tests.helpers import make_config
 
 

@@ -48,13 +48,14 @@ def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
 
 
 @pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_synthetic", "seed_cifar10_cnn",
-                                        "seed_mnist_cnn"])
+                                        "seed_mnist_cnn", "seed_food11"])
 def test_every_shipped_config_is_valid(experiment):
     validate(make_config())
     validate(make_config(f"experiment={experiment}"))
     for option in ["dataset=digits", "dataset=cifar100", "dataset=fashion_mnist", "loss=ce",
                    "teacher=mlp_large", "student=cnn", "student=mlp_small", "loss=dkd",
                    "loss=dist", "loss=mse_logits", "loss=fitnet", "loss=rkd", "loss=sp",
-                   "loss=pkt"]:
+                   "loss=pkt", "dataset=imagefolder", "scheme=born_again", "teacher=resnet18",
+                   "student=dsconv"]:
         validate(make_config(option))
     validate(make_config("loss=at", "student=cnn"))

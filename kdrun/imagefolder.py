@@ -1,0 +1,162 @@
+"""Image folders on disk (e.g. the food-11 workflow): too big for device memory, so
+they are read by a DataLoader with worker processes and torchvision transforms.
+
+Two layouts: one sub-folder per class (``label_from=folder``), or flat folders of
+files named ``<label>_<anything>.jpg`` (``label_from=filename_prefix``). Splits come
+from ``train_dir`` / ``val_dir`` / ``test_dir``; a missing one is carved from the
+training files with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from kdrun.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class _Images(Dataset):
+    def __init__(self, files: list[Path], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as image:
+            x = self.transform(image.convert("RGB"))
+        return x, self.labels[i], i
+
+
+class FolderSplit:
+    """A split of image files, batched by a DataLoader: the same ``batches`` interface
+    as an in-memory Split, yielding (indices, inputs, labels) on ``device``."""
+
+    in_memory = False
+
+    def __init__(self, files, labels, transform, image_size: int, workers: int, device="cpu"):
+        self.files, self.labels, self.transform = files, labels, transform
+        self.image_size, self.workers, self.device = image_size, workers, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return torch.tensor(self.labels, dtype=torch.int64)
+
+    def to(self, device) -> FolderSplit:
+        return FolderSplit(self.files, self.labels, self.transform, self.image_size,
+                           self.workers, device)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        dataset = _Images(self.files, self.labels, self.transform)
+        sampler = RandomSampler(dataset, generator=generator) if generator is not None else None
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            num_workers=self.workers, generator=generator,
+                            pin_memory=self.device.type == "cuda")
+        for x, y, idx in loader:
+            yield (idx.to(self.device), x.to(self.device, non_blocking=True),
+                   y.to(self.device, non_blocking=True))
+
+
+@dataclass
+class FolderData:
+    """What the ``imagefolder`` builder finds; load_data turns it into splits."""
+
+    train: tuple[list[Path], list[int]]
+    val: tuple[list[Path], list[int]] | None
+    test: tuple[list[Path], list[int]] | None
+    num_classes: int
+    test_fraction: float
+    train_transform: object
+    eval_transform: object
+    image_size: int
+    workers: int
+
+
+def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
+    if not folder.is_dir():
+        raise DataError(f"dataset.root: no folder {folder}")
+    if label_from == "folder":
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        pairs = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES]
+        empty = [name for name in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES
+                                                     for f in (folder / name).iterdir())]
+        if empty:
+            raise DataError(f"{folder}: class folder {empty[0]} has no images")
+    else:
+        pairs = []
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                prefix = f.name.split("_")[0]
+                if not prefix.isdigit():
+                    raise DataError(f"{f}: label_from=filename_prefix expects names like "
+                                    f"3_120.jpg (label, underscore, anything)")
+                pairs.append((f, int(prefix)))
+    if not pairs:
+        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found "
+                        f"with label_from={label_from}")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def imagefolder(
+    root: str, label_from: str = "folder", train_dir: str = "train",
+    val_dir: str | None = None, test_dir: str | None = None, test_fraction: float = 0.2,
+    image_size: int = 64, crop_padding: int = 0, hflip: bool = False, rotation: float = 0.0,
+    mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225), workers: int = 2,
+) -> FolderData:
+    """Images under ``root``; see the module docstring and configs/dataset/imagefolder.yaml."""
+    from torchvision import transforms as tf
+
+    base = Path(root).expanduser()
+    found = {name: list_images(base / d, label_from) if d else None
+             for name, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
+    labels = [y for split in found.values() if split for y in split[1]]
+    resize = tf.Resize((image_size, image_size))
+    finish = [tf.ToTensor(), tf.Normalize(list(mean), list(std))]
+    augment = []
+    if crop_padding:
+        augment.append(tf.RandomCrop(image_size, padding=crop_padding, pad_if_needed=True,
+                                     padding_mode="symmetric"))
+    if hflip:
+        augment.append(tf.RandomHorizontalFlip())
+    if rotation:
+        augment.append(tf.RandomRotation(rotation))
+    return FolderData(found["train"], found["val"], found["test"], max(labels) + 1,
+                      test_fraction, tf.Compose([resize, *augment, *finish]),
+                      tf.Compose([resize, *finish]), image_size, workers)
+
+
+def split_folder(folder: FolderData, split_cfg):
+    """Train / val / test FolderSplits; missing splits carved with ``split_cfg.seed``."""
+    files, labels = folder.train
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(split_cfg.seed))
+    take = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    cut = 0
+    test = folder.test
+    if test is None:
+        cut = round(len(files) * folder.test_fraction)
+        test = take(order[:cut].tolist())
+    val = folder.val
+    if val is None:
+        n_val = round(len(files) * split_cfg.val_fraction)
+        val = take(order[cut:cut + n_val].tolist())
+        cut += n_val
+    train = take(sorted(order[cut:].tolist()))
+    make = lambda pair, transform: FolderSplit(*pair, transform, folder.image_size,  # noqa: E731
+                                               folder.workers)
+    return (make(train, folder.train_transform), make(val, folder.eval_transform),
+            make(test, folder.eval_transform))
