@@ -147,6 +147,27 @@ class Stages:
         model = self._load(model_cfg, entry, self.tcfg.distill_from)
         return model, entry, [row]
 
+    def ensemble_row(self, members, member_rows, how: str, T: float) -> dict:
+        """The combined teacher's summary row: its accuracy from the combined
+        predictions, its cost the members' summed."""
+        from kdrun.schemes import combine
+
+        accuracy = {}
+        for name, split in (("val", self.data.val), ("test", self.data.test)):
+            split = split.to(self.device)
+            logits = [predict_logits(m, split, self.tcfg.eval_batch_size) for m, _ in members]
+            hits = combine(logits, T, how).argmax(1) == split.y
+            accuracy[name] = hits.float().mean().item() * 100
+        total = {k: sum(r[k] for r in member_rows)
+                 for k in ("params", "size_mb", "latency_ms_b1", "latency_ms_b256")}
+        return {"role": "teacher", "seed": self.cfg.seed,
+                "arch": f"ensemble[{','.join(r['arch'] for r in member_rows)}]", **total,
+                "epochs": 0, "best_epoch": 0, "val_acc_best": accuracy["val"],
+                "test_acc_last": accuracy["test"], "test_acc_best_val": accuracy["test"],
+                "eval_split": self.data.eval_split, "train_seconds": sum(
+                    r["train_seconds"] for r in member_rows), "reused": False,
+                "combine": how, **run_keys(self.cfg)}
+
     def load_student(self, entry: StageEntry) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
         return self._load(self.cfg.student, entry, self.tcfg.distill_from)

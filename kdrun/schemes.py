@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.train import CachedLogits
 
 log = logging.getLogger("kdrun")
 
@@ -60,4 +61,56 @@ def _teacher_targets(stages, cfg, teacher, entry):
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
 
 
-SCHEMES = {"offline": offline, "born_again": born_again}
+
+
+def ensemble(stages, cfg) -> list[dict]:
+    """Multi-teacher distillation (e.g. Hinton et al. 2015, §2; You et al. 2017): several
+    teachers, each trained (or loaded) as in ``offline``; the student learns their
+    softened distributions combined by an arithmetic or geometric mean
+    (``scheme.combine``). Members are the summary's ``teacher1``, ``teacher2``, ...;
+    the combined ensemble is its ``teacher`` row."""
+    T = float(cfg.loss.get("T", 1.0))
+    members, rows = [], []
+    for i, spec in enumerate(cfg.scheme.teachers, start=1):
+        model, entry, (row,) = stages.teacher(teacher_config(spec))
+        members.append((model, entry))
+        rows.append({**row, "role": f"teacher{i}"})
+    logits = [stages.teacher_logits(model, entry) for model, entry in members]
+    combined = combine(logits, T, cfg.scheme.combine)
+    rows.insert(0, stages.ensemble_row(members, rows, cfg.scheme.combine, T))
+    key = "+".join(entry.key for _, entry in members) + f"|{cfg.scheme.combine}|T={T}"
+    targets = CachedLogits(combined)
+    extra = {"soft_target_entropy": soft_target_entropy(combined, T)} if "T" in cfg.loss else {}
+    for seed in stages.student_seeds:
+        rows.append(stages.student("scratch", CE, seed)[1])
+        _, row = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets, key)
+        rows.append({**row, **extra})
+    return rows
+
+
+def teacher_config(spec):
+    """A member of ``scheme.teachers``: ``{option: NAME, ...overrides}`` where NAME is a
+    configs/teacher/ option (cnn, mlp, resnet18, ...) and overrides any of its keys,
+    ``checkpoint`` included."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(spec, resolve=True)
+    option = spec.pop("option")
+    base = OmegaConf.create((files("kdrun.configs") / "teacher" / f"{option}.yaml").read_text())
+    return OmegaConf.merge(base, spec)
+
+
+def combine(logits: list, T: float, how: str):
+    """Logits whose softmax at temperature T is the arithmetic or geometric mean of the
+    members' softmax(logits / T): T * log(mean p) or T * mean(log p)."""
+    import torch
+
+    log_p = torch.stack([torch.log_softmax(z / T, dim=1) for z in logits])
+    if how == "geometric":
+        return T * log_p.mean(0)  # softmax renormalises the geometric mean
+    return T * (torch.logsumexp(log_p, 0) - torch.log(torch.tensor(float(len(logits)))))
+
+
+SCHEMES = {"offline": offline, "born_again": born_again, "ensemble": ensemble}

@@ -162,9 +162,37 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{role}.arch", cfg[role].arch,
                                   f"loss=at needs a cnn {role} (attention maps of feature maps)")
     for role in ("teacher", "student"):
-        for key, check in MODEL_RULES.items():
-            _check(f"{role}.{key}", cfg[role].get(key, _ABSENT), check)
-        _check_params(role, cfg[role], models.builder_keys(cfg[role].arch), models.NOT_BUILDER_KEYS)
+        _check_model(role, cfg[role])
+    if cfg.scheme.name == "ensemble":
+        _check_ensemble(cfg)
+
+
+def _check_model(role: str, node) -> None:
+    for key, check in MODEL_RULES.items():
+        _check(f"{role}.{key}", node.get(key, _ABSENT), check)
+    _check_params(role, node, models.builder_keys(node.arch), models.NOT_BUILDER_KEYS)
+
+
+def _check_ensemble(cfg: DictConfig) -> None:
+    """Members must be known teacher options; the loss and data must allow combining
+    cached logits."""
+    from importlib.resources import files
+
+    _check("scheme.combine", cfg.scheme.combine, one_of("arithmetic", "geometric"))
+    options = sorted(p.name.removesuffix(".yaml")
+                     for p in (files("kdrun.configs") / "teacher").iterdir()
+                     if p.name.endswith(".yaml"))
+    for i, spec in enumerate(cfg.scheme.teachers):
+        key = f"scheme.teachers[{i}].option"
+        _check(key, spec.get("option"), one_of(*options))
+        _check_model(f"scheme.teachers[{i}]", schemes.teacher_config(spec))
+    if getattr(losses.LOSSES[cfg.loss.name], "needs_features", False):
+        raise ConfigError("loss", cfg.loss.name, "scheme=ensemble combines the teachers' "
+                          "logits: use a logit-based loss (kd, dkd, dist, mse_logits, ce)")
+    augment = cfg.dataset.get("augment")
+    if cfg.dataset.name == "imagefolder" or (augment and (augment.crop_padding or augment.hflip)):
+        raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
+                          "without augmentation (its teachers' logits are computed once)")
 
 
 def _check(key: str, value, check: Check) -> None:

@@ -195,3 +195,24 @@ def test_born_again_reports_every_generation(tmp_path):
     assert f'"teacher": "{rows[2]["cache_key"]}"' in material(rows[3]["cache_key"])
     assert f'"teacher": "{rows[0]["cache_key"]}"' in material(rows[2]["cache_key"])
     assert (tmp_path / "run" / "checkpoints" / "generation1.pt").exists()
+
+
+@pytest.mark.parametrize("how", ["arithmetic", "geometric"])
+def test_ensemble_targets_are_the_mean_of_the_softened_distributions(how):
+    from kdrun.schemes import combine
+
+    a, b, T = torch.randn(4, 5), torch.randn(4, 5), 3.0
+    p_a, p_b = torch.softmax(a / T, 1), torch.softmax(b / T, 1)
+    expected = (p_a + p_b) / 2 if how == "arithmetic" else (p_a * p_b).sqrt()
+    expected = expected / expected.sum(1, keepdim=True)
+    assert torch.allclose(torch.softmax(combine([a, b], T, how) / T, 1), expected, atol=1e-6)
+
+
+def test_ensemble_scheme_trains_each_member_and_reports_the_combination(tmp_path):
+    cfg = small_config(tmp_path, "scheme=ensemble",
+                       "scheme.teachers=[{option:mlp,hidden:[32]},{option:mlp,hidden:[8,8]}]")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "teacher1", "teacher2", "scratch", "distilled"]
+    assert rows[0]["arch"] == "ensemble[mlp[32],mlp[8,8]]"
+    assert rows[0]["params"] == rows[1]["params"] + rows[2]["params"]
+    assert rows[4]["compression"] == pytest.approx(rows[0]["params"] / rows[4]["params"], rel=1e-3)
