@@ -141,7 +141,7 @@ class Stages:
     def teacher(self, model_cfg) -> tuple[torch.nn.Module, StageEntry, list[dict]]:
         """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
         if model_cfg.get("checkpoint"):
-            return self._given_teacher(model_cfg.checkpoint)
+            return self._given_teacher(model_cfg)
         epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
         entry, row = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {})
         model = self._load(model_cfg, entry, self.tcfg.distill_from)
@@ -172,10 +172,10 @@ class Stages:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
         return self._load(self.cfg.student, entry, self.tcfg.distill_from)
 
-    def _given_teacher(self, path: str):
+    def _given_teacher(self, model_cfg):
         """A user's own trained teacher: loaded and evaluated instead of trained."""
-        source = f"teacher.checkpoint={path}"
-        path = Path(path).expanduser()
+        source = f"teacher.checkpoint={model_cfg.checkpoint}"
+        path = Path(model_cfg.checkpoint).expanduser()
         if not path.is_file():
             raise UserError(f"{source}: no such file")
         try:
@@ -187,7 +187,6 @@ class Stages:
             raise UserError(f"{source}: expected a state dict or a kdrun checkpoint")
         weights = "best_model" if self.tcfg.distill_from == "best_val" else "model"
         state = checkpoint.get(weights) or checkpoint.get("model") or checkpoint
-        model_cfg = self.cfg.teacher
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, "teacher")
         load_weights(model, state, source)
         model.to(self.device)

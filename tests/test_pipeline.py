@@ -216,3 +216,14 @@ def test_ensemble_scheme_trains_each_member_and_reports_the_combination(tmp_path
     assert rows[0]["arch"] == "ensemble[mlp[32],mlp[8,8]]"
     assert rows[0]["params"] == rows[1]["params"] + rows[2]["params"]
     assert rows[4]["compression"] == pytest.approx(rows[0]["params"] / rows[4]["params"], rel=1e-3)
+
+
+def test_ensemble_members_can_be_checkpoints(tmp_path):
+    first = small_config(tmp_path, "teacher.hidden=[12]")
+    pipeline.run(first, tmp_path / "a")
+    own = tmp_path / "a" / "checkpoints" / "teacher.pt"
+    cfg = small_config(tmp_path, "scheme=ensemble",
+                       f"scheme.teachers=[{{option:mlp,hidden:[12],checkpoint:'{own}'}},"
+                       "{option:mlp,hidden:[8]}]")
+    rows = pipeline.run(cfg, tmp_path / "b")["rows"]
+    assert rows[1]["arch"] == "mlp[12]" and rows[1]["epochs"] == 0 and rows[2]["epochs"] == 1
