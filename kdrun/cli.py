@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from kdrun import pipeline
 from kdrun.errors import ConfigError, UserError
 from kdrun.validate import validate
 
@@ -28,8 +29,6 @@ SWEEP_FLAGS = ("-m", "--multirun")
 def hydra_main(cfg: DictConfig) -> float:
     """One job. Returns the distilled student's validation accuracy (what a
     Hydra sweeper such as Optuna maximises)."""
-    from kdrun import pipeline  # torch is imported only once the config is known to be good
-
     try:
         validate(cfg)
         if cfg.num_threads is None:

@@ -70,7 +70,7 @@ def student_seeds(cfg: DictConfig) -> list[int]:
 
 def config_hash(cfg: DictConfig) -> str:
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in ("progress", "hydra")}
+                if k not in ("progress", "num_threads", "cache", "hydra")}  # no effect on results
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
