@@ -50,7 +50,9 @@ def model_figures(model: nn.Module, input_shape, device) -> dict:
 def against_teacher(rows: list[dict]) -> None:
     """Add each student row's compression (teacher params / its params) and speed-up
     (teacher latency / its latency, at batch 1 and 256), in place."""
-    teacher = next(r for r in rows if r["role"] == "teacher")
+    teacher = next((r for r in rows if r["role"] == "teacher"), None)
+    if teacher is None:  # e.g. deep mutual learning: students only
+        return
     for row in rows:
         if row["role"] != "teacher":
             row["compression"] = round(teacher["params"] / row["params"], 3)

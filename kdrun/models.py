@@ -158,7 +158,37 @@ def dsconv(input_shape, num_classes, base: int = 16,
     return nn.Sequential(layers)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18, "dsconv": dsconv}
+class Cohort(nn.Module):
+    """Students trained together (deep mutual learning). ``forward`` returns the first
+    member's logits, the one the run reports and deploys, and keeps every member's
+    logits in ``outputs`` for the mutual loss."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.outputs: list[torch.Tensor] = []
+
+    @property
+    def deployed(self) -> nn.Module:
+        return self.members[0]
+
+    def forward(self, x):
+        self.outputs = [member(x) for member in self.members]
+        return self.outputs[0]
+
+
+def cohort(input_shape, num_classes, size: int = 2, member=None):
+    """``size`` students of the architecture ``member`` (a student config), each built
+    in turn from the current random state: member 1 gets the init a lone student
+    built from the same seed would get."""
+    from omegaconf import OmegaConf
+
+    member = OmegaConf.create(member)
+    return Cohort([build_model(member, input_shape, num_classes) for _ in range(size)])
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18, "dsconv": dsconv, "cohort": cohort}
+USER_MODELS = ("mlp", "cnn", "resnet18", "dsconv")  # the ones a teacher/student config may name
 
 NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder arguments
 
@@ -206,6 +236,8 @@ def describe(model_cfg) -> str:
     """A short name such as ``mlp[100,100]``, ``cnn[32,32]+fc[128]`` or ``dsconv[16]``."""
     if model_cfg.arch == "dsconv":
         return f"dsconv[{model_cfg.get('base')}]"
+    if model_cfg.arch == "cohort":
+        return f"cohort[{model_cfg.size}x {describe(model_cfg.member)}]"
     if model_cfg.arch not in ("mlp", "cnn"):
         return model_cfg.arch
     join = lambda widths: ",".join(str(w) for w in widths or [])  # noqa: E731

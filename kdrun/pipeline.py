@@ -233,16 +233,20 @@ class Stages:
             atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
             return logits
 
-    def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None):
+    def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None,
+                model_cfg=None, loss_cfg=None):
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         extra = {}
+        model_cfg = model_cfg if model_cfg is not None else self.cfg.student
+        if loss_cfg is None:
+            loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
         if role != "scratch":  # a distilled student depends on its loss and its teacher
-            extra = {"loss": OmegaConf.to_container(self.cfg.loss, resolve=True),
+            extra = {"loss": loss_cfg,
                      "teacher": teacher_key if teacher is not None else None,
                      "distill_from": self.tcfg.distill_from if teacher is not None else None}
-        return self._stage(role, self.cfg.student, make_loss, seed, epochs, extra, teacher)
+        return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher)
 
     # ------------------------------------------------------------ one stage
 
@@ -286,6 +290,8 @@ class Stages:
         torch.manual_seed(seed)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
+        if hasattr(loss, "attach"):  # a mutual loss reads the whole cohort's outputs
+            loss.attach(model)
         if getattr(loss, "needs_features", False):
             shape = self.data.input_shape
             loss.prepare(feature_shape(model, loss.student_layer, shape, "loss.student_layer"),
@@ -294,19 +300,20 @@ class Stages:
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
+        deployed = getattr(model, "deployed", model)  # a cohort ships its first member
         entry.finish(
             checkpoint={
                 "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
                 "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
                 "model": model.state_dict(), "best_model": result.best_state,
-                "loss_state": loss.state_dict(),
+                "deployed": deployed.state_dict(), "loss_state": loss.state_dict(),
                 "epoch": result.epochs, "best_epoch": result.best_epoch,
                 "optimizer": result.optimizer_state, "seed": seed,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
             summary={
                 "role": role, "arch": describe(model_cfg),
-                **model_figures(model, self.data.input_shape, self.device),
+                **model_figures(deployed, self.data.input_shape, self.device),
                 "epochs": result.epochs,
                 "best_epoch": result.best_epoch, "val_acc_best": result.val_acc_best,
                 "test_acc_last": result.test_acc_last,
@@ -321,7 +328,7 @@ class Stages:
         """The first seed's distilled student (last-epoch weights) as ONNX, checked."""
         checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", 0, 0))
         model = build_model(self.cfg.student, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["deployed"])
         if export_onnx(model, self.data.input_shape, path) > 1e-3:
             raise UserError(f"{path}: onnxruntime's outputs differ from PyTorch's")
 
@@ -335,6 +342,8 @@ class Stages:
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
     loss = " ".join(f"{k}={v}" for k, v in cfg.loss.items() if k != "name")
     loss = f"loss={cfg.loss.name} {loss}".strip()
+    if cfg.scheme.name == "dml":  # the cohort's mutual loss replaces the loss group
+        loss = f"loss=dml (mutual, T={cfg.scheme.T})"
     seeds = ",".join(map(str, student_seeds(cfg)))
     text = f"kdrun | dataset={dataset_name} | {loss} | student seeds {seeds}"
     if cfg.scheme.name != "offline":

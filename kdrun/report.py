@@ -118,6 +118,8 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
                      f"{split + ' acc, last':>16}  {split + ' acc, best val':>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
     for role, rows in by_role.items():
+        if rows.empty:  # e.g. no teacher in deep mutual learning
+            continue
         lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>9,}  "
                      f"{mean_std(list(rows.test_acc_last)):>16}  "
                      f"{mean_std(list(rows.test_acc_best_val)):>18}")
@@ -128,7 +130,7 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
-    if "compression" in distilled:
+    if "compression" in distilled and distilled.compression.notna().all():
         row = distilled.iloc[0]
         lines.append(f"student vs teacher: {row.compression:.2f}x fewer parameters, "
                      f"{row.speedup_b1:.2f}x faster at batch 1, {row.speedup_b256:.2f}x at "

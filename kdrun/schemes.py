@@ -113,4 +113,25 @@ def combine(logits: list, T: float, how: str):
     return T * (torch.logsumexp(log_p, 0) - torch.log(torch.tensor(float(len(logits)))))
 
 
-SCHEMES = {"offline": offline, "born_again": born_again, "ensemble": ensemble}
+def dml(stages, cfg) -> list[dict]:
+    """Deep mutual learning, Zhang et al. 2018 (CVPR): ``scheme.students`` copies of the
+    student architecture trained together, each learning from the others (losses/
+    mutual.py); no pre-trained teacher, and the loss group is not used. The cohort's
+    first member is the ``distilled`` row, compared with the scratch student that has
+    its init."""
+    from omegaconf import OmegaConf
+
+    from kdrun.losses import DML
+
+    cohort = OmegaConf.create({"arch": "cohort", "size": cfg.scheme.students,
+                               "member": OmegaConf.to_container(cfg.student, resolve=True)})
+    rows = []
+    for seed in stages.student_seeds:
+        rows.append(stages.student("scratch", CE, seed)[1])
+        _, row = stages.student("distilled", lambda: DML(T=cfg.scheme.T), seed,
+                                model_cfg=cohort, loss_cfg={"name": "dml", "T": cfg.scheme.T})
+        rows.append(row)
+    return rows
+
+
+SCHEMES = {"offline": offline, "born_again": born_again, "ensemble": ensemble, "dml": dml}

@@ -76,6 +76,8 @@ RULES: dict[str, Check] = {
     "export": one_of("none", "onnx"),
     "scheme.name": one_of(*schemes.SCHEMES),
     "scheme.generations": number(1, integer=True),
+    "scheme.students": number(2, integer=True),
+    "scheme.T": number(0, lo_open=True),
     "cache.enabled": boolean,
     "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),
@@ -132,7 +134,7 @@ RULES: dict[str, Check] = {
                                               "channels_last", "compile")},
 }
 MODEL_RULES: dict[str, Check] = {
-    "arch": one_of(*models.MODELS),
+    "arch": one_of(*models.USER_MODELS),
     "hidden": lambda v: None if v == [] else positive_ints(v),
     "channels": positive_ints,
     "kernel_size": int_or_ints,

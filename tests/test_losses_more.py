@@ -173,3 +173,24 @@ def test_every_loss_runs_end_to_end_on_the_default_data(tmp_path, name):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
     assert all(math.isfinite(r["test_acc_last"]) for r in rows)
+
+
+def test_dml_is_each_members_ce_plus_kl_to_its_detached_peers():
+    from kdrun.losses import DML
+    from kdrun.models import Cohort
+
+    z1, z2 = S.clone().requires_grad_(True), T_.clone().requires_grad_(True)
+    cohort = Cohort([torch.nn.Identity(), torch.nn.Identity()])
+    cohort.outputs = [z1, z2]
+    loss = DML(T=2.0)
+    loss.attach(cohort)
+    value = loss(z1, None, Y)
+    kl = lambda p, q: F.kl_div(F.log_softmax(q / 2, 1), F.softmax(p / 2, 1),  # noqa: E731
+                               reduction="batchmean")
+    expected = F.cross_entropy(S, Y) + F.cross_entropy(T_, Y) + 4 * (kl(T_, S) + kl(S, T_))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    value.backward()
+    own = S.clone().requires_grad_(True)
+    (F.cross_entropy(own, Y) + 4 * kl(T_, own)).backward()  # member 1's own terms only
+    assert torch.allclose(z1.grad, own.grad, atol=1e-6)
+    assert list(loss.parameters()) == []  # the cohort is not a part of the loss

@@ -2,6 +2,7 @@
 mode, the files written, best-val selection, and every seed experiment."""
 
 import csv
+import json
 
 import pandas as pd
 import pytest
@@ -227,3 +228,28 @@ def test_ensemble_members_can_be_checkpoints(tmp_path):
                        "{option:mlp,hidden:[8]}]")
     rows = pipeline.run(cfg, tmp_path / "b")["rows"]
     assert rows[1]["arch"] == "mlp[12]" and rows[1]["epochs"] == 0 and rows[2]["epochs"] == 1
+
+
+def test_cohort_member_one_starts_as_the_lone_student(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = small_config(tmp_path)
+    torch.manual_seed(3)
+    lone = build_model(cfg.student, (10,), 5)
+    torch.manual_seed(3)
+    cohort = build_model(OmegaConf.create({"arch": "cohort", "size": 3, "member": cfg.student}),
+                         (10,), 5)
+    first, second = cohort.members[0].state_dict(), cohort.members[1].state_dict()
+    assert all(torch.equal(v, first[k]) for k, v in lone.state_dict().items())
+    assert not torch.equal(first["fc0.weight"], second["fc0.weight"])
+
+
+def test_dml_trains_a_cohort_without_teacher_and_exports_its_first_member(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cfg = small_config(tmp_path, "scheme=dml", "scheme.students=2", "export=onnx")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["scratch", "distilled"]
+    assert rows[1]["arch"] == "cohort[2x mlp[16]]" and rows[1]["params"] == rows[0]["params"]
+    assert (tmp_path / "run" / "distilled.onnx").exists()
+    assert not any(e["stage"] == "teacher" for e in
+                   map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines()))

@@ -35,6 +35,9 @@ BAD = [
     ("+dataset.colour=1", "dataset.colour", "valid: num_samples, seed"),
     ("loss=at", "student.arch", "needs a cnn student"),
     ("loss=dkd loss.dkd_beta=-1", "loss.dkd_beta", ">= 0"),
+    ("scheme=dml scheme.students=1", "scheme.students", ">= 2"),
+    ("scheme=ensemble scheme.combine=median", "scheme.combine", "arithmetic, geometric"),
+    ("student.arch=cohort", "student.arch", "mlp, cnn, resnet18, dsconv"),
 ]
 
 
@@ -55,7 +58,7 @@ def test_every_shipped_config_is_valid(experiment):
     for option in ["dataset=digits", "dataset=cifar100", "dataset=fashion_mnist", "loss=ce",
                    "teacher=mlp_large", "student=cnn", "student=mlp_small", "loss=dkd",
                    "loss=dist", "loss=mse_logits", "loss=fitnet", "loss=rkd", "loss=sp",
-                   "loss=pkt", "dataset=imagefolder", "scheme=born_again", "teacher=resnet18",
+                   "loss=pkt", "dataset=imagefolder", "scheme=born_again", "scheme=dml", "scheme=ensemble", "teacher=resnet18",
                    "student=dsconv"]:
         validate(make_config(option))
     validate(make_config("loss=at", "student=cnn"))

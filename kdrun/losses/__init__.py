@@ -7,7 +7,8 @@ layers' features (kdrun/features.py); one with ``prepare(student_shape,
 teacher_shape)`` builds learned parts (e.g. a regressor) trained with the student.
 
 Where each lives: kd.py (KD, CE), response.py (logit-based: mse_logits, dkd, dist),
-feature.py (fitnet, at), relation.py (rkd, sp, pkt). To add a method: write its
+feature.py (fitnet, at), relation.py (rkd, sp, pkt); mutual.py holds DML, the loss
+of scheme=dml (not a loss option: the scheme builds it). To add a method: write its
 class, add it to LOSSES, and add ``configs/loss/<name>.yaml``.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from kdrun.losses.feature import AT, FitNet
 from kdrun.losses.kd import CE, KD, soft_kl, soft_target_entropy
+from kdrun.losses.mutual import DML
 from kdrun.losses.relation import PKT, RKD, SP
 from kdrun.losses.response import DIST, DKD, MSELogits
 
@@ -23,7 +25,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "at": AT, "rkd": RKD, "sp": SP, "pkt": PKT,
 }
 
-__all__ = ["LOSSES", "build_loss", "soft_kl", "soft_target_entropy", "AT", "CE", "DIST",
+__all__ = ["LOSSES", "build_loss", "soft_kl", "soft_target_entropy", "AT", "CE", "DIST", "DML",
            "DKD", "KD", "PKT", "RKD", "SP", "FitNet", "MSELogits"]
 
 
