@@ -58,7 +58,7 @@ def test_every_shipped_config_is_valid(experiment):
     for option in ["dataset=digits", "dataset=cifar100", "dataset=fashion_mnist", "loss=ce",
                    "teacher=mlp_large", "student=cnn", "student=mlp_small", "loss=dkd",
                    "loss=dist", "loss=mse_logits", "loss=fitnet", "loss=rkd", "loss=sp",
-                   "loss=pkt", "dataset=imagefolder", "scheme=born_again", "scheme=dml", "scheme=ensemble", "teacher=resnet18",
-                   "student=dsconv"]:
+                   "loss=pkt", "dataset=imagefolder", "scheme=born_again", "scheme=dml",
+                   "scheme=ensemble", "teacher=resnet18", "student=dsconv"]:
         validate(make_config(option))
     validate(make_config("loss=at", "student=cnn"))
