@@ -4,6 +4,7 @@ mode, the files written, best-val selection, and every seed experiment."""
 import csv
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -253,3 +254,12 @@ def test_dml_trains_a_cohort_without_teacher_and_exports_its_first_member(tmp_pa
     assert (tmp_path / "run" / "distilled.onnx").exists()
     assert not any(e["stage"] == "teacher" for e in
                    map(json.loads, (tmp_path / "run" / "events.jsonl").read_text().splitlines()))
+
+
+@pytest.mark.parametrize("scheme", ["offline", "born_again", "ensemble", "dml"])
+def test_every_scheme_runs_end_to_end_on_the_default_data(tmp_path, scheme):
+    cfg = make_config(f"scheme={scheme}", "repeats=1", "trainer.epochs=1", "split.max_train=300",
+                      "progress=false", cache(tmp_path))
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert cfg.dataset.name == "mnist1d" and rows[-1]["role"] == "distilled"
+    assert all(np.isfinite(r["test_acc_last"]) for r in rows)
