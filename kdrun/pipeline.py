@@ -1,5 +1,6 @@
-"""The four stages: train the teacher, train the student from scratch, distill the
-student from the teacher, compare. The pipeline never knows which loss it runs.
+"""The stages of a run: train the teacher, train the student from scratch, distill the
+student, compare. Who teaches whom is the scheme's (kdrun/schemes.py); the pipeline
+never knows which loss it runs.
 
 Each stage goes through the stage cache (kdrun/cache.py): a stage some earlier run
 or sweep job finished is reused, a stage a killed run left half-done is resumed.
