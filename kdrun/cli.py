@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -63,8 +64,17 @@ def main() -> None:
 def fail(error: UserError):
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"kdrun: error: {error}", file=sys.stderr)
+    print(f"kdrun: error: {one_line_message(error)}", file=sys.stderr)
     sys.exit(2)
+
+
+def one_line_message(error: UserError) -> str:
+    """The error's own message; for one raised in a DataLoader worker (which PyTorch
+    re-raises with the worker's traceback folded into the text) its last line."""
+    lines = str(error).strip().splitlines()
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(prefix)
 
 
 def preflight(argv: list[str]) -> None:
@@ -84,6 +94,16 @@ def preflight(argv: list[str]) -> None:
             except HydraException as e:
                 raise UserError(_one_line(str(e))) from e
             validate(cfg)
+            _check_writable(cfg.output_root)
+
+
+def _check_writable(folder: str) -> None:
+    """Fail before Hydra creates anything if the output folder cannot be written."""
+    path = Path(folder).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("output_root", folder, f"{existing} is not a writable folder; "
+                          f"choose another output_root")
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:

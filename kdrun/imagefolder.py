@@ -30,8 +30,12 @@ class _Images(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        with Image.open(self.files[i]) as image:
-            x = self.transform(image.convert("RGB"))
+        try:
+            with Image.open(self.files[i]) as image:
+                x = self.transform(image.convert("RGB"))
+        except OSError as e:  # truncated, corrupt, or not an image at all
+            raise DataError(f"{self.files[i]}: unreadable image ({e}); delete or replace "
+                            f"it") from e
         return x, self.labels[i], i
 
 

@@ -63,3 +63,13 @@ def test_user_mistakes_get_one_line_exit_2_and_write_nothing(tmp_path, args, wor
 def test_full_error_switch_shows_the_traceback(tmp_path):
     p = kdrun(tmp_path, "loss.T=0", env={"HYDRA_FULL_ERROR": "1"})
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_unwritable_output_root_is_refused_before_anything_is_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    p = kdrun(tmp_path, f"output_root={blocker}/runs")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("kdrun: error: output_root=") and "not a writable folder" in line
+    assert blocker.read_text() == "not a folder"

@@ -123,3 +123,18 @@ def test_seed_food11_loads_a_resnet18_teacher_file_and_distills(tmp_path):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert rows[0]["epochs"] == 0 and rows[0]["arch"] == "resnet18"
     assert rows[2]["arch"] == "dsconv[16]" and rows[2]["compression"] > 10
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_named_in_one_line(tmp_path, workers):
+    from kdrun.cli import one_line_message
+
+    class_folders(tmp_path, classes=2, per_class=3)
+    bad = tmp_path / "train" / "class1" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:20])  # truncated
+    data = load_data(folder_config(tmp_path, workers=workers), SPLIT)
+    with pytest.raises(DataError) as e:
+        for split in (data.train, data.val, data.test):
+            list(split.batches(2))
+    line = one_line_message(e.value)
+    assert "\n" not in line and line.startswith(str(bad)) and "unreadable image" in line
