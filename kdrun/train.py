@@ -8,6 +8,7 @@ callback.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
 from kdrun.features import FeatureTap
+
+log = logging.getLogger("kdrun")
 
 
 @dataclass
@@ -194,6 +197,7 @@ def fit(
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     n = len(train)
+    skip_nan = tcfg.get("on_nan", "stop") == "skip"
     bar = tqdm(range(progress_state["epoch"] + 1, epochs + 1), desc=f"{stage:<9}", unit="ep",
                disable=not progress, leave=True, dynamic_ncols=True,
                initial=progress_state["epoch"], total=epochs)
@@ -205,7 +209,9 @@ def fit(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for idx, xb, yb in train.batches(tcfg.batch_size, order):
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # no sync per step
+        seen, skipped = n, 0
+        for step, (idx, xb, yb) in enumerate(train.batches(tcfg.batch_size, order), start=1):
             if augment is not None:
                 xb = augment(xb, augment_rng)
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
@@ -213,6 +219,11 @@ def fit(
                 logits = forward(xb)
             s_feature = student_tap.value.float() if student_tap else None
             loss = loss_fn(logits.float(), t_logits, yb, s_feature, t_feature)
+            finite = torch.isfinite(loss.detach())
+            if skip_nan and not finite:  # reading the flag syncs: only when asked to skip
+                skipped, seen = skipped + 1, seen - len(idx)
+                continue
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
@@ -225,13 +236,18 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
         seconds = time.perf_counter() - t0
-        train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
+        train_loss = loss_sum.item() / max(seen, 1)
+        if first_bad.item() > 0 or not math.isfinite(train_loss):
             raise TrainingDiverged(
-                f"{stage} stage diverged at epoch {epoch} (train loss {train_loss}, lr {lr:g}): "
-                f"lower trainer.lr or set trainer.grad_clip"
-            )
-        rows = [_row(stage, epoch, "train", train_loss, correct.item() / n * 100, lr, seconds)]
+                f"{stage} stage diverged at epoch {epoch}, step {first_bad.item()}: the loss "
+                f"became NaN or infinite at lr {lr:g}, most likely from too high a learning rate "
+                f"or exploding gradients; lower trainer.lr, set trainer.grad_clip, or set "
+                f"trainer.on_nan=skip to skip such batches")
+        if skipped:
+            log.warning("%s epoch %d: skipped %d batches whose loss was NaN or infinite "
+                        "(trainer.on_nan=skip)", stage, epoch, skipped)
+        rows = [_row(stage, epoch, "train", train_loss, correct.item() / max(seen, 1) * 100, lr,
+                     seconds)]
         for name, split in splits.items():
             rows.append(_row(stage, epoch, name, *evaluate(model, split, tcfg.eval_batch_size),
                              lr, seconds))

@@ -129,6 +129,7 @@ RULES: dict[str, Check] = {
     "trainer.grad_clip": number(0, lo_open=True, optional=True),
     "trainer.distill_from": one_of("best_val", "last"),
     "trainer.checkpoint_every": number(0, integer=True),
+    "trainer.on_nan": one_of("stop", "skip"),
     **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
                                               "cudnn_benchmark", "fused_optimizer",
                                               "channels_last", "compile")},

@@ -118,3 +118,38 @@ def test_compiled_training_saves_plain_weights_close_to_eager(tmp_path):
     assert list(compiled) == list(eager)  # no "_orig_mod." prefixes: loadable without compile
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-4) for k in eager)
     assert [r["role"] for r in compiled_rows] == [r["role"] for r in eager_rows]
+
+
+class NaNOnStep(torch.nn.Module):
+    """Cross-entropy, except that the loss of the ``bad``-th call is NaN."""
+
+    needs_teacher = False
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.calls, self.bad = 0, bad
+
+    def forward(self, logits, teacher_logits, labels, *features):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if self.calls == self.bad else loss
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_nan_loss_stops_with_its_step_or_is_skipped(on_nan):
+    from kdrun.errors import TrainingDiverged
+    from kdrun.train import fit
+
+    cfg = make_config("dataset=synthetic", "dataset.n=300", "progress=false",
+                      f"trainer.on_nan={on_nan}", "trainer.batch_size=50")
+    data = pipeline.load_data(cfg.dataset, cfg.split)
+    model = build_model(cfg.student, data.input_shape, data.num_classes)
+    run = lambda: fit(model, data, NaNOnStep(bad=3), cfg.trainer, stage="scratch",  # noqa: E731
+                      epochs=2, seed=0, device=torch.device("cpu"), progress=False)
+    if on_nan == "stop":
+        with pytest.raises(TrainingDiverged, match=r"scratch stage diverged at epoch 1, step 3"):
+            run()
+    else:
+        result = run()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert result.best_epoch >= 1
