@@ -92,7 +92,7 @@ def preflight(argv: list[str]) -> None:
             try:
                 cfg = compose("config", overrides=job)
             except HydraException as e:
-                raise UserError(_one_line(str(e))) from e
+                raise UserError(_hydra_message_on_one_line(str(e))) from e
             validate(cfg)
             _check_writable(cfg.output_root)
 
@@ -115,7 +115,7 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        raise UserError(_one_line(str(e))) from e
+        raise UserError(_hydra_message_on_one_line(str(e))) from e
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -132,7 +132,7 @@ def _check_group_choices(overrides: list[str]) -> None:
             raise ConfigError(key, value, f"not a known option; valid: {', '.join(options)}")
 
 
-def _one_line(message: str) -> str:
+def _hydra_message_on_one_line(message: str) -> str:
     noise = ("full_key:", "object_type", "reference_type", "Set the environment variable")
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     return "; ".join(ln for ln in lines if not ln.startswith(noise))

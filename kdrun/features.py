@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError
+from kdrun.models import eval_mode
 
 
 class FeatureTap:
@@ -39,13 +40,10 @@ class FeatureTap:
         self._handle.remove()
 
 
-@torch.no_grad()
 def feature_shape(model: nn.Module, layer: str, input_shape, key: str) -> tuple[int, ...]:
     """The shape (without batch) of ``layer``'s feature for one input of ``input_shape``."""
     tap = FeatureTap(model, layer, key)
-    was_training = model.training
-    model.eval()
-    model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    model.train(was_training)
+    with eval_mode(model):
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     tap.remove()
     return tuple(tap.value.shape[1:])

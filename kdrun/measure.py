@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from kdrun.models import count_params
+from kdrun.models import count_params, eval_mode
 
 
 def size_on_disk_mb(model: nn.Module) -> float:
@@ -20,21 +20,18 @@ def size_on_disk_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-@torch.no_grad()
 def latency_ms(model: nn.Module, input_shape, device, batch: int = 1, repeats: int = 30) -> float:
     """Median wall time of one eval-mode forward pass on ``batch`` inputs, in ms."""
-    was_training = model.training
-    model.eval().to(device)
     x = torch.randn(batch, *input_shape, device=device)
     times = []
-    for i in range(repeats + 3):
-        t0 = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:  # the first calls warm caches up
-            times.append((time.perf_counter() - t0) * 1000)
-    model.train(was_training)
+    with eval_mode(model.to(device)):
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # the first calls warm caches up
+                times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -226,6 +227,19 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     if missing:
         raise UserError(f"{source}: the checkpoint lacks layer {missing[0]} of this model")
     model.load_state_dict(state)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Dropout off and batch-norm statistics frozen inside the block, and no gradients;
+    the model's own mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def count_params(model: nn.Module) -> int:

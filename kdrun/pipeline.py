@@ -29,7 +29,7 @@ from kdrun.losses import CE
 from kdrun.measure import against_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
-from kdrun.schemes import SCHEMES
+from kdrun.schemes import SCHEMES, distillation_loss
 from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
 from kdrun.train import (
     CachedLogits,
@@ -59,8 +59,9 @@ def pick_device(name: str) -> torch.device:
 
 def run_keys(cfg: DictConfig) -> dict:
     """The settings that tell runs of a sweep apart, added to every CSV row."""
-    return {"dataset": cfg.dataset.name, "method": cfg.loss.name,
-            "T": cfg.loss.get("T"), "alpha": cfg.loss.get("alpha")}
+    loss = distillation_loss(cfg)
+    return {"dataset": cfg.dataset.name, "method": loss["name"],
+            "T": loss.get("T"), "alpha": loss.get("alpha")}
 
 
 def student_seeds(cfg: DictConfig) -> list[int]:
@@ -260,7 +261,7 @@ class Stages:
                 self.events.write("reused", role, seed, entry.key)
             else:
                 self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher)
-        checkpoint = self.run_dir.checkpoint(role, seed, student_seeds(self.cfg)[0])
+        checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
         link_or_copy(entry.result_pt, checkpoint)
         row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
                "checkpoint": str(checkpoint), **run_keys(self.cfg)}
@@ -327,7 +328,8 @@ class Stages:
 
     def export_distilled(self, path) -> None:
         """The first seed's distilled student (last-epoch weights) as ONNX, checked."""
-        checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", 0, 0))
+        first = self.student_seeds[0]
+        checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", first, first))
         model = build_model(self.cfg.student, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(checkpoint["deployed"])
         if export_onnx(model, self.data.input_shape, path) > 1e-3:
@@ -341,12 +343,9 @@ class Stages:
 
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
-    loss = " ".join(f"{k}={v}" for k, v in cfg.loss.items() if k != "name")
-    loss = f"loss={cfg.loss.name} {loss}".strip()
-    if cfg.scheme.name == "dml":  # the cohort's mutual loss replaces the loss group
-        loss = f"loss=dml (mutual, T={cfg.scheme.T})"
+    loss = " ".join(f"{k}={v}" for k, v in distillation_loss(cfg).items())
     seeds = ",".join(map(str, student_seeds(cfg)))
-    text = f"kdrun | dataset={dataset_name} | {loss} | student seeds {seeds}"
+    text = f"kdrun | dataset={dataset_name} | loss: {loss} | student seeds {seeds}"
     if cfg.scheme.name != "offline":
         scheme = " ".join(f"{k}={v}" for k, v in cfg.scheme.items())
         text += f" | scheme: {scheme}"

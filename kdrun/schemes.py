@@ -13,6 +13,16 @@ from kdrun.train import CachedLogits
 log = logging.getLogger("kdrun")
 
 
+def distillation_loss(cfg) -> dict:
+    """The loss the distilled student is trained with: the loss group's, except in deep
+    mutual learning, whose cohort loss is the scheme's own."""
+    from omegaconf import OmegaConf
+
+    if cfg.scheme.name == "dml":
+        return {"name": "dml", "T": cfg.scheme.T}
+    return OmegaConf.to_container(cfg.loss, resolve=True)
+
+
 def offline(stages, cfg) -> list[dict]:
     """The classic scheme (Hinton et al. 2015): a teacher trained first (or given as a
     checkpoint) and frozen; each student seed trained from scratch and distilled."""
@@ -129,7 +139,7 @@ def dml(stages, cfg) -> list[dict]:
     for seed in stages.student_seeds:
         rows.append(stages.student("scratch", CE, seed)[1])
         _, row = stages.student("distilled", lambda: DML(T=cfg.scheme.T), seed,
-                                model_cfg=cohort, loss_cfg={"name": "dml", "T": cfg.scheme.T})
+                                model_cfg=cohort, loss_cfg=distillation_loss(cfg))
         rows.append(row)
     return rows
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
 from kdrun.features import FeatureTap
+from kdrun.models import eval_mode
 
 log = logging.getLogger("kdrun")
 
@@ -58,26 +59,18 @@ def make_schedule(optimizer, tcfg, epochs: int):
     return None
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
     """Logits for every row of a tensor, or every example of a split in order, in eval
     mode (dropout off, batchnorm frozen)."""
-    was_training = model.training
-    model.eval()
     inputs = x.split(batch_size) if torch.is_tensor(x) else (b for _, b, _ in x.batches(batch_size))
-    out = torch.cat([model(xb) for xb in inputs])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(xb) for xb in inputs])
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
     """(cross-entropy loss, accuracy in percent) on a split, in eval mode."""
-    was_training = model.training
-    model.eval()
-    pairs = [(model(x), y) for _, x, y in split.batches(batch_size)]
-    model.train(was_training)
-    logits, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    logits = predict_logits(model, split, batch_size)
+    labels = split.y.to(logits.device)
     loss = F.cross_entropy(logits, labels).item()
     acc = (logits.argmax(1) == labels).float().mean().item() * 100
     return loss, acc
