@@ -8,6 +8,7 @@ callback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,12 +43,21 @@ class FitResult:
 
 
 def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if tcfg.get("fused_optimizer") and device.type == "cuda" else {}
+    """Adam, AdamW or SGD; with ``fused_optimizer`` one fused kernel per step (CUDA, and
+    CPU from torch 2.4: most of a small model's step is otherwise the optimiser's own
+    per-tensor Python), falling back to the plain loop where a build has no fused one."""
+    params = list(params)
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum,
-                               weight_decay=tcfg.weight_decay, **fused)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer]
-    return cls(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
+        cls, kwargs = torch.optim.SGD, {"momentum": tcfg.momentum}
+    else:
+        cls, kwargs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer], {}
+    kwargs.update(lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if tcfg.get("fused_optimizer"):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # no fused kernel for this device or build
+            pass
+    return cls(params, **kwargs)
 
 
 def make_schedule(optimizer, tcfg, epochs: int):
@@ -112,6 +122,34 @@ class LiveTeacher:
 TeacherTargets = CachedLogits | LiveTeacher
 
 
+class EpochMeter:
+    """Training loss and accuracy of one epoch, kept on the device. A step writes into
+    buffers allocated once per epoch: no read from the device, and no small tensor
+    kept per step (thousands of those fragment the CPU heap and inflate memory)."""
+
+    def __init__(self, steps: int, device):
+        self.losses = torch.zeros(steps, device=device)
+        self.sizes = [0] * steps  # examples per step; 0 for a skipped step
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+        """Record training step ``step`` (counted from 1)."""
+        self.losses[step - 1] = loss.detach()
+        self.sizes[step - 1] = len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+
+    def result(self) -> tuple[float, float, int]:
+        """(mean loss per example, accuracy in percent, first step whose loss was NaN or
+        infinite; 0 when none was)."""
+        total = sum(self.sizes)
+        if total == 0:
+            return math.nan, 0.0, 0
+        sizes = torch.tensor(self.sizes, dtype=self.losses.dtype, device=self.losses.device)
+        bad = (~torch.isfinite(self.losses)).nonzero()
+        loss = (self.losses * sizes).sum().item() / total
+        return loss, self.correct.item() / total * 100, int(bad[0]) + 1 if len(bad) else 0
+
+
 def configure_device(tcfg, device: torch.device):
     """Backend switches for CUDA (TF32, cuDNN autotuning); returns the autocast
     context to train under (bf16 on CUDA when ``amp``, a no-op elsewhere)."""
@@ -119,8 +157,9 @@ def configure_device(tcfg, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32"))
         torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32"))
         torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark"))
-    enabled = bool(tcfg.get("amp")) and device.type == "cuda"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    if tcfg.get("amp") and device.type == "cuda":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext  # a disabled autocast still costs a context per step
 
 
 def prepare_model(model: nn.Module, tcfg, device: torch.device) -> nn.Module:
@@ -189,7 +228,6 @@ def fit(
                 "augment_rng": augment_rng.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
-    n = len(train)
     skip_nan = tcfg.get("on_nan", "stop") == "skip"
     bar = tqdm(range(progress_state["epoch"] + 1, epochs + 1), desc=f"{stage:<9}", unit="ep",
                disable=not progress, leave=True, dynamic_ncols=True,
@@ -200,10 +238,7 @@ def fit(
             loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # no sync per step
-        seen, skipped = n, 0
+        meter, skipped = EpochMeter(math.ceil(len(train) / tcfg.batch_size), device), 0
         for step, (idx, xb, yb) in enumerate(train.batches(tcfg.batch_size, order), start=1):
             if augment is not None:
                 xb = augment(xb, augment_rng)
@@ -212,35 +247,31 @@ def fit(
                 logits = forward(xb)
             s_feature = student_tap.value.float() if student_tap else None
             loss = loss_fn(logits.float(), t_logits, yb, s_feature, t_feature)
-            finite = torch.isfinite(loss.detach())
-            if skip_nan and not finite:  # reading the flag syncs: only when asked to skip
-                skipped, seen = skipped + 1, seen - len(idx)
+            if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
+                skipped += 1
                 continue
-            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == yb).sum()
+            meter.add(step, loss, logits, yb)
         if schedule is not None:
             schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
+        train_loss, train_acc, first_bad = meter.result()
         seconds = time.perf_counter() - t0
-        train_loss = loss_sum.item() / max(seen, 1)
-        if first_bad.item() > 0 or not math.isfinite(train_loss):
+        if first_bad:
             raise TrainingDiverged(
-                f"{stage} stage diverged at epoch {epoch}, step {first_bad.item()}: the loss "
+                f"{stage} stage diverged at epoch {epoch}, step {first_bad}: the loss "
                 f"became NaN or infinite at lr {lr:g}, most likely from too high a learning rate "
                 f"or exploding gradients; lower trainer.lr, set trainer.grad_clip, or set "
                 f"trainer.on_nan=skip to skip such batches")
         if skipped:
             log.warning("%s epoch %d: skipped %d batches whose loss was NaN or infinite "
                         "(trainer.on_nan=skip)", stage, epoch, skipped)
-        rows = [_row(stage, epoch, "train", train_loss, correct.item() / max(seen, 1) * 100, lr,
-                     seconds)]
+        rows = [_row(stage, epoch, "train", train_loss, train_acc, lr, seconds)]
         for name, split in splits.items():
             rows.append(_row(stage, epoch, name, *evaluate(model, split, tcfg.eval_batch_size),
                              lr, seconds))

@@ -10,7 +10,7 @@ from kdrun.augment import make_augment, random_crop, random_hflip
 from kdrun.data import epoch_batches
 from kdrun.models import build_model
 from kdrun.store import load_checkpoint
-from kdrun.train import CachedLogits, LiveTeacher, predict_logits
+from kdrun.train import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
 from tests.helpers import make_config
 
 
@@ -153,3 +153,36 @@ def test_a_nan_loss_stops_with_its_step_or_is_skipped(on_nan):
         result = run()
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert result.best_epoch >= 1
+
+
+def test_epoch_meter_weighs_each_batch_by_its_size_and_finds_the_first_bad_step():
+    meter = EpochMeter(5, "cpu")
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    meter.add(1, torch.tensor(1.0), logits[:2], torch.tensor([0, 0]))  # 1 of 2 right
+    meter.add(3, torch.tensor(4.0), logits[2:], torch.tensor([0]))  # 1 of 1 right; 2 skipped
+    loss, acc, first_bad = meter.result()
+    assert loss == pytest.approx((1.0 * 2 + 4.0 * 1) / 3)
+    assert acc == pytest.approx(200 / 3) and first_bad == 0
+    meter.add(5, torch.tensor(float("nan")), logits[:1], torch.tensor([0]))
+    meter.add(4, torch.tensor(float("inf")), logits[:1], torch.tensor([0]))
+    assert meter.result()[2] == 4
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_is_used_on_cpu_where_torch_has_it_and_matches_the_plain_one(optimizer):
+    tcfg = OmegaConf.create({"optimizer": optimizer, "lr": 0.1, "momentum": 0.9,
+                             "weight_decay": 0.01, "fused_optimizer": True})
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(5, 3)
+        opt = make_optimizer(net.parameters(), OmegaConf.merge(tcfg, {"fused_optimizer": fused}),
+                             torch.device("cpu"))
+        has_cpu_kernel = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+        assert opt.defaults.get("fused") is (True if fused and has_cpu_kernel else None)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.ones(4, 5)).square().sum().backward()
+            opt.step()
+        weights[fused] = net.weight.detach()
+    torch.testing.assert_close(weights[True], weights[False])

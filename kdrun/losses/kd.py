@@ -54,9 +54,8 @@ class KD(nn.Module):
         if self.alpha == 0:
             return hard
         soft = soft_kl(student_logits, teacher_logits, self.T)
-        if self.t2_scale:
-            soft = soft * self.T**2
-        return self.alpha * soft + (1 - self.alpha) * hard
+        soft_weight = self.alpha * (self.T**2 if self.t2_scale else 1.0)  # one multiply a step
+        return soft_weight * soft + (1 - self.alpha) * hard
 
 
 class WithKD(nn.Module):
