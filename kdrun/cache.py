@@ -14,15 +14,17 @@ resumable training state), ``result.pt`` (the finished checkpoint),
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 from filelock import FileLock
 
-from kdrun.store import atomic_write, load_checkpoint, save_checkpoint
+from kdrun.store import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
 
 CACHE_VERSION = 2  # bump when a change makes old stage results invalid
 ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
@@ -43,9 +45,15 @@ class StageEntry:
         self.result_pt = self.dir / "result.pt"
         self.summary_json = self.dir / "summary.json"
 
-    def lock(self) -> FileLock:
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the entry's lock. Whoever holds it is the only writer, so temporary
+        files found then were left by a killed writer and are removed."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(f"{self.dir}.lock")
+        with FileLock(f"{self.dir}.lock"):
+            if self.dir.exists():
+                remove_temporaries(self.dir)
+            yield
 
     def done(self) -> bool:
         return self.summary_json.exists()
@@ -70,8 +78,9 @@ class StageEntry:
     def read_rows(self) -> list[dict]:
         if not self.rows_csv.exists():
             return []
-        with open(self.rows_csv, newline="") as f:
-            return [_typed(r) for r in csv.DictReader(f)]
+        text = self.rows_csv.read_text()
+        complete = text[: text.rfind("\n") + 1]  # a last line without its newline was cut by a kill
+        return [_typed(r) for r in csv.DictReader(io.StringIO(complete, newline=""))]
 
     def save_state(self, state: dict) -> None:
         save_checkpoint(self.state_pt, state)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun import pipeline
 from kdrun.errors import ConfigError, UserError
@@ -24,6 +25,27 @@ from kdrun.validate import validate
 
 CONFIG_MODULE = "kdrun.configs"
 SWEEP_FLAGS = ("-m", "--multirun")
+SWEEPER_CHOICES = ("hparams_search=", "hydra/sweeper=")  # these run a multirun without -m
+# An option that needs an optional package: (module to find, pip extra that brings it).
+OPTIONAL = {
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "parallel"),
+    ("hydra/launcher", "submitit_slurm"): ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher", "submitit_local"): ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    ("hparams_search", "kd_optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    ("logger", "tensorboard"): ("tensorboard", "tensorboard"),
+}
+
+
+def parallel_jobs() -> int:
+    """Default number of parallel jobs for the joblib launcher: one per GPU, or one per
+    CPU core on a machine without one."""
+    import torch
+
+    return torch.cuda.device_count() or os.cpu_count() or 1
+
+
+OmegaConf.register_new_resolver("kdrun_parallel_jobs", parallel_jobs, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
@@ -34,6 +56,7 @@ def hydra_main(cfg: DictConfig) -> float:
         validate(cfg)
         if cfg.num_threads is None:
             cfg.num_threads = threads_per_job(HydraConfig.get())
+        cfg.device = device_for_job(cfg.device, HydraConfig.get())
         return pipeline.run(cfg, HydraConfig.get().runtime.output_dir)["distilled_val_acc"]
     except UserError as e:
         fail(e)
@@ -53,7 +76,23 @@ def threads_per_job(hydra_cfg) -> int | None:
     return max(1, min(torch.get_num_threads(), cores) // jobs)
 
 
+def device_for_job(device: str, hydra_cfg) -> str:
+    """With a parallel launcher on a machine with several GPUs, job k gets GPU
+    k mod (number of GPUs) unless the config names one (cuda:N or cpu)."""
+    parallel = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
+    if device not in ("auto", "cuda") or not parallel or parallel == 1:
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{hydra_cfg.job.num % count}" if count > 1 else device
+
+
 def main() -> None:
+    # configs/hydra/launcher/ refines the launcher plugins' own configs under their own
+    # names (hydra/launcher=joblib stays what users type); Hydra then checks ours against
+    # the plugin's schema, as intended, and warns that this check is deprecated.
+    warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
     try:
         preflight(sys.argv[1:])
     except UserError as e:
@@ -85,14 +124,17 @@ def preflight(argv: list[str]) -> None:
     from hydra.errors import HydraException
 
     overrides = [a for a in argv if a not in SWEEP_FLAGS]
-    jobs = _expand(overrides) if any(a in SWEEP_FLAGS for a in argv) else [overrides]
+    sweep = any(a in SWEEP_FLAGS or a.startswith(SWEEPER_CHOICES) for a in argv)
+    jobs = _expand(overrides) if sweep else [overrides]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for job in jobs:
             _check_group_choices(job)
+            _check_optional_packages(job)
             try:
                 cfg = compose("config", overrides=job)
             except HydraException as e:
-                raise UserError(_hydra_message_on_one_line(str(e))) from e
+                raise UserError(_unknown_key_message(str(e), job, compose) or
+                                _hydra_message_on_one_line(str(e))) from e
             validate(cfg)
             _check_writable(cfg.output_root)
 
@@ -110,12 +152,17 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     """The override list of each job of a ``-m`` sweep, as Hydra's basic sweeper makes them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise UserError(_hydra_message_on_one_line(str(e))) from e
+    if any(o.value_type == ValueType.INTERVAL_SWEEP for o in parsed):  # Optuna's interval(a,b)
+        overrides = [f"{o.get_key_element()}={o.value().start},{o.value().end}"
+                     if o.value_type == ValueType.INTERVAL_SWEEP else o.input_line for o in parsed]
+        parsed = OverridesParser.create().parse_overrides(overrides)  # check both ends
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -130,6 +177,39 @@ def _check_group_choices(overrides: list[str]) -> None:
                          if p.name.endswith(".yaml"))
         if value not in options and not (key == "experiment" and value == "null"):
             raise ConfigError(key, value, f"not a known option; valid: {', '.join(options)}")
+
+
+def _check_optional_packages(overrides: list[str]) -> None:
+    """``hydra/launcher=submitit_slurm`` without its plugin installed: say which extra
+    to install, in one line, instead of Hydra's traceback at launch time."""
+    import importlib.util
+
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        module, extra = OPTIONAL.get((key, value), (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(key, value, f"needs the optional package {module.split('.')[-1]}: "
+                                          f"pip install 'kdrun[{extra}]'")
+
+
+def _unknown_key_message(message: str, job: list[str], compose) -> str | None:
+    """``loss.Tx=3``: name the keys that ``loss`` does have."""
+    import re
+
+    found = re.search(r"Could not override '([^']+)'", message)
+    if not found or "." not in found.group(1):
+        return None
+    key = found.group(1)
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = OmegaConf.select(compose("config", overrides=[
+            o for o in job if o.partition("=")[0].lstrip("+~") != key]), parent)
+    except Exception:  # another problem in the same command line: Hydra's message then
+        return None
+    if not OmegaConf.is_dict(node):
+        return None
+    return (f"{key}: {parent} has no key {leaf!r}; valid: {', '.join(node)} "
+            f"(to add a new key: +{key}=...)")
 
 
 def _hydra_message_on_one_line(message: str) -> str:

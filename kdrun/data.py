@@ -168,7 +168,12 @@ def _missing_message(cls, root: str, download: bool, error: Exception) -> str:
     if download:
         return (f"could not download {cls.__name__} ({str(error).splitlines()[0]}); with no "
                 f"network, put {', '.join(files)} in {folder}")
-    return (f"{cls.__name__} not found: put {', '.join(files)} in {folder}, or set "
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if not missing:  # all there, yet unreadable: torchvision's checksum or shape check failed
+        return (f"{cls.__name__} files in {folder} are truncated or corrupt "
+                f"({str(error).splitlines()[0][:100]}); replace them with complete copies of "
+                f"{', '.join(files)}, or delete them and set dataset.download=true")
+    return (f"{cls.__name__} not found: put {', '.join(missing)} in {folder}, or set "
             f"dataset.download=true (needs internet)")
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import statistics
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from kdrun.measure import against_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.schemes import SCHEMES, distillation_loss
-from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint
+from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint, remove_temporaries
+from kdrun.tensorboard_log import TensorBoardLog
 from kdrun.train import (
     CachedLogits,
     LiveTeacher,
@@ -71,8 +73,9 @@ def student_seeds(cfg: DictConfig) -> list[int]:
 
 
 def config_hash(cfg: DictConfig) -> str:
+    neutral = ("progress", "num_threads", "cache", "hydra", "logger", "device")  # same results
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in ("progress", "num_threads", "cache", "hydra")}  # no effect on results
+                if k not in neutral}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -83,6 +86,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     finished = _finished_run(cfg, run_dir)
     if finished is not None:
         return finished
+    for folder in (run_dir.root, run_dir.checkpoints):
+        remove_temporaries(folder)  # left by a run killed mid-write
     device = pick_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
@@ -93,6 +98,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     stages = Stages(cfg, data, device, run_dir)
 
     rows = SCHEMES[cfg.scheme.name](stages, cfg)
+    stages.close()
     against_teacher(rows)
     if cfg.export == "onnx":
         stages.export_distilled(run_dir.root / "distilled.onnx")
@@ -132,9 +138,21 @@ class Stages:
         self.tcfg = cfg.trainer
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
-        self.metrics = MetricsLog(run_dir.metrics_csv, run_keys(cfg))  # rebuilt on every start
+        # metrics.csv is rebuilt on every start; the stage cache holds what was done before
+        self.metric_logs = [MetricsLog(run_dir.metrics_csv, run_keys(cfg))]
+        if cfg.logger.name == "tensorboard":
+            self.metric_logs.append(TensorBoardLog(run_dir.root / cfg.logger.dir, cfg))
         self.events = EventLog(run_dir.events)
         self.augment = make_augment(cfg.dataset.get("augment"), data.input_shape)
+
+    def log_rows(self, rows: list[dict], seed: int, reused: bool) -> None:
+        """Metric rows of a stage to metrics.csv (and TensorBoard, when chosen)."""
+        for metric_log in self.metric_logs:
+            metric_log.append(rows, seed, reused=reused)
+
+    def close(self) -> None:
+        for metric_log in self.metric_logs:
+            getattr(metric_log, "close", lambda: None)()
 
     @property
     def student_seeds(self) -> list[int]:
@@ -179,10 +197,15 @@ class Stages:
         source = f"teacher.checkpoint={model_cfg.checkpoint}"
         path = Path(model_cfg.checkpoint).expanduser()
         if not path.is_file():
-            raise UserError(f"{source}: no such file")
+            raise UserError(f"{source}: " + ("a folder, not a checkpoint file" if path.is_dir()
+                                             else "no such file"))
         try:
             checkpoint = load_checkpoint(path)
-        except Exception as e:  # truncated, not a torch file, or it would need to run code
+        except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused an object
+            raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint (it holds "
+                            f"Python objects besides tensors, and loading those could run "
+                            f"code; save a state_dict instead)") from e
+        except Exception as e:  # truncated, or not a torch file at all
             raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint "
                             f"({str(e).splitlines()[0][:120]})") from e
         if not isinstance(checkpoint, dict):
@@ -257,7 +280,7 @@ class Stages:
         with entry.lock():
             reused = entry.done()
             if reused:
-                self.metrics.append(entry.read_rows(), seed, reused=True)
+                self.log_rows(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
                 self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher)
@@ -279,13 +302,13 @@ class Stages:
     def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher):
         resume = entry.start()
         if resume is not None:
-            self.metrics.append(entry.read_rows(), seed, reused=True)
+            self.log_rows(entry.read_rows(), seed, reused=True)
             self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
         every = self.tcfg.checkpoint_every
 
         def on_epoch(rows, snapshot):
             entry.append_rows(rows)
-            self.metrics.append(rows, seed, reused=False)
+            self.log_rows(rows, seed, reused=False)
             if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
                 entry.save_state(snapshot())
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+
+TEMPORARY = re.compile(r"\..+\.tmp\d+")  # .<name>.tmp<pid>: a file being written
 
 
 class RunDir:
@@ -41,7 +44,7 @@ class RunDir:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path`` in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # matches TEMPORARY
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -51,6 +54,15 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files that a writer killed mid-write left in ``folder``.
+    Call it only where no other process can be writing there (under the folder's lock,
+    or in a run directory, which one process runs at a time)."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        if TEMPORARY.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Put a finished (never rewritten) file at ``target``: a hard link where the file
     system allows one, else a copy; atomic either way."""
@@ -58,10 +70,13 @@ def link_or_copy(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:  # renaming a link onto another link of the same file leaves both in place
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

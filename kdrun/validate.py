@@ -114,6 +114,7 @@ RULES: dict[str, Check] = {
     "loss.teacher_layer": lambda v: None if isinstance(v, str) and v else "must be a layer name",
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
+    "logger.name": one_of("csv", "tensorboard"),
     "trainer.epochs": number(1, integer=True),
     "trainer.teacher_epochs": number(1, integer=True, optional=True),
     "trainer.student_epochs": number(1, integer=True, optional=True),

@@ -84,18 +84,25 @@ def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_pat
     assert len(events(*jobs)) == len(evts)
 
 
-def test_two_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
+def test_four_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
     args = [*FAST, "trainer.teacher_epochs=30", "split.max_train=2000"]
+    alphas = (0.3, 0.5, 0.7, 0.9)
     procs = [kdrun(tmp_path, f"loss.alpha={a}", f"hydra.run.dir=run{a}", *args, wait=False)
-             for a in (0.5, 0.9)]
+             for a in alphas]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    evts = events(tmp_path / "run0.5", tmp_path / "run0.9")
-    assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 1
-    assert count(evts, "trained", "scratch") == 1
-    for a in (0.5, 0.9):
-        assert len(pd.read_csv(tmp_path / f"run{a}" / "summary.csv")) == 3
+    evts = events(*(tmp_path / f"run{a}" for a in alphas))
+    assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 3
+    assert count(evts, "trained", "scratch") == 1 and count(evts, "trained", "distilled") == 4
+    for a in alphas:
+        summary = pd.read_csv(tmp_path / f"run{a}" / "summary.csv")
+        assert list(summary.role) == ["teacher", "scratch", "distilled"]
+        assert summary.test_acc_best_val.notna().all()
+        metrics = pd.read_csv(tmp_path / f"run{a}" / "metrics.csv")
+        assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
+        assert len(metrics) == 3 * (30 + 2 + 2)
+    assert not list((tmp_path / "outputs" / "cache").rglob(".*.tmp*"))
 
 
 @pytest.mark.slow
