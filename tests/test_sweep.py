@@ -107,12 +107,14 @@ def test_four_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_with_one_teacher(tmp_path):
-    kdrun(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-          "loss.alpha=0.5,0.9", "trainer.teacher_epochs=20", *FAST)
+    kdrun(tmp_path, "-m", "hydra/launcher=joblib", "loss.alpha=0.5,0.9",
+          "trainer.teacher_epochs=20", *FAST)  # kdrun's preset: one job per core here
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     evts = events(*[d for d in sweep.iterdir() if d.is_dir()])
     assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 1
     assert len(pd.read_csv(sweep / "summary.csv")) == 2 * 3
+    for name in ("report.md", "gain_heatmap.png", "curves.png"):
+        assert (sweep / name).stat().st_size > 0
 
 
 def test_sweep_and_run_dirs_have_sub_second_names():
