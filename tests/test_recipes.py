@@ -166,7 +166,9 @@ def test_optuna_search_runs_four_trials_into_one_report(tmp_path):
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     kdrun(tmp_path, "-m", "hydra/launcher=submitit_local", "loss.alpha=0.5,0.9", *TINY)
     sweep = the_sweep(tmp_path)
-    assert len(pd.read_csv(sweep / "summary.csv")) == 2 * 3
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 2 * 3
+    assert summary[summary.role == "teacher"].reused.sum() == 1  # one teacher for both jobs
     assert list(sweep.glob(".submitit/*/*_log.out"))
 
 
