@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from kdrun.store import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
 
-CACHE_VERSION = 2  # bump when a change makes old stage results invalid
+CACHE_VERSION = 3  # bump when a change makes old stage results invalid (3: fused CPU optimiser)
 ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
 
 
