@@ -112,13 +112,6 @@ def test_a_missing_plugin_names_the_extra_to_install(monkeypatch):
         cli.preflight(["-m", "hydra/launcher=submitit_slurm", "loss.T=1,2"])
 
 
-class Hydra:
-    launcher = {"n_jobs": 4}
-
-    class job:  # noqa: N801
-        num = 5
-
-
 def test_parallel_jobs_get_one_gpu_each_from_their_job_number(monkeypatch):
     import torch
 
