@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import pipeline
 from kdrun.errors import ConfigError, UserError
-from kdrun.validate import validate
+from kdrun.validate import group_options, validate
 
 CONFIG_MODULE = "kdrun.configs"
 SWEEP_FLAGS = ("-m", "--multirun")
@@ -54,20 +54,28 @@ def hydra_main(cfg: DictConfig) -> float:
     Hydra sweeper such as Optuna maximises)."""
     try:
         validate(cfg)
+        hydra_cfg = HydraConfig.get()
         if cfg.num_threads is None:
-            cfg.num_threads = threads_per_job(HydraConfig.get())
-        cfg.device = device_for_job(cfg.device, HydraConfig.get())
-        return pipeline.run(cfg, HydraConfig.get().runtime.output_dir)["distilled_val_acc"]
+            cfg.num_threads = threads_per_job(hydra_cfg)
+        cfg.device = device_for_job(cfg.device, hydra_cfg)
+        return pipeline.run(cfg, hydra_cfg.runtime.output_dir)["distilled_val_acc"]
     except UserError as e:
         fail(e)
+
+
+def parallel_jobs_of(hydra_cfg) -> int:
+    """How many jobs the launcher runs at once: 1 for Hydra's basic launcher (and
+    launchers without ``n_jobs``), -1 for joblib's "one per core"."""
+    launcher = hydra_cfg.get("launcher") or {}
+    return launcher.get("n_jobs") or 1
 
 
 def threads_per_job(hydra_cfg) -> int | None:
     """CPU threads for one job: torch's default alone, an equal share of the cores when
     a launcher runs several jobs at once (two 2-thread jobs on 2 cores run many times
     slower than one)."""
-    parallel = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
-    if not parallel or parallel == 1:
+    parallel = parallel_jobs_of(hydra_cfg)
+    if parallel == 1:
         return None
     import torch
 
@@ -79,8 +87,7 @@ def threads_per_job(hydra_cfg) -> int | None:
 def device_for_job(device: str, hydra_cfg) -> str:
     """With a parallel launcher on a machine with several GPUs, job k gets GPU
     k mod (number of GPUs) unless the config names one (cuda:N or cpu)."""
-    parallel = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
-    if device not in ("auto", "cuda") or not parallel or parallel == 1:
+    if device not in ("auto", "cuda") or parallel_jobs_of(hydra_cfg) == 1:
         return device
     import torch
 
@@ -168,13 +175,11 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 
 def _check_group_choices(overrides: list[str]) -> None:
     """``dataset=foo``: say which options the group has, in one line."""
-    root = files(CONFIG_MODULE)
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key.startswith("hydra") or "." in key or not (root / key).is_dir():
+        if key.startswith("hydra") or "." in key or not (files(CONFIG_MODULE) / key).is_dir():
             continue
-        options = sorted(p.name.removesuffix(".yaml") for p in (root / key).iterdir()
-                         if p.name.endswith(".yaml"))
+        options = group_options(key)
         if value not in options and not (key == "experiment" and value == "null"):
             raise ConfigError(key, value, f"not a known option; valid: {', '.join(options)}")
 

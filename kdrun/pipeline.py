@@ -31,7 +31,13 @@ from kdrun.measure import against_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.schemes import SCHEMES, distillation_loss
-from kdrun.store import RunDir, atomic_write, link_or_copy, load_checkpoint, remove_temporaries
+from kdrun.store import (
+    RunDir,
+    link_or_copy,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 from kdrun.tensorboard_log import TensorBoardLog
 from kdrun.train import (
     CachedLogits,
@@ -49,6 +55,9 @@ log = logging.getLogger("kdrun")
 NOT_IN_STAGE_KEY = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
                     "eval_batch_size", "checkpoint_every", "cache_teacher_logits",
                     "cudnn_benchmark", "fused_optimizer", "channels_last", "compile")
+
+# trainer.distill_from -> the checkpoint entry holding those weights
+WEIGHTS = {"best_val": "best_model", "last": "model"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,7 +161,7 @@ class Stages:
 
     def close(self) -> None:
         for metric_log in self.metric_logs:
-            getattr(metric_log, "close", lambda: None)()
+            metric_log.close()
 
     @property
     def student_seeds(self) -> list[int]:
@@ -180,13 +189,20 @@ class Stages:
             accuracy[name] = hits.float().mean().item() * 100
         total = {k: sum(r[k] for r in member_rows)
                  for k in ("params", "size_mb", "latency_ms_b1", "latency_ms_b256")}
-        return {"role": "teacher", "seed": self.cfg.seed,
-                "arch": f"ensemble[{','.join(r['arch'] for r in member_rows)}]", **total,
-                "epochs": 0, "best_epoch": 0, "val_acc_best": accuracy["val"],
-                "test_acc_last": accuracy["test"], "test_acc_best_val": accuracy["test"],
-                "eval_split": self.data.eval_split, "train_seconds": sum(
-                    r["train_seconds"] for r in member_rows), "reused": False,
-                "combine": how, **run_keys(self.cfg)}
+        return self._evaluated_teacher_row(
+            f"ensemble[{','.join(r['arch'] for r in member_rows)}]", total, accuracy["val"],
+            accuracy["test"], train_seconds=sum(r["train_seconds"] for r in member_rows),
+            reused=False, combine=how)
+
+    def _evaluated_teacher_row(self, arch: str, figures: dict, val_acc: float, test_acc: float,
+                               *, train_seconds: float, reused: bool, **extra) -> dict:
+        """The summary row of a teacher evaluated here but not trained in this stage (a
+        user's checkpoint, an ensemble): the columns a trained stage's row has."""
+        return {"role": "teacher", "seed": self.cfg.seed, "arch": arch, **figures,
+                "epochs": 0, "best_epoch": 0, "val_acc_best": val_acc,
+                "test_acc_last": test_acc, "test_acc_best_val": test_acc,
+                "eval_split": self.data.eval_split, "train_seconds": train_seconds,
+                "reused": reused, **extra, **run_keys(self.cfg)}
 
     def load_student(self, entry: StageEntry) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
@@ -210,7 +226,7 @@ class Stages:
                             f"({str(e).splitlines()[0][:120]})") from e
         if not isinstance(checkpoint, dict):
             raise UserError(f"{source}: expected a state dict or a kdrun checkpoint")
-        weights = "best_model" if self.tcfg.distill_from == "best_val" else "model"
+        weights = WEIGHTS[self.tcfg.distill_from]
         state = checkpoint.get(weights) or checkpoint.get("model") or checkpoint
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, "teacher")
         load_weights(model, state, source)
@@ -224,13 +240,10 @@ class Stages:
         val_acc, test_acc = (evaluate(model, s.to(self.device), self.tcfg.eval_batch_size)[1]
                              for s in (self.data.val, self.data.test))
         self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
-        row = {"role": "teacher", "seed": self.cfg.seed, "arch": describe(model_cfg),
-               **model_figures(model, self.data.input_shape, self.device), "epochs": 0,
-               "best_epoch": 0, "val_acc_best": val_acc, "test_acc_last": test_acc,
-               "test_acc_best_val": test_acc, "eval_split": self.data.eval_split,
-               "train_seconds": 0.0,
-               "reused": True, "cache_key": entry.key, "checkpoint": str(path),
-               **run_keys(self.cfg)}
+        row = self._evaluated_teacher_row(
+            describe(model_cfg), model_figures(model, self.data.input_shape, self.device),
+            val_acc, test_acc, train_seconds=0.0, reused=True, cache_key=entry.key,
+            checkpoint=str(path))
         return model, entry, [row]
 
     def teacher_targets(self, teacher: torch.nn.Module, entry: StageEntry,
@@ -251,11 +264,11 @@ class Stages:
         path = entry.dir / f"logits-{self.tcfg.distill_from}.pt"
         with entry.lock():
             if path.exists():
-                return torch.load(path, weights_only=True).to(self.device)
+                return load_checkpoint(path).to(self.device)
             teacher.to(self.device)
             logits = predict_logits(teacher, self.data.train.to(self.device),
                                     self.tcfg.eval_batch_size)
-            atomic_write(path, lambda tmp: torch.save(logits.cpu(), tmp))
+            save_checkpoint(path, logits.cpu())
             return logits
 
     def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None,
@@ -361,7 +374,7 @@ class Stages:
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
         checkpoint = load_checkpoint(entry.result_pt)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(checkpoint["best_model" if weights == "best_val" else "model"])
+        model.load_state_dict(checkpoint[WEIGHTS[weights]])
         return model.to(self.device)
 
 

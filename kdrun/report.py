@@ -43,6 +43,9 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
+    def close(self) -> None:
+        """Nothing to do: every append is already flushed to disk."""
+
 
 class EventLog:
     """events.jsonl: one line per stage of a run saying whether it was trained,

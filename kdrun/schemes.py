@@ -28,10 +28,16 @@ def offline(stages, cfg) -> list[dict]:
     checkpoint) and frozen; each student seed trained from scratch and distilled."""
     teacher, entry, rows = stages.teacher(cfg.teacher)
     targets, extra = _teacher_targets(stages, cfg, teacher, entry)
+    return rows + _students(stages, cfg, targets, entry.key, extra)
+
+
+def _students(stages, cfg, targets, teacher_key: str, extra: dict) -> list[dict]:
+    """Per student seed: the scratch row, then the row distilled from ``targets``."""
+    rows = []
     for seed in stages.student_seeds:
         rows.append(stages.student("scratch", CE, seed)[1])
         _, row = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
-                                entry.key)
+                                teacher_key)
         rows.append({**row, **extra})
     return rows
 
@@ -71,8 +77,6 @@ def _teacher_targets(stages, cfg, teacher, entry):
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
 
 
-
-
 def ensemble(stages, cfg) -> list[dict]:
     """Multi-teacher distillation (e.g. Hinton et al. 2015, §2; You et al. 2017): several
     teachers, each trained (or loaded) as in ``offline``; the student learns their
@@ -89,13 +93,8 @@ def ensemble(stages, cfg) -> list[dict]:
     combined = combine(logits, T, cfg.scheme.combine)
     rows.insert(0, stages.ensemble_row(members, rows, cfg.scheme.combine, T))
     key = "+".join(entry.key for _, entry in members) + f"|{cfg.scheme.combine}|T={T}"
-    targets = CachedLogits(combined)
     extra = {"soft_target_entropy": soft_target_entropy(combined, T)} if "T" in cfg.loss else {}
-    for seed in stages.student_seeds:
-        rows.append(stages.student("scratch", CE, seed)[1])
-        _, row = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets, key)
-        rows.append({**row, **extra})
-    return rows
+    return rows + _students(stages, cfg, CachedLogits(combined), key, extra)
 
 
 def teacher_config(spec):

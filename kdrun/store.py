@@ -79,7 +79,8 @@ def link_or_copy(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
+def save_checkpoint(path: Path, payload) -> None:
+    """Tensors and plain containers only, so that load_checkpoint can read them."""
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 

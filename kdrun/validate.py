@@ -177,15 +177,19 @@ def _check_model(role: str, node) -> None:
     _check_params(role, node, models.builder_keys(node.arch), models.NOT_BUILDER_KEYS)
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in configs/<group>/."""
+    from importlib.resources import files
+
+    return sorted(p.name.removesuffix(".yaml") for p in (files("kdrun.configs") / group).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
 def _check_ensemble(cfg: DictConfig) -> None:
     """Members must be known teacher options; the loss and data must allow combining
     cached logits."""
-    from importlib.resources import files
-
     _check("scheme.combine", cfg.scheme.combine, one_of("arithmetic", "geometric"))
-    options = sorted(p.name.removesuffix(".yaml")
-                     for p in (files("kdrun.configs") / "teacher").iterdir()
-                     if p.name.endswith(".yaml"))
+    options = group_options("teacher")
     for i, spec in enumerate(cfg.scheme.teachers):
         key = f"scheme.teachers[{i}].option"
         _check(key, spec.get("option"), one_of(*options))
