@@ -3,13 +3,17 @@ sweep job that needs it, and a killed stage resumes where it stopped.
 
 A stage (the teacher, or the scratch or distilled student of one seed) lives in
 ``<root>/<key>/``, where ``key`` hashes exactly the resolved settings that decide
-its result (``key.json`` keeps them, readable). A job that needs a stage takes the
-OS file lock ``<root>/<key>.lock`` (released when the process dies, so a killed job
-never blocks the others), re-checks, and trains only if no one has finished it.
+its result (kdrun/provenance.py; ``key.json`` keeps them, readable). A job that needs
+a stage takes the OS file lock ``<root>/<key>.lock`` (released when the process dies,
+so a killed job never blocks the others), re-checks, and trains only if no one has
+finished it.
 
 Entry files: ``rows.csv`` (metric rows, appended every epoch), ``state.pt`` (the
 resumable training state), ``result.pt`` (the finished checkpoint),
-``summary.json`` (written last: its presence means the stage is done).
+``summary.json`` (written last: its presence means the stage is done). Every file
+that is read back has a ``<name>.sha256`` beside it, written when the file is
+complete; a file that does not match it is never used: its entry is moved to
+``<root>/set_aside/`` with one warning line, and the stage is computed again.
 """
 
 from __future__ import annotations
@@ -19,15 +23,30 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from filelock import FileLock
 
-from kdrun.store import atomic_write, load_checkpoint, remove_temporaries, save_checkpoint
+from kdrun.store import (
+    CorruptFile,
+    atomic_write,
+    digest_path,
+    load_checked,
+    read_checked,
+    remove_temporaries,
+    save_checked,
+    write_digest,
+)
 
-CACHE_VERSION = 3  # bump when a change makes old stage results invalid (3: fused CPU optimiser)
+log = logging.getLogger("kdrun")
+
+CACHE_VERSION = 4  # bump when a change makes old stage results invalid (4: numerics in the key)
 ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
+SET_ASIDE = "set_aside"  # <root>/set_aside/<key>-<time>/: entries that failed their checksums
 
 
 def stage_key(material: dict) -> str:
@@ -39,7 +58,19 @@ class StageEntry:
     def __init__(self, root: Path, material: dict):
         self.material = material
         self.key = stage_key(material)
-        self.dir = Path(root) / self.key
+        self.root = Path(root)
+        self._files(self.root / self.key)
+
+    @classmethod
+    def at(cls, folder: Path) -> StageEntry:
+        """The entry stored in ``folder`` (its settings unread): to check it."""
+        entry = cls.__new__(cls)
+        entry.material, entry.key, entry.root = {}, folder.name, folder.parent
+        entry._files(folder)
+        return entry
+
+    def _files(self, folder: Path) -> None:
+        self.dir = folder
         self.rows_csv = self.dir / "rows.csv"
         self.state_pt = self.dir / "state.pt"
         self.result_pt = self.dir / "result.pt"
@@ -56,15 +87,47 @@ class StageEntry:
             yield
 
     def done(self) -> bool:
+        """Finished and intact. A finished entry whose files fail their checksums (or an
+        unfinished one whose finished files are gone) is set aside, with a warning."""
+        problem = self.problem()
+        if problem is not None:
+            self.set_aside(problem)
         return self.summary_json.exists()
 
+    def problem(self) -> str | None:
+        """Why this entry cannot be trusted, or None."""
+        finished = (self.result_pt, self.rows_csv, self.summary_json)
+        if not self.summary_json.exists():
+            started_finish = digest_path(self.result_pt).exists()
+            if started_finish and load_checked(self.state_pt) is None:
+                return "summary.json is missing"
+            return None
+        for path in finished:
+            try:
+                read_checked(path)
+            except CorruptFile as e:
+                return str(e)
+        return None
+
+    def set_aside(self, problem: str) -> Path:
+        target = self.root / SET_ASIDE / f"{self.key}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.dir, target)
+        log.warning("stage cache: %s failed its check (%s); moved to %s, computing it again",
+                    self.dir, problem, target)
+        return target
+
     def start(self) -> dict | None:
-        """Prepare to train; return the state to resume from, if a killed run left one.
-        Rows beyond that state's epoch (written after its last checkpoint) are dropped."""
+        """Prepare to train; return the state to resume from, if a killed run left an
+        intact one. Rows beyond that state's epoch (written after its last checkpoint)
+        are dropped."""
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "key.json",
                      lambda tmp: tmp.write_text(json.dumps(self.material, indent=1)))
-        state = load_checkpoint(self.state_pt) if self.state_pt.exists() else None
+        state = load_checked(self.state_pt)
+        if state is None and self.state_pt.exists():
+            log.warning("stage cache: %s does not match its checksum; training this stage "
+                        "from the start", self.state_pt)
         keep = [r for r in self.read_rows() if state and r["epoch"] <= state["epoch"]]
         atomic_write(self.rows_csv, lambda tmp: _write_rows(tmp, keep))
         return state
@@ -83,15 +146,38 @@ class StageEntry:
         return [_typed(r) for r in csv.DictReader(io.StringIO(complete, newline=""))]
 
     def save_state(self, state: dict) -> None:
-        save_checkpoint(self.state_pt, state)
+        save_checked(self.state_pt, state)
 
     def finish(self, checkpoint: dict, summary: dict) -> None:
-        save_checkpoint(self.result_pt, checkpoint)
+        save_checked(self.result_pt, checkpoint)
+        write_digest(self.rows_csv)
         atomic_write(self.summary_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        write_digest(self.summary_json)
         self.state_pt.unlink(missing_ok=True)
+        digest_path(self.state_pt).unlink(missing_ok=True)
 
     def summary(self) -> dict:
-        return json.loads(self.summary_json.read_text())
+        return json.loads(read_checked(self.summary_json))
+
+    def result(self) -> dict:
+        """The finished checkpoint, verified against its checksum."""
+        result = load_checked(self.result_pt)
+        if result is None:
+            raise CorruptFile(f"{self.result_pt} does not match its checksum")
+        return result
+
+
+def verify_cache(root: Path) -> list[tuple[Path, str]]:
+    """(entry folder, problem) for every entry under ``root`` that fails its checks."""
+    bad = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != SET_ASIDE):
+        problem = StageEntry.at(folder).problem()
+        for logits in folder.glob("logits-*.pt"):
+            if load_checked(logits) is None:
+                problem = problem or f"{logits.name} does not match its checksum"
+        if problem:
+            bad.append((folder, problem))
+    return bad
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -104,3 +190,32 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def _typed(row: dict) -> dict:
     return {**row, "epoch": int(row["epoch"]),
             **{k: float(row[k]) for k in ("loss", "acc", "lr", "seconds")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """kdrun-cache verify [--set-aside] CACHE_DIR: check every stage's files against
+    their checksums; exit 1 if any fails."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kdrun-cache", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check every entry's files")
+    verify.add_argument("cache_dir", type=Path, nargs="?", default=Path("outputs/cache"))
+    verify.add_argument("--set-aside", action="store_true",
+                        help=f"move damaged entries to CACHE_DIR/{SET_ASIDE}/")
+    args = parser.parse_args(argv)
+    if not args.cache_dir.is_dir():
+        print(f"kdrun-cache: error: no folder {args.cache_dir}", file=sys.stderr)
+        return 2
+    bad = verify_cache(args.cache_dir)
+    checked = sum(1 for p in args.cache_dir.iterdir() if p.is_dir() and p.name != SET_ASIDE)
+    for folder, problem in bad:
+        print(f"{folder.name}: {problem}")
+        if args.set_aside:
+            StageEntry.at(folder).set_aside(problem)
+    print(f"{checked} stages checked, " + (f"{len(bad)} damaged" if bad else "all intact"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ set: write its builder, add it to DATASETS, add ``configs/dataset/<name>.yaml``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -216,12 +217,25 @@ def builder_keys(name: str) -> list[str]:
 
 def load_data(dataset_cfg, split_cfg) -> Data:
     """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
-    arguments) and split it into train / val / test as ``split_cfg`` says."""
+    arguments) and split it into train / val / test as ``split_cfg`` says. The
+    validation split may be empty (``val_fraction=0``): models are then selected by
+    their last epoch. An empty training or test split is a DataError."""
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
     raw = DATASETS[name](**params)
     if isinstance(raw, FolderData):  # files on disk, read by a DataLoader
-        return Data(name, *split_folder(raw, split_cfg), raw.num_classes)
+        data = Data(name, *split_folder(raw, split_cfg), raw.num_classes)
+    else:
+        data = _split_tensors(name, raw, split_cfg)
+    for split in ("train", "test"):
+        if len(getattr(data, split)) == 0:
+            raise DataError(f"dataset={name}: the {split} split is empty with these settings "
+                            f"(split.max_train, split.max_test, split.val_fraction, "
+                            f"dataset.test_fraction); keep at least one {split} example")
+    return data
+
+
+def _split_tensors(name: str, raw: RawData, split_cfg) -> Data:
     x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
     if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
         train = Split(x, y)
@@ -231,11 +245,27 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     val, train = perm[:n_val], perm[n_val:]
     x_test, y_test = _subsample(raw.x_test, raw.y_test, split_cfg.max_test, split_cfg.seed)
     splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
-    if split_cfg.standardize:
+    if split_cfg.standardize and len(splits[0]):
         mean, std = _stats(splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std
     return Data(name, *splits, raw.num_classes)
+
+
+def fingerprint(data: Data) -> str:
+    """A hash of the examples and labels of every split, as the models see them: the
+    stage cache keys data by content, so changed files on disk are never mistaken for
+    the data a cached stage was trained on."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        if split.in_memory:
+            for tensor in (split.x, split.y):
+                digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+                digest.update(tensor.contiguous().cpu().numpy().tobytes())
+        else:
+            split.update_digest(digest)
+        digest.update(b"|")
+    return digest.hexdigest()[:20]
 
 
 def _subsample(x, y, limit, seed):
@@ -249,5 +279,7 @@ def _stats(x: torch.Tensor):
     """Per-channel mean/std for (N, C, ...) inputs, per-feature for flat (N, D)."""
     dims = [0] + list(range(2, x.ndim))
     mean = x.mean(dim=dims, keepdim=True)[0]
+    if len(x) < 2:  # one example has no spread: centre it only
+        return mean, torch.ones_like(mean)
     std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
     return mean, std

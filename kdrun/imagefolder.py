@@ -60,6 +60,12 @@ class FolderSplit:
     def y(self) -> torch.Tensor:
         return torch.tensor(self.labels, dtype=torch.int64)
 
+    def update_digest(self, digest) -> None:
+        """Feed each image's name, label and bytes to ``digest`` (content, not paths)."""
+        for path, label in zip(self.files, self.labels):
+            digest.update(f"{path.name}\0{label}\0".encode())
+            digest.update(path.read_bytes())
+
     def to(self, device) -> FolderSplit:
         return FolderSplit(self.files, self.labels, self.transform, self.image_size,
                            self.workers, device)
@@ -84,8 +90,9 @@ class FolderData:
     test: tuple[list[Path], list[int]] | None
     num_classes: int
     test_fraction: float
-    train_transform: object
-    eval_transform: object
+    train_transform: object  # resize and augmentation, to a tensor in [0, 1]
+    eval_transform: object  # resize, to a tensor in [0, 1]
+    normalize: object  # per-channel (x - mean) / std, applied when split.standardize
     image_size: int
     workers: int
 
@@ -130,7 +137,7 @@ def imagefolder(
              for name, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
     labels = [y for split in found.values() if split for y in split[1]]
     resize = tf.Resize((image_size, image_size))
-    finish = [tf.ToTensor(), tf.Normalize(list(mean), list(std))]
+    finish = [tf.ToTensor()]
     augment = []
     if crop_padding:
         augment.append(tf.RandomCrop(image_size, padding=crop_padding, pad_if_needed=True,
@@ -141,12 +148,18 @@ def imagefolder(
         augment.append(tf.RandomRotation(rotation))
     return FolderData(found["train"], found["val"], found["test"], max(labels) + 1,
                       test_fraction, tf.Compose([resize, *augment, *finish]),
-                      tf.Compose([resize, *finish]), image_size, workers)
+                      tf.Compose([resize, *finish]), tf.Normalize(list(mean), list(std)),
+                      image_size, workers)
 
 
 def split_folder(folder: FolderData, split_cfg):
-    """Train / val / test FolderSplits; missing splits carved with ``split_cfg.seed``."""
-    files, labels = folder.train
+    """Train / val / test FolderSplits; missing splits carved with ``split_cfg.seed``.
+    As for in-memory data, ``split.max_train`` subsamples the training files before the
+    validation split is carved, ``split.max_test`` the test files, and
+    ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``."""
+    from torchvision import transforms as tf
+
+    files, labels = _subsample(folder.train, split_cfg.max_train, split_cfg.seed)
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(split_cfg.seed))
     take = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     cut = 0
@@ -154,13 +167,28 @@ def split_folder(folder: FolderData, split_cfg):
     if test is None:
         cut = round(len(files) * folder.test_fraction)
         test = take(order[:cut].tolist())
+    test = _subsample(test, split_cfg.max_test, split_cfg.seed)
     val = folder.val
     if val is None:
         n_val = round(len(files) * split_cfg.val_fraction)
         val = take(order[cut:cut + n_val].tolist())
         cut += n_val
     train = take(sorted(order[cut:].tolist()))
-    make = lambda pair, transform: FolderSplit(*pair, transform, folder.image_size,  # noqa: E731
-                                               folder.workers)
+    normalize = [folder.normalize] if split_cfg.standardize else []
+
+    def make(pair, transform):
+        return FolderSplit(*pair, tf.Compose([transform, *normalize]), folder.image_size,
+                           folder.workers)
+
     return (make(train, folder.train_transform), make(val, folder.eval_transform),
             make(test, folder.eval_transform))
+
+
+def _subsample(pair, limit, seed):
+    """At most ``limit`` (file, label) pairs, drawn with ``seed``, in their listed order."""
+    files, labels = pair
+    if limit is None or limit >= len(files):
+        return pair
+    keep = sorted(torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+                  [:limit].tolist())
+    return [files[i] for i in keep], [labels[i] for i in keep]

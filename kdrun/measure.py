@@ -1,16 +1,31 @@
-"""Compression figures of a trained model: parameters, size on disk, inference latency,
-and each student's compression and speed-up against its teacher."""
+"""Compression figures: parameters, size on disk, and inference latency of teacher and
+student measured side by side in one process, with the spread that says how many
+digits of a speed-up mean something."""
 
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from kdrun.models import count_params, eval_mode
+from kdrun.models import count_params
+
+BATCHES = (1, 256)  # the batch sizes timed: latency_ms_b1, latency_ms_b256
+
+
+class AllOf(nn.Module):
+    """Several models run one after another on the same input (an ensemble's cost)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x):
+        return [m(x) for m in self.models]
 
 
 def size_on_disk_mb(model: nn.Module) -> float:
@@ -20,38 +35,73 @@ def size_on_disk_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-def latency_ms(model: nn.Module, input_shape, device, batch: int = 1, repeats: int = 30) -> float:
-    """Median wall time of one eval-mode forward pass on ``batch`` inputs, in ms."""
+def model_figures(model: nn.Module) -> dict:
+    return {"params": count_params(model), "size_mb": round(size_on_disk_mb(model), 4)}
+
+
+def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch: int,
+                        repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per model, ``repeats`` wall times (ms) of one eval-mode forward pass on ``batch``
+    inputs. Each round times every model once, in turn, so the machine's drift (other
+    processes, clock changes) hits them alike; the first ``warmup`` rounds are dropped."""
     x = torch.randn(batch, *input_shape, device=device)
-    times = []
-    with eval_mode(model.to(device)):
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # the first calls warm caches up
-                times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model.to(device).eval()
+        for i in range(warmup + repeats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    return times
 
 
-def model_figures(model: nn.Module, input_shape, device) -> dict:
-    return {
-        "params": count_params(model),
-        "size_mb": round(size_on_disk_mb(model), 4),
-        "latency_ms_b1": round(latency_ms(model, input_shape, device, 1), 4),
-        "latency_ms_b256": round(latency_ms(model, input_shape, device, 256, repeats=5), 4),
-    }
+def speedup(teacher_ms: list[float], student_ms: list[float]) -> float:
+    """Median of the per-round ratios, rounded to the digits their spread supports."""
+    ratios = sorted(t / s for t, s in zip(teacher_ms, student_ms))
+    return round_to_spread(statistics.median(ratios), _half_iqr(ratios))
 
 
-def against_teacher(rows: list[dict]) -> None:
-    """Add each student row's compression (teacher params / its params) and speed-up
-    (teacher latency / its latency, at batch 1 and 256), in place."""
-    teacher = next((r for r in rows if r["role"] == "teacher"), None)
-    if teacher is None:  # e.g. deep mutual learning: students only
-        return
+def round_to_spread(value: float, spread: float) -> float:
+    """``value`` rounded at the first significant digit of ``spread`` (2.8349 with a
+    spread of 0.12 -> 2.8), at most 3 decimals; one significant digit at least."""
+    if spread <= 0 or not math.isfinite(spread):
+        return round(value, 3)
+    decimals = min(3, max(0, -math.floor(math.log10(spread))))
+    return round(value, decimals)
+
+
+def _half_iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return float("nan")
+    q = statistics.quantiles(values, n=4)
+    return (q[2] - q[0]) / 2
+
+
+def compare_with_teacher(rows: list[dict], teacher: nn.Module | None, student: nn.Module,
+                         input_shape, device, latency_cfg) -> None:
+    """Add latency columns to every row, and each student row's compression (teacher
+    params / its params) and speed-up at batch 1 and 256, in place. Teacher and student
+    are timed now, side by side; every student row shares the one student timing (they
+    share an architecture)."""
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    for batch in BATCHES:
+        times = interleaved_latency(models, input_shape, device, batch,
+                                    latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
+        medians = {name: round(statistics.median(t), 4) for name, t in times.items()}
+        ratio = speedup(times["teacher"], times["student"]) if teacher is not None else None
+        for row in rows:
+            is_teacher = row["role"].startswith("teacher")
+            if is_teacher and row["role"] != "teacher":
+                continue  # an ensemble member: the ensemble as a whole is timed
+            row[f"latency_ms_b{batch}"] = medians["teacher" if is_teacher else "student"]
+            if ratio is not None and not is_teacher:
+                row[f"speedup_b{batch}"] = ratio
+    teacher_row = next((r for r in rows if r["role"] == "teacher"), None)
     for row in rows:
-        if row["role"] != "teacher":
-            row["compression"] = round(teacher["params"] / row["params"], 3)
-            for b in ("b1", "b256"):
-                row[f"speedup_{b}"] = round(teacher[f"latency_ms_{b}"] / row[f"latency_ms_{b}"], 3)
+        if teacher_row is not None and not row["role"].startswith("teacher"):
+            row["compression"] = round(teacher_row["params"] / row["params"], 3)

@@ -8,8 +8,6 @@ or sweep job finished is reused, a stage a killed run left half-done is resumed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import pickle
@@ -22,21 +20,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
-from kdrun.data import Data, load_data
+from kdrun.data import Data, fingerprint, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.export import export_onnx
 from kdrun.features import feature_shape
 from kdrun.losses import CE
-from kdrun.measure import against_teacher, model_figures
+from kdrun.measure import AllOf, compare_with_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
+from kdrun.provenance import (
+    config_hash,
+    given_teacher_material,
+    numerics,
+    numerics_columns,
+    seed_stream,
+    stage_material,
+)
 from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
 from kdrun.schemes import SCHEMES, distillation_loss
 from kdrun.store import (
     RunDir,
-    link_or_copy,
+    copy_file,
+    load_checked,
     load_checkpoint,
     remove_temporaries,
-    save_checkpoint,
+    save_checked,
+    sha256_file,
 )
 from kdrun.tensorboard_log import TensorBoardLog
 from kdrun.train import (
@@ -51,13 +59,11 @@ from kdrun.train import (
 
 log = logging.getLogger("kdrun")
 
-# Trainer keys that never change a stage's result (or are resolved per stage).
-NOT_IN_STAGE_KEY = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
-                    "eval_batch_size", "checkpoint_every", "cache_teacher_logits",
-                    "cudnn_benchmark", "fused_optimizer", "channels_last", "compile")
-
-# trainer.distill_from -> the checkpoint entry holding those weights
+# trainer.distill_from -> the checkpoint entry holding those weights (and the deployed
+# model's: a cohort deploys its first member)
 WEIGHTS = {"best_val": "best_model", "last": "model"}
+DEPLOYED = {"best_val": "deployed_best", "last": "deployed"}
+ONNX_TOLERANCE = 1e-3  # largest |onnxruntime - torch| logit difference an export may show
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,13 +87,6 @@ def student_seeds(cfg: DictConfig) -> list[int]:
     return [cfg.seed * cfg.repeats + i for i in range(cfg.repeats)]
 
 
-def config_hash(cfg: DictConfig) -> str:
-    neutral = ("progress", "num_threads", "cache", "hydra", "logger", "device")  # same results
-    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in neutral}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-
-
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     """Run the whole pipeline into ``out_dir``; return the summary rows and the table.
     A run directory that already holds this finished run is not run again."""
@@ -108,7 +107,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
     rows = SCHEMES[cfg.scheme.name](stages, cfg)
     stages.close()
-    against_teacher(rows)
+    student = build_model(cfg.student, data.input_shape, data.num_classes)
+    compare_with_teacher(rows, stages.teacher_model, student, data.input_shape, device,
+                         cfg.latency)
     if cfg.export == "onnx":
         stages.export_distilled(run_dir.root / "distilled.onnx")
     summary = write_summary(run_dir.summary_csv, rows)
@@ -119,11 +120,23 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
 
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
-    table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split))
+    table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
+                             teacher=_teacher_scope(cfg))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
     distilled_val = summary[summary.role == "distilled"].val_acc_best
     return {"rows": summary.to_dict("records"), "table": table,
             "distilled_val_acc": float(statistics.mean(distilled_val))}
+
+
+def _teacher_scope(cfg: DictConfig) -> str | None:
+    """Which teacher the student seeds of a run share: what the verdict holds for."""
+    if cfg.scheme.name == "dml":
+        return None
+    if cfg.scheme.name == "ensemble":
+        return f"one ensemble of {len(cfg.scheme.teachers)} teachers (seed {cfg.seed})"
+    if cfg.scheme.name == "offline" and cfg.teacher.get("checkpoint"):
+        return f"one teacher ({cfg.teacher.checkpoint})"
+    return f"one teacher (seed {cfg.seed})"
 
 
 def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
@@ -153,6 +166,9 @@ class Stages:
             self.metric_logs.append(TensorBoardLog(run_dir.root / cfg.logger.dir, cfg))
         self.events = EventLog(run_dir.events)
         self.augment = make_augment(cfg.dataset.get("augment"), data.input_shape)
+        self.numerics = numerics(self.tcfg, device)
+        self.data_digest = fingerprint(data)
+        self.teacher_model = None  # the teacher the students are compared with (timing)
 
     def log_rows(self, rows: list[dict], seed: int, reused: bool) -> None:
         """Metric rows of a stage to metrics.csv (and TensorBoard, when chosen)."""
@@ -172,8 +188,10 @@ class Stages:
         if model_cfg.get("checkpoint"):
             return self._given_teacher(model_cfg)
         epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
-        entry, row = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {})
+        entry, row = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {},
+                                 rng=seed_stream("teacher", self.cfg.seed))
         model = self._load(model_cfg, entry, self.tcfg.distill_from)
+        self.teacher_model = model
         return model, entry, [row]
 
     def ensemble_row(self, members, member_rows, how: str, T: float) -> dict:
@@ -187,8 +205,8 @@ class Stages:
             logits = [predict_logits(m, split, self.tcfg.eval_batch_size) for m, _ in members]
             hits = combine(logits, T, how).argmax(1) == split.y
             accuracy[name] = hits.float().mean().item() * 100
-        total = {k: sum(r[k] for r in member_rows)
-                 for k in ("params", "size_mb", "latency_ms_b1", "latency_ms_b256")}
+        self.teacher_model = AllOf([m for m, _ in members])
+        total = {k: sum(r[k] for r in member_rows) for k in ("params", "size_mb")}
         return self._evaluated_teacher_row(
             f"ensemble[{','.join(r['arch'] for r in member_rows)}]", total, accuracy["val"],
             accuracy["test"], train_seconds=sum(r["train_seconds"] for r in member_rows),
@@ -201,8 +219,18 @@ class Stages:
         return {"role": "teacher", "seed": self.cfg.seed, "arch": arch, **figures,
                 "epochs": 0, "best_epoch": 0, "val_acc_best": val_acc,
                 "test_acc_last": test_acc, "test_acc_best_val": test_acc,
-                "eval_split": self.data.eval_split, "train_seconds": train_seconds,
-                "reused": reused, **extra, **run_keys(self.cfg)}
+                "eval_split": self.data.eval_split, "selected_by": self._selected_by,
+                "train_seconds": train_seconds, "reused": reused,
+                **self.provenance_columns, **extra, **run_keys(self.cfg)}
+
+    @property
+    def provenance_columns(self) -> dict:
+        """What every summary row records of the conditions behind its numbers."""
+        return {**numerics_columns(self.numerics), "data_sha256": self.data_digest}
+
+    @property
+    def _selected_by(self) -> str:
+        return "val" if len(self.data.val) else "last epoch (no validation split)"
 
     def load_student(self, entry: StageEntry) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
@@ -231,17 +259,15 @@ class Stages:
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, "teacher")
         load_weights(model, state, source)
         model.to(self.device)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
-        entry = StageEntry(self.cache_root, {
-            "stage": "teacher", "checkpoint_sha256": digest, "weights": weights,
-            "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
-            "split": OmegaConf.to_container(self.cfg.split, resolve=True)})
+        self.teacher_model = model
+        entry = StageEntry(self.cache_root, given_teacher_material(
+            self.cfg, model_cfg, sha256_file(path), weights, self.numerics, self.data_digest))
         entry.dir.mkdir(parents=True, exist_ok=True)
         val_acc, test_acc = (evaluate(model, s.to(self.device), self.tcfg.eval_batch_size)[1]
-                             for s in (self.data.val, self.data.test))
+                             if len(s) else float("nan") for s in (self.data.val, self.data.test))
         self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
         row = self._evaluated_teacher_row(
-            describe(model_cfg), model_figures(model, self.data.input_shape, self.device),
+            describe(model_cfg), model_figures(model),
             val_acc, test_acc, train_seconds=0.0, reused=True, cache_key=entry.key,
             checkpoint=str(path))
         return model, entry, [row]
@@ -263,56 +289,59 @@ class Stages:
         epoch and every job that distills from this teacher."""
         path = entry.dir / f"logits-{self.tcfg.distill_from}.pt"
         with entry.lock():
+            logits = load_checked(path)
+            if logits is not None:
+                return logits.to(self.device)
             if path.exists():
-                return load_checkpoint(path).to(self.device)
+                log.warning("stage cache: %s does not match its checksum; computing the "
+                            "teacher's logits again", path)
             teacher.to(self.device)
             logits = predict_logits(teacher, self.data.train.to(self.device),
                                     self.tcfg.eval_batch_size)
-            save_checkpoint(path, logits.cpu())
+            save_checked(path, logits.cpu())
             return logits
 
     def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None,
-                model_cfg=None, loss_cfg=None):
+                model_cfg=None, loss_cfg=None, rng: int | None = None):
         """Scratch and distilled students of one seed share init, data order and
-        optimiser: the model is built after seeding with ``seed`` in both cases."""
+        optimiser: the model is built after seeding with ``seed`` in both cases
+        (``rng``, when given, seeds a student that must not share them, e.g. an
+        intermediate born-again generation)."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         extra = {}
         model_cfg = model_cfg if model_cfg is not None else self.cfg.student
         if loss_cfg is None:
             loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
         if role != "scratch":  # a distilled student depends on its loss and its teacher
-            extra = {"loss": loss_cfg,
-                     "teacher": teacher_key if teacher is not None else None,
-                     "distill_from": self.tcfg.distill_from if teacher is not None else None}
-        return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher)
+            taught = teacher is not None
+            extra = {"loss": loss_cfg, "teacher": teacher_key if taught else None,
+                     "distill_from": self.tcfg.distill_from if taught else None,
+                     "teacher_targets": type(teacher).__name__ if taught else None}
+        return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
+                           rng=seed if rng is None else rng)
 
     # ------------------------------------------------------------ one stage
 
-    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None):
-        entry = StageEntry(self.cache_root, self._material(role, model_cfg, seed, epochs, extra))
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng):
+        """``seed`` names the stage in the files; ``rng`` seeds its training."""
+        entry = StageEntry(self.cache_root, stage_material(
+            self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
+            numerics=self.numerics, data_digest=self.data_digest, extra=extra))
+        checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
         with entry.lock():
-            reused = entry.done()
+            reused = entry.done()  # a finished entry that fails its checksums is set aside
             if reused:
                 self.log_rows(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher)
-        checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
-        link_or_copy(entry.result_pt, checkpoint)
-        row = {**entry.summary(), "seed": seed, "reused": reused, "cache_key": entry.key,
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng)
+            copy_file(entry.result_pt, checkpoint)
+            summary = entry.summary()
+        row = {**summary, "seed": seed, "reused": reused, "cache_key": entry.key,
                "checkpoint": str(checkpoint), **run_keys(self.cfg)}
         return entry, row
 
-    def _material(self, role, model_cfg, seed, epochs, extra) -> dict:
-        """Exactly the settings that decide this stage's result: its cache key."""
-        as_dict = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-        trainer = {k: v for k, v in as_dict(self.tcfg).items() if k not in NOT_IN_STAGE_KEY}
-        return {"stage": role, "dataset": as_dict(self.cfg.dataset),
-                "split": as_dict(self.cfg.split),
-                "model": as_dict(model_cfg), "trainer": trainer, "epochs": epochs,
-                "seed": seed, **extra}
-
-    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher):
+    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng):
         resume = entry.start()
         if resume is not None:
             self.log_rows(entry.read_rows(), seed, reused=True)
@@ -325,7 +354,7 @@ class Stages:
             if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
                 entry.save_state(snapshot())
 
-        torch.manual_seed(seed)
+        torch.manual_seed(rng)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
         if hasattr(loss, "attach"):  # a mutual loss reads the whole cohort's outputs
@@ -335,44 +364,53 @@ class Stages:
             loss.prepare(feature_shape(model, loss.student_layer, shape, "loss.student_layer"),
                          feature_shape(teacher.model, loss.teacher_layer, shape,
                                        "loss.teacher_layer"))
-        result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=seed,
+        result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
         deployed = getattr(model, "deployed", model)  # a cohort ships its first member
+        prefix = next(name for name, m in model.named_modules() if m is deployed)
         entry.finish(
             checkpoint={
                 "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
                 "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
                 "model": model.state_dict(), "best_model": result.best_state,
-                "deployed": deployed.state_dict(), "loss_state": loss.state_dict(),
+                "deployed": deployed.state_dict(),
+                "deployed_best": {k.removeprefix(f"{prefix}.") if prefix else k: v
+                                  for k, v in result.best_state.items()
+                                  if not prefix or k.startswith(f"{prefix}.")},
+                "loss_state": loss.state_dict(),
                 "epoch": result.epochs, "best_epoch": result.best_epoch,
-                "optimizer": result.optimizer_state, "seed": seed,
+                "optimizer": result.optimizer_state, "seed": seed, "rng_seed": rng,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
             summary={
                 "role": role, "arch": describe(model_cfg),
-                **model_figures(deployed, self.data.input_shape, self.device),
-                "epochs": result.epochs,
+                **model_figures(deployed), "epochs": result.epochs,
                 "best_epoch": result.best_epoch, "val_acc_best": result.val_acc_best,
                 "test_acc_last": result.test_acc_last,
                 "test_acc_best_val": result.test_acc_best_val,
-                "eval_split": self.data.eval_split,
+                "eval_split": self.data.eval_split, "selected_by": self._selected_by,
                 "train_seconds": round(result.train_seconds, 3),
+                **self.provenance_columns,
             },
         )
         self.events.write("trained", role, seed, entry.key)
 
     def export_distilled(self, path) -> None:
-        """The first seed's distilled student (last-epoch weights) as ONNX, checked."""
+        """The first seed's distilled student as ONNX, checked: the weights
+        ``trainer.distill_from`` selects (best-validation epoch, or last), as in the table."""
         first = self.student_seeds[0]
         checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", first, first))
         model = build_model(self.cfg.student, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(checkpoint["deployed"])
-        if export_onnx(model, self.data.input_shape, path) > 1e-3:
+        model.load_state_dict(checkpoint[DEPLOYED[self.tcfg.distill_from]])
+        epoch = checkpoint["best_epoch" if self.tcfg.distill_from == "best_val" else "epoch"]
+        log.info("exporting the distilled student of seed %d, %s weights (epoch %d)", first,
+                 self.tcfg.distill_from, epoch)
+        if export_onnx(model, self.data.input_shape, path) > ONNX_TOLERANCE:
             raise UserError(f"{path}: onnxruntime's outputs differ from PyTorch's")
 
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
-        checkpoint = load_checkpoint(entry.result_pt)
+        checkpoint = entry.result()
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(checkpoint[WEIGHTS[weights]])
         return model.to(self.device)

@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,7 @@ METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "secon
 SUMMARY_COLUMNS = [
     "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
     "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
-    "train_seconds",
+    "selected_by", "train_seconds", "device", "precision", "torch", "data_sha256",
     "checkpoint",
 ]
 
@@ -78,47 +79,72 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t confidence interval of the mean of paired (same-seed) gains."""
+@dataclass
+class GainTest:
+    """A two-sided paired t-test of the mean gain against zero, at the 95% level."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    p: float
+
+    @property
+    def verdict(self) -> str:
+        if self.n < 2:
+            return f"unknown ({self.n} seed)"
+        if self.p < 1 - LEVEL:
+            return "helps" if self.mean > 0 else "hurts"
+        return "not significant"
+
+
+LEVEL = 0.95  # confidence level of every interval kdrun prints
+
+
+def gain_test(gains: list[float]) -> GainTest:
+    """Student-t interval and p-value of the mean of paired gains (n - 1 degrees of
+    freedom); the same numbers as ``scipy.stats.ttest_1samp(gains, 0)``."""
     from scipy.stats import t
 
     n, mean = len(gains), statistics.mean(gains)
-    half = t.ppf((1 + level) / 2, n - 1) * statistics.stdev(gains) / n**0.5
-    return mean - half, mean + half
+    if n < 2:
+        return GainTest(n, mean, float("nan"), float("nan"), float("nan"), float("nan"))
+    std = statistics.stdev(gains)
+    if std == 0:  # every replicate gained the same: no spread to test against
+        return GainTest(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else 0.0)
+    se = std / n**0.5
+    half = t.ppf((1 + LEVEL) / 2, n - 1) * se
+    p = 2 * t.sf(abs(mean) / se, n - 1)
+    return GainTest(n, mean, std, mean - half, mean + half, float(p))
 
 
-def significance(gains: list[float]) -> str:
-    """'helps' / 'hurts' only when the mean gain is both beyond one std of zero and
-    outside its 95% interval; otherwise say which test it failed."""
-    if len(gains) < 2:
-        return "unknown (1 seed)"
-    mean, std = statistics.mean(gains), statistics.stdev(gains)
-    lo, hi = gain_interval(gains)
-    if abs(mean) <= std:
-        return "not significant (within 1 std)"
-    if lo <= 0 <= hi:
-        return "not significant (95% CI includes 0)"
-    return "helps" if mean > 0 else "hurts"
+def format_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def gain_verdict(gains: list[float]) -> str:
-    """One sentence on whether the mean gain stands out of the seed-to-seed noise."""
+def gain_verdict(gains: list[float], teacher: str | None) -> str:
+    """One sentence: the interval, what it is taken over, the p-value, the verdict."""
+    over = f"{len(gains)} paired student seeds" + (f" under {teacher}" if teacher else "")
     if len(gains) < 2:
         return "one student seed, so its noise is unknown (set repeats=3 or more)"
-    lo, hi = gain_interval(gains)
-    where = f"95% CI [{lo:+.2f}, {hi:+.2f}] over {len(gains)} paired seeds"
-    verdict = significance(gains)
-    if verdict in ("helps", "hurts"):
-        return f"{where}: distillation {verdict}, beyond seed noise"
-    return f"{where}: {verdict}, no evidence that distillation changes accuracy here"
+    test = gain_test(gains)
+    where = (f"95% CI [{test.ci_low:+.2f}, {test.ci_high:+.2f}] over {over}, paired t-test "
+             f"{format_p(test.p)}")
+    scope = " (for this teacher: other teacher seeds may differ)" if teacher else ""
+    if test.verdict in ("helps", "hurts"):
+        return f"{where}: distillation {test.verdict}, beyond student-seed noise{scope}"
+    return f"{where}: not significant, no evidence that distillation changes accuracy here"
 
 
-def comparison_table(summary: pd.DataFrame, header: str) -> str:
+def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None) -> str:
     """Teacher / scratch / distilled rows with params and accuracies, then the gain."""
     split = summary.eval_split.iloc[0]  # "test", or "train" when the labels are random
+    selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
+    chosen = "best val" if selected == "val" else "last ep."
     w = max(17, *(len(a) for a in summary.arch))
     lines = [header, f"{'role':<10} {'model':<{w}} {'params':>9}  "
-                     f"{split + ' acc, last':>16}  {split + ' acc, best val':>18}"]
+                     f"{split + ' acc, last':>16}  {split + ' acc, ' + chosen:>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
     for role, rows in by_role.items():
         if rows.empty:  # e.g. no teacher in deep mutual learning
@@ -127,18 +153,35 @@ def comparison_table(summary: pd.DataFrame, header: str) -> str:
                      f"{mean_std(list(rows.test_acc_last)):>16}  "
                      f"{mean_std(list(rows.test_acc_best_val)):>18}")
     scratch, distilled = by_role["scratch"], by_role["distilled"]
+    _check_paired(scratch, distilled)
     gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
              for col in ("test_acc_last", "test_acc_best_val")}
     lines.append(f"{'gain':<10} {'distilled-scratch':<{w + 10}}  "
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
-    lines.append(f"gain (best val): {gain_verdict(gains['test_acc_best_val'])}")
+    lines.append(f"gain ({chosen}): {gain_verdict(gains['test_acc_best_val'], teacher)}")
+    if selected != "val":
+        lines.append("no validation split (split.val_fraction=0): every model is taken at its "
+                     "last epoch")
     if "compression" in distilled and distilled.compression.notna().all():
         row = distilled.iloc[0]
         lines.append(f"student vs teacher: {row.compression:.2f}x fewer parameters, "
-                     f"{row.speedup_b1:.2f}x faster at batch 1, {row.speedup_b256:.2f}x at "
-                     f"batch 256 ({row.size_mb:.3f} MB on disk)")
+                     f"{row.speedup_b1:g}x faster at batch 1, {row.speedup_b256:g}x at "
+                     f"batch 256, timed side by side now ({row.size_mb:.3f} MB on disk)")
     return "\n".join(lines)
+
+
+PAIRED_COLUMNS = ("seed", "device", "precision", "torch", "data_sha256")
+
+
+def _check_paired(scratch: pd.DataFrame, distilled: pd.DataFrame) -> None:
+    """A gain compares a scratch and a distilled student of the same seed, data and
+    numerics; anything else is a bug, never a number to print."""
+    columns = [c for c in PAIRED_COLUMNS if c in scratch and c in distilled]
+    left = scratch[columns].reset_index(drop=True).astype(str)
+    right = distilled[columns].reset_index(drop=True).astype(str)
+    if len(left) != len(right) or not left.equals(right):
+        raise RuntimeError(f"scratch and distilled rows are not paired on {columns}")
 
 
 def _signed(values: list[float]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.provenance import seed_stream
 from kdrun.train import CachedLogits
 
 log = logging.getLogger("kdrun")
@@ -47,7 +48,8 @@ def born_again(stages, cfg) -> list[dict]:
     teacher is the student's own architecture trained on the labels (generation 0);
     generation k is distilled from generation k-1, for ``scheme.generations``
     generations. The last generation is the row ``distilled``; earlier ones are
-    ``generation1``, ``generation2``, ... in the summary."""
+    ``generation1``, ``generation2``, ... in the summary. Generation 0 is trained on
+    the teacher's seed stream, so no generation shares its teacher's init."""
     teacher, entry, rows = stages.teacher(cfg.student)
     generations = cfg.scheme.generations
     for seed in stages.student_seeds:
@@ -56,8 +58,11 @@ def born_again(stages, cfg) -> list[dict]:
         for generation in range(1, generations + 1):
             role = "distilled" if generation == generations else f"generation{generation}"
             targets, extra = _teacher_targets(stages, cfg, model, previous)
+            # the last generation shares the scratch student's init and batch order; each
+            # earlier one has a stream of its own, so no generation starts as its teacher did
+            rng = None if generation == generations else seed_stream(role, seed)
             previous, row = stages.student(role, lambda: build_loss(cfg.loss), seed, targets,
-                                           previous.key)
+                                           previous.key, rng=rng)
             rows.append({**row, "generation": generation, **extra})
             model = stages.load_student(previous)
     return rows

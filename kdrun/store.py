@@ -7,6 +7,8 @@ containers and are loaded with ``weights_only=True``, so loading one never runs 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -16,6 +18,10 @@ from pathlib import Path
 import torch
 
 TEMPORARY = re.compile(r"\..+\.tmp\d+")  # .<name>.tmp<pid>: a file being written
+
+
+class CorruptFile(Exception):
+    """A file that is missing, or does not match the checksum recorded with it."""
 
 
 class RunDir:
@@ -63,20 +69,59 @@ def remove_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Put a finished (never rewritten) file at ``target``: a hard link where the file
-    system allows one, else a copy; atomic either way."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+def copy_file(source: Path, target: Path) -> None:
+    """Put a copy of a finished file at ``target``, atomically. A copy, not a hard link:
+    a run's checkpoint must not change when its stage-cache entry is later damaged or
+    set aside. An identical file already there is left alone."""
+    if target.exists() and sha256_file(target) == sha256_file(source):
+        return
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_path(path: Path) -> Path:
+    """``<name>.sha256`` beside ``path``: the checksum recorded when it was complete."""
+    return path.with_name(path.name + ".sha256")
+
+
+def write_digest(path: Path) -> None:
+    digest = sha256_file(path)
+    atomic_write(digest_path(path), lambda tmp: tmp.write_text(digest + "\n"))
+
+
+def read_checked(path: Path) -> bytes:
+    """The bytes of ``path``, if they match its recorded checksum; else CorruptFile."""
     try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:  # renaming a link onto another link of the same file leaves both in place
-        tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+        recorded = digest_path(path).read_text().strip()
+    except OSError as e:
+        raise CorruptFile(f"{Path(e.filename).name} is missing") from e
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise CorruptFile(f"{path.name} does not match its checksum")
+    return data
+
+
+def save_checked(path: Path, payload) -> None:
+    """save_checkpoint, then record the file's checksum beside it."""
+    save_checkpoint(path, payload)
+    write_digest(path)
+
+
+def load_checked(path: Path):
+    """A checkpoint written by save_checked, or None when it is missing or does not
+    match its checksum (read once, so what is checked is what is loaded)."""
+    try:
+        data = read_checked(path)
+    except CorruptFile:
+        return None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def save_checkpoint(path: Path, payload) -> None:

@@ -1,6 +1,12 @@
-"""One report per sweep: every job's summary in one table, the gain per (T, alpha)
-with its noise, the best setting chosen on validation accuracy, how soft the
-teacher's targets were, a T x alpha heatmap and validation curves.
+"""One report per sweep: every job's summary in one table, the gain per setting with
+its noise, the best setting chosen on validation accuracy, how soft the teacher's
+targets were, T x alpha heatmaps and validation curves.
+
+A *setting* is what a job's overrides say, less its replicate keys (``seed``) and the
+keys that cannot change results (kdrun/provenance.py): only jobs of one setting are
+pooled, and every swept key is a column of its own. Students are nested in teachers:
+with several teacher seeds in a setting, the interval is taken over the teachers'
+mean gains, with the spread within each teacher beside it.
 
 Written by a Hydra ``on_multirun_end`` callback at the end of ``kdrun -m ...`` and
 by ``kdrun-report SWEEP_DIR`` for any sweep directory, finished or interrupted:
@@ -11,18 +17,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import pandas as pd
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from kdrun.report import gain_interval, significance, write_summary
+from kdrun.provenance import REPLICATE_KEYS, is_no_effect
+from kdrun.report import format_p, gain_test, write_summary
 from kdrun.store import atomic_write
 
 log = logging.getLogger("kdrun")
-SETTING_KEYS = ("method", "T", "alpha")
+# Summary columns that must match for jobs to be pooled, swept or not.
+CONDITION_KEYS = ("device", "precision", "torch", "data_sha256")
+HEATMAP_AXES = ("loss.T", "loss.alpha")  # swept keys that are the heatmap's own axes
 
 
 class NoFinishedJobs(FileNotFoundError):
@@ -36,45 +47,89 @@ def job_dirs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
     return started, finished
 
 
-def collect(sweep_dir: Path, which: str) -> pd.DataFrame:
-    """All finished jobs' summary.csv or metrics.csv, with a ``job`` column."""
+def job_setting(job_dir: Path) -> dict[str, str]:
+    """The job's overrides that can change its results, less its replicate keys."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else []
+    setting = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key not in REPLICATE_KEYS and not is_no_effect(key) and not key.startswith("hydra"):
+            setting[key] = value
+    return setting
+
+
+def collect(sweep_dir: Path, which: str) -> tuple[pd.DataFrame, list[str]]:
+    """All finished jobs' summary.csv or metrics.csv, with a ``job`` column and one column
+    per setting key; and the keys whose values differ between jobs (the swept ones)."""
     _, finished = job_dirs(sweep_dir)
     if not finished:
         raise NoFinishedJobs(f"no finished job (*/summary.csv) under {sweep_dir}: "
                              f"not a kdrun sweep directory, or no job has finished yet")
-    frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(sweep_dir))) for d in finished]
-    return pd.concat(frames, ignore_index=True)
+    settings = {d: job_setting(d) for d in finished}
+    keys = sorted({k for setting in settings.values() for k in setting})
+    swept = [k for k in keys if len({s.get(k) for s in settings.values()}) > 1]
+    frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(sweep_dir)),
+                                            **{k: settings[d].get(k, "-") for k in swept})
+              for d in finished]
+    return pd.concat(frames, ignore_index=True), swept
 
 
-def setting_keys(summary: pd.DataFrame) -> list[str]:
-    return [k for k in SETTING_KEYS if k in summary and summary[k].notna().any()]
+def common_setting(sweep_dir: Path, swept: list[str]) -> dict[str, str]:
+    """The setting keys every finished job shares (shown once, above the table)."""
+    _, finished = job_dirs(sweep_dir)
+    settings = [job_setting(d) for d in finished]
+    return {k: v for k, v in settings[0].items() if k not in swept} if settings else {}
 
 
-def gains_by_setting(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per setting: distilled accuracy, paired gain over scratch, teacher accuracy."""
-    keys = setting_keys(summary)
+def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """One row per setting: distilled accuracy, paired gain over scratch (tested over
+    student seeds under one teacher, or over teachers' mean gains under several),
+    teacher accuracy."""
+    conditions = [c for c in CONDITION_KEYS if c in summary and summary[c].nunique() > 1]
+    keys = swept + conditions
     pair = ["job", "seed"]
     scratch = summary[summary.role == "scratch"].set_index(pair).test_acc_best_val
-    teacher = summary[summary.role == "teacher"].set_index("job").test_acc_best_val
+    teachers = summary[summary.role == "teacher"].set_index("job")
     distilled = summary[summary.role == "distilled"].set_index(pair)
     distilled = distilled.assign(gain=distilled.test_acc_best_val - scratch).reset_index()
-    distilled["teacher_acc"] = distilled.job.map(teacher)
-    if "soft_target_entropy" not in distilled:
-        distilled["soft_target_entropy"] = float("nan")
+    distilled["teacher_acc"] = distilled.job.map(teachers.test_acc_best_val)
+    teacher_key = teachers.cache_key if "cache_key" in teachers else pd.Series(dtype=str)
+    distilled["teacher"] = distilled.job.map(teacher_key).fillna("none")
+    # the same student twice (jobs that differ only in settings without effect): once
+    distilled = distilled.drop_duplicates(["teacher", "seed", *keys])
+    for column in ("soft_target_entropy", "T", "alpha", "method"):
+        if column not in distilled:
+            distilled[column] = float("nan")
+    groups = distilled.groupby(keys, dropna=False, sort=True) if keys else [((), distilled)]
     rows = []
-    for setting, group in distilled.groupby(keys, dropna=False, sort=True):
-        gains = list(group.gain)
-        lo, hi = gain_interval(gains) if len(gains) > 1 else (float("nan"),) * 2
-        rows.append({
-            **dict(zip(keys, setting if isinstance(setting, tuple) else (setting,))),
-            "seeds": len(gains), "teacher_acc": group.teacher_acc.mean(),
-            "val_acc": group.val_acc_best.mean(),
-            "test_acc": group.test_acc_best_val.mean(), "test_std": _std(group.test_acc_best_val),
-            "gain": statistics.mean(gains), "gain_std": _std(gains), "gain_ci_low": lo,
-            "gain_ci_high": hi, "soft_target_entropy": group.soft_target_entropy.mean(),
-            "verdict": significance(gains),
-        })
+    for setting, group in groups:
+        setting = setting if isinstance(setting, tuple) else (setting,)
+        rows.append({**dict(zip(keys, setting)), **_setting_row(group)})
     return pd.DataFrame(rows)
+
+
+def _setting_row(group: pd.DataFrame) -> dict:
+    per_teacher = group.groupby("teacher", sort=False).gain
+    means = list(per_teacher.mean())
+    nested = len(means) > 1
+    test = gain_test(means if nested else list(group.gain))
+    within = [v for v in per_teacher.var().tolist() if not math.isnan(v)]
+    return {
+        "method": group.method.iloc[0], "T": group["T"].iloc[0], "alpha": group.alpha.iloc[0],
+        "teachers": len(means), "students": len(group),
+        "teacher_acc": group.drop_duplicates("teacher").teacher_acc.mean(),
+        "val_acc": group.val_acc_best.mean(),
+        "test_acc": group.test_acc_best_val.mean(), "test_std": _std(group.test_acc_best_val),
+        "gain": test.mean, "gain_std": test.std,
+        "within_teacher_std": math.sqrt(statistics.mean(within)) if within else float("nan"),
+        "gain_ci_low": test.ci_low, "gain_ci_high": test.ci_high, "p": test.p,
+        "interval_over": (f"{len(means)} teachers' mean gains" if nested
+                          else f"{len(group)} student seeds, 1 teacher"),
+        "soft_target_entropy": group.soft_target_entropy.mean(), "verdict": test.verdict,
+        "jobs": sorted(set(group.job)),
+    }
 
 
 def _std(values) -> float:
@@ -85,54 +140,73 @@ def _std(values) -> float:
 def write_report(sweep_dir: Path) -> Path:
     """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
-    summary = collect(sweep_dir, "summary.csv")
+    summary, swept = collect(sweep_dir, "summary.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
-    table = gains_by_setting(summary)
-    best = table.loc[table.val_acc.idxmax()]
-    figures = [plot_gain_heatmap(table, sweep_dir / "gain_heatmap.png"),
-               plot_curves(collect(sweep_dir, "metrics.csv"), best, sweep_dir / "curves.png")]
+    table = gains_by_setting(summary, swept)
+    best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
+    metrics, _ = collect(sweep_dir, "metrics.csv")
+    figures = [plot_gain_heatmaps(table, swept, sweep_dir / "gain_heatmap.png"),
+               plot_curves(metrics, best, sweep_dir / "curves.png")]
     started, finished = job_dirs(sweep_dir)
-    text = _markdown(sweep_dir, table, best, len(started), len(finished),
+    text = _markdown(sweep_dir, table, swept, best, len(started), len(finished),
+                     common_setting(sweep_dir, swept),
                      [f.name for f in figures if f is not None])
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md"
 
 
-def _markdown(sweep_dir, table, best, n_started, n_finished, figures) -> str:
-    keys = setting_keys(table)
+def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures) -> str:
+    keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
+    if not swept:
+        keys = ["method", "T", "alpha"]
     shown = table.copy()
     shown["gain"] = [f"{g:+.2f} ± {s:.2f}" for g, s in zip(table.gain, table.gain_std)]
     shown["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in
                        zip(table.gain_ci_low, table.gain_ci_high)]
+    shown["p"] = [format_p(p) if not math.isnan(p) else "-" for p in table.p]
     shown["distilled test acc"] = [f"{m:.2f} ± {s:.2f}" for m, s in
                                    zip(table.test_acc, table.test_std)]
-    columns = keys + ["seeds", "teacher_acc", "val_acc", "distilled test acc", "gain", "95% CI",
-                      "verdict"]
-    best_name = " ".join(f"{k}={best[k]}" for k in keys)
+    columns = keys + ["teachers", "students", "teacher_acc", "val_acc", "distilled test acc",
+                      "gain", "within_teacher_std", "95% CI", "p", "interval_over", "verdict"]
     lines = [
         "# kdrun sweep report", "",
         f"Sweep `{sweep_dir}`: {n_finished} of {n_started} started jobs finished"
         + ("" if n_finished == n_started else " (interrupted: this report covers those)")
         + ".", "",
-        "## Distillation gain per setting", "",
-        "Accuracies in percent, test accuracy at the best-validation epoch. The gain is "
-        "distilled minus scratch student of the same job and seed (same init, batch order, "
-        "optimiser); ± is the std over seeds. A gain is *not significant* when it lies within "
-        "one std of zero or its 95% Student-t interval includes zero.", "",
-        markdown_table(shown[columns].round(2)), "",
-        "## Best setting, selected on validation accuracy (never on test)", "",
-        f"**{best_name}**: distilled validation accuracy {best.val_acc:.2f}, test accuracy "
-        f"{best.test_acc:.2f}, gain {best.gain:+.2f} ({best.verdict}).", "",
     ]
-    if "T" in keys and table.soft_target_entropy.notna().any():
+    if common:
+        lines += ["Common to every job: " + ", ".join(f"`{k}={v}`" for k, v in common.items())
+                  + ".", ""]
+    lines += [
+        "## Distillation gain per setting", "",
+        "Accuracies in percent, test accuracy at the best-validation epoch. A setting is a "
+        "job's overrides less its seed and the settings that cannot change results; only "
+        "jobs of one setting are pooled. The gain is distilled minus scratch student of the "
+        "same job and seed (same init, batch order, optimiser). With one teacher, the 95% "
+        "Student-t interval and the paired t-test's p are over student seeds and hold for "
+        "that teacher; with several teacher seeds, over the teachers' mean gains (students "
+        "are nested in teachers), `within_teacher_std` being the spread of student seeds "
+        "under one teacher. ± is the std of what the interval is over. *helps* / *hurts*: "
+        "p < 0.05.", "",
+        markdown_table(shown[columns].round(2)), "",
+    ]
+    lines += ["## Best setting, selected on validation accuracy (never on test)", ""]
+    if best is None:
+        lines += ["No validation split (`split.val_fraction=0`): no setting is selected.", ""]
+    else:
+        best_name = " ".join(f"{k}={best[k]}" for k in keys)
+        lines += [f"**{best_name}**: distilled validation accuracy {best.val_acc:.2f}, test "
+                  f"accuracy {best.test_acc:.2f}, gain {best.gain:+.2f} ({best.verdict}).", ""]
+    if table["T"].notna().any() and table.soft_target_entropy.notna().any():
         entropy = table.groupby("T").soft_target_entropy.mean().reset_index()
         gain = table.groupby("T").gain.mean().reset_index(drop=True)
-        entropy["mean gain over alphas"] = gain.map(lambda g: f"{g:+.2f}")
+        entropy["mean gain over settings"] = gain.map(lambda g: f"{g:+.2f}")
         lines += ["## How soft the teacher's targets were", "",
                   "Mean entropy (nats) of softmax(teacher logits / T) over the training set; "
                   "0 is one-hot, ln(10) = 2.30 is uniform over 10 classes.", "",
                   markdown_table(entropy.round(3)), ""]
-    lines += ["## Files", "", "- `summary.csv`: every job's summary rows"]
+    lines += ["## Files", "", "- `summary.csv`: every job's summary rows, one column per "
+              "swept key"]
     lines += [f"- `{name}`" for name in figures]
     return "\n".join(lines) + "\n"
 
@@ -155,20 +229,43 @@ def _pyplot():
     return plt
 
 
-def plot_gain_heatmap(table: pd.DataFrame, path: Path) -> Path | None:
-    """T x alpha grid of the mean gain, each cell annotated with mean ± std."""
-    if not {"T", "alpha"} <= set(table.columns) or table[["T", "alpha"]].isna().any().any():
+def plot_gain_heatmaps(table: pd.DataFrame, swept: list[str], path: Path) -> Path | None:
+    """One T x alpha panel of the mean gain for each combination of the other swept keys
+    (each panel titled by it), each cell annotated with mean ± std."""
+    others = [k for k in table.columns if (k in swept and k not in HEATMAP_AXES)
+              or k in CONDITION_KEYS]
+    panels = list(table.groupby(others, dropna=False, sort=True)) if others else [((), table)]
+    panels = [(name, t) for name, t in panels
+              if t[["T", "alpha"]].notna().all().all() and not t.duplicated(["T", "alpha"]).any()]
+    if not panels:
         return None
     plt = _pyplot()
-    gain = table.pivot_table(index="T", columns="alpha", values="gain")
-    std = table.pivot_table(index="T", columns="alpha", values="gain_std")
-    verdict = table.pivot_table(index="T", columns="alpha", values="verdict", aggfunc="first")
-    limit = max(float(gain.abs().max().max()), 1e-9)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * gain.shape[1], 1.2 + 0.8 * gain.shape[0]))
+    limit = max(float(table.gain.abs().max()), 1e-9)
+    n_t, n_a = table["T"].nunique(), table.alpha.nunique()
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(max(3.4, 1.6 + 1.3 * n_a) * len(panels), 1.8 + 0.8 * n_t))
+    for i, (ax, (name, panel)) in enumerate(zip(axes[0], panels)):
+        name = name if isinstance(name, tuple) else (name,)
+        title = ", ".join(f"{k}={v}" for k, v in zip(others, name)) or "all jobs"
+        image = _heatmap_panel(ax, panel, limit, title)
+        ax.set_ylabel("T" if i == 0 else "")
+    fig.colorbar(image, ax=list(axes[0]))
+    fig.suptitle("distillation gain, test acc points (ns: not significant)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _heatmap_panel(ax, table: pd.DataFrame, limit: float, title: str):
+    gain = table.pivot(index="T", columns="alpha", values="gain")
+    std = table.pivot(index="T", columns="alpha", values="gain_std")
+    verdict = table.pivot(index="T", columns="alpha", values="verdict")
     image = ax.imshow(gain.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     for i in range(gain.shape[0]):
         for j in range(gain.shape[1]):
-            s = std.iloc[i, j] if not std.empty else float("nan")
+            if pd.isna(gain.iloc[i, j]):
+                continue
+            s = std.iloc[i, j]
             mark = "" if verdict.iloc[i, j] in ("helps", "hurts") else "\n(ns)"
             text = f"{gain.iloc[i, j]:+.2f}" + ("" if pd.isna(s) else f"\n±{s:.2f}") + mark
             dark = abs(gain.iloc[i, j]) > 0.6 * limit
@@ -176,25 +273,21 @@ def plot_gain_heatmap(table: pd.DataFrame, path: Path) -> Path | None:
                     color="white" if dark else "black")
     ax.set_xticks(range(gain.shape[1]), [str(a) for a in gain.columns])
     ax.set_yticks(range(gain.shape[0]), [str(t) for t in gain.index])
-    ax.set_xlabel("alpha (weight of the teacher term)")
-    ax.set_ylabel("T")
-    ax.set_title("distillation gain, test acc points (ns: not significant)", fontsize=9)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.set_xlabel("alpha (teacher-term weight)")
+    ax.set_title(title, fontsize=8)
+    return image
 
 
-def plot_curves(metrics: pd.DataFrame, best: pd.Series, path: Path) -> Path:
-    """Validation accuracy per epoch: teacher, scratch, and the best distilled setting."""
+def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, path: Path) -> Path:
+    """Validation accuracy per epoch: teacher, scratch, and the best distilled setting
+    (the jobs of that setting; all jobs when there is no validation split to choose by)."""
     plt = _pyplot()
     val = metrics[metrics.split == "val"]
-    chosen = val.stage == "distilled"
-    for key in setting_keys(val):
-        chosen &= val[key].astype(str) == str(best[key])
-    curves = {"teacher": val[val.stage == "teacher"], "scratch": val[val.stage == "scratch"],
-              "distilled (best setting)": val[chosen]}
+    jobs = set(best["jobs"]) if best is not None else set(val.job)
+    chosen = val[val.job.isin(jobs)]
+    curves = {"teacher": chosen[chosen.stage == "teacher"],
+              "scratch": chosen[chosen.stage == "scratch"],
+              "distilled (best setting)": chosen[chosen.stage == "distilled"]}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in curves.items():
         mean = rows.groupby("epoch").acc.mean()

@@ -9,6 +9,7 @@ callback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -33,8 +34,9 @@ class FitResult:
     stage: str
     seed: int
     epochs: int
-    best_epoch: int  # epoch with the highest validation accuracy (first one on ties)
-    val_acc_best: float
+    best_epoch: int  # epoch with the highest validation accuracy (first on ties); the last
+    # epoch when there is no validation split
+    val_acc_best: float  # NaN when there is no validation split
     test_acc_last: float
     test_acc_best_val: float  # test accuracy at best_epoch: selected on val, never on test
     train_seconds: float
@@ -52,12 +54,20 @@ def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:
     else:
         cls, kwargs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer], {}
     kwargs.update(lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    if tcfg.get("fused_optimizer"):
-        try:
-            return cls(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # no fused kernel for this device or build
-            pass
-    return cls(params, **kwargs)
+    fused = bool(tcfg.get("fused_optimizer")) and fused_kernel_exists(tcfg.optimizer, device.type)
+    return cls(params, fused=True, **kwargs) if fused else cls(params, **kwargs)
+
+
+@functools.cache
+def fused_kernel_exists(optimizer: str, device_type: str) -> bool:
+    """Whether this torch build has a fused ``optimizer`` kernel for ``device_type``."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+    try:
+        probe = torch.zeros(1, device=device_type, requires_grad=True)
+        cls([probe], lr=0.1, fused=True)
+        return True
+    except (RuntimeError, TypeError):  # no fused kernel for this device or build
+        return False
 
 
 def make_schedule(optimizer, tcfg, epochs: int):
@@ -207,6 +217,8 @@ def fit(
     train = data.train.to(device)
     teacher = teacher.to(device) if teacher is not None else None
     splits = {"val": data.val.to(device), "test": data.test.to(device)}
+    if not len(splits["val"]):  # no validation split: the last epoch is the selected one
+        del splits["val"]
     forward = prepare_model(model, tcfg, device)
     loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
@@ -275,8 +287,9 @@ def fit(
         for name, split in splits.items():
             rows.append(_row(stage, epoch, name, *evaluate(model, split, tcfg.eval_batch_size),
                              lr, seconds))
-        val_acc, test_acc = rows[1]["acc"], rows[2]["acc"]
-        if val_acc > best["val"]:
+        by_split = {row["split"]: row["acc"] for row in rows}
+        val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
+        if val_acc > best["val"] or "val" not in splits:
             best.update(epoch=epoch, val=val_acc, test=test_acc,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
         progress_state.update(epoch=epoch, test_last=test_acc,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kdrun.cache import StageEntry
-from kdrun.store import link_or_copy, load_checkpoint
+from kdrun.store import copy_file, load_checkpoint
 from tests.helpers import KDRUN
 
 ARGS = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -131,13 +131,15 @@ def test_sigkill_at_eight_points_then_rerun_matches_an_uninterrupted_run(tmp_pat
 
 
 
-def test_relinking_a_checkpoint_onto_itself_leaves_no_temporary(tmp_path):
+def test_a_run_checkpoint_is_a_copy_that_later_damage_to_the_cache_cannot_reach(tmp_path):
     source, target = tmp_path / "result.pt", tmp_path / "run" / "teacher.pt"
     source.write_bytes(b"weights")
-    link_or_copy(source, target)
-    link_or_copy(source, target)  # a re-run links the same cached file again
+    copy_file(source, target)
+    copy_file(source, target)  # a re-run copies the same cached file again
     assert target.read_bytes() == b"weights"
     assert sorted(p.name for p in target.parent.iterdir()) == ["teacher.pt"]
+    source.write_bytes(b"damage")
+    assert target.read_bytes() == b"weights" and not os.path.samefile(source, target)
 
 
 def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):

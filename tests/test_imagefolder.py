@@ -138,3 +138,20 @@ def test_unreadable_image_is_named_in_one_line(tmp_path, workers):
             list(split.batches(2))
     line = one_line_message(e.value)
     assert "\n" not in line and line.startswith(str(bad)) and "unreadable image" in line
+
+
+def test_split_settings_act_on_image_folders_and_relabelling_changes_the_fingerprint(tmp_path):
+    from kdrun.data import fingerprint
+
+    cfg = folder_config(class_folders(tmp_path), mean=[0.5] * 3, std=[0.25] * 3)
+    limited = OmegaConf.merge(SPLIT, {"max_train": 12, "max_test": 2})
+    data = load_data(cfg, limited)
+    assert (len(data.train) + len(data.val), len(data.test)) == (12 - 3, 2)  # test carved first
+    raw = load_data(cfg, SPLIT)
+    scaled = load_data(cfg, OmegaConf.merge(SPLIT, {"standardize": True}))
+    _, x_raw, _ = next(raw.test.batches(6))
+    _, x_scaled, _ = next(scaled.test.batches(6))
+    assert torch.allclose(x_scaled, (x_raw - 0.5) / 0.25)  # dataset.mean / std
+    before = fingerprint(raw)
+    (tmp_path / "train" / "class0" / "0.png").rename(tmp_path / "train" / "class1" / "x.png")
+    assert fingerprint(load_data(cfg, SPLIT)) != before  # one image relabelled

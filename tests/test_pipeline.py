@@ -168,20 +168,32 @@ def test_runs_with_different_seeds_never_share_a_student_seed(tmp_path):
                      "teacher.pt"]
 
 
-def test_export_onnx_writes_a_model_onnxruntime_runs_like_torch(tmp_path):
+@pytest.mark.parametrize("distill_from,weights", [("best_val", "best_model"), ("last", "model")])
+def test_export_onnx_writes_the_weights_the_table_reports(tmp_path, caplog, distill_from,
+                                                          weights):
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    cfg = small_config(tmp_path, "export=onnx")
-    pipeline.run(cfg, tmp_path / "run")
+    cfg = small_config(tmp_path, "export=onnx", "trainer.epochs=6", "trainer.lr=0.05",
+                       f"trainer.distill_from={distill_from}")
+    with caplog.at_level("INFO", logger="kdrun"):
+        pipeline.run(cfg, tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "distilled.pt")
+    epoch = checkpoint["best_epoch" if distill_from == "best_val" else "epoch"]
+    assert f"{distill_from} weights (epoch {epoch})" in caplog.text
     session = onnxruntime.InferenceSession(str(tmp_path / "run" / "distilled.onnx"))
     data = pipeline.load_data(cfg.dataset, cfg.split)
-    model = build_model(cfg.student, data.input_shape, data.num_classes)
-    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "distilled.pt")
-    model.load_state_dict(checkpoint["model"])
     x = data.test.x[:7]  # another batch size than the export's
     (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert torch.allclose(torch.from_numpy(onnx_logits), model.eval()(x), atol=1e-4)
+    outputs = {}
+    for name in ("best_model", "model"):
+        model = build_model(cfg.student, data.input_shape, data.num_classes)
+        model.load_state_dict(checkpoint[name])
+        outputs[name] = model.eval()(x)
+    assert torch.allclose(torch.from_numpy(onnx_logits), outputs[weights], atol=1e-4)
+    assert checkpoint["best_epoch"] < checkpoint["epoch"]  # so the two weights differ here
+    other = "model" if weights == "best_model" else "best_model"
+    assert not torch.allclose(torch.from_numpy(onnx_logits), outputs[other], atol=1e-4)
 
 
 def test_born_again_reports_every_generation(tmp_path):

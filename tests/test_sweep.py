@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdrun import pipeline
-from kdrun.cache import StageEntry
-from kdrun.data import Split
+from kdrun import pipeline, provenance
+from kdrun.cache import stage_key
 from kdrun.store import load_checkpoint
 from kdrun.sweep import main as kdrun_report
 from kdrun.train import fit
@@ -52,7 +51,7 @@ def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_pat
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
     rest = "repeats=1,split.max_test=200,split.max_train=400,trainer.epochs=2"  # no progress=...
-    assert [j.name for j in jobs] == [f"loss.T={t},loss.alpha={a},{rest}"
+    assert [j.name for j in jobs] == [f"loss.T={t},loss.alpha={a},num_threads=1,{rest}"
                                       for t in (1, 4) for a in (0.5, 0.9)]
     evts = events(*jobs)
     assert count(evts, "trained", "teacher") == 1 and count(evts, "reused", "teacher") == 3
@@ -193,12 +192,11 @@ def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
 
 def stage_keys(tmp_path, *overrides):
     cfg = make_config(*overrides)
-    split = Split(torch.zeros(2, 1, 40), torch.zeros(2, dtype=torch.long))
-    data = pipeline.Data("x", split, split, split, num_classes=10)
-    stages = pipeline.Stages(cfg, data, torch.device("cpu"), pipeline.RunDir(tmp_path))
-    teacher = StageEntry(tmp_path, stages._material("teacher", cfg.teacher, cfg.seed, 5, {}))
-    scratch = StageEntry(tmp_path, stages._material("scratch", cfg.student, cfg.seed, 5, {}))
-    return teacher.key, scratch.key
+    numerics = provenance.numerics(cfg.trainer, torch.device("cpu"))
+    data = cfg.dataset.name  # stands in for the data's content digest
+    return tuple(stage_key(provenance.stage_material(
+        cfg, role=role, model_cfg=model, seed=cfg.seed, epochs=5, numerics=numerics,
+        data_digest=data)) for role, model in (("teacher", cfg.teacher), ("scratch", cfg.student)))
 
 
 @pytest.mark.parametrize("override,teacher_same,scratch_same", [

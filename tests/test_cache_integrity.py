@@ -1,0 +1,98 @@
+"""A damaged stage-cache file is caught before it is used: one warning line, the stage
+computed again, the run finishes, and no run directory's checkpoint is harmed."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from kdrun import pipeline
+from kdrun.cache import SET_ASIDE, StageEntry
+from kdrun.cache import main as kdrun_cache
+from kdrun.store import load_checkpoint
+from tests.helpers import make_config
+
+TINY = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
+        "teacher.hidden=[32]", "student=mlp", "student.hidden=[8]", "trainer.epochs=2",
+        "repeats=1", "progress=false", "num_threads=1"]
+ROLES = ("teacher", "scratch", "distilled")
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "flip":
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.unlink()
+
+
+def run(tmp, name):
+    cfg = make_config(*TINY, f"cache.dir={tmp}/cache")
+    return {r["role"]: r for r in pipeline.run(cfg, tmp / name)["rows"]}
+
+
+def events(run_dir):
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("role,name,how", [
+    ("teacher", "result.pt", "flip"),
+    ("scratch", "result.pt", "truncate"),
+    ("distilled", "result.pt", "delete"),
+    ("distilled", "summary.json", "flip"),
+    ("scratch", "summary.json", "delete"),
+    ("scratch", "rows.csv", "delete"),
+    ("teacher", "result.pt.sha256", "delete"),
+    ("teacher", "logits-best_val.pt", "truncate"),
+])
+def test_a_damaged_cache_file_is_caught_recomputed_and_never_reaches_a_run(tmp_path, caplog,
+                                                                          role, name, how):
+    first = run(tmp_path, "a")
+    entry = tmp_path / "cache" / first[role]["cache_key"]
+    damage(entry / name, how)
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        second = run(tmp_path, "b")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert name in warnings[0] or "missing" in warnings[0], warnings
+    stage_events = {e["stage"]: e["event"] for e in events(tmp_path / "b")}
+    if name.startswith("logits"):  # the teacher stage is intact: only its logits are redone
+        assert StageEntry.at(entry).problem() is None
+    else:
+        assert stage_events[role] == "trained"
+        assert list((tmp_path / "cache" / SET_ASIDE).iterdir())  # kept for a post-mortem
+    for r in ROLES:  # recomputed, the same numbers as before; both runs' files load
+        assert second[r]["test_acc_best_val"] == first[r]["test_acc_best_val"]
+        a = load_checkpoint(tmp_path / "a" / "checkpoints" / f"{r}.pt")["model"]
+        b = load_checkpoint(tmp_path / "b" / "checkpoints" / f"{r}.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_resume_state_restarts_the_stage_with_a_warning(tmp_path, caplog):
+    entry = StageEntry(tmp_path, {"stage": "teacher"})
+    entry.start()
+    entry.save_state({"epoch": 3, "model": {"w": torch.ones(4)}})
+    assert entry.start()["epoch"] == 3
+    damage(entry.state_pt, "flip")
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        assert entry.start() is None
+    assert "state.pt does not match its checksum" in caplog.text
+
+
+def test_kdrun_cache_verify_lists_damaged_entries_and_exits_1(tmp_path, capsys):
+    rows = run(tmp_path, "a")
+    assert kdrun_cache(["verify", str(tmp_path / "cache")]) == 0
+    assert "3 stages checked, all intact" in capsys.readouterr().out
+    damage(tmp_path / "cache" / rows["scratch"]["cache_key"] / "result.pt", "flip")
+    assert kdrun_cache(["verify", str(tmp_path / "cache")]) == 1
+    out = capsys.readouterr().out
+    assert rows["scratch"]["cache_key"] in out and "result.pt does not match" in out
+    assert rows["teacher"]["cache_key"] not in out
+    assert kdrun_cache(["verify", "--set-aside", str(tmp_path / "cache")]) == 1
+    assert kdrun_cache(["verify", str(tmp_path / "cache")]) == 0

@@ -1,0 +1,63 @@
+"""The verdict is one test that is what it says (a paired t-test at 95%, with its
+p-value) and says what it covers; speed-ups are measured side by side."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import stats
+
+from kdrun.measure import compare_with_teacher, round_to_spread
+from kdrun.report import gain_test, gain_verdict
+
+
+@pytest.mark.parametrize("gains", [[1.0, 2.5, 0.5], [0.3, -0.2, 0.9, 1.4, 0.1], [-2.0, -1.0]])
+def test_interval_and_p_value_are_scipys(gains):
+    test = gain_test(gains)
+    low, high = stats.t.interval(0.95, len(gains) - 1, loc=statistics.mean(gains),
+                                 scale=stats.sem(gains))
+    assert (test.ci_low, test.ci_high) == pytest.approx((low, high))
+    assert test.p == pytest.approx(stats.ttest_1samp(gains, 0).pvalue)
+    assert test.verdict == ("not significant" if test.p >= 0.05 else
+                            "helps" if test.mean > 0 else "hurts")
+
+
+def test_no_extra_one_std_rule_overrides_the_stated_95_percent_test():
+    gains = [2.0, -0.5, 1.5, 0.8, 2.6, -0.4, 1.9, 0.2, 2.2, -0.3]  # |mean| < std, p < 0.05
+    assert abs(statistics.mean(gains)) < statistics.stdev(gains)
+    assert stats.ttest_1samp(gains, 0).pvalue < 0.05
+    assert gain_test(gains).verdict == "helps"
+
+
+def test_identical_gains_have_no_spread_to_test_against():
+    assert gain_test([0.0, 0.0, 0.0]).verdict == "not significant"
+    assert gain_test([1.0, 1.0]).verdict == "helps"
+
+
+def test_the_verdict_says_it_holds_for_one_teacher_and_gives_p():
+    text = gain_verdict([1.0, 2.5, 1.5, 2.0], "one teacher (seed 0)")
+    assert "over 4 paired student seeds under one teacher (seed 0)" in text
+    assert "p = 0.0" in text and "for this teacher" in text
+
+
+def test_spread_decides_the_digits():
+    assert round_to_spread(2.8349, 0.12) == 2.8
+    assert round_to_spread(2.8349, 0.012) == 2.83
+    assert round_to_spread(12.8349, 1.5) == 13.0
+
+
+def test_students_of_one_architecture_share_one_side_by_side_speedup():
+    nn = torch.nn
+    teacher = nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 10))
+    student = torch.nn.Linear(40, 10)
+    rows = [{"role": "teacher", "params": 26122}, {"role": "scratch", "params": 410},
+            {"role": "distilled", "params": 410}, {"role": "scratch", "params": 410}]
+    compare_with_teacher(rows, teacher, student, (40,), torch.device("cpu"),
+                         OmegaConf.create({"repeats_b1": 7, "repeats_b256": 5, "warmup": 1}))
+    students = rows[1:]
+    assert len({(r["speedup_b1"], r["speedup_b256"], r["latency_ms_b1"]) for r in students}) == 1
+    assert rows[1]["compression"] == pytest.approx(26122 / 410, rel=1e-3)
+    assert rows[0]["latency_ms_b256"] > rows[1]["latency_ms_b256"]

@@ -1,0 +1,109 @@
+"""The sweep report pools only replicates: every swept setting is reported apart, in its
+own column, and students are nested in their teachers."""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+
+from kdrun.sweep import write_report
+from tests.test_sweep import FAST, kdrun
+
+
+def fake_job(sweep, name, overrides, teacher_key, students, T=4.0, alpha=0.9):
+    """A finished job folder: Hydra's overrides record, a summary and metrics.
+    ``students`` maps a student seed to its (scratch, distilled) test accuracy."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    common = {"method": "dkd", "T": T, "alpha": alpha, "device": "cpu", "precision": "fp32",
+              "torch": "2.x", "data_sha256": "d", "eval_split": "test"}
+    rows = [{"role": "teacher", "seed": 0, "test_acc_best_val": 90.0, "val_acc_best": 90.0,
+             "cache_key": teacher_key, **common}]
+    for seed, (scratch, distilled) in students.items():
+        rows += [{"role": "scratch", "seed": seed, "test_acc_best_val": scratch,
+                  "val_acc_best": scratch, "cache_key": f"s{seed}", **common},
+                 {"role": "distilled", "seed": seed, "test_acc_best_val": distilled,
+                  "val_acc_best": distilled, "cache_key": f"d{name}{seed}", **common}]
+    pd.DataFrame(rows).to_csv(job / "summary.csv", index=False)
+    pd.DataFrame([{"stage": s, "seed": 0, "epoch": 1, "split": "val", "acc": 50.0}
+                  for s in ("teacher", "scratch", "distilled")]).to_csv(job / "metrics.csv",
+                                                                          index=False)
+
+
+def report_table(sweep):
+    text = write_report(sweep).read_text()
+    section = text.split("## Distillation gain per setting")[1].split("## Best setting")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return text, [dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+                  for ln in lines[2:]]
+
+
+def test_trials_that_differ_only_in_a_methods_own_weight_are_reported_apart(tmp_path):
+    """An Optuna search over loss.dkd_beta: each trial is its own setting, never pooled."""
+    for i, beta in enumerate((1.5, 4.25, 7.0)):
+        fake_job(tmp_path, str(i), ["loss=dkd", f"loss.dkd_beta={beta}", "progress=false"],
+                 "t0", {0: (60.0, 60.0 + i), 1: (61.0, 61.5 + i)})
+    text, rows = report_table(tmp_path)
+    assert [r["loss.dkd_beta"] for r in rows] == ["1.5", "4.25", "7.0"]
+    assert "progress" not in rows[0] and "Common to every job: `loss=dkd`" in text
+    assert [r["gain"].split()[0] for r in rows] == ["+0.25", "+1.25", "+2.25"]
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert "loss.dkd_beta" in summary.columns
+
+
+def test_teacher_seeds_are_pooled_as_teachers_means_with_the_spread_within_beside(tmp_path):
+    gains = {0: [1.0, 2.0, 3.0], 1: [-1.0, 0.0, 0.5], 2: [2.0, 2.5, 4.0]}
+    for seed, per_student in gains.items():
+        students = {10 * seed + i: (50.0, 50.0 + g) for i, g in enumerate(per_student)}
+        fake_job(tmp_path, f"seed={seed}", [f"seed={seed}"], f"t{seed}", students)
+    _, rows = report_table(tmp_path)
+    assert len(rows) == 1  # the seeds are replicates of one setting
+    row = rows[0]
+    means = [statistics.mean(g) for g in gains.values()]
+    low, high = stats.t.interval(0.95, len(means) - 1, loc=statistics.mean(means),
+                                 scale=stats.sem(means))
+    assert row["95% CI"] == f"[{low:+.2f}, {high:+.2f}]"
+    assert row["p"] == f"p = {stats.ttest_1samp(means, 0).pvalue:.3f}"
+    within = (statistics.mean(statistics.variance(g) for g in gains.values())) ** 0.5
+    assert row["within_teacher_std"] == f"{within:.2f}"
+    assert row["teachers"] == "3" and row["students"] == "9"
+    assert row["interval_over"] == "3 teachers' mean gains"
+
+
+def test_one_teachers_students_give_an_interval_that_says_so(tmp_path):
+    fake_job(tmp_path, "a", ["loss.T=2"], "t0", {0: (50.0, 51.0), 1: (50.0, 52.5)}, T=2.0)
+    fake_job(tmp_path, "b", ["loss.T=8"], "t0", {0: (50.0, 49.0), 1: (50.0, 50.5)}, T=8.0)
+    _, rows = report_table(tmp_path)
+    assert [r["loss.T"] for r in rows] == ["2", "8"]
+    assert {r["interval_over"] for r in rows} == {"2 student seeds, 1 teacher"}
+
+
+def test_a_student_width_by_temperature_sweep_reports_four_settings(tmp_path):
+    kdrun(tmp_path, "-m", "student.hidden=[50],[100]", "loss.T=2,4", *FAST, "repeats=2")
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    text, rows = report_table(sweep)
+    assert sorted((r["student.hidden"], r["loss.T"]) for r in rows) == [
+        ("[100]", "2"), ("[100]", "4"), ("[50]", "2"), ("[50]", "4")]
+    assert all(r["verdict"] and r["95% CI"] != "[nan, nan]" for r in rows)
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert {"student.hidden", "loss.T"} <= set(summary.columns)
+    distilled = summary[summary.role == "distilled"]
+    assert distilled.groupby(["student.hidden", "loss.T"]).size().tolist() == [2, 2, 2, 2]
+    assert "student.hidden=[100]" in text  # the heatmap panels and best setting name it
+
+
+@pytest.mark.slow
+def test_optuna_over_a_methods_weight_reports_each_trial(tmp_path):
+    from tests.test_recipes import TINY
+
+    kdrun(tmp_path, "hparams_search=kd_optuna", "loss=dkd", "loss.dkd_beta=interval(1, 8)",
+          "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3", *TINY)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    _, rows = report_table(sweep)
+    assert len(rows) == 3 and len({r["loss.dkd_beta"] for r in rows}) == 3
