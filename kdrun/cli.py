@@ -143,7 +143,27 @@ def preflight(argv: list[str]) -> None:
                 raise UserError(_unknown_key_message(str(e), job, compose) or
                                 _hydra_message_on_one_line(str(e))) from e
             validate(cfg)
+            _check_search_space(job, compose)
             _check_writable(cfg.output_root)
+
+
+def _check_search_space(job: list[str], compose) -> None:
+    """A sweeper's search space (``hydra.sweeper.params``) may only name keys the job's
+    config has: ``hparams_search=kd_optuna loss=dkd`` would search ``loss.alpha``,
+    which DKD lacks."""
+    if not any(a.startswith(SWEEPER_CHOICES) for a in job):
+        return
+    cfg = compose("config", overrides=job, return_hydra_config=True)
+    for key in cfg.hydra.sweeper.get("params") or {}:
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            parent = OmegaConf.select(cfg, key.rpartition(".")[0])
+            valid = f"; {key.rpartition('.')[0]} has: {', '.join(parent)}" \
+                if OmegaConf.is_dict(parent) else ""
+            raise ConfigError("hydra.sweeper.params", key, f"not a key of this config{valid} "
+                              f"(for loss=dkd: hparams_search=dkd_optuna)")
+
+
+_ABSENT = object()
 
 
 def _check_writable(folder: str) -> None:

@@ -132,6 +132,8 @@ CASES = [
     ("unknown device", args("device=tpu"), ["device='tpu'", "auto, cpu, cuda"]),
     ("bad point in a sweep", args("-m", "loss.T=1,2,-1"), ["loss.T=-1", "> 0"]),
     ("malformed sweep", args("-m", "loss.T=1,,2"), ["loss.T=1,,2"]),
+    ("search space names a key the loss lacks", args("hparams_search=kd_optuna", "loss=dkd"),
+     ["hydra.sweeper.params", "loss.alpha", "dkd_optuna"]),
     ("feature loss on an mlp", args("loss=at"), ["student.arch", "cnn"]),
     # the machine and the output folder
     ("CUDA absent", args("device=cuda"), ["device='cuda'", "CUDA is not available", "cpu or auto"]),

@@ -102,8 +102,8 @@ def test_a_student_width_by_temperature_sweep_reports_four_settings(tmp_path):
 def test_optuna_over_a_methods_weight_reports_each_trial(tmp_path):
     from tests.test_recipes import TINY
 
-    kdrun(tmp_path, "hparams_search=kd_optuna", "loss=dkd", "loss.dkd_beta=interval(1, 8)",
-          "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=3", *TINY)
+    kdrun(tmp_path, "hparams_search=dkd_optuna", "hydra.sweeper.n_trials=3",
+          "hydra.sweeper.sampler.n_startup_trials=3", *TINY)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     _, rows = report_table(sweep)
     assert len(rows) == 3 and len({r["loss.dkd_beta"] for r in rows}) == 3
