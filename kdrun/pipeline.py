@@ -40,6 +40,7 @@ from kdrun.schemes import SCHEMES, distillation_loss
 from kdrun.store import (
     RunDir,
     copy_file,
+    digest_path,
     load_checked,
     load_checkpoint,
     remove_temporaries,
@@ -292,9 +293,9 @@ class Stages:
             logits = load_checked(path)
             if logits is not None:
                 return logits.to(self.device)
-            if path.exists():
-                log.warning("stage cache: %s does not match its checksum; computing the "
-                            "teacher's logits again", path)
+            if path.exists() or digest_path(path).exists():
+                log.warning("stage cache: %s is missing or does not match its checksum; "
+                            "computing the teacher's logits again", path)
             teacher.to(self.device)
             logits = predict_logits(teacher, self.data.train.to(self.device),
                                     self.tcfg.eval_batch_size)

@@ -50,6 +50,7 @@ def events(run_dir):
     ("scratch", "rows.csv", "delete"),
     ("teacher", "result.pt.sha256", "delete"),
     ("teacher", "logits-best_val.pt", "truncate"),
+    ("teacher", "logits-best_val.pt", "delete"),
 ])
 def test_a_damaged_cache_file_is_caught_recomputed_and_never_reaches_a_run(tmp_path, caplog,
                                                                           role, name, how):

@@ -90,6 +90,19 @@ def test_a_setting_that_can_change_numbers_changes_the_key(override):
     assert material(base, role) != material(flipped, role)
 
 
+def test_a_distilled_student_is_not_reused_across_cached_and_live_teacher_targets(tmp_path):
+    import json
+
+    cfg = make_config(*TINY, f"cache.dir={tmp_path}/cache")
+    pipeline.run(cfg, tmp_path / "cached")
+    live = make_config(*TINY, f"cache.dir={tmp_path}/cache", "trainer.cache_teacher_logits=false")
+    pipeline.run(live, tmp_path / "live")
+    lines = (tmp_path / "live" / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert {e["stage"]: e["event"] for e in events} == {
+        "teacher": "reused", "scratch": "reused", "distilled": "trained"}
+
+
 def test_cpu_threads_and_the_torch_version_are_in_the_key(monkeypatch):
     cfg = make_config(*TINY)
     before = material(cfg)
