@@ -195,13 +195,25 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 
 def _check_group_choices(overrides: list[str]) -> None:
     """``dataset=foo``: say which options the group has, in one line."""
+    search_path = _search_path(overrides)
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
         if key.startswith("hydra") or "." in key or not (files(CONFIG_MODULE) / key).is_dir():
             continue
-        options = group_options(key)
+        options = group_options(key, search_path)
         if value not in options and not (key == "experiment" and value == "null"):
             raise ConfigError(key, value, f"not a known option; valid: {', '.join(options)}")
+
+
+def _search_path(overrides: list[str]) -> tuple[str, ...]:
+    """The folders of ``hydra.searchpath=[file://...]``: where a user keeps own configs."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "hydra.searchpath":
+            entries = value.strip("[]").split(",")
+            return tuple(e.strip().removeprefix("file://") for e in entries
+                         if e.strip().startswith("file://"))
+    return ()
 
 
 def _check_optional_packages(overrides: list[str]) -> None:

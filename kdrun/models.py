@@ -3,8 +3,9 @@
 A builder takes the data's ``input_shape`` (without the batch dimension) and
 ``num_classes``, plus the keys of its ``configs/teacher|student/*.yaml`` file.
 Layers are named (``conv0``, ``fc1``, ``head``, ...) so later losses can tap
-intermediate features by name. To add a model: write its builder, add it to
-MODELS, add a YAML file with ``arch: <name>``.
+intermediate features by name. To add a model: write its builder here with
+``@MODELS.register("name")`` and add a YAML file with ``arch: <name>``; or keep the
+builder in your own package and write its import path as ``arch``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, DataError, UserError
+from kdrun.registry import Registry
+
+# name -> builder(input_shape, num_classes, **keys); a config may also name a function
+# of your own package by its import path (arch: mypackage.models.tiny_cnn)
+MODELS = Registry("model", hidden=("cohort",))  # a cohort is built by scheme=dml
 
 
 def _as_list(value, n: int) -> list:
@@ -29,6 +35,7 @@ def _as_list(value, n: int) -> list:
     return list(value)
 
 
+@MODELS.register("mlp")
 def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: float = 0.0):
     """Fully connected ReLU network on the flattened input."""
     layers = OrderedDict(flatten=nn.Flatten())
@@ -43,6 +50,7 @@ def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: f
     return nn.Sequential(layers)
 
 
+@MODELS.register("cnn")
 def cnn(
     input_shape,
     num_classes,
@@ -108,6 +116,7 @@ def _need_images(input_shape, name: str) -> None:
                         f"{tuple(input_shape)}: use an mlp or a cnn")
 
 
+@MODELS.register("resnet18")
 def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: bool = False):
     """torchvision's ResNet-18 (He et al. 2016) with ``num_classes`` outputs and a first
     convolution for the data's channel count. ``small_inputs`` swaps the 7x7/2 stem and
@@ -134,6 +143,7 @@ def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: b
     return model
 
 
+@MODELS.register("dsconv")
 def dsconv(input_shape, num_classes, base: int = 16,
            multipliers: Sequence[int] = (1, 2, 4, 8, 16, 16, 16, 16), pool_blocks: int = 3):
     """Depthwise-separable CNN (Howard et al. 2017, MobileNets), as the food-11 seed's
@@ -178,6 +188,7 @@ class Cohort(nn.Module):
         return self.outputs[0]
 
 
+@MODELS.register("cohort")
 def cohort(input_shape, num_classes, size: int = 2, member=None):
     """``size`` students of the architecture ``member`` (a student config), each built
     in turn from the current random state: member 1 gets the init a lone student
@@ -188,15 +199,18 @@ def cohort(input_shape, num_classes, size: int = 2, member=None):
     return Cohort([build_model(member, input_shape, num_classes) for _ in range(size)])
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18, "dsconv": dsconv, "cohort": cohort}
-USER_MODELS = ("mlp", "cnn", "resnet18", "dsconv")  # the ones a teacher/student config may name
 
 NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder arguments
 
 
+def model_builder(arch: str, key: str = "arch"):
+    """The builder ``arch`` names: a registered name or a function's import path."""
+    return MODELS.get(arch, key) if arch != "cohort" else cohort
+
+
 def builder_keys(arch: str) -> list[str]:
     """The config keys a model builder accepts (besides the data-given shapes)."""
-    params = inspect.signature(MODELS[arch]).parameters
+    params = inspect.signature(model_builder(arch)).parameters
     return [p for p in params if p not in ("input_shape", "num_classes")]
 
 
@@ -204,7 +218,7 @@ def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -
     """Build ``model_cfg.arch`` for this data; ``role`` (teacher/student) names errors."""
     params = {k: v for k, v in dict(model_cfg).items() if k not in NOT_BUILDER_KEYS}
     try:
-        return MODELS[model_cfg.arch](tuple(input_shape), num_classes, **params)
+        return model_builder(model_cfg.arch)(tuple(input_shape), num_classes, **params)
     except RuntimeError as e:  # e.g. the input shrinks to nothing after too many strided convs
         raise ConfigError(
             f"{role}", model_cfg.arch,

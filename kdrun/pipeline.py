@@ -24,7 +24,7 @@ from kdrun.data import Data, fingerprint, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.export import export_onnx
 from kdrun.features import feature_shape
-from kdrun.losses import CE
+from kdrun.losses import CE, build_loss, loss_class
 from kdrun.measure import AllOf, compare_with_teacher, model_figures
 from kdrun.models import build_model, describe, load_weights
 from kdrun.provenance import (
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     log.info("data: %s, %d train / %d val / %d %s examples, input %s, %d classes",
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
+    check_feature_layers(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
     rows = SCHEMES[cfg.scheme.name](stages, cfg)
@@ -277,7 +278,7 @@ class Stages:
                         loss: torch.nn.Module) -> TeacherTargets:
         """Cached logits when the training data is not augmented and the loss reads only
         logits (the default); else the teacher itself, run on each batch."""
-        features = getattr(loss, "needs_features", False)
+        features = loss.reads_features
         cacheable = self.data.train.in_memory and self.augment is None
         if cacheable and self.tcfg.cache_teacher_logits and not features:
             return CachedLogits(self.teacher_logits(teacher, entry))
@@ -358,13 +359,9 @@ class Stages:
         torch.manual_seed(rng)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
-        if hasattr(loss, "attach"):  # a mutual loss reads the whole cohort's outputs
-            loss.attach(model)
-        if getattr(loss, "needs_features", False):
-            shape = self.data.input_shape
-            loss.prepare(feature_shape(model, loss.student_layer, shape, "loss.student_layer"),
-                         feature_shape(teacher.model, loss.teacher_layer, shape,
-                                       "loss.teacher_layer"))
+        loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
+        if loss.reads_features:
+            loss.prepare(*feature_shapes(loss, model, teacher.model, self.data.input_shape))
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
@@ -415,6 +412,24 @@ class Stages:
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(checkpoint[WEIGHTS[weights]])
         return model.to(self.device)
+
+
+def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape):
+    """The shapes of the layers a feature loss reads, student's and teacher's."""
+    return (feature_shape(student, loss.student_layer, input_shape, "loss.student_layer"),
+            feature_shape(teacher, loss.teacher_layer, input_shape, "loss.teacher_layer"))
+
+
+def check_feature_layers(cfg: DictConfig, data: Data) -> None:
+    """Before anything trains: a feature loss can read its layers from these models
+    (e.g. attention transfer needs feature maps on both sides)."""
+    if cfg.scheme.name not in ("offline", "born_again") or not loss_class(cfg.loss).reads_features:
+        return
+    teacher_cfg = cfg.student if cfg.scheme.name == "born_again" else cfg.teacher
+    student, teacher = (build_model(c, data.input_shape, data.num_classes, role)
+                        for c, role in ((cfg.student, "student"), (teacher_cfg, "teacher")))
+    loss = build_loss(cfg.loss)
+    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape))
 
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:

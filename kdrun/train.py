@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
 from kdrun.features import FeatureTap
+from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
 
 log = logging.getLogger("kdrun")
@@ -185,7 +186,7 @@ def prepare_model(model: nn.Module, tcfg, device: torch.device) -> nn.Module:
 def fit(
     model: nn.Module,
     data: Data,
-    loss_fn: nn.Module,
+    loss_fn: DistillationLoss,
     tcfg,
     *,
     stage: str,
@@ -222,7 +223,7 @@ def fit(
     forward = prepare_model(model, tcfg, device)
     loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
-        if getattr(loss_fn, "student_layer", None) else None
+        if loss_fn.reads_features else None
     optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
     schedule = make_schedule(optimizer, tcfg, epochs)
     progress_state = {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
@@ -246,8 +247,7 @@ def fit(
                initial=progress_state["epoch"], total=epochs)
     for epoch in bar:
         model.train()
-        if hasattr(loss_fn, "start_epoch"):
-            loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
+        loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         meter, skipped = EpochMeter(math.ceil(len(train) / tcfg.batch_size), device), 0

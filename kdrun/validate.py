@@ -7,66 +7,22 @@ ConfigError that the CLI prints as one line. Keys a config does not have (e.g.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import inspect
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models, schemes
+from kdrun.checks import (
+    Check,
+    boolean,
+    device,
+    int_or_ints,
+    number,
+    one_of,
+    positive_ints,
+)
 from kdrun.errors import ConfigError
 
-Check = Callable[[object], str | None]  # returns what would be valid, or None when fine
-
-
-def number(lo=None, hi=None, *, lo_open=False, hi_open=False, integer=False,
-           optional=False) -> Check:
-    kind = "an integer" if integer else "a number"
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"{'<' if hi_open else '<='} {hi}")
-    want = f"must be {kind}" + (f" {' and '.join(bounds)}" if bounds else "")
-    want += " (or null)" if optional else ""
-
-    def check(v):
-        if v is None:
-            return None if optional else want
-        if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
-            return want
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return want
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return want
-        return None
-
-    return check
-
-
-def one_of(*options) -> Check:
-    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
-
-
-def boolean(v) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def positive_ints(v) -> str | None:
-    ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i > 0
-                                     for i in v)
-    return None if ok else "must be a list of positive integers, e.g. [64, 64]"
-
-
-def int_or_ints(v) -> str | None:
-    return None if isinstance(v, int) and v > 0 else positive_ints(v)
-
-
-def device(v) -> str | None:
-    ok = isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
-    return None if ok else "must be auto, cpu, cuda or cuda:N"
-
-
-PROBABILITY = number(0, 1)
 RULES: dict[str, Check] = {
     "seed": number(integer=True),
     "repeats": number(1, integer=True),
@@ -105,16 +61,6 @@ RULES: dict[str, Check] = {
     "dataset.hflip": boolean,
     "dataset.rotation": number(0),
     "dataset.workers": number(0, integer=True),
-    "loss.name": one_of(*losses.LOSSES),
-    "loss.T": number(0, lo_open=True),
-    "loss.alpha": PROBABILITY,
-    "loss.t2_scale": boolean,
-    **{f"loss.{w}": number(0) for w in ("beta", "gamma", "dkd_alpha", "dkd_beta", "w_dist",
-                                         "w_angle")},
-    "loss.warmup": number(0, integer=True),
-    "loss.eps": number(0, lo_open=True),
-    "loss.student_layer": lambda v: None if isinstance(v, str) and v else "must be a layer name",
-    "loss.teacher_layer": lambda v: None if isinstance(v, str) and v else "must be a layer name",
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
     "logger.name": one_of("csv", "tensorboard"),
@@ -139,7 +85,6 @@ RULES: dict[str, Check] = {
                                               "channels_last", "compile")},
 }
 MODEL_RULES: dict[str, Check] = {
-    "arch": one_of(*models.USER_MODELS),
     "hidden": lambda v: None if v == [] else positive_ints(v),
     "channels": positive_ints,
     "kernel_size": int_or_ints,
@@ -163,11 +108,7 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
     _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name),
                   data.NOT_BUILDER_KEYS)
-    if cfg.loss.name == "at":  # attention maps need feature maps on both sides
-        for role in ("teacher", "student"):
-            if cfg[role].arch != "cnn":
-                raise ConfigError(f"{role}.arch", cfg[role].arch,
-                                  f"loss=at needs a cnn {role} (attention maps of feature maps)")
+    _check_loss(cfg.loss)
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
     if cfg.scheme.name == "ensemble":
@@ -175,17 +116,21 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_model(role: str, node) -> None:
+    models.MODELS.get(str(node.get("arch")), f"{role}.arch")  # registered, or importable
     for key, check in MODEL_RULES.items():
         _check(f"{role}.{key}", node.get(key, _ABSENT), check)
     _check_params(role, node, models.builder_keys(node.arch), models.NOT_BUILDER_KEYS)
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in configs/<group>/."""
+def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
+    """The options of a config group: the YAML files in kdrun's configs/<group>/ and in
+    <folder>/<group>/ of each ``hydra.searchpath`` folder (a user's own configs)."""
     from importlib.resources import files
+    from pathlib import Path
 
-    return sorted(p.name.removesuffix(".yaml") for p in (files("kdrun.configs") / group).iterdir()
-                  if p.name.endswith(".yaml"))
+    folders = [files("kdrun.configs") / group, *(Path(f) / group for f in search_path)]
+    return sorted({p.name.removesuffix(".yaml") for folder in folders if folder.is_dir()
+                   for p in folder.iterdir() if p.name.endswith(".yaml")})
 
 
 def _check_ensemble(cfg: DictConfig) -> None:
@@ -197,13 +142,33 @@ def _check_ensemble(cfg: DictConfig) -> None:
         key = f"scheme.teachers[{i}].option"
         _check(key, spec.get("option"), one_of(*options))
         _check_model(f"scheme.teachers[{i}]", schemes.teacher_config(spec))
-    if getattr(losses.LOSSES[cfg.loss.name], "needs_features", False):
+    if losses.loss_class(cfg.loss).reads_features:
         raise ConfigError("loss", cfg.loss.name, "scheme=ensemble combines the teachers' "
                           "logits: use a logit-based loss (kd, dkd, dist, mse_logits, ce)")
     augment = cfg.dataset.get("augment")
     if cfg.dataset.name == "imagefolder" or (augment and (augment.crop_padding or augment.hflip)):
         raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
                           "without augmentation (its teachers' logits are computed once)")
+
+
+def _check_loss(node) -> None:
+    """The loss's class exists (a registered name or an import path), every key of its
+    config is an argument of its constructor, none it needs is missing, and each passes
+    the check the class declares for it (``config_rules``)."""
+    cls = losses.loss_class(node)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = {name: p for name, p in inspect.signature(cls).parameters.items()
+              if p.kind not in variadic}
+    accepted = list(params)
+    for key in node:
+        if key != "name" and key not in accepted:
+            raise ConfigError(f"loss.{key}", node[key], f"not a setting of loss {node.name}; "
+                              f"valid: {', '.join(accepted) or 'none'}")
+    for key in accepted:
+        if key not in node and params[key].default is inspect.Parameter.empty:
+            raise ConfigError(f"loss.{key}", None, f"loss {node.name} needs this key")
+    for key, check in cls.config_rules.items():
+        _check(f"loss.{key}", node.get(key, _ABSENT), check)
 
 
 def _check(key: str, value, check: Check) -> None:

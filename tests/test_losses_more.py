@@ -148,24 +148,23 @@ def test_alpha_adds_hintons_kd_to_a_feature_loss():
     assert with_kd == pytest.approx(KD(T=3.0, alpha=0.6)(S, T_, Y).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"ce"}))
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - {"ce"}))
 def test_gradient_reaches_student_and_regressor_never_teacher(name):
-    loss = LOSSES[name]()
+    loss = LOSSES.get(name, "loss.name")()
     s_logits, t_logits = S.clone().requires_grad_(True), T_.clone().requires_grad_(True)
     s_feat = torch.randn(6, 3, 4, 4, requires_grad=True)
     t_feat = torch.randn(6, 5, 4, 4, requires_grad=True)
-    if hasattr(loss, "prepare"):
-        loss.prepare(tuple(s_feat.shape[1:]), tuple(t_feat.shape[1:]))
+    loss.prepare(tuple(s_feat.shape[1:]), tuple(t_feat.shape[1:]))
     loss(s_logits, t_logits, Y, s_feat, t_feat).backward()
     assert s_logits.grad is not None and torch.isfinite(s_logits.grad).all()
     assert t_logits.grad is None and t_feat.grad is None
-    if getattr(loss, "needs_features", False):
+    if loss.reads_features:
         assert s_feat.grad is not None and s_feat.grad.abs().sum() > 0
     for p in loss.parameters():  # e.g. FitNet's regressor
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_every_loss_runs_end_to_end_on_the_default_data(tmp_path, name):
     students = ["student=cnn", "student.channels=[8,8,8]"] if name == "at" else []
     cfg = make_config(f"loss={name}", *students, "repeats=1", "trainer.epochs=1",
@@ -194,3 +193,11 @@ def test_dml_is_each_members_ce_plus_kl_to_its_detached_peers():
     (F.cross_entropy(own, Y) + 4 * kl(T_, own)).backward()  # member 1's own terms only
     assert torch.allclose(z1.grad, own.grad, atol=1e-6)
     assert list(loss.parameters()) == []  # the cohort is not a part of the loss
+
+
+def test_attention_transfer_runs_with_any_student_that_has_a_feature_map(tmp_path):
+    cfg = make_config("dataset=digits", "student=dsconv", "student.base=4", "loss=at",
+                      "repeats=1", "trainer.epochs=1", "progress=false",
+                      f"cache.dir={tmp_path}/c")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["arch"] for r in rows] == ["cnn[32,32,32]+fc[128]", "dsconv[4]", "dsconv[4]"]

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from kdrun import pipeline
 from kdrun.augment import make_augment, random_crop, random_hflip
 from kdrun.data import epoch_batches
+from kdrun.losses import DistillationLoss
 from kdrun.models import build_model
 from kdrun.store import load_checkpoint
 from kdrun.train import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
@@ -120,7 +121,7 @@ def test_compiled_training_saves_plain_weights_close_to_eager(tmp_path):
     assert [r["role"] for r in compiled_rows] == [r["role"] for r in eager_rows]
 
 
-class NaNOnStep(torch.nn.Module):
+class NaNOnStep(DistillationLoss):
     """Cross-entropy, except that the loss of the ``bad``-th call is NaN."""
 
     needs_teacher = False

@@ -9,22 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.checks import layer_name, number
 from kdrun.errors import ConfigError
-from kdrun.losses.kd import WithKD
+from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss
+
+WEIGHT = number(0)
 
 
-class FeatureLoss(WithKD):
+class FeatureLoss(DistillationLoss):
     """A method that reads ``student_layer`` of the student and ``teacher_layer`` of
-    the teacher (the teacher then runs on every batch: its features are not cached)."""
+    the teacher (the teacher then runs on every batch: its features are not cached),
+    plus, optionally, Hinton's KD: L = kd_loss(alpha, T) + its own term. With alpha=0
+    (their papers' setting unless stated) that is CE + its own term."""
 
-    needs_features = True
+    reads_features = True
+    config_rules = {"student_layer": layer_name, "teacher_layer": layer_name, **KD_RULES}
 
     def __init__(self, student_layer: str, teacher_layer: str, alpha: float, T: float):
-        super().__init__(alpha=alpha, T=T)
+        super().__init__()
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.alpha, self.T = float(alpha), float(T)
 
-    def prepare(self, student_shape: tuple, teacher_shape: tuple) -> None:
-        """Called once with the two features' shapes (batch excluded) before training."""
+    def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha)
 
 
 def regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
@@ -37,6 +44,7 @@ def regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
     return nn.Sequential(nn.Flatten(), linear, nn.Unflatten(1, teacher_shape))
 
 
+@LOSSES.register("fitnet")
 class FitNet(FeatureLoss):
     """FitNets, Romero et al. 2015 (ICLR), "FitNets: Hints for Thin Deep Nets": a learned
     regressor maps the student's hint layer to the teacher's guided layer, and the
@@ -46,6 +54,8 @@ class FitNet(FeatureLoss):
     stage with the regressor trained alongside the student (as mdistiller does; the
     paper pre-trains the hint first). beta=100 as in mdistiller's CIFAR setting.
     """
+
+    config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT}
 
     def __init__(self, beta: float = 100.0, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0):
@@ -68,6 +78,7 @@ def attention_map(feature: torch.Tensor) -> torch.Tensor:
     return F.normalize(feature.pow(2).mean(1).flatten(1), dim=1)
 
 
+@LOSSES.register("at")
 class AT(FeatureLoss):
     """Attention transfer, Zagoruyko & Komodakis 2017 (ICLR), "Paying More Attention
     to Attention": the student matches where the teacher's feature maps are active.
@@ -77,15 +88,18 @@ class AT(FeatureLoss):
     average-pooled to the smaller one's size when they differ.
     """
 
+    config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT}
+
     def __init__(self, beta: float = 1000.0, student_layer: str = "features",
                  teacher_layer: str = "features", alpha: float = 0.0, T: float = 4.0):
         super().__init__(student_layer, teacher_layer, alpha, T)
         self.beta = float(beta)
 
     def prepare(self, student_shape, teacher_shape) -> None:
-        for role, shape in (("student", student_shape), ("teacher", teacher_shape)):
+        for role, layer, shape in (("student", self.student_layer, student_shape),
+                                   ("teacher", self.teacher_layer, teacher_shape)):
             if len(shape) < 2:
-                raise ConfigError(f"loss.{role}_layer", getattr(self, f"{role}_layer"),
+                raise ConfigError(f"loss.{role}_layer", layer,
                                   f"attention transfer needs a convolutional feature map, but "
                                   f"this layer gives flat features {shape}: use a cnn {role}")
 

@@ -1,25 +1,12 @@
-"""Hinton's KD, the cross-entropy control, and the KD part other methods add on.
-
-Every loss is called as ``loss(student_logits, teacher_logits, labels,
-student_feature, teacher_feature)``; see kdrun/losses/__init__.py.
-"""
+"""Hinton's KD and the cross-entropy control (the formula itself: base.kd_loss)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(p_t^T || p_s^T), summed over classes and averaged over the batch ("batchmean").
-
-    Both sides are given as log-probabilities (``log_target=True``): no softmax is
-    taken twice, and the teacher side cannot underflow to log(0).
-    """
-    log_p_student = F.log_softmax(student_logits / T, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+from kdrun.checks import boolean
+from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss
 
 
 @torch.no_grad()
@@ -30,7 +17,8 @@ def soft_target_entropy(teacher_logits: torch.Tensor, T: float) -> float:
     return float(-(log_p.exp() * log_p).sum(1).mean())
 
 
-class KD(nn.Module):
+@LOSSES.register("kd")
+class KD(DistillationLoss):
     """Knowledge distillation, Hinton, Vinyals & Dean 2015, "Distilling the Knowledge
     in a Neural Network" (arXiv:1503.02531).
 
@@ -42,7 +30,7 @@ class KD(nn.Module):
     as T changes.
     """
 
-    needs_teacher = True
+    config_rules = {**KD_RULES, "t2_scale": boolean}
 
     def __init__(self, T: float = 4.0, alpha: float = 0.9, t2_scale: bool = True):
         super().__init__()
@@ -50,34 +38,12 @@ class KD(nn.Module):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        hard = F.cross_entropy(student_logits, labels)
-        if self.alpha == 0:
-            return hard
-        soft = soft_kl(student_logits, teacher_logits, self.T)
-        soft_weight = self.alpha * (self.T**2 if self.t2_scale else 1.0)  # one multiply a step
-        return soft_weight * soft + (1 - self.alpha) * hard
+        return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
+                       self.t2_scale)
 
 
-class WithKD(nn.Module):
-    """Base of the methods that add their own term to cross-entropy and, optionally,
-    Hinton's KD: L = (1 - alpha) * CE + alpha * T^2 * KL(p_t^T || p_s^T) + their term.
-    With alpha=0 (their papers' setting unless stated) it is CE + their term."""
-
-    needs_teacher = True
-
-    def __init__(self, alpha: float = 0.0, T: float = 4.0):
-        super().__init__()
-        self.alpha, self.T = float(alpha), float(T)
-
-    def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
-        hard = F.cross_entropy(student_logits, labels)
-        if self.alpha == 0:
-            return hard
-        soft = soft_kl(student_logits, teacher_logits, self.T) * self.T**2
-        return (1 - self.alpha) * hard + self.alpha * soft
-
-
-class CE(nn.Module):
+@LOSSES.register("ce")
+class CE(DistillationLoss):
     """Plain cross-entropy on the labels, no teacher: the distill stage then trains
     the student exactly as the scratch stage does (a control run)."""
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.losses.kd import soft_kl
+from kdrun.losses.base import DistillationLoss, soft_kl
 
 
-class DML(nn.Module):
+class DML(DistillationLoss):
     """Deep mutual learning, Zhang et al. 2018 (CVPR): a cohort of K students, no
     pre-trained teacher; each learns the labels and its peers' predictions.
 

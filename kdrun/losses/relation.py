@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses.feature import FeatureLoss
+from kdrun.checks import number
+from kdrun.losses.base import LOSSES
+from kdrun.losses.feature import WEIGHT, FeatureLoss
 
 
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
@@ -22,6 +24,7 @@ def triplet_angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
+@LOSSES.register("rkd")
 class RKD(FeatureLoss):
     """Relational knowledge distillation, Park et al. 2019 (CVPR): the student keeps
     the teacher's pairwise distances (normalised by their mean) and triplet angles.
@@ -29,6 +32,8 @@ class RKD(FeatureLoss):
     L = (1 - alpha) * CE + alpha * T^2 * KD + w_dist * smoothL1(d_s, d_t)
         + w_angle * smoothL1(angle_s, angle_t); the paper's weights 25 and 50.
     """
+
+    config_rules = {**FeatureLoss.config_rules, "w_dist": WEIGHT, "w_angle": WEIGHT}
 
     def __init__(self, w_dist: float = 25.0, w_angle: float = 50.0,
                  student_layer: str = "penultimate", teacher_layer: str = "penultimate",
@@ -54,6 +59,7 @@ def similarity(feature: torch.Tensor) -> torch.Tensor:
     return F.normalize(f @ f.T, p=2, dim=1)
 
 
+@LOSSES.register("sp")
 class SP(FeatureLoss):
     """Similarity-preserving KD, Tung & Mori 2019 (ICCV): inputs that the teacher
     finds similar should be similar for the student.
@@ -61,6 +67,8 @@ class SP(FeatureLoss):
     L = (1 - alpha) * CE + alpha * T^2 * KD + gamma * ||G_s - G_t||_F^2 / b^2,
     G = similarity(features), b the batch size; gamma = 3000 as in the paper.
     """
+
+    config_rules = {**FeatureLoss.config_rules, "gamma": WEIGHT}
 
     def __init__(self, gamma: float = 3000.0, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0):
@@ -81,6 +89,7 @@ def cosine_conditional(feature: torch.Tensor) -> torch.Tensor:
     return kernel / kernel.sum(1, keepdim=True)
 
 
+@LOSSES.register("pkt")
 class PKT(FeatureLoss):
     """Probabilistic knowledge transfer, Passalis & Tefas 2018 (ECCV): match the
     probability distributions that a cosine kernel induces over the batch.
@@ -88,6 +97,9 @@ class PKT(FeatureLoss):
     L = (1 - alpha) * CE + alpha * T^2 * KD + beta * mean(P_t * log(P_t / P_s)),
     the mean over all batch pairs as in RepDistiller, whose beta = 30000 we keep.
     """
+
+    config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT,
+                    "eps": number(0, lo_open=True)}
 
     def __init__(self, beta: float = 30000.0, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0,

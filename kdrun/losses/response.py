@@ -5,18 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses.kd import WithKD
+from kdrun.checks import PROBABILITY, number
+from kdrun.losses.base import LOSSES, TEMPERATURE, DistillationLoss
+
+WEIGHT = number(0)  # a loss term's weight: any non-negative number
 
 
-class MSELogits(WithKD):
+@LOSSES.register("mse_logits")
+class MSELogits(DistillationLoss):
     """Logit matching, Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?":
     the student regresses the teacher's logits.
 
     L = (1 - beta) * CE + beta * MSE(s, t), the MSE averaged over batch and classes.
     """
 
+    config_rules = {"beta": PROBABILITY}  # beta > 1 would give CE a negative weight
+
     def __init__(self, beta: float = 0.9):
-        super().__init__(alpha=0.0)
+        super().__init__()
         self.beta = float(beta)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
@@ -52,7 +58,8 @@ def dkd_parts(student_logits, teacher_logits, labels, T: float):
     return tckd, nckd, log_bt[:, 0].exp()
 
 
-class DKD(WithKD):
+@LOSSES.register("dkd")
+class DKD(DistillationLoss):
     """Decoupled knowledge distillation, Zhao et al. 2022 (CVPR), "Decoupled Knowledge
     Distillation": KD split into a target-class term (TCKD) and a non-target term
     (NCKD), weighted separately.
@@ -62,10 +69,14 @@ class DKD(WithKD):
     a 20-epoch warm-up of 240 epochs.
     """
 
+    config_rules = {"dkd_alpha": WEIGHT, "dkd_beta": WEIGHT, "T": TEMPERATURE,
+                    "warmup": number(0, integer=True)}
+
     def __init__(self, dkd_alpha: float = 1.0, dkd_beta: float = 8.0, T: float = 4.0,
                  warmup: int = 0):
-        super().__init__(alpha=0.0, T=T)
-        self.dkd_alpha, self.dkd_beta, self.warmup = float(dkd_alpha), float(dkd_beta), warmup
+        super().__init__()
+        self.dkd_alpha, self.dkd_beta, self.T = float(dkd_alpha), float(dkd_beta), float(T)
+        self.warmup = warmup
         self.ramp = 1.0
 
     def start_epoch(self, epoch: int) -> None:
@@ -84,7 +95,8 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.T
                                dim=1, eps=eps)
 
 
-class DIST(WithKD):
+@LOSSES.register("dist")
+class DIST(DistillationLoss):
     """Knowledge distillation from a stronger teacher, Huang et al. 2022 (NeurIPS),
     "DIST": match the *relations* of predictions rather than their values.
 
@@ -94,9 +106,11 @@ class DIST(WithKD):
     The paper's CIFAR-100 setting: beta = gamma = 2, T = 4.
     """
 
+    config_rules = {"beta": WEIGHT, "gamma": WEIGHT, "T": TEMPERATURE}
+
     def __init__(self, beta: float = 2.0, gamma: float = 2.0, T: float = 4.0):
-        super().__init__(alpha=0.0, T=T)
-        self.beta, self.gamma = float(beta), float(gamma)
+        super().__init__()
+        self.beta, self.gamma, self.T = float(beta), float(gamma), float(T)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):

@@ -1,0 +1,65 @@
+"""Checks of one config value: each returns what would be valid, or None when the value
+is fine. Options declare theirs next to their code (e.g. a loss's ``config_rules``);
+kdrun/validate.py runs them before anything is trained."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+Check = Callable[[object], str | None]  # returns what would be valid, or None when fine
+
+
+def number(lo=None, hi=None, *, lo_open=False, hi_open=False, integer=False,
+           optional=False) -> Check:
+    kind = "an integer" if integer else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    want = f"must be {kind}" + (f" {' and '.join(bounds)}" if bounds else "")
+    want += " (or null)" if optional else ""
+
+    def check(v):
+        if v is None:
+            return None if optional else want
+        if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
+            return want
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return want
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return want
+        return None
+
+    return check
+
+
+def one_of(*options) -> Check:
+    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
+
+
+def boolean(v) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def positive_ints(v) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i > 0
+                                     for i in v)
+    return None if ok else "must be a list of positive integers, e.g. [64, 64]"
+
+
+def int_or_ints(v) -> str | None:
+    return None if isinstance(v, int) and v > 0 else positive_ints(v)
+
+
+def device(v) -> str | None:
+    ok = isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
+    return None if ok else "must be auto, cpu, cuda or cuda:N"
+
+
+PROBABILITY = number(0, 1)
+
+
+def layer_name(v) -> str | None:
+    return None if isinstance(v, str) and v else "must be a layer name"

@@ -1,0 +1,68 @@
+"""What every distillation loss is and can do, declared once with explicit defaults.
+
+A loss is called as ``loss(student_logits, teacher_logits, labels, student_feature,
+teacher_feature)``. The pipeline and the trainer read the capabilities below and
+never probe a loss for others. To add a loss: subclass ``DistillationLoss`` in a
+module, decorate it with ``@LOSSES.register("name")``, declare ``config_rules`` for
+its constructor's keys, and add ``configs/loss/<name>.yaml``; or keep the class in
+your own package and name it by import path in your YAML (README: "Add your own").
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.checks import PROBABILITY, Check, number
+from kdrun.registry import Registry
+
+
+class DistillationLoss(nn.Module):
+    needs_teacher: ClassVar[bool] = True  # False: the teacher is never asked for
+    reads_features: ClassVar[bool] = False  # True: student_layer / teacher_layer are tapped
+    config_rules: ClassVar[dict[str, Check]] = {}  # constructor key -> its check
+    student_layer: str | None = None
+    teacher_layer: str | None = None
+
+    def prepare(self, student_shape: tuple, teacher_shape: tuple) -> None:
+        """Called once before training with the tapped features' shapes (batch excluded)."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the model being trained (a mutual loss reads its cohort)."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch (e.g. a warm-up ramp)."""
+
+    def forward(self, student_logits, teacher_logits, labels, student_feature=None,
+                teacher_feature=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+LOSSES = Registry("loss", DistillationLoss)
+TEMPERATURE = number(0, lo_open=True)
+KD_RULES: dict[str, Check] = {"T": TEMPERATURE, "alpha": PROBABILITY}
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(p_t^T || p_s^T), summed over classes and averaged over the batch ("batchmean").
+
+    Both sides are given as log-probabilities (``log_target=True``): no softmax is
+    taken twice, and the teacher side cannot underflow to log(0).
+    """
+    log_p_student = F.log_softmax(student_logits / T, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
+            t2_scale: bool = True) -> torch.Tensor:
+    """Hinton et al. 2015: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s);
+    with alpha = 0, CE alone (the teacher is not read)."""
+    hard = F.cross_entropy(student_logits, labels)
+    if alpha == 0:
+        return hard
+    soft_weight = alpha * (T**2 if t2_scale else 1.0)  # one multiply a step
+    return soft_weight * soft_kl(student_logits, teacher_logits, T) + (1 - alpha) * hard
