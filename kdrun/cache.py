@@ -10,9 +10,10 @@ finished it.
 
 Entry files: ``rows.csv`` (metric rows, appended every epoch), ``state.pt`` (the
 resumable training state), ``result.pt`` (the finished checkpoint),
-``summary.json`` (written last: its presence means the stage is done). Every file
-that is read back has a ``<name>.sha256`` beside it, written when the file is
-complete; a file that does not match it is never used: its entry is moved to
+``summary.json`` (written last: its presence means the stage is done). Nothing is
+read back unchecked: ``summary.json`` carries its own checksum and those of
+``result.pt`` and ``rows.csv``; ``state.pt`` and the teacher's logits carry their
+own (store.save_sealed). A finished entry that fails is never used: it is moved to
 ``<root>/set_aside/`` with one warning line, and the stage is computed again.
 """
 
@@ -29,17 +30,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 
 from kdrun.store import (
     CorruptFile,
     atomic_write,
-    digest_path,
-    load_checked,
-    read_checked,
+    load_sealed,
     remove_temporaries,
-    save_checked,
-    write_digest,
+    save_checkpoint,
+    save_sealed,
+    seal,
+    sha256_file,
+    unseal,
 )
 
 log = logging.getLogger("kdrun")
@@ -95,19 +98,25 @@ class StageEntry:
         return self.summary_json.exists()
 
     def problem(self) -> str | None:
-        """Why this entry cannot be trusted, or None."""
-        finished = (self.result_pt, self.rows_csv, self.summary_json)
+        """Why this entry cannot be trusted, or None (also for one still in training)."""
         if not self.summary_json.exists():
-            started_finish = digest_path(self.result_pt).exists()
-            if started_finish and load_checked(self.state_pt) is None:
-                return "summary.json is missing"
+            if self.result_pt.exists() and load_sealed(self.state_pt) is None:
+                return "summary.json is missing"  # a finished entry, partly deleted
             return None
-        for path in finished:
-            try:
-                read_checked(path)
-            except CorruptFile as e:
-                return str(e)
+        try:
+            files = self._record()["files"]
+            for name, digest in files.items():
+                path = self.dir / name
+                if not path.exists():
+                    return f"{name} is missing"
+                if sha256_file(path) != digest:
+                    return f"{name} does not match its checksum"
+        except CorruptFile as e:
+            return str(e)
         return None
+
+    def _record(self) -> dict:
+        return unseal(self.summary_json.read_text(), "summary.json")
 
     def set_aside(self, problem: str) -> Path:
         target = self.root / SET_ASIDE / f"{self.key}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -124,7 +133,7 @@ class StageEntry:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "key.json",
                      lambda tmp: tmp.write_text(json.dumps(self.material, indent=1)))
-        state = load_checked(self.state_pt)
+        state = load_sealed(self.state_pt)
         if state is None and self.state_pt.exists():
             log.warning("stage cache: %s does not match its checksum; training this stage "
                         "from the start", self.state_pt)
@@ -146,25 +155,26 @@ class StageEntry:
         return [_typed(r) for r in csv.DictReader(io.StringIO(complete, newline=""))]
 
     def save_state(self, state: dict) -> None:
-        save_checked(self.state_pt, state)
+        save_sealed(self.state_pt, state)
 
     def finish(self, checkpoint: dict, summary: dict) -> None:
-        save_checked(self.result_pt, checkpoint)
-        write_digest(self.rows_csv)
-        atomic_write(self.summary_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
-        write_digest(self.summary_json)
+        """result.pt, then summary.json in one atomic write: the summary and the
+        checksums of result.pt and rows.csv, sealed by a checksum of its own."""
+        save_checkpoint(self.result_pt, checkpoint)
+        files = {p.name: sha256_file(p) for p in (self.result_pt, self.rows_csv)}
+        record = seal({"summary": summary, "files": files})
+        atomic_write(self.summary_json, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         self.state_pt.unlink(missing_ok=True)
-        digest_path(self.state_pt).unlink(missing_ok=True)
 
     def summary(self) -> dict:
-        return json.loads(read_checked(self.summary_json))
+        return self._record()["summary"]
 
     def result(self) -> dict:
-        """The finished checkpoint, verified against its checksum."""
-        result = load_checked(self.result_pt)
-        if result is None:
+        """The finished checkpoint, read once and checked against its recorded checksum."""
+        data = self.result_pt.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self._record()["files"]["result.pt"]:
             raise CorruptFile(f"{self.result_pt} does not match its checksum")
-        return result
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def verify_cache(root: Path) -> list[tuple[Path, str]]:
@@ -173,7 +183,7 @@ def verify_cache(root: Path) -> list[tuple[Path, str]]:
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != SET_ASIDE):
         problem = StageEntry.at(folder).problem()
         for logits in folder.glob("logits-*.pt"):
-            if load_checked(logits) is None:
+            if load_sealed(logits) is None:
                 problem = problem or f"{logits.name} does not match its checksum"
         if problem:
             bad.append((folder, problem))

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 
+from kdrun.checks import boolean, number, one_of
 from kdrun.errors import DataError
-from kdrun.imagefolder import FolderData, imagefolder, split_folder
+from kdrun.registry import Registry
+
+# name -> builder(**keys) returning something with .to_data(name, split_cfg): RawData
+# here, FolderData for image folders (kdrun/imagefolder.py); a config may also name a
+# builder of your own package by its import path (name: mypackage.data.my_set)
+DATASETS = Registry("dataset")
+SEED = number(integer=True)
+FRACTION = number(0, 1, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -29,6 +36,9 @@ class RawData:
     y_test: torch.Tensor
     num_classes: int
     random_labels: bool = False  # labels carry no signal: evaluate on the training data
+
+    def to_data(self, name: str, split_cfg) -> Data:
+        return _split_tensors(name, self, split_cfg)
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Data:
 # ---------------------------------------------------------------- builders
 
 
+@DATASETS.register("mnist1d", rules={"num_samples": number(10, integer=True), "seed": SEED})
 @functools.lru_cache(maxsize=2)  # sweep jobs in one process generate it once
 def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
     """MNIST-1D (Greydanus 2020), generated locally with the package's standard
@@ -97,6 +108,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
     return RawData(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10)
 
 
+@DATASETS.register("digits", rules={"test_fraction": FRACTION, "seed": SEED})
 def digits(test_fraction: float = 0.2, seed: int = 0) -> RawData:
     """scikit-learn's bundled 8x8 handwritten digits (1 797 images, UCI); the test
     split is carved with ``seed`` since the set has none of its own."""
@@ -108,6 +120,10 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> RawData:
     return _carve_test(x, y, test_fraction, seed, num_classes=10)
 
 
+@DATASETS.register("synthetic", rules={
+    "n": number(10, integer=True), "dim": number(1, integer=True),
+    "classes": number(2, integer=True), "random_labels": boolean, "test_fraction": FRACTION,
+    "seed": SEED})
 def synthetic(
     n: int = 2000, dim: int = 50, classes: int = 5, random_labels: bool = False,
     test_fraction: float = 0.2, seed: int = 0,
@@ -178,38 +194,34 @@ def _missing_message(cls, root: str, download: bool, error: Exception) -> str:
             f"dataset.download=true (needs internet)")
 
 
+MNIST_RULES = {"download": boolean, "channels": one_of(1, 3)}
+
+
+@DATASETS.register("mnist", rules=MNIST_RULES)
 def mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
     """MNIST (LeCun et al. 1998) via torchvision; ``channels=3`` copies the gray channel."""
     return _torchvision("MNIST", root, download, channels)
 
 
+@DATASETS.register("fashion_mnist", rules=MNIST_RULES)
 def fashion_mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
     """Fashion-MNIST (Xiao et al. 2017) via torchvision."""
     return _torchvision("FashionMNIST", root, download, channels)
 
 
+@DATASETS.register("cifar10", rules={"download": boolean})
 def cifar10(root: str = "data", download: bool = False) -> RawData:
     """CIFAR-10 (Krizhevsky 2009) via torchvision."""
     return _torchvision("CIFAR10", root, download, None)
 
 
+@DATASETS.register("cifar100", rules={"download": boolean})
 def cifar100(root: str = "data", download: bool = False) -> RawData:
     """CIFAR-100 (Krizhevsky 2009), 100 fine labels, via torchvision."""
     return _torchvision("CIFAR100", root, download, None)
 
 
-DATASETS = {
-    "mnist1d": mnist1d, "digits": digits, "synthetic": synthetic, "mnist": mnist,
-    "fashion_mnist": fashion_mnist, "cifar10": cifar10, "cifar100": cifar100,
-    "imagefolder": imagefolder,
-}
-
-
 NOT_BUILDER_KEYS = ("name", "augment")  # dataset config keys that are not builder arguments
-
-
-def builder_keys(name: str) -> list[str]:
-    return list(inspect.signature(DATASETS[name]).parameters)
 
 
 # ---------------------------------------------------------------- splits
@@ -222,11 +234,7 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     their last epoch. An empty training or test split is a DataError."""
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
-    raw = DATASETS[name](**params)
-    if isinstance(raw, FolderData):  # files on disk, read by a DataLoader
-        data = Data(name, *split_folder(raw, split_cfg), raw.num_classes)
-    else:
-        data = _split_tensors(name, raw, split_cfg)
+    data = DATASETS.get(name, "dataset.name")(**params).to_data(name, split_cfg)
     for split in ("train", "test"):
         if len(getattr(data, split)) == 0:
             raise DataError(f"dataset={name}: the {split} split is empty with these settings "
@@ -283,3 +291,6 @@ def _stats(x: torch.Tensor):
         return mean, torch.ones_like(mean)
     std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
     return mean, std
+
+
+from kdrun import imagefolder  # noqa: E402, F401  (registers dataset=imagefolder)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from kdrun.checks import boolean, number, one_of
+from kdrun.data import DATASETS, Data
 from kdrun.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -96,6 +98,9 @@ class FolderData:
     image_size: int
     workers: int
 
+    def to_data(self, name: str, split_cfg) -> Data:
+        return Data(name, *split_folder(self, split_cfg), self.num_classes)
+
 
 def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
     if not folder.is_dir():
@@ -123,6 +128,10 @@ def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+@DATASETS.register("imagefolder", rules={
+    "label_from": one_of("folder", "filename_prefix"), "image_size": number(1, integer=True),
+    "crop_padding": number(0, integer=True), "hflip": boolean, "rotation": number(0),
+    "workers": number(0, integer=True), "test_fraction": number(0, 1, hi_open=True)})
 def imagefolder(
     root: str, label_from: str = "folder", train_dir: str = "train",
     val_dir: str | None = None, test_dir: str | None = None, test_fraction: float = 0.2,

@@ -10,7 +10,6 @@ builder in your own package and write its import path as ``arch``.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from kdrun.checks import boolean, int_or_ints, number, one_of, positive_ints
 from kdrun.errors import ConfigError, DataError, UserError
 from kdrun.registry import Registry
 
@@ -35,7 +35,11 @@ def _as_list(value, n: int) -> list:
     return list(value)
 
 
-@MODELS.register("mlp")
+DROPOUT = number(0, 1, hi_open=True)
+
+
+@MODELS.register("mlp", rules={"hidden": lambda v: None if v == [] else positive_ints(v),
+                               "dropout": DROPOUT})
 def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: float = 0.0):
     """Fully connected ReLU network on the flattened input."""
     layers = OrderedDict(flatten=nn.Flatten())
@@ -50,7 +54,11 @@ def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: f
     return nn.Sequential(layers)
 
 
-@MODELS.register("cnn")
+@MODELS.register("cnn", rules={
+    "channels": positive_ints, "kernel_size": int_or_ints, "stride": int_or_ints,
+    "pool": one_of("none", "max", "avg"), "global_pool": number(1, integer=True, optional=True),
+    "hidden": lambda v: None if v == [] else positive_ints(v), "dropout": DROPOUT,
+    "batch_norm": boolean})
 def cnn(
     input_shape,
     num_classes,
@@ -116,7 +124,7 @@ def _need_images(input_shape, name: str) -> None:
                         f"{tuple(input_shape)}: use an mlp or a cnn")
 
 
-@MODELS.register("resnet18")
+@MODELS.register("resnet18", rules={"pretrained": boolean, "small_inputs": boolean})
 def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: bool = False):
     """torchvision's ResNet-18 (He et al. 2016) with ``num_classes`` outputs and a first
     convolution for the data's channel count. ``small_inputs`` swaps the 7x7/2 stem and
@@ -143,7 +151,8 @@ def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: b
     return model
 
 
-@MODELS.register("dsconv")
+@MODELS.register("dsconv", rules={"base": number(1, integer=True), "multipliers": positive_ints,
+                                  "pool_blocks": number(0, integer=True)})
 def dsconv(input_shape, num_classes, base: int = 16,
            multipliers: Sequence[int] = (1, 2, 4, 8, 16, 16, 16, 16), pool_blocks: int = 3):
     """Depthwise-separable CNN (Howard et al. 2017, MobileNets), as the food-11 seed's
@@ -188,7 +197,7 @@ class Cohort(nn.Module):
         return self.outputs[0]
 
 
-@MODELS.register("cohort")
+@MODELS.register("cohort", rules={"size": number(2, integer=True)})
 def cohort(input_shape, num_classes, size: int = 2, member=None):
     """``size`` students of the architecture ``member`` (a student config), each built
     in turn from the current random state: member 1 gets the init a lone student
@@ -206,12 +215,6 @@ NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder ar
 def model_builder(arch: str, key: str = "arch"):
     """The builder ``arch`` names: a registered name or a function's import path."""
     return MODELS.get(arch, key) if arch != "cohort" else cohort
-
-
-def builder_keys(arch: str) -> list[str]:
-    """The config keys a model builder accepts (besides the data-given shapes)."""
-    params = inspect.signature(model_builder(arch)).parameters
-    return [p for p in params if p not in ("input_shape", "num_classes")]
 
 
 def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -> nn.Module:

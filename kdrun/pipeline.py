@@ -40,11 +40,10 @@ from kdrun.schemes import SCHEMES, distillation_loss
 from kdrun.store import (
     RunDir,
     copy_file,
-    digest_path,
-    load_checked,
     load_checkpoint,
+    load_sealed,
     remove_temporaries,
-    save_checked,
+    save_sealed,
     sha256_file,
 )
 from kdrun.tensorboard_log import TensorBoardLog
@@ -107,7 +106,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     check_feature_layers(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
-    rows = SCHEMES[cfg.scheme.name](stages, cfg)
+    rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
     stages.close()
     student = build_model(cfg.student, data.input_shape, data.num_classes)
     compare_with_teacher(rows, stages.teacher_model, student, data.input_shape, device,
@@ -291,16 +290,16 @@ class Stages:
         epoch and every job that distills from this teacher."""
         path = entry.dir / f"logits-{self.tcfg.distill_from}.pt"
         with entry.lock():
-            logits = load_checked(path)
+            logits = load_sealed(path)
             if logits is not None:
                 return logits.to(self.device)
-            if path.exists() or digest_path(path).exists():
-                log.warning("stage cache: %s is missing or does not match its checksum; "
-                            "computing the teacher's logits again", path)
+            if path.exists():
+                log.warning("stage cache: %s does not match its checksum; computing the "
+                            "teacher's logits again", path)
             teacher.to(self.device)
             logits = predict_logits(teacher, self.data.train.to(self.device),
                                     self.tcfg.eval_batch_size)
-            save_checked(path, logits.cpu())
+            save_sealed(path, logits.cpu())
             return logits
 
     def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None,

@@ -1,17 +1,23 @@
 """Distillation schemes: who teaches whom. Each returns the run's summary rows, in
 the order teacher, then per student seed: scratch, distilled (and any intermediate
-generations). To add one: write its function here, add it to SCHEMES, and add
-``configs/scheme/<name>.yaml``."""
+generations). To add one: write its function here with ``@SCHEMES.register("name",
+rules={...})`` (a check for each of its keys) and add ``configs/scheme/<name>.yaml``."""
 
 from __future__ import annotations
 
 import logging
 
+from kdrun.checks import number, one_of
+from kdrun.errors import ConfigError
 from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.provenance import seed_stream
+from kdrun.registry import Registry
 from kdrun.train import CachedLogits
 
 log = logging.getLogger("kdrun")
+# name -> scheme(stages, cfg) returning the run's summary rows; the scheme's YAML keys
+# (configs/scheme/<name>.yaml, besides name) are checked by the rules it registers with
+SCHEMES = Registry("scheme")
 
 
 def distillation_loss(cfg) -> dict:
@@ -24,6 +30,7 @@ def distillation_loss(cfg) -> dict:
     return OmegaConf.to_container(cfg.loss, resolve=True)
 
 
+@SCHEMES.register("offline")
 def offline(stages, cfg) -> list[dict]:
     """The classic scheme (Hinton et al. 2015): a teacher trained first (or given as a
     checkpoint) and frozen; each student seed trained from scratch and distilled."""
@@ -43,6 +50,7 @@ def _students(stages, cfg, targets, teacher_key: str, extra: dict) -> list[dict]
     return rows
 
 
+@SCHEMES.register("born_again", rules={"generations": number(1, integer=True)})
 def born_again(stages, cfg) -> list[dict]:
     """Born-again networks, Furlanello et al. 2018 (ICML): self-distillation. The
     teacher is the student's own architecture trained on the labels (generation 0);
@@ -82,12 +90,19 @@ def _teacher_targets(stages, cfg, teacher, entry):
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
 
 
+@SCHEMES.register("ensemble", rules={
+    "combine": one_of("arithmetic", "geometric"),
+    "teachers": lambda v: None if isinstance(v, list) and v else (
+        "must be a list of {option: NAME, ...} entries")})
 def ensemble(stages, cfg) -> list[dict]:
     """Multi-teacher distillation (e.g. Hinton et al. 2015, §2; You et al. 2017): several
     teachers, each trained (or loaded) as in ``offline``; the student learns their
     softened distributions combined by an arithmetic or geometric mean
     (``scheme.combine``). Members are the summary's ``teacher1``, ``teacher2``, ...;
     the combined ensemble is its ``teacher`` row."""
+    if not stages.data.train.in_memory or stages.augment is not None:
+        raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
+                          "without augmentation (its teachers' logits are computed once)")
     T = float(cfg.loss.get("T", 1.0))
     members, rows = [], []
     for i, spec in enumerate(cfg.scheme.teachers, start=1):
@@ -127,6 +142,8 @@ def combine(logits: list, T: float, how: str):
     return T * (torch.logsumexp(log_p, 0) - torch.log(torch.tensor(float(len(logits)))))
 
 
+@SCHEMES.register("dml", rules={"students": number(2, integer=True),
+                               "T": number(0, lo_open=True)})
 def dml(stages, cfg) -> list[dict]:
     """Deep mutual learning, Zhang et al. 2018 (CVPR): ``scheme.students`` copies of the
     student architecture trained together, each learning from the others (losses/
@@ -147,5 +164,3 @@ def dml(stages, cfg) -> list[dict]:
         rows.append(row)
     return rows
 
-
-SCHEMES = {"offline": offline, "born_again": born_again, "ensemble": ensemble, "dml": dml}

@@ -86,42 +86,48 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def digest_path(path: Path) -> Path:
-    """``<name>.sha256`` beside ``path``: the checksum recorded when it was complete."""
-    return path.with_name(path.name + ".sha256")
+def seal(data: dict) -> dict:
+    """``data`` with the SHA-256 of its canonical JSON added: a JSON file that checks itself."""
+    return {**data, "sha256": hashlib.sha256(_canonical(data)).hexdigest()}
 
 
-def write_digest(path: Path) -> None:
-    digest = sha256_file(path)
-    atomic_write(digest_path(path), lambda tmp: tmp.write_text(digest + "\n"))
-
-
-def read_checked(path: Path) -> bytes:
-    """The bytes of ``path``, if they match its recorded checksum; else CorruptFile."""
+def unseal(text: str, name: str) -> dict:
+    """The data of a sealed JSON text; CorruptFile if it is not what was sealed."""
     try:
-        data = path.read_bytes()
-        recorded = digest_path(path).read_text().strip()
-    except OSError as e:
-        raise CorruptFile(f"{Path(e.filename).name} is missing") from e
-    if hashlib.sha256(data).hexdigest() != recorded:
-        raise CorruptFile(f"{path.name} does not match its checksum")
+        data = json.loads(text)
+        recorded = data.pop("sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptFile(f"{name} is not a sealed kdrun file") from e
+    if hashlib.sha256(_canonical(data)).hexdigest() != recorded:
+        raise CorruptFile(f"{name} does not match its checksum")
     return data
 
 
-def save_checked(path: Path, payload) -> None:
-    """save_checkpoint, then record the file's checksum beside it."""
-    save_checkpoint(path, payload)
-    write_digest(path)
+def _canonical(data: dict) -> bytes:
+    return json.dumps(data, sort_keys=True).encode()
 
 
-def load_checked(path: Path):
-    """A checkpoint written by save_checked, or None when it is missing or does not
-    match its checksum (read once, so what is checked is what is loaded)."""
+def save_sealed(path: Path, payload) -> None:
+    """A checkpoint that carries the checksum of its own content, in one file written
+    atomically: a kill can never leave a file and a checksum that disagree."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    blob = buffer.getvalue()
+    save_checkpoint(path, {"sha256": hashlib.sha256(blob).hexdigest(),
+                           "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
+
+
+def load_sealed(path: Path):
+    """What save_sealed wrote, or None when the file is missing, unreadable or does not
+    match the checksum it carries."""
     try:
-        data = read_checked(path)
-    except CorruptFile:
+        outer = load_checkpoint(path)
+        blob = outer["blob"].numpy().tobytes()
+        if hashlib.sha256(blob).hexdigest() != outer["sha256"]:
+            return None
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated, not a zip, not our layout: never trusted
         return None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def save_checkpoint(path: Path, payload) -> None:

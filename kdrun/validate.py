@@ -1,8 +1,10 @@
 """One validation step over the composed config, before anything is trained.
 
-Each rule checks one key and says what would be valid; the first failure raises a
-ConfigError that the CLI prints as one line. Keys a config does not have (e.g.
-``loss.T`` under ``loss=ce``) are skipped.
+The settings every run has (seed, split, trainer, ...) are checked by RULES below;
+an option of a config group (a data set, a model, a loss, a scheme) declares the
+checks of its own keys where it is defined, and its keys must be its arguments. Each
+check says what would be valid; the first failure raises a ConfigError that the CLI
+prints as one line.
 """
 
 from __future__ import annotations
@@ -12,15 +14,7 @@ import inspect
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models, schemes
-from kdrun.checks import (
-    Check,
-    boolean,
-    device,
-    int_or_ints,
-    number,
-    one_of,
-    positive_ints,
-)
+from kdrun.checks import Check, boolean, device, number, one_of
 from kdrun.errors import ConfigError
 
 RULES: dict[str, Check] = {
@@ -33,10 +27,6 @@ RULES: dict[str, Check] = {
     "latency.repeats_b1": number(4, integer=True),
     "latency.repeats_b256": number(4, integer=True),
     "latency.warmup": number(0, integer=True),
-    "scheme.name": one_of(*schemes.SCHEMES),
-    "scheme.generations": number(1, integer=True),
-    "scheme.students": number(2, integer=True),
-    "scheme.T": number(0, lo_open=True),
     "cache.enabled": boolean,
     "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),
@@ -44,23 +34,8 @@ RULES: dict[str, Check] = {
     "split.max_train": number(1, integer=True, optional=True),
     "split.max_test": number(1, integer=True, optional=True),
     "split.standardize": boolean,
-    "dataset.name": one_of(*data.DATASETS),
-    "dataset.num_samples": number(10, integer=True),
-    "dataset.n": number(10, integer=True),
-    "dataset.dim": number(1, integer=True),
-    "dataset.classes": number(2, integer=True),
-    "dataset.test_fraction": number(0, 1, lo_open=True, hi_open=True),
-    "dataset.random_labels": boolean,
-    "dataset.download": boolean,
-    "dataset.channels": one_of(1, 3),
     "dataset.augment.crop_padding": number(0, integer=True),
     "dataset.augment.hflip": boolean,
-    "dataset.label_from": one_of("folder", "filename_prefix"),
-    "dataset.image_size": number(1, integer=True),
-    "dataset.crop_padding": number(0, integer=True),
-    "dataset.hflip": boolean,
-    "dataset.rotation": number(0),
-    "dataset.workers": number(0, integer=True),
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
     "logger.name": one_of("csv", "tensorboard"),
@@ -84,21 +59,6 @@ RULES: dict[str, Check] = {
                                               "cudnn_benchmark", "fused_optimizer",
                                               "channels_last", "compile")},
 }
-MODEL_RULES: dict[str, Check] = {
-    "hidden": lambda v: None if v == [] else positive_ints(v),
-    "channels": positive_ints,
-    "kernel_size": int_or_ints,
-    "stride": int_or_ints,
-    "dropout": number(0, 1, hi_open=True),
-    "pool": one_of("none", "max", "avg"),
-    "global_pool": number(1, integer=True, optional=True),
-    "batch_norm": boolean,
-    "base": number(1, integer=True),
-    "multipliers": positive_ints,
-    "pool_blocks": number(0, integer=True),
-    "pretrained": boolean,
-    "small_inputs": boolean,
-}
 _ABSENT = object()
 
 
@@ -106,20 +66,48 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid key of a composed kdrun config."""
     for key, check in RULES.items():
         _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
-    _check_params("dataset", cfg.dataset, data.builder_keys(cfg.dataset.name),
-                  data.NOT_BUILDER_KEYS)
-    _check_loss(cfg.loss)
+    _check_option("dataset", cfg.dataset, data.DATASETS, "name", skip=data.NOT_BUILDER_KEYS)
+    _check_option("loss", cfg.loss, losses.LOSSES, "name")
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
+    _check_scheme(cfg.scheme)
     if cfg.scheme.name == "ensemble":
         _check_ensemble(cfg)
 
 
-def _check_model(role: str, node) -> None:
-    models.MODELS.get(str(node.get("arch")), f"{role}.arch")  # registered, or importable
-    for key, check in MODEL_RULES.items():
-        _check(f"{role}.{key}", node.get(key, _ABSENT), check)
-    _check_params(role, node, models.builder_keys(node.arch), models.NOT_BUILDER_KEYS)
+def _check_model(prefix: str, node) -> None:
+    _check_option(prefix, node, models.MODELS, "arch", given=("input_shape", "num_classes"),
+                  skip=models.NOT_BUILDER_KEYS)
+
+
+def _check_option(prefix: str, node, registry, name_key: str, given=(), skip=()) -> None:
+    """An option of a config group (a loss, a model, a data set): its ``name_key`` names
+    a registered one or an import path; every other key is an argument of its class or
+    builder; none it needs is missing; each passes the check the option declares."""
+    name = node.get(name_key)
+    registry.get(str(name), f"{prefix}.{name_key}")
+    params = registry.arguments(str(name), f"{prefix}.{name_key}", given)
+    for key in node:
+        if key not in params and key not in (name_key, *skip):
+            raise ConfigError(f"{prefix}.{key}", node[key], f"not a setting of {prefix} "
+                              f"{name}; valid: {', '.join(params) or 'none'}")
+    for key, p in params.items():
+        if key not in node and p.default is inspect.Parameter.empty:
+            raise ConfigError(f"{prefix}.{key}", None, f"{prefix} {name} needs this key")
+    for key, check in registry.rules(str(name)).items():
+        _check(f"{prefix}.{key}", node.get(key, _ABSENT), check)
+
+
+def _check_scheme(node) -> None:
+    """A scheme reads its keys from the config: each must be one it declares."""
+    schemes.SCHEMES.get(str(node.get("name")), "scheme.name")
+    rules = schemes.SCHEMES.rules(node.name)
+    for key in node:
+        if key != "name" and key not in rules:
+            raise ConfigError(f"scheme.{key}", node[key], f"not a setting of scheme "
+                              f"{node.name}; valid: {', '.join(rules) or 'none'}")
+        if key != "name":
+            _check(f"scheme.{key}", node[key], rules[key])
 
 
 def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
@@ -136,7 +124,6 @@ def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
 def _check_ensemble(cfg: DictConfig) -> None:
     """Members must be known teacher options; the loss and data must allow combining
     cached logits."""
-    _check("scheme.combine", cfg.scheme.combine, one_of("arithmetic", "geometric"))
     options = group_options("teacher")
     for i, spec in enumerate(cfg.scheme.teachers):
         key = f"scheme.teachers[{i}].option"
@@ -145,30 +132,6 @@ def _check_ensemble(cfg: DictConfig) -> None:
     if losses.loss_class(cfg.loss).reads_features:
         raise ConfigError("loss", cfg.loss.name, "scheme=ensemble combines the teachers' "
                           "logits: use a logit-based loss (kd, dkd, dist, mse_logits, ce)")
-    augment = cfg.dataset.get("augment")
-    if cfg.dataset.name == "imagefolder" or (augment and (augment.crop_padding or augment.hflip)):
-        raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
-                          "without augmentation (its teachers' logits are computed once)")
-
-
-def _check_loss(node) -> None:
-    """The loss's class exists (a registered name or an import path), every key of its
-    config is an argument of its constructor, none it needs is missing, and each passes
-    the check the class declares for it (``config_rules``)."""
-    cls = losses.loss_class(node)
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    params = {name: p for name, p in inspect.signature(cls).parameters.items()
-              if p.kind not in variadic}
-    accepted = list(params)
-    for key in node:
-        if key != "name" and key not in accepted:
-            raise ConfigError(f"loss.{key}", node[key], f"not a setting of loss {node.name}; "
-                              f"valid: {', '.join(accepted) or 'none'}")
-    for key in accepted:
-        if key not in node and params[key].default is inspect.Parameter.empty:
-            raise ConfigError(f"loss.{key}", None, f"loss {node.name} needs this key")
-    for key, check in cls.config_rules.items():
-        _check(f"loss.{key}", node.get(key, _ABSENT), check)
 
 
 def _check(key: str, value, check: Check) -> None:
@@ -179,12 +142,3 @@ def _check(key: str, value, check: Check) -> None:
     problem = check(value)
     if problem:
         raise ConfigError(key, value, problem)
-
-
-def _check_params(group: str, node, accepted: list[str], own: tuple[str, ...]) -> None:
-    """Every key of a dataset or model config must be an argument of its builder."""
-    for key in node:
-        if key not in accepted and key not in own:
-            raise ConfigError(f"{group}.{key}", node[key],
-                              f"not a setting of {group} {node.get('name') or node.get('arch')}; "
-                              f"valid: {', '.join(accepted)}")

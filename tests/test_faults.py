@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kdrun.cache import StageEntry
-from kdrun.store import copy_file, load_checkpoint
+from kdrun.store import copy_file, load_checkpoint, load_sealed
 from tests.helpers import KDRUN
 
 ARGS = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -184,7 +184,7 @@ def test_a_nan_in_distillation_stops_it_and_keeps_every_file_written_before(tmp_
     for role in ("teacher", "scratch"):
         assert "model" in load_checkpoint(tmp_path / "run" / "checkpoints" / f"{role}.pt")
     (state,) = (tmp_path / "cache").glob("*/state.pt")  # the distilled stage's last good epoch
-    assert load_checkpoint(state)["epoch"] == 1
+    assert load_sealed(state)["epoch"] == 1
 
     monkeypatch.setattr(KD, "forward", forward)  # the cause fixed: the same command resumes
     result = pipeline.run(cfg, tmp_path / "run")
