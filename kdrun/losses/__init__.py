@@ -4,12 +4,14 @@ what every loss is and can do), each registered by name in LOSSES where it is de
 Where each lives: kd.py (KD, CE), response.py (logit-based: mse_logits, dkd, dist),
 feature.py (fitnet, at), relation.py (rkd, sp, pkt); mutual.py holds DML, the loss
 of scheme=dml (not a loss option: the scheme builds it). To add a method: write its
-class in one of these modules (or a new one imported below) with
-``@LOSSES.register("name")``, and add ``configs/loss/<name>.yaml``. A class in your
-own package needs no edit here: name it by import path in your YAML.
+class in a module of this folder (every module here is imported, so its classes
+register) with ``@LOSSES.register("name")``, and add ``configs/loss/<name>.yaml``. A
+class in your own package needs no edit here: name it by import path in your YAML.
 """
 
-from kdrun.losses import feature, kd, relation, response  # noqa: F401  (they register)
+import importlib
+import pkgutil
+
 from kdrun.losses.base import LOSSES, DistillationLoss, kd_loss, soft_kl
 from kdrun.losses.feature import AT, FitNet
 from kdrun.losses.kd import CE, KD, soft_target_entropy
@@ -20,6 +22,10 @@ from kdrun.losses.response import DIST, DKD, MSELogits
 __all__ = ["LOSSES", "DistillationLoss", "build_loss", "loss_class", "kd_loss", "soft_kl",
            "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT", "RKD", "SP",
            "FitNet", "MSELogits"]
+
+
+for _module in pkgutil.iter_modules(__path__):  # every module here registers its losses
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def loss_class(loss_cfg) -> type[DistillationLoss]:
