@@ -201,3 +201,25 @@ def test_attention_transfer_runs_with_any_student_that_has_a_feature_map(tmp_pat
                       f"cache.dir={tmp_path}/c")
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["arch"] for r in rows] == ["cnn[32,32,32]+fc[128]", "dsconv[4]", "dsconv[4]"]
+
+
+def test_logit_standardised_kd_by_numpy():
+    from kdrun.losses.standardized import LogitStandardKD
+
+    def z(a):
+        return (a - a.mean(1, keepdims=True)) / (1e-7 + a.std(1, ddof=1, keepdims=True))
+
+    def log_softmax(a):
+        a = a - a.max(1, keepdims=True)
+        return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+    s, t, y = S.double().numpy(), T_.double().numpy(), Y.numpy()
+    T, alpha = 2.0, 0.7
+    ls, lt = log_softmax(z(s) / T), log_softmax(z(t) / T)
+    kl = (np.exp(lt) * (lt - ls)).sum(1).mean()
+    ce = -log_softmax(s)[np.arange(len(y)), y].mean()
+    expected = alpha * T**2 * kl + (1 - alpha) * ce
+    ours = LogitStandardKD(T=T, alpha=alpha)(S.double(), T_.double(), Y).item()
+    assert ours == pytest.approx(expected, rel=1e-9)
+    scaled = LogitStandardKD(T=T, alpha=1.0)
+    assert scaled(S, T_ * 5 + 3, Y).item() == pytest.approx(scaled(S, T_, Y).item(), rel=1e-4)
