@@ -11,6 +11,30 @@ from torch import nn
 from kdrun.errors import UserError
 
 log = logging.getLogger("kdrun")
+ONNX_TOLERANCE = 1e-3  # largest |onnxruntime - torch| logit difference an export may show
+# trainer.distill_from -> the checkpoint entry of the deployed model's weights (a cohort
+# deploys its first member)
+DEPLOYED = {"best_val": "deployed_best", "last": "deployed"}
+
+
+def export_distilled(cfg, data, run_dir, seed: int) -> Path:
+    """The distilled student of ``seed`` as ``distilled.onnx`` in the run directory,
+    checked: the weights ``trainer.distill_from`` selects (best-validation epoch, or
+    last), as in the table."""
+    from kdrun.models import build_model
+    from kdrun.store import load_checkpoint
+
+    distill_from = cfg.trainer.distill_from
+    checkpoint = load_checkpoint(run_dir.checkpoint("distilled", seed, seed))
+    model = build_model(cfg.student, data.input_shape, data.num_classes)
+    model.load_state_dict(checkpoint[DEPLOYED[distill_from]])
+    epoch = checkpoint["best_epoch" if distill_from == "best_val" else "epoch"]
+    log.info("exporting the distilled student of seed %d, %s weights (epoch %d)", seed,
+             distill_from, epoch)
+    path = run_dir.root / "distilled.onnx"
+    if export_onnx(model, data.input_shape, path) > ONNX_TOLERANCE:
+        raise UserError(f"{path}: onnxruntime's outputs differ from PyTorch's")
+    return path
 
 
 def export_onnx(model: nn.Module, input_shape, path: Path, batch: int = 4) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import statistics
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
 from kdrun.data import Data, fingerprint, load_data
 from kdrun.errors import ConfigError, UserError
-from kdrun.export import export_onnx
+from kdrun.export import export_distilled
 from kdrun.features import feature_shape
+from kdrun.given_teacher import load_given_teacher
 from kdrun.losses import CE, build_loss, loss_class
-from kdrun.measure import AllOf, compare_with_teacher, model_figures
-from kdrun.models import build_model, describe, load_weights
+from kdrun.measure import compare_with_teacher, model_figures
+from kdrun.models import build_model, describe
 from kdrun.provenance import (
     config_hash,
     given_teacher_material,
@@ -35,18 +35,16 @@ from kdrun.provenance import (
     seed_stream,
     stage_material,
 )
-from kdrun.report import EventLog, MetricsLog, comparison_table, write_summary
+from kdrun.report import EventLog, comparison_table, metric_logs, write_summary
 from kdrun.schemes import SCHEMES, distillation_loss
 from kdrun.store import (
     RunDir,
     copy_file,
-    load_checkpoint,
     load_sealed,
     remove_temporaries,
     save_sealed,
     sha256_file,
 )
-from kdrun.tensorboard_log import TensorBoardLog
 from kdrun.train import (
     CachedLogits,
     LiveTeacher,
@@ -59,11 +57,8 @@ from kdrun.train import (
 
 log = logging.getLogger("kdrun")
 
-# trainer.distill_from -> the checkpoint entry holding those weights (and the deployed
-# model's: a cohort deploys its first member)
+# trainer.distill_from -> the checkpoint entry holding those weights
 WEIGHTS = {"best_val": "best_model", "last": "model"}
-DEPLOYED = {"best_val": "deployed_best", "last": "deployed"}
-ONNX_TOLERANCE = 1e-3  # largest |onnxruntime - torch| logit difference an export may show
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,12 +102,12 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     stages = Stages(cfg, data, device, run_dir)
 
     rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
-    stages.close()
+    stages.metrics.close()
     student = build_model(cfg.student, data.input_shape, data.num_classes)
     compare_with_teacher(rows, stages.teacher_model, student, data.input_shape, device,
                          cfg.latency)
     if cfg.export == "onnx":
-        stages.export_distilled(run_dir.root / "distilled.onnx")
+        export_distilled(cfg, data, run_dir, student_seeds(cfg)[0])
     summary = write_summary(run_dir.summary_csv, rows)
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     run_dir.mark_done({"config_hash": config_hash(cfg),
@@ -161,24 +156,12 @@ class Stages:
         self.tcfg = cfg.trainer
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
-        # metrics.csv is rebuilt on every start; the stage cache holds what was done before
-        self.metric_logs = [MetricsLog(run_dir.metrics_csv, run_keys(cfg))]
-        if cfg.logger.name == "tensorboard":
-            self.metric_logs.append(TensorBoardLog(run_dir.root / cfg.logger.dir, cfg))
+        self.metrics = metric_logs(cfg, run_dir.root, run_dir.metrics_csv, run_keys(cfg))
         self.events = EventLog(run_dir.events)
         self.augment = make_augment(cfg.dataset.get("augment"), data.input_shape)
         self.numerics = numerics(self.tcfg, device)
         self.data_digest = fingerprint(data)
         self.teacher_model = None  # the teacher the students are compared with (timing)
-
-    def log_rows(self, rows: list[dict], seed: int, reused: bool) -> None:
-        """Metric rows of a stage to metrics.csv (and TensorBoard, when chosen)."""
-        for metric_log in self.metric_logs:
-            metric_log.append(rows, seed, reused=reused)
-
-    def close(self) -> None:
-        for metric_log in self.metric_logs:
-            metric_log.close()
 
     @property
     def student_seeds(self) -> list[int]:
@@ -195,25 +178,7 @@ class Stages:
         self.teacher_model = model
         return model, entry, [row]
 
-    def ensemble_row(self, members, member_rows, how: str, T: float) -> dict:
-        """The combined teacher's summary row: its accuracy from the combined
-        predictions, its cost the members' summed."""
-        from kdrun.schemes import combine
-
-        accuracy = {}
-        for name, split in (("val", self.data.val), ("test", self.data.test)):
-            split = split.to(self.device)
-            logits = [predict_logits(m, split, self.tcfg.eval_batch_size) for m, _ in members]
-            hits = combine(logits, T, how).argmax(1) == split.y
-            accuracy[name] = hits.float().mean().item() * 100
-        self.teacher_model = AllOf([m for m, _ in members])
-        total = {k: sum(r[k] for r in member_rows) for k in ("params", "size_mb")}
-        return self._evaluated_teacher_row(
-            f"ensemble[{','.join(r['arch'] for r in member_rows)}]", total, accuracy["val"],
-            accuracy["test"], train_seconds=sum(r["train_seconds"] for r in member_rows),
-            reused=False, combine=how)
-
-    def _evaluated_teacher_row(self, arch: str, figures: dict, val_acc: float, test_acc: float,
+    def evaluated_teacher_row(self, arch: str, figures: dict, val_acc: float, test_acc: float,
                                *, train_seconds: float, reused: bool, **extra) -> dict:
         """The summary row of a teacher evaluated here but not trained in this stage (a
         user's checkpoint, an ensemble): the columns a trained stage's row has."""
@@ -239,27 +204,10 @@ class Stages:
 
     def _given_teacher(self, model_cfg):
         """A user's own trained teacher: loaded and evaluated instead of trained."""
-        source = f"teacher.checkpoint={model_cfg.checkpoint}"
         path = Path(model_cfg.checkpoint).expanduser()
-        if not path.is_file():
-            raise UserError(f"{source}: " + ("a folder, not a checkpoint file" if path.is_dir()
-                                             else "no such file"))
-        try:
-            checkpoint = load_checkpoint(path)
-        except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused an object
-            raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint (it holds "
-                            f"Python objects besides tensors, and loading those could run "
-                            f"code; save a state_dict instead)") from e
-        except Exception as e:  # truncated, or not a torch file at all
-            raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint "
-                            f"({str(e).splitlines()[0][:120]})") from e
-        if not isinstance(checkpoint, dict):
-            raise UserError(f"{source}: expected a state dict or a kdrun checkpoint")
         weights = WEIGHTS[self.tcfg.distill_from]
-        state = checkpoint.get(weights) or checkpoint.get("model") or checkpoint
-        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, "teacher")
-        load_weights(model, state, source)
-        model.to(self.device)
+        model = load_given_teacher(model_cfg, self.data.input_shape, self.data.num_classes,
+                                   weights).to(self.device)
         self.teacher_model = model
         entry = StageEntry(self.cache_root, given_teacher_material(
             self.cfg, model_cfg, sha256_file(path), weights, self.numerics, self.data_digest))
@@ -267,7 +215,7 @@ class Stages:
         val_acc, test_acc = (evaluate(model, s.to(self.device), self.tcfg.eval_batch_size)[1]
                              if len(s) else float("nan") for s in (self.data.val, self.data.test))
         self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
-        row = self._evaluated_teacher_row(
+        row = self.evaluated_teacher_row(
             describe(model_cfg), model_figures(model),
             val_acc, test_acc, train_seconds=0.0, reused=True, cache_key=entry.key,
             checkpoint=str(path))
@@ -285,22 +233,7 @@ class Stages:
                            loss.teacher_layer if features else None)
 
     def teacher_logits(self, teacher: torch.nn.Module, entry: StageEntry) -> torch.Tensor:
-        """The teacher's logits on every training example, computed once in eval mode
-        without gradients, stored with the teacher, and reused by every distillation
-        epoch and every job that distills from this teacher."""
-        path = entry.dir / f"logits-{self.tcfg.distill_from}.pt"
-        with entry.lock():
-            logits = load_sealed(path)
-            if logits is not None:
-                return logits.to(self.device)
-            if path.exists():
-                log.warning("stage cache: %s does not match its checksum; computing the "
-                            "teacher's logits again", path)
-            teacher.to(self.device)
-            logits = predict_logits(teacher, self.data.train.to(self.device),
-                                    self.tcfg.eval_batch_size)
-            save_sealed(path, logits.cpu())
-            return logits
+        return training_logits(teacher, entry, self.data, self.tcfg, self.device)
 
     def student(self, role: str, make_loss, seed: int, teacher=None, teacher_key=None,
                 model_cfg=None, loss_cfg=None, rng: int | None = None):
@@ -332,7 +265,7 @@ class Stages:
         with entry.lock():
             reused = entry.done()  # a finished entry that fails its checksums is set aside
             if reused:
-                self.log_rows(entry.read_rows(), seed, reused=True)
+                self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
                 self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng)
@@ -345,13 +278,13 @@ class Stages:
     def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng):
         resume = entry.start()
         if resume is not None:
-            self.log_rows(entry.read_rows(), seed, reused=True)
+            self.metrics.append(entry.read_rows(), seed, reused=True)
             self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
         every = self.tcfg.checkpoint_every
 
         def on_epoch(rows, snapshot):
             entry.append_rows(rows)
-            self.log_rows(rows, seed, reused=False)
+            self.metrics.append(rows, seed, reused=False)
             if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
                 entry.save_state(snapshot())
 
@@ -364,53 +297,61 @@ class Stages:
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
-        deployed = getattr(model, "deployed", model)  # a cohort ships its first member
-        prefix = next(name for name, m in model.named_modules() if m is deployed)
-        entry.finish(
-            checkpoint={
-                "role": role, "arch": OmegaConf.to_container(model_cfg, resolve=True),
-                "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
-                "model": model.state_dict(), "best_model": result.best_state,
-                "deployed": deployed.state_dict(),
-                "deployed_best": {k.removeprefix(f"{prefix}.") if prefix else k: v
-                                  for k, v in result.best_state.items()
-                                  if not prefix or k.startswith(f"{prefix}.")},
-                "loss_state": loss.state_dict(),
-                "epoch": result.epochs, "best_epoch": result.best_epoch,
-                "optimizer": result.optimizer_state, "seed": seed, "rng_seed": rng,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
-            },
-            summary={
-                "role": role, "arch": describe(model_cfg),
-                **model_figures(deployed), "epochs": result.epochs,
-                "best_epoch": result.best_epoch, "val_acc_best": result.val_acc_best,
-                "test_acc_last": result.test_acc_last,
-                "test_acc_best_val": result.test_acc_best_val,
-                "eval_split": self.data.eval_split, "selected_by": self._selected_by,
-                "train_seconds": round(result.train_seconds, 3),
-                **self.provenance_columns,
-            },
-        )
+        checkpoint = trained_checkpoint(model, loss, result, model_cfg, self.data, self.cfg)
+        entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
+                     summary={"role": role, "arch": describe(model_cfg),
+                              **model_figures(getattr(model, "deployed", model)),
+                              **_result_columns(result), "eval_split": self.data.eval_split,
+                              "selected_by": self._selected_by, **self.provenance_columns})
         self.events.write("trained", role, seed, entry.key)
-
-    def export_distilled(self, path) -> None:
-        """The first seed's distilled student as ONNX, checked: the weights
-        ``trainer.distill_from`` selects (best-validation epoch, or last), as in the table."""
-        first = self.student_seeds[0]
-        checkpoint = load_checkpoint(self.run_dir.checkpoint("distilled", first, first))
-        model = build_model(self.cfg.student, self.data.input_shape, self.data.num_classes)
-        model.load_state_dict(checkpoint[DEPLOYED[self.tcfg.distill_from]])
-        epoch = checkpoint["best_epoch" if self.tcfg.distill_from == "best_val" else "epoch"]
-        log.info("exporting the distilled student of seed %d, %s weights (epoch %d)", first,
-                 self.tcfg.distill_from, epoch)
-        if export_onnx(model, self.data.input_shape, path) > ONNX_TOLERANCE:
-            raise UserError(f"{path}: onnxruntime's outputs differ from PyTorch's")
 
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
         checkpoint = entry.result()
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(checkpoint[WEIGHTS[weights]])
         return model.to(self.device)
+
+
+def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device) -> torch.Tensor:
+    """The teacher's logits on every training example, computed once in eval mode
+    without gradients, stored (sealed) with the teacher, and reused by every
+    distillation epoch and every job that distills from this teacher."""
+    path = entry.dir / f"logits-{tcfg.distill_from}.pt"
+    with entry.lock():
+        logits = load_sealed(path)
+        if logits is not None:
+            return logits.to(device)
+        if path.exists():
+            log.warning("stage cache: %s does not match its checksum; computing the "
+                        "teacher's logits again", path)
+        teacher.to(device)
+        logits = predict_logits(teacher, data.train.to(device), tcfg.eval_batch_size)
+        save_sealed(path, logits.cpu())
+        return logits
+
+
+def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:
+    """A finished stage's checkpoint: last and best-val weights of the model and of the
+    model it deploys (a cohort ships its first member), optimiser state, the config."""
+    deployed = getattr(model, "deployed", model)
+    prefix = next(name for name, m in model.named_modules() if m is deployed)
+    best_deployed = {k.removeprefix(f"{prefix}.") if prefix else k: v
+                     for k, v in result.best_state.items()
+                     if not prefix or k.startswith(f"{prefix}.")}
+    return {"arch": OmegaConf.to_container(model_cfg, resolve=True),
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "model": model.state_dict(), "best_model": result.best_state,
+            "deployed": deployed.state_dict(), "deployed_best": best_deployed,
+            "loss_state": loss.state_dict(), "epoch": result.epochs,
+            "best_epoch": result.best_epoch, "optimizer": result.optimizer_state,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def _result_columns(result) -> dict:
+    return {"epochs": result.epochs, "best_epoch": result.best_epoch,
+            "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
+            "test_acc_best_val": result.test_acc_best_val,
+            "train_seconds": round(result.train_seconds, 3)}
 
 
 def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape):

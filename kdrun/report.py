@@ -48,6 +48,32 @@ class MetricsLog:
         """Nothing to do: every append is already flushed to disk."""
 
 
+class MetricLogs:
+    """One stage's metric rows to every chosen log: metrics.csv, and TensorBoard's event
+    files with ``logger=tensorboard``."""
+
+    def __init__(self, logs: list):
+        self.logs = logs
+
+    def append(self, rows: list[dict], seed: int, reused: bool) -> None:
+        for metric_log in self.logs:
+            metric_log.append(rows, seed, reused=reused)
+
+    def close(self) -> None:
+        for metric_log in self.logs:
+            metric_log.close()
+
+
+def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLogs:
+    """metrics.csv is rebuilt on every start (the stage cache holds what was done before)."""
+    logs = [MetricsLog(metrics_csv, keys)]
+    if cfg.logger.name == "tensorboard":
+        from kdrun.tensorboard_log import TensorBoardLog
+
+        logs.append(TensorBoardLog(run_root / cfg.logger.dir, cfg))
+    return MetricLogs(logs)
+
+
 class EventLog:
     """events.jsonl: one line per stage of a run saying whether it was trained,
     reused from the stage cache, or resumed after an interruption."""

@@ -10,9 +10,10 @@ import logging
 from kdrun.checks import number, one_of
 from kdrun.errors import ConfigError
 from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.measure import AllOf
 from kdrun.provenance import seed_stream
 from kdrun.registry import Registry
-from kdrun.train import CachedLogits
+from kdrun.train import CachedLogits, predict_logits
 
 log = logging.getLogger("kdrun")
 # name -> scheme(stages, cfg) returning the run's summary rows; the scheme's YAML keys
@@ -111,10 +112,28 @@ def ensemble(stages, cfg) -> list[dict]:
         rows.append({**row, "role": f"teacher{i}"})
     logits = [stages.teacher_logits(model, entry) for model, entry in members]
     combined = combine(logits, T, cfg.scheme.combine)
-    rows.insert(0, stages.ensemble_row(members, rows, cfg.scheme.combine, T))
+    rows.insert(0, _ensemble_row(stages, members, rows, cfg.scheme.combine, T))
     key = "+".join(entry.key for _, entry in members) + f"|{cfg.scheme.combine}|T={T}"
     extra = {"soft_target_entropy": soft_target_entropy(combined, T)} if "T" in cfg.loss else {}
     return rows + _students(stages, cfg, CachedLogits(combined), key, extra)
+
+
+def _ensemble_row(stages, members, member_rows, how: str, T: float) -> dict:
+    """The combined teacher's summary row: its accuracy from the combined predictions,
+    its size the members' summed; it is timed as all members run in turn."""
+    accuracy = {}
+    for name, split in (("val", stages.data.val), ("test", stages.data.test)):
+        split = split.to(stages.device)
+        logits = [predict_logits(m, split, stages.cfg.trainer.eval_batch_size)
+                  for m, _ in members]
+        hits = combine(logits, T, how).argmax(1) == split.y
+        accuracy[name] = hits.float().mean().item() * 100
+    stages.teacher_model = AllOf([m for m, _ in members])
+    total = {k: sum(r[k] for r in member_rows) for k in ("params", "size_mb")}
+    return stages.evaluated_teacher_row(
+        f"ensemble[{','.join(r['arch'] for r in member_rows)}]", total, accuracy["val"],
+        accuracy["test"], train_seconds=sum(r["train_seconds"] for r in member_rows),
+        reused=False, combine=how)
 
 
 def teacher_config(spec):
