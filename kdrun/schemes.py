@@ -19,6 +19,9 @@ log = logging.getLogger("kdrun")
 # name -> scheme(stages, cfg) returning the run's summary rows; the scheme's YAML keys
 # (configs/scheme/<name>.yaml, besides name) are checked by the rules it registers with
 SCHEMES = Registry("scheme")
+# The temperature of the ensemble's combined distribution is the loss's T; a loss with
+# none (mse_logits, ce) combines the plain softmax.
+ENSEMBLE_T_WITHOUT_LOSS_T = 1.0
 
 
 def distillation_loss(cfg) -> dict:
@@ -104,7 +107,7 @@ def ensemble(stages, cfg) -> list[dict]:
     if not stages.data.train.in_memory or stages.augment is not None:
         raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
                           "without augmentation (its teachers' logits are computed once)")
-    T = float(cfg.loss.get("T", 1.0))
+    T = float(cfg.loss.get("T", ENSEMBLE_T_WITHOUT_LOSS_T))
     members, rows = [], []
     for i, spec in enumerate(cfg.scheme.teachers, start=1):
         model, entry, (row,) = stages.teacher(teacher_config(spec))

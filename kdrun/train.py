@@ -28,6 +28,9 @@ from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
 
 log = logging.getLogger("kdrun")
+# The augmentation draws of a fit seeded with s come from s + this, not s: they must not
+# repeat the batch-order draws of the same seed.
+AUGMENT_SEED_OFFSET = 1
 
 
 @dataclass
@@ -213,7 +216,7 @@ def fit(
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    augment_rng = torch.Generator().manual_seed(seed + 1)
+    augment_rng = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
     autocast = configure_device(tcfg, device)
     train = data.train.to(device)
     teacher = teacher.to(device) if teacher is not None else None

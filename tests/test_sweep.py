@@ -83,6 +83,7 @@ def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_pat
     assert len(events(*jobs)) == len(evts)
 
 
+@pytest.mark.slow  # four processes at once: minutes on a loaded 2-core machine
 def test_four_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
     args = [*FAST, "trainer.teacher_epochs=30", "split.max_train=2000"]
     alphas = (0.3, 0.5, 0.7, 0.9)
@@ -129,6 +130,7 @@ def test_sweep_and_run_dirs_have_sub_second_names():
     assert raw["sweep"]["subdir"] == "${hydra.job.override_dirname}"
 
 
+@pytest.mark.slow  # polls a running process; test_faults kills at exact points instead
 def test_run_killed_during_distillation_resumes_without_redoing_epochs(tmp_path):
     args = ["progress=false", "repeats=1", "num_threads=1", "trainer.teacher_epochs=3",
             "trainer.student_epochs=100", "split.max_train=1000", "hydra.run.dir=run"]
