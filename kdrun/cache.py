@@ -116,10 +116,11 @@ class StageEntry:
         return None
 
     def _record(self) -> dict:
-        return unseal(self.summary_json.read_text(), "summary.json")
+        return unseal(self.summary_json.read_bytes(), "summary.json")
 
     def set_aside(self, problem: str) -> Path:
-        target = self.root / SET_ASIDE / f"{self.key}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+        target = self.root / SET_ASIDE / f"{self.key}-{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.dir, target)
         log.warning("stage cache: %s failed its check (%s); moved to %s, computing it again",

@@ -91,10 +91,10 @@ def seal(data: dict) -> dict:
     return {**data, "sha256": hashlib.sha256(_canonical(data)).hexdigest()}
 
 
-def unseal(text: str, name: str) -> dict:
-    """The data of a sealed JSON text; CorruptFile if it is not what was sealed."""
+def unseal(raw: bytes, name: str) -> dict:
+    """The data of a sealed JSON file's bytes; CorruptFile if they are not what was sealed."""
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode())
         recorded = data.pop("sha256")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptFile(f"{name} is not a sealed kdrun file") from e

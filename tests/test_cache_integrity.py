@@ -26,6 +26,8 @@ def damage(path, how):
     if how == "flip":
         i = len(data) // 2
         path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif how == "garble":  # not even text any more
+        path.write_bytes(b"\xff" + data[1:])
     elif how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     else:
@@ -49,6 +51,7 @@ def events(run_dir):
     ("scratch", "summary.json", "delete"),
     ("scratch", "rows.csv", "delete"),
     ("teacher", "summary.json", "truncate"),
+    ("scratch", "summary.json", "garble"),
     ("distilled", "rows.csv", "flip"),
     ("teacher", "logits-best_val.pt", "truncate"),
     ("teacher", "logits-best_val.pt", "delete"),
