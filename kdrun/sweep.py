@@ -95,7 +95,10 @@ def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     distilled = summary[summary.role == "distilled"].set_index(pair)
     distilled = distilled.assign(gain=distilled.test_acc_best_val - scratch).reset_index()
     distilled["teacher_acc"] = distilled.job.map(teachers.test_acc_best_val)
-    teacher_key = teachers.cache_key if "cache_key" in teachers else pd.Series(dtype=str)
+    # which teacher taught each student: its stage key, or (an ensemble) its seed; none
+    # at all in deep mutual learning
+    seeds = "seed " + teachers.seed.astype(str) if "seed" in teachers else pd.Series(dtype=str)
+    teacher_key = teachers.cache_key.fillna(seeds) if "cache_key" in teachers else seeds
     distilled["teacher"] = distilled.job.map(teacher_key).fillna("none")
     # the same student twice (jobs that differ only in settings without effect): once
     distilled = distilled.drop_duplicates(["teacher", "seed", *keys])

@@ -107,3 +107,15 @@ def test_optuna_over_a_methods_weight_reports_each_trial(tmp_path):
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     _, rows = report_table(sweep)
     assert len(rows) == 3 and len({r["loss.dkd_beta"] for r in rows}) == 3
+
+
+def test_teachers_without_a_stage_key_are_told_apart_by_their_seed(tmp_path):
+    """An ensemble's combined teacher has no cache key: its seed names it."""
+    for seed in (0, 1):
+        fake_job(tmp_path, f"seed={seed}", [f"seed={seed}"], None,
+                 {10 * seed: (50.0, 51.0 + seed), 10 * seed + 1: (50.0, 52.0 + seed)})
+        summary = pd.read_csv(tmp_path / f"seed={seed}" / "summary.csv")
+        summary.loc[summary.role == "teacher", "seed"] = seed
+        summary.to_csv(tmp_path / f"seed={seed}" / "summary.csv", index=False)
+    _, rows = report_table(tmp_path)
+    assert rows[0]["teachers"] == "2" and rows[0]["interval_over"] == "2 teachers' mean gains"
