@@ -170,10 +170,14 @@ class StageEntry:
     def summary(self) -> dict:
         return self._record()["summary"]
 
+    def digest(self, name: str) -> str:
+        """The SHA-256 recorded for a finished file (``result.pt`` or ``rows.csv``)."""
+        return self._record()["files"][name]
+
     def result(self) -> dict:
         """The finished checkpoint, read once and checked against its recorded checksum."""
         data = self.result_pt.read_bytes()
-        if hashlib.sha256(data).hexdigest() != self._record()["files"]["result.pt"]:
+        if hashlib.sha256(data).hexdigest() != self.digest("result.pt"):
             raise CorruptFile(f"{self.result_pt} does not match its checksum")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 

@@ -269,18 +269,24 @@ def fingerprint(data: Data) -> str:
         if split.in_memory:
             for tensor in (split.x, split.y):
                 digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-                digest.update(tensor.contiguous().cpu().numpy().tobytes())
+                digest.update(tensor.contiguous().cpu().numpy())  # hashed in place, no copy
         else:
             split.update_digest(digest)
         digest.update(b"|")
     return digest.hexdigest()[:20]
 
 
+def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """``limit`` of ``range(n)`` drawn with ``seed`` (split.max_train / max_test), or
+    None when there is nothing to drop."""
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+
+
 def _subsample(x, y, limit, seed):
-    if limit is None or limit >= len(y):
-        return x, y
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit]
-    return x[keep], y[keep]
+    keep = subsample_indices(len(y), limit, seed)
+    return (x, y) if keep is None else (x[keep], y[keep])
 
 
 def _stats(x: torch.Tensor):

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from kdrun.errors import UserError
+from kdrun.models import build_model
+from kdrun.store import load_checkpoint
 
 log = logging.getLogger("kdrun")
 ONNX_TOLERANCE = 1e-3  # largest |onnxruntime - torch| logit difference an export may show
@@ -21,9 +23,6 @@ def export_distilled(cfg, data, run_dir, seed: int) -> Path:
     """The distilled student of ``seed`` as ``distilled.onnx`` in the run directory,
     checked: the weights ``trainer.distill_from`` selects (best-validation epoch, or
     last), as in the table."""
-    from kdrun.models import build_model
-    from kdrun.store import load_checkpoint
-
     distill_from = cfg.trainer.distill_from
     checkpoint = load_checkpoint(run_dir.checkpoint("distilled", seed, seed))
     model = build_model(cfg.student, data.input_shape, data.num_classes)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from kdrun.checks import boolean, number, one_of
-from kdrun.data import DATASETS, Data
+from kdrun.data import DATASETS, Data, subsample_indices
 from kdrun.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -196,8 +196,8 @@ def split_folder(folder: FolderData, split_cfg):
 def _subsample(pair, limit, seed):
     """At most ``limit`` (file, label) pairs, drawn with ``seed``, in their listed order."""
     files, labels = pair
-    if limit is None or limit >= len(files):
+    keep = subsample_indices(len(files), limit, seed)
+    if keep is None:
         return pair
-    keep = sorted(torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
-                  [:limit].tolist())
+    keep = sorted(keep.tolist())
     return [files[i] for i in keep], [labels[i] for i in keep]

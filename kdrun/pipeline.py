@@ -269,7 +269,7 @@ class Stages:
                 self.events.write("reused", role, seed, entry.key)
             else:
                 self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng)
-            copy_file(entry.result_pt, checkpoint)
+            copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
             summary = entry.summary()
         row = {**summary, "seed": seed, "reused": reused, "cache_key": entry.key,
                "checkpoint": str(checkpoint), **run_keys(self.cfg)}

@@ -69,11 +69,12 @@ def remove_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def copy_file(source: Path, target: Path) -> None:
-    """Put a copy of a finished file at ``target``, atomically. A copy, not a hard link:
-    a run's checkpoint must not change when its stage-cache entry is later damaged or
-    set aside. An identical file already there is left alone."""
-    if target.exists() and sha256_file(target) == sha256_file(source):
+def copy_file(source: Path, target: Path, digest: str) -> None:
+    """Put a copy of a finished file whose SHA-256 is ``digest`` at ``target``,
+    atomically. A copy, not a hard link: a run's checkpoint must not change when its
+    stage-cache entry is later damaged or set aside. An identical file already there
+    is left alone."""
+    if target.exists() and sha256_file(target) == digest:
         return
     atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 

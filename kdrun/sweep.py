@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -60,27 +61,38 @@ def job_setting(job_dir: Path) -> dict[str, str]:
     return setting
 
 
-def collect(sweep_dir: Path, which: str) -> tuple[pd.DataFrame, list[str]]:
-    """All finished jobs' summary.csv or metrics.csv, with a ``job`` column and one column
-    per setting key; and the keys whose values differ between jobs (the swept ones)."""
-    _, finished = job_dirs(sweep_dir)
+@dataclass
+class Jobs:
+    """A sweep's jobs, read once: which started, which finished, and each finished
+    job's setting; ``swept`` are the setting keys whose values differ between jobs,
+    ``common`` the ones all share."""
+
+    root: Path
+    started: list[Path]
+    settings: dict[Path, dict[str, str]]
+    swept: list[str]
+    common: dict[str, str]
+
+
+def read_jobs(sweep_dir: Path) -> Jobs:
+    started, finished = job_dirs(sweep_dir)
     if not finished:
         raise NoFinishedJobs(f"no finished job (*/summary.csv) under {sweep_dir}: "
                              f"not a kdrun sweep directory, or no job has finished yet")
     settings = {d: job_setting(d) for d in finished}
     keys = sorted({k for setting in settings.values() for k in setting})
     swept = [k for k in keys if len({s.get(k) for s in settings.values()}) > 1]
-    frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(sweep_dir)),
-                                            **{k: settings[d].get(k, "-") for k in swept})
-              for d in finished]
-    return pd.concat(frames, ignore_index=True), swept
+    common = {k: v for k, v in settings[finished[0]].items() if k not in swept}
+    return Jobs(sweep_dir, started, settings, swept, common)
 
 
-def common_setting(sweep_dir: Path, swept: list[str]) -> dict[str, str]:
-    """The setting keys every finished job shares (shown once, above the table)."""
-    _, finished = job_dirs(sweep_dir)
-    settings = [job_setting(d) for d in finished]
-    return {k: v for k, v in settings[0].items() if k not in swept} if settings else {}
+def collect(jobs: Jobs, which: str) -> pd.DataFrame:
+    """All finished jobs' summary.csv or metrics.csv, with a ``job`` column and one
+    column per swept key."""
+    frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(jobs.root)),
+                                            **{k: setting.get(k, "-") for k in jobs.swept})
+              for d, setting in jobs.settings.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
@@ -143,16 +155,15 @@ def _std(values) -> float:
 def write_report(sweep_dir: Path) -> Path:
     """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
-    summary, swept = collect(sweep_dir, "summary.csv")
+    jobs = read_jobs(sweep_dir)
+    summary = collect(jobs, "summary.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
-    table = gains_by_setting(summary, swept)
+    table = gains_by_setting(summary, jobs.swept)
     best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
-    metrics, _ = collect(sweep_dir, "metrics.csv")
-    figures = [plot_gain_heatmaps(table, swept, sweep_dir / "gain_heatmap.png"),
-               plot_curves(metrics, best, sweep_dir / "curves.png")]
-    started, finished = job_dirs(sweep_dir)
-    text = _markdown(sweep_dir, table, swept, best, len(started), len(finished),
-                     common_setting(sweep_dir, swept),
+    figures = [plot_gain_heatmaps(table, jobs.swept, sweep_dir / "gain_heatmap.png"),
+               plot_curves(collect(jobs, "metrics.csv"), best, sweep_dir / "curves.png")]
+    text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
+                     len(jobs.settings), jobs.common,
                      [f.name for f in figures if f is not None])
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md"

@@ -9,6 +9,7 @@ point. kdrun itself has no test hooks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -134,8 +135,9 @@ def test_sigkill_at_eight_points_then_rerun_matches_an_uninterrupted_run(tmp_pat
 def test_a_run_checkpoint_is_a_copy_that_later_damage_to_the_cache_cannot_reach(tmp_path):
     source, target = tmp_path / "result.pt", tmp_path / "run" / "teacher.pt"
     source.write_bytes(b"weights")
-    copy_file(source, target)
-    copy_file(source, target)  # a re-run copies the same cached file again
+    digest = hashlib.sha256(b"weights").hexdigest()
+    copy_file(source, target, digest)
+    copy_file(source, target, digest)  # a re-run copies the same cached file again
     assert target.read_bytes() == b"weights"
     assert sorted(p.name for p in target.parent.iterdir()) == ["teacher.pt"]
     source.write_bytes(b"damage")

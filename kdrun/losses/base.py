@@ -43,6 +43,7 @@ class DistillationLoss(nn.Module):
 
 LOSSES = Registry("loss", DistillationLoss)
 TEMPERATURE = number(0, lo_open=True)
+WEIGHT = number(0)  # a loss term's weight: any non-negative number
 KD_RULES: dict[str, Check] = {"T": TEMPERATURE, "alpha": PROBABILITY}
 
 
@@ -58,11 +59,14 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 
 def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
-            t2_scale: bool = True) -> torch.Tensor:
+            t2_scale: bool = True, soft_view=None) -> torch.Tensor:
     """Hinton et al. 2015: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s);
-    with alpha = 0, CE alone (the teacher is not read)."""
+    with alpha = 0, CE alone (the teacher is not read). ``soft_view``, when given,
+    transforms both sides' logits for the soft term only (e.g. a per-sample z-score)."""
     hard = F.cross_entropy(student_logits, labels)
     if alpha == 0:
         return hard
+    if soft_view is not None:
+        student_logits, teacher_logits = soft_view(student_logits), soft_view(teacher_logits)
     soft_weight = alpha * (T**2 if t2_scale else 1.0)  # one multiply a step
     return soft_weight * soft_kl(student_logits, teacher_logits, T) + (1 - alpha) * hard

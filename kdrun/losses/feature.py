@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.checks import layer_name, number
+from kdrun.checks import layer_name
 from kdrun.errors import ConfigError
-from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss
-
-WEIGHT = number(0)
+from kdrun.losses.base import KD_RULES, LOSSES, WEIGHT, DistillationLoss, kd_loss
 
 
 class FeatureLoss(DistillationLoss):

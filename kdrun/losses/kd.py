@@ -31,6 +31,7 @@ class KD(DistillationLoss):
     """
 
     config_rules = {**KD_RULES, "t2_scale": boolean}
+    soft_view = None  # a transform of both sides' logits for the soft term (see kd_ls)
 
     def __init__(self, T: float = 4.0, alpha: float = 0.9, t2_scale: bool = True):
         super().__init__()
@@ -39,7 +40,7 @@ class KD(DistillationLoss):
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
-                       self.t2_scale)
+                       self.t2_scale, self.soft_view)
 
 
 @LOSSES.register("ce")

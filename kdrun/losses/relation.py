@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import number
-from kdrun.losses.base import LOSSES
-from kdrun.losses.feature import WEIGHT, FeatureLoss
+from kdrun.losses.base import LOSSES, WEIGHT
+from kdrun.losses.feature import FeatureLoss
 
 
 def pairwise_distances(e: torch.Tensor) -> torch.Tensor:

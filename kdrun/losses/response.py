@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import PROBABILITY, number
-from kdrun.losses.base import LOSSES, TEMPERATURE, DistillationLoss
-
-WEIGHT = number(0)  # a loss term's weight: any non-negative number
+from kdrun.losses.base import LOSSES, TEMPERATURE, WEIGHT, DistillationLoss
 
 
 @LOSSES.register("mse_logits")
