@@ -134,11 +134,15 @@ class StageEntry:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "key.json",
                      lambda tmp: tmp.write_text(json.dumps(self.material, indent=1)))
-        state = load_sealed(self.state_pt)
+        state, rows = load_sealed(self.state_pt), self.read_rows()
         if state is None and self.state_pt.exists():
             log.warning("stage cache: %s does not match its checksum; training this stage "
                         "from the start", self.state_pt)
-        keep = [r for r in self.read_rows() if state and r["epoch"] <= state["epoch"]]
+        elif state is None and rows:
+            log.warning("stage cache: %s has epochs in rows.csv but no state.pt (killed "
+                        "before its first save, or deleted); training this stage from the "
+                        "start", self.dir)
+        keep = [r for r in rows if state and r["epoch"] <= state["epoch"]]
         atomic_write(self.rows_csv, lambda tmp: _write_rows(tmp, keep))
         return state
 
@@ -170,6 +174,28 @@ class StageEntry:
     def summary(self) -> dict:
         return self._record()["summary"]
 
+    def record_given(self, source: str) -> None:
+        """Mark an entry for a teacher that was given, not trained: no weights of its
+        own, but a sealed record of what is computed from it."""
+        if not self.summary_json.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            record = seal({"summary": {"given": source}, "files": {}})
+            atomic_write(self.summary_json,
+                         lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+
+    def derived(self) -> list[str]:
+        """Files computed later from this finished stage (e.g. the teacher's logits)."""
+        return self._record().get("derived", []) if self.summary_json.exists() else []
+
+    def note_derived(self, name: str) -> None:
+        """Record that ``name`` now exists, so that its loss is noticed (call under the
+        lock, on a finished entry)."""
+        if self.summary_json.exists() and name not in self.derived():
+            record = self._record()
+            record["derived"] = [*record.get("derived", []), name]
+            atomic_write(self.summary_json,
+                         lambda tmp: tmp.write_text(json.dumps(seal(record), indent=1)))
+
     def digest(self, name: str) -> str:
         """The SHA-256 recorded for a finished file (``result.pt`` or ``rows.csv``)."""
         return self._record()["files"][name]
@@ -186,10 +212,12 @@ def verify_cache(root: Path) -> list[tuple[Path, str]]:
     """(entry folder, problem) for every entry under ``root`` that fails its checks."""
     bad = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name != SET_ASIDE):
-        problem = StageEntry.at(folder).problem()
-        for logits in folder.glob("logits-*.pt"):
-            if load_sealed(logits) is None:
-                problem = problem or f"{logits.name} does not match its checksum"
+        entry = StageEntry.at(folder)
+        problem = entry.problem()
+        derived = entry.derived() if problem is None else []
+        for name in sorted({*derived, *(p.name for p in folder.glob("logits-*.pt"))}):
+            if load_sealed(folder / name) is None:
+                problem = problem or f"{name} is missing or does not match its checksum"
         if problem:
             bad.append((folder, problem))
     return bad
@@ -217,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check every entry's files")
     verify.add_argument("cache_dir", type=Path, nargs="?", default=Path("outputs/cache"))
     verify.add_argument("--set-aside", action="store_true",
-                        help=f"move damaged entries to CACHE_DIR/{SET_ASIDE}/")
+                        help=f"move damaged entries to CACHE_DIR/{SET_ASIDE}/ (a damaged "
+                             f"logits file is left to be recomputed when next needed)")
     args = parser.parse_args(argv)
     if not args.cache_dir.is_dir():
         print(f"kdrun-cache: error: no folder {args.cache_dir}", file=sys.stderr)
@@ -226,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     checked = sum(1 for p in args.cache_dir.iterdir() if p.is_dir() and p.name != SET_ASIDE)
     for folder, problem in bad:
         print(f"{folder.name}: {problem}")
-        if args.set_aside:
-            StageEntry.at(folder).set_aside(problem)
+        entry = StageEntry.at(folder)
+        if args.set_aside and entry.problem():  # a lost logits file is just recomputed
+            entry.set_aside(problem)
     print(f"{checked} stages checked, " + (f"{len(bad)} damaged" if bad else "all intact"))
     return 1 if bad else 0
 

@@ -211,7 +211,8 @@ class Stages:
         self.teacher_model = model
         entry = StageEntry(self.cache_root, given_teacher_material(
             self.cfg, model_cfg, sha256_file(path), weights, self.numerics, self.data_digest))
-        entry.dir.mkdir(parents=True, exist_ok=True)
+        with entry.lock():
+            entry.record_given(str(path))  # so that files computed from it are tracked
         val_acc, test_acc = (evaluate(model, s.to(self.device), self.tcfg.eval_batch_size)[1]
                              if len(s) else float("nan") for s in (self.data.val, self.data.test))
         self.events.write("given", "teacher", self.cfg.seed, entry.key, checkpoint=str(path))
@@ -321,12 +322,13 @@ def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device) -> tor
         logits = load_sealed(path)
         if logits is not None:
             return logits.to(device)
-        if path.exists():
-            log.warning("stage cache: %s does not match its checksum; computing the "
-                        "teacher's logits again", path)
+        if path.exists() or path.name in entry.derived():
+            log.warning("stage cache: %s is missing or does not match its checksum; "
+                        "computing the teacher's logits again", path)
         teacher.to(device)
         logits = predict_logits(teacher, data.train.to(device), tcfg.eval_batch_size)
         save_sealed(path, logits.cpu())
+        entry.note_derived(path.name)
         return logits
 
 

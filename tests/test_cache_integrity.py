@@ -64,11 +64,8 @@ def test_a_damaged_cache_file_is_caught_recomputed_and_never_reaches_a_run(tmp_p
     with caplog.at_level(logging.WARNING, logger="kdrun"):
         second = run(tmp_path, "b")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    if name.startswith("logits") and how == "delete":  # as if never computed: no alarm
-        assert warnings == [] and (entry / name).exists()
-    else:
-        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
-        assert name in warnings[0] or "missing" in warnings[0], warnings
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert name in warnings[0] or "missing" in warnings[0], warnings
     stage_events = {e["stage"]: e["event"] for e in events(tmp_path / "b")}
     if name.startswith("logits"):  # the teacher stage is intact: only its logits are redone
         assert StageEntry.at(entry).problem() is None
@@ -94,6 +91,14 @@ def test_a_damaged_resume_state_restarts_the_stage_with_a_warning(tmp_path, capl
     entry.save_state({"epoch": 4})
     damage(entry.state_pt, "truncate")
     assert entry.start() is None
+    entry.append_rows([{"stage": "teacher", "epoch": 1, "split": "val", "loss": 0.5,
+                        "acc": 80.0, "lr": 0.1, "seconds": 1.0}])
+    entry.save_state({"epoch": 1})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        damage(entry.state_pt, "delete")
+        assert entry.start() is None and entry.read_rows() == []
+    assert "no state.pt" in caplog.text
 
 
 def test_kdrun_cache_verify_lists_damaged_entries_and_exits_1(tmp_path, capsys):
@@ -107,3 +112,19 @@ def test_kdrun_cache_verify_lists_damaged_entries_and_exits_1(tmp_path, capsys):
     assert rows["teacher"]["cache_key"] not in out
     assert kdrun_cache(["verify", "--set-aside", str(tmp_path / "cache")]) == 1
     assert kdrun_cache(["verify", str(tmp_path / "cache")]) == 0
+    (tmp_path / "cache" / rows["teacher"]["cache_key"] / "logits-best_val.pt").unlink()
+    assert kdrun_cache(["verify", str(tmp_path / "cache")]) == 1
+    assert "logits-best_val.pt is missing" in capsys.readouterr().out
+
+
+def test_a_given_teachers_deleted_logits_are_noticed_too(tmp_path, caplog):
+    run(tmp_path, "a")
+    own = tmp_path / "a" / "checkpoints" / "teacher.pt"
+    cfg = make_config(*TINY, f"cache.dir={tmp_path}/cache", f"teacher.checkpoint={own}")
+    rows = pipeline.run(cfg, tmp_path / "b")["rows"]
+    entry = tmp_path / "cache" / rows[0]["cache_key"]
+    (entry / "logits-best_val.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        again = pipeline.run(cfg, tmp_path / "c")["rows"]
+    assert "logits-best_val.pt is missing" in caplog.text
+    assert again[2]["test_acc_best_val"] == rows[2]["test_acc_best_val"]
