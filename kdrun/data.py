@@ -20,7 +20,7 @@ from kdrun.checks import boolean, number, one_of
 from kdrun.errors import DataError
 from kdrun.registry import Registry
 
-# name -> builder(**keys) returning something with .to_data(name, split_cfg): RawData
+# name -> builder(**keys) returning something with .to_data(name, split_cfg, augment_cfg): RawData
 # here, FolderData for image folders (kdrun/imagefolder.py); a config may also name a
 # builder of your own package by its import path (name: mypackage.data.my_set)
 DATASETS = Registry("dataset")
@@ -37,7 +37,8 @@ class RawData:
     num_classes: int
     random_labels: bool = False  # labels carry no signal: evaluate on the training data
 
-    def to_data(self, name: str, split_cfg) -> Data:
+    def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
+        """In-memory data is augmented later, batched on the device (kdrun/augment.py)."""
         return _split_tensors(name, self, split_cfg)
 
 
@@ -234,7 +235,8 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     their last epoch. An empty training or test split is a DataError."""
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
-    data = DATASETS.get(name, "dataset.name")(**params).to_data(name, split_cfg)
+    builder = DATASETS.get(name, "dataset.name")
+    data = builder(**params).to_data(name, split_cfg, dataset_cfg.get("augment"))
     for split in ("train", "test"):
         if len(getattr(data, split)) == 0:
             raise DataError(f"dataset={name}: the {split} split is empty with these settings "

@@ -6,12 +6,24 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from kdrun.cache import StageEntry
 from kdrun.errors import UserError
-from kdrun.models import build_model, load_weights
-from kdrun.store import load_checkpoint
+from kdrun.measure import model_figures
+from kdrun.models import build_model, describe, load_weights
+from kdrun.provenance import given_teacher_material
+from kdrun.store import load_checkpoint, sha256_file
+from kdrun.summary_row import StageResult, SummaryRow
+from kdrun.train import evaluate
+
+if TYPE_CHECKING:
+    from kdrun.stages import Stages
+
+# trainer.distill_from -> the checkpoint entry holding those weights
+WEIGHTS = {"best_val": "best_model", "last": "model"}
 
 
 def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -> nn.Module:
@@ -37,3 +49,23 @@ def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -
     model = build_model(model_cfg, input_shape, num_classes, "teacher")
     load_weights(model, state, source)
     return model
+
+
+def evaluate_given_teacher(stages: Stages, model_cfg) -> StageResult:
+    """The stage of a user's own trained teacher: loaded and evaluated instead of
+    trained, with a cache entry of its own for what is computed from it (its logits)."""
+    path = Path(model_cfg.checkpoint).expanduser()
+    weights = WEIGHTS[stages.tcfg.distill_from]
+    data, device = stages.data, stages.device
+    model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights).to(device)
+    entry = StageEntry(stages.cache_root, given_teacher_material(
+        stages.cfg, model_cfg, sha256_file(path), weights, stages.numerics, stages.data_digest))
+    with entry.lock():
+        entry.record_given(str(path))  # so that files computed from it are tracked
+    val_acc, test_acc = (evaluate(model, s.to(device), stages.tcfg.eval_batch_size)[1]
+                         if len(s) else float("nan") for s in (data.val, data.test))
+    stages.events.write("given", "teacher", stages.cfg.seed, entry.key, checkpoint=str(path))
+    row = SummaryRow.evaluated_teacher(
+        stages.row_context, describe(model_cfg), model_figures(model), val_acc, test_acc,
+        train_seconds=0.0, reused=True, cache_key=entry.key, checkpoint=str(path))
+    return StageResult(row, entry, model)

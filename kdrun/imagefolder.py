@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from kdrun.checks import boolean, number, one_of
+from kdrun.augment import folder_transforms
+from kdrun.checks import number, one_of
 from kdrun.data import DATASETS, Data, subsample_indices
 from kdrun.errors import DataError
 
@@ -92,14 +93,12 @@ class FolderData:
     test: tuple[list[Path], list[int]] | None
     num_classes: int
     test_fraction: float
-    train_transform: object  # resize and augmentation, to a tensor in [0, 1]
-    eval_transform: object  # resize, to a tensor in [0, 1]
     normalize: object  # per-channel (x - mean) / std, applied when split.standardize
     image_size: int
     workers: int
 
-    def to_data(self, name: str, split_cfg) -> Data:
-        return Data(name, *split_folder(self, split_cfg), self.num_classes)
+    def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
+        return Data(name, *split_folder(self, split_cfg, augment_cfg), self.num_classes)
 
 
 def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
@@ -130,12 +129,11 @@ def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
 
 @DATASETS.register("imagefolder", rules={
     "label_from": one_of("folder", "filename_prefix"), "image_size": number(1, integer=True),
-    "crop_padding": number(0, integer=True), "hflip": boolean, "rotation": number(0),
     "workers": number(0, integer=True), "test_fraction": number(0, 1, hi_open=True)})
 def imagefolder(
     root: str, label_from: str = "folder", train_dir: str = "train",
     val_dir: str | None = None, test_dir: str | None = None, test_fraction: float = 0.2,
-    image_size: int = 64, crop_padding: int = 0, hflip: bool = False, rotation: float = 0.0,
+    image_size: int = 64,
     mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225), workers: int = 2,
 ) -> FolderData:
     """Images under ``root``; see the module docstring and configs/dataset/imagefolder.yaml."""
@@ -145,27 +143,16 @@ def imagefolder(
     found = {name: list_images(base / d, label_from) if d else None
              for name, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
     labels = [y for split in found.values() if split for y in split[1]]
-    resize = tf.Resize((image_size, image_size))
-    finish = [tf.ToTensor()]
-    augment = []
-    if crop_padding:
-        augment.append(tf.RandomCrop(image_size, padding=crop_padding, pad_if_needed=True,
-                                     padding_mode="symmetric"))
-    if hflip:
-        augment.append(tf.RandomHorizontalFlip())
-    if rotation:
-        augment.append(tf.RandomRotation(rotation))
     return FolderData(found["train"], found["val"], found["test"], max(labels) + 1,
-                      test_fraction, tf.Compose([resize, *augment, *finish]),
-                      tf.Compose([resize, *finish]), tf.Normalize(list(mean), list(std)),
-                      image_size, workers)
+                      test_fraction, tf.Normalize(list(mean), list(std)), image_size, workers)
 
 
-def split_folder(folder: FolderData, split_cfg):
+def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
     """Train / val / test FolderSplits; missing splits carved with ``split_cfg.seed``.
     As for in-memory data, ``split.max_train`` subsamples the training files before the
     validation split is carved, ``split.max_test`` the test files, and
-    ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``."""
+    ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``. Training
+    images are augmented as ``dataset.augment`` says (kdrun/augment.py)."""
     from torchvision import transforms as tf
 
     files, labels = _subsample(folder.train, split_cfg.max_train, split_cfg.seed)
@@ -183,14 +170,15 @@ def split_folder(folder: FolderData, split_cfg):
         val = take(order[cut:cut + n_val].tolist())
         cut += n_val
     train = take(sorted(order[cut:].tolist()))
-    normalize = [folder.normalize] if split_cfg.standardize else []
+    resize = tf.Resize((folder.image_size, folder.image_size))
+    finish = [tf.ToTensor(), *([folder.normalize] if split_cfg.standardize else [])]
 
-    def make(pair, transform):
-        return FolderSplit(*pair, tf.Compose([transform, *normalize]), folder.image_size,
+    def make(pair, augment):
+        return FolderSplit(*pair, tf.Compose([resize, *augment, *finish]), folder.image_size,
                            folder.workers)
 
-    return (make(train, folder.train_transform), make(val, folder.eval_transform),
-            make(test, folder.eval_transform))
+    return (make(train, folder_transforms(augment_cfg, folder.image_size)), make(val, []),
+            make(test, []))
 
 
 def _subsample(pair, limit, seed):

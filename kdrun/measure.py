@@ -82,26 +82,20 @@ def _half_iqr(values: list[float]) -> float:
     return (q[2] - q[0]) / 2
 
 
-def compare_with_teacher(rows: list[dict], teacher: nn.Module | None, student: nn.Module,
-                         input_shape, device, latency_cfg) -> None:
-    """Add latency columns to every row, and each student row's compression (teacher
-    params / its params) and speed-up at batch 1 and 256, in place. Teacher and student
-    are timed now, side by side; every student row shares the one student timing (they
-    share an architecture)."""
+def side_by_side(teacher: nn.Module | None, student: nn.Module, input_shape, device,
+                 latency_cfg) -> tuple[dict, dict]:
+    """Teacher and student timed now, side by side, at each batch size in BATCHES:
+    ``latency_ms[who][batch]``, the median forward time of who = teacher / student, and
+    ``speedup[batch]``, the median per-round teacher/student ratio (empty without a
+    teacher). Every student row of a run shares these: they share an architecture."""
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    latency_ms = {name: {} for name in models}
+    speedups = {}
     for batch in BATCHES:
         times = interleaved_latency(models, input_shape, device, batch,
                                     latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
-        medians = {name: round(statistics.median(t), 4) for name, t in times.items()}
-        ratio = speedup(times["teacher"], times["student"]) if teacher is not None else None
-        for row in rows:
-            is_teacher = row["role"].startswith("teacher")
-            if is_teacher and row["role"] != "teacher":
-                continue  # an ensemble member: the ensemble as a whole is timed
-            row[f"latency_ms_b{batch}"] = medians["teacher" if is_teacher else "student"]
-            if ratio is not None and not is_teacher:
-                row[f"speedup_b{batch}"] = ratio
-    teacher_row = next((r for r in rows if r["role"] == "teacher"), None)
-    for row in rows:
-        if teacher_row is not None and not row["role"].startswith("teacher"):
-            row["compression"] = round(teacher_row["params"] / row["params"], 3)
+        for name, t in times.items():
+            latency_ms[name][batch] = round(statistics.median(t), 4)
+        if teacher is not None:
+            speedups[batch] = speedup(times["teacher"], times["student"])
+    return latency_ms, speedups

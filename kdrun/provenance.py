@@ -156,3 +156,24 @@ def _dataset(cfg: DictConfig) -> dict:
 
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def distillation_loss(cfg: DictConfig) -> dict:
+    """The loss the distilled student is trained with: the loss group's, except in deep
+    mutual learning, whose cohort loss is the scheme's own."""
+    if cfg.scheme.name == "dml":
+        return {"name": "dml", "T": cfg.scheme.T}
+    return OmegaConf.to_container(cfg.loss, resolve=True)
+
+
+def run_keys(cfg: DictConfig) -> dict:
+    """The settings that tell runs of a sweep apart, added to every CSV row."""
+    loss = distillation_loss(cfg)
+    return {"dataset": cfg.dataset.name, "method": loss["name"],
+            "T": loss.get("T"), "alpha": loss.get("alpha")}
+
+
+def student_seeds(cfg: DictConfig) -> list[int]:
+    """seed*repeats, ..., seed*repeats + repeats-1: a sweep over ``seed=0,1,2`` gets
+    disjoint student seeds, so no two teachers share (and correlate) a scratch student."""
+    return [cfg.seed * cfg.repeats + i for i in range(cfg.repeats)]

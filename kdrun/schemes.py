@@ -6,17 +6,26 @@ rules={...})`` (a check for each of its keys) and add ``configs/scheme/<name>.ya
 from __future__ import annotations
 
 import logging
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun.checks import number, one_of
 from kdrun.errors import ConfigError
-from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.losses import CE, DML, build_loss, soft_target_entropy
 from kdrun.measure import AllOf
-from kdrun.provenance import seed_stream
+from kdrun.provenance import distillation_loss, seed_stream
 from kdrun.registry import Registry
-from kdrun.train import CachedLogits, predict_logits
+from kdrun.summary_row import StageResult, SummaryRow
+from kdrun.train import CachedLogits, TeacherTargets, predict_logits
+
+if TYPE_CHECKING:
+    from kdrun.stages import Stages
 
 log = logging.getLogger("kdrun")
-# name -> scheme(stages, cfg) returning the run's summary rows; the scheme's YAML keys
+# name -> scheme(stages: Stages, cfg) returning the run's summary rows; the scheme's YAML keys
 # (configs/scheme/<name>.yaml, besides name) are checked by the rules it registers with
 SCHEMES = Registry("scheme")
 # The temperature of the ensemble's combined distribution is the loss's T; a loss with
@@ -24,73 +33,66 @@ SCHEMES = Registry("scheme")
 ENSEMBLE_T_WITHOUT_LOSS_T = 1.0
 
 
-def distillation_loss(cfg) -> dict:
-    """The loss the distilled student is trained with: the loss group's, except in deep
-    mutual learning, whose cohort loss is the scheme's own."""
-    from omegaconf import OmegaConf
-
-    if cfg.scheme.name == "dml":
-        return {"name": "dml", "T": cfg.scheme.T}
-    return OmegaConf.to_container(cfg.loss, resolve=True)
-
-
 @SCHEMES.register("offline")
-def offline(stages, cfg) -> list[dict]:
+def offline(stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
     """The classic scheme (Hinton et al. 2015): a teacher trained first (or given as a
     checkpoint) and frozen; each student seed trained from scratch and distilled."""
-    teacher, entry, rows = stages.teacher(cfg.teacher)
-    targets, extra = _teacher_targets(stages, cfg, teacher, entry)
-    return rows + _students(stages, cfg, targets, entry.key, extra)
+    teacher = stages.teacher(cfg.teacher)
+    targets, extra = _teacher_targets(stages, cfg, teacher)
+    return [teacher.row, *_students(stages, cfg, targets, teacher.entry.key, extra)]
 
 
-def _students(stages, cfg, targets, teacher_key: str, extra: dict) -> list[dict]:
+def _students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | None,
+              teacher_key: str, extra: dict) -> list[SummaryRow]:
     """Per student seed: the scratch row, then the row distilled from ``targets``."""
     rows = []
     for seed in stages.student_seeds:
-        rows.append(stages.student("scratch", CE, seed)[1])
-        _, row = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
-                                teacher_key)
-        rows.append({**row, **extra})
+        rows.append(stages.student("scratch", CE, seed).row)
+        distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
+                                   teacher_key)
+        rows.append(distilled.row.with_columns(**extra))
     return rows
 
 
 @SCHEMES.register("born_again", rules={"generations": number(1, integer=True)})
-def born_again(stages, cfg) -> list[dict]:
+def born_again(stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
     """Born-again networks, Furlanello et al. 2018 (ICML): self-distillation. The
     teacher is the student's own architecture trained on the labels (generation 0);
     generation k is distilled from generation k-1, for ``scheme.generations``
     generations. The last generation is the row ``distilled``; earlier ones are
     ``generation1``, ``generation2``, ... in the summary. Generation 0 is trained on
     the teacher's seed stream, so no generation shares its teacher's init."""
-    teacher, entry, rows = stages.teacher(cfg.student)
+    teacher = stages.teacher(cfg.student)
+    rows = [teacher.row]
     generations = cfg.scheme.generations
     for seed in stages.student_seeds:
-        rows.append(stages.student("scratch", CE, seed)[1])
-        model, previous = teacher, entry
+        rows.append(stages.student("scratch", CE, seed).row)
+        previous = teacher
         for generation in range(1, generations + 1):
             role = "distilled" if generation == generations else f"generation{generation}"
-            targets, extra = _teacher_targets(stages, cfg, model, previous)
+            targets, extra = _teacher_targets(stages, cfg, previous)
             # the last generation shares the scratch student's init and batch order; each
             # earlier one has a stream of its own, so no generation starts as its teacher did
             rng = None if generation == generations else seed_stream(role, seed)
-            previous, row = stages.student(role, lambda: build_loss(cfg.loss), seed, targets,
-                                           previous.key, rng=rng)
-            rows.append({**row, "generation": generation, **extra})
-            model = stages.load_student(previous)
+            student = stages.student(role, lambda: build_loss(cfg.loss), seed, targets,
+                                     previous.entry.key, rng=rng)
+            rows.append(student.row.with_columns(generation=generation, **extra))
+            previous = StageResult(student.row, student.entry, stages.load_student(student))
     return rows
 
 
-def _teacher_targets(stages, cfg, teacher, entry):
+def _teacher_targets(stages: Stages, cfg: DictConfig,
+                     teacher: StageResult) -> tuple[TeacherTargets | None, dict]:
     """What the distilled student learns from, and how soft those targets are."""
     loss = build_loss(cfg.loss)
     if not loss.needs_teacher:
         log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
                  "(a control; its gain should be about zero)", cfg.loss.name)
         return None, {}
-    targets = stages.teacher_targets(teacher, entry, loss)
+    targets = stages.teacher_targets(teacher, loss)
     if "T" not in cfg.loss:
         return targets, {}
-    logits = stages.teacher_logits(teacher, entry)  # the unaugmented training set
+    logits = stages.teacher_logits(teacher)  # the unaugmented training set
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
 
 
@@ -98,7 +100,7 @@ def _teacher_targets(stages, cfg, teacher, entry):
     "combine": one_of("arithmetic", "geometric"),
     "teachers": lambda v: None if isinstance(v, list) and v else (
         "must be a list of {option: NAME, ...} entries")})
-def ensemble(stages, cfg) -> list[dict]:
+def ensemble(stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
     """Multi-teacher distillation (e.g. Hinton et al. 2015, §2; You et al. 2017): several
     teachers, each trained (or loaded) as in ``offline``; the student learns their
     softened distributions combined by an arithmetic or geometric mean
@@ -108,34 +110,31 @@ def ensemble(stages, cfg) -> list[dict]:
         raise ConfigError("dataset", cfg.dataset.name, "scheme=ensemble needs in-memory data "
                           "without augmentation (its teachers' logits are computed once)")
     T = float(cfg.loss.get("T", ENSEMBLE_T_WITHOUT_LOSS_T))
-    members, rows = [], []
-    for i, spec in enumerate(cfg.scheme.teachers, start=1):
-        model, entry, (row,) = stages.teacher(teacher_config(spec))
-        members.append((model, entry))
-        rows.append({**row, "role": f"teacher{i}"})
-    logits = [stages.teacher_logits(model, entry) for model, entry in members]
-    combined = combine(logits, T, cfg.scheme.combine)
-    rows.insert(0, _ensemble_row(stages, members, rows, cfg.scheme.combine, T))
-    key = "+".join(entry.key for _, entry in members) + f"|{cfg.scheme.combine}|T={T}"
+    members = [stages.teacher(teacher_config(spec)) for spec in cfg.scheme.teachers]
+    combined = combine([stages.teacher_logits(m) for m in members], T, cfg.scheme.combine)
+    stages.teacher_model = AllOf([m.model for m in members])  # timed: members in turn
+    rows = [_ensemble_row(stages, members, cfg.scheme.combine, T)]
+    rows += [m.row.as_role(f"teacher{i}") for i, m in enumerate(members, start=1)]
+    key = "+".join(m.entry.key for m in members) + f"|{cfg.scheme.combine}|T={T}"
     extra = {"soft_target_entropy": soft_target_entropy(combined, T)} if "T" in cfg.loss else {}
     return rows + _students(stages, cfg, CachedLogits(combined), key, extra)
 
 
-def _ensemble_row(stages, members, member_rows, how: str, T: float) -> dict:
+def _ensemble_row(stages: Stages, members: list[StageResult], how: str, T: float) -> SummaryRow:
     """The combined teacher's summary row: its accuracy from the combined predictions,
-    its size the members' summed; it is timed as all members run in turn."""
+    its size the members' summed."""
     accuracy = {}
     for name, split in (("val", stages.data.val), ("test", stages.data.test)):
         split = split.to(stages.device)
-        logits = [predict_logits(m, split, stages.cfg.trainer.eval_batch_size)
-                  for m, _ in members]
+        logits = [predict_logits(m.model, split, stages.tcfg.eval_batch_size) for m in members]
         hits = combine(logits, T, how).argmax(1) == split.y
         accuracy[name] = hits.float().mean().item() * 100
-    stages.teacher_model = AllOf([m for m, _ in members])
-    total = {k: sum(r[k] for r in member_rows) for k in ("params", "size_mb")}
-    return stages.evaluated_teacher_row(
-        f"ensemble[{','.join(r['arch'] for r in member_rows)}]", total, accuracy["val"],
-        accuracy["test"], train_seconds=sum(r["train_seconds"] for r in member_rows),
+    arch = f"ensemble[{','.join(m.row.arch for m in members)}]"
+    size = {"params": sum(m.row.params for m in members),
+            "size_mb": sum(m.row.size_mb for m in members)}
+    return SummaryRow.evaluated_teacher(
+        stages.row_context, arch, size, accuracy["val"],
+        accuracy["test"], train_seconds=sum(m.row.train_seconds for m in members),
         reused=False, combine=how)
 
 
@@ -143,21 +142,15 @@ def teacher_config(spec):
     """A member of ``scheme.teachers``: ``{option: NAME, ...overrides}`` where NAME is a
     configs/teacher/ option (cnn, mlp, resnet18, ...) and overrides any of its keys,
     ``checkpoint`` included."""
-    from importlib.resources import files
-
-    from omegaconf import OmegaConf
-
     spec = OmegaConf.to_container(spec, resolve=True)
     option = spec.pop("option")
     base = OmegaConf.create((files("kdrun.configs") / "teacher" / f"{option}.yaml").read_text())
     return OmegaConf.merge(base, spec)
 
 
-def combine(logits: list, T: float, how: str):
+def combine(logits: list[torch.Tensor], T: float, how: str) -> torch.Tensor:
     """Logits whose softmax at temperature T is the arithmetic or geometric mean of the
     members' softmax(logits / T): T * log(mean p) or T * mean(log p)."""
-    import torch
-
     log_p = torch.stack([torch.log_softmax(z / T, dim=1) for z in logits])
     if how == "geometric":
         return T * log_p.mean(0)  # softmax renormalises the geometric mean
@@ -166,23 +159,19 @@ def combine(logits: list, T: float, how: str):
 
 @SCHEMES.register("dml", rules={"students": number(2, integer=True),
                                "T": number(0, lo_open=True)})
-def dml(stages, cfg) -> list[dict]:
+def dml(stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
     """Deep mutual learning, Zhang et al. 2018 (CVPR): ``scheme.students`` copies of the
     student architecture trained together, each learning from the others (losses/
     mutual.py); no pre-trained teacher, and the loss group is not used. The cohort's
     first member is the ``distilled`` row, compared with the scratch student that has
     its init."""
-    from omegaconf import OmegaConf
-
-    from kdrun.losses import DML
-
     cohort = OmegaConf.create({"arch": "cohort", "size": cfg.scheme.students,
                                "member": OmegaConf.to_container(cfg.student, resolve=True)})
     rows = []
     for seed in stages.student_seeds:
-        rows.append(stages.student("scratch", CE, seed)[1])
-        _, row = stages.student("distilled", lambda: DML(T=cfg.scheme.T), seed,
-                                model_cfg=cohort, loss_cfg=distillation_loss(cfg))
-        rows.append(row)
+        rows.append(stages.student("scratch", CE, seed).row)
+        distilled = stages.student("distilled", lambda: DML(T=cfg.scheme.T), seed,
+                                   model_cfg=cohort, loss_cfg=distillation_loss(cfg))
+        rows.append(distilled.row)
     return rows
 

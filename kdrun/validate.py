@@ -14,6 +14,7 @@ import inspect
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models, schemes
+from kdrun.augment import AUGMENT_RULES
 from kdrun.checks import Check, boolean, device, number, one_of
 from kdrun.errors import ConfigError
 
@@ -34,8 +35,7 @@ RULES: dict[str, Check] = {
     "split.max_train": number(1, integer=True, optional=True),
     "split.max_test": number(1, integer=True, optional=True),
     "split.standardize": boolean,
-    "dataset.augment.crop_padding": number(0, integer=True),
-    "dataset.augment.hflip": boolean,
+    **{f"dataset.augment.{key}": check for key, check in AUGMENT_RULES.items()},
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
     "logger.name": one_of("csv", "tensorboard"),

@@ -40,8 +40,8 @@ def flat_folders(root, classes=3, per_class=8):
 def folder_config(root, **keys):
     base = {"name": "imagefolder", "root": str(root), "label_from": "folder",
             "train_dir": "train", "val_dir": None, "test_dir": None, "test_fraction": 0.25,
-            "image_size": 8, "crop_padding": 0, "hflip": False, "rotation": 0.0,
-            "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "workers": 0}
+            "image_size": 8, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "workers": 0,
+            "augment": {"crop_padding": 0, "hflip": False, "rotation": 0.0}}
     return OmegaConf.create({**base, **keys})
 
 
@@ -68,11 +68,17 @@ def test_flat_folders_named_by_label_prefix(tmp_path):
         labels_match_colours(split)
 
 
-def test_training_transforms_keep_shapes(tmp_path):
-    cfg = folder_config(class_folders(tmp_path), crop_padding=2, hflip=True, rotation=10.0)
+def test_dataset_augment_changes_training_images_only(tmp_path):
+    cfg = folder_config(class_folders(tmp_path), augment={"crop_padding": 2, "hflip": True,
+                                                          "rotation": 45.0})
     data = load_data(cfg, SPLIT)
-    _, x, y = next(data.train.batches(4, torch.Generator().manual_seed(0)))
-    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    torch.manual_seed(0)  # the transforms' draws
+    train = torch.cat([x for _, x, _ in data.train.batches(4)])
+    assert train.shape == (12, 3, 8, 8) and train.dtype == torch.float32
+    assert (train == 0).any(dim=(1, 2, 3)).sum() > 4  # rotated: black corners
+    for split in (data.val, data.test):  # never augmented: every flat image stays flat
+        for _, x, _ in split.batches(4):
+            assert torch.equal(x, x[:, :, :1, :1].expand_as(x))
 
 
 @pytest.mark.parametrize("problem,message", [
@@ -95,7 +101,7 @@ def test_folder_problems_are_named(tmp_path, problem, message):
 def test_pipeline_distills_a_dsconv_student_on_an_image_folder(tmp_path):
     class_folders(tmp_path / "images")
     cfg = make_config("dataset=imagefolder", f"dataset.root={tmp_path}/images",
-                      "dataset.image_size=16", "dataset.workers=0", "dataset.hflip=true",
+                      "dataset.image_size=16", "dataset.workers=0", "dataset.augment.hflip=true",
                       "teacher=cnn", "teacher.stride=1", "teacher.pool=max",
                       "student=dsconv", "student.base=4", "student.multipliers=[1,2]",
                       "student.pool_blocks=1", "trainer.optimizer=adamw", "repeats=1",
@@ -117,7 +123,8 @@ def test_seed_food11_loads_a_resnet18_teacher_file_and_distills(tmp_path):
     torch.save(teacher.state_dict(), tmp_path / "teacher_resnet18.pt")
     cfg = make_config("experiment=seed_food11", f"dataset.root={root}",
                       f"teacher.checkpoint={tmp_path}/teacher_resnet18.pt",
-                      "dataset.image_size=32", "dataset.crop_padding=2", "dataset.workers=0",
+                      "dataset.image_size=32", "dataset.augment.crop_padding=2",
+                      "dataset.workers=0",
                       "trainer.epochs=1", "progress=false", f"cache.dir={tmp_path}/cache")
     assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.batch_size) == (20, 0.5, 32)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]

@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from scipy import stats
 
-from kdrun.measure import compare_with_teacher, round_to_spread
+from kdrun.measure import round_to_spread, side_by_side
 from kdrun.report import gain_test, gain_verdict
+from kdrun.summary_row import RowContext, SummaryRow
 
 
 @pytest.mark.parametrize("gains", [[1.0, 2.5, 0.5], [0.3, -0.2, 0.9, 1.4, 0.1], [-2.0, -1.0]])
@@ -53,11 +54,22 @@ def test_students_of_one_architecture_share_one_side_by_side_speedup():
     nn = torch.nn
     teacher = nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 10))
     student = torch.nn.Linear(40, 10)
-    rows = [{"role": "teacher", "params": 26122}, {"role": "scratch", "params": 410},
-            {"role": "distilled", "params": 410}, {"role": "scratch", "params": 410}]
-    compare_with_teacher(rows, teacher, student, (40,), torch.device("cpu"),
-                         OmegaConf.create({"repeats_b1": 7, "repeats_b256": 5, "warmup": 1}))
-    students = rows[1:]
+    context = RowContext(seed=0, eval_split="test", selected_by="val", provenance={}, run={})
+
+    def row(role, params, size_mb):
+        return SummaryRow.evaluated_teacher(context, "mlp", {"params": params, "size_mb": size_mb},
+                                            90.0, 90.0, train_seconds=1.0, reused=False
+                                            ).as_role(role)
+
+    rows = [row("teacher", 26122, 0.1), row("teacher1", 26122, 0.1), row("scratch", 410, 0.002),
+            row("distilled", 410, 0.002), row("scratch", 410, 0.002)]
+    latency_ms, speedup = side_by_side(teacher, student, (40,), torch.device("cpu"),
+                                       OmegaConf.create({"repeats_b1": 7, "repeats_b256": 5,
+                                                         "warmup": 1}))
+    rows = [r.with_figures(latency_ms, speedup, teacher_params=26122).columns() for r in rows]
+    students = rows[2:]
     assert len({(r["speedup_b1"], r["speedup_b256"], r["latency_ms_b1"]) for r in students}) == 1
-    assert rows[1]["compression"] == pytest.approx(26122 / 410, rel=1e-3)
-    assert rows[0]["latency_ms_b256"] > rows[1]["latency_ms_b256"]
+    assert rows[2]["compression"] == pytest.approx(26122 / 410, rel=1e-3)
+    assert "latency_ms_b1" not in rows[1]  # an ensemble member: the ensemble is timed
+    assert "compression" not in rows[0] and "speedup_b1" not in rows[0]
+    assert rows[0]["latency_ms_b256"] > rows[2]["latency_ms_b256"]

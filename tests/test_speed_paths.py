@@ -6,10 +6,12 @@ import torch
 from omegaconf import OmegaConf
 
 from kdrun import pipeline
-from kdrun.augment import make_augment, random_crop, random_hflip
+from kdrun.augment import make_augment, random_crop, random_hflip, random_rotation
 from kdrun.data import epoch_batches
+from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss
 from kdrun.models import build_model
+from kdrun.stages import Stages
 from kdrun.store import load_checkpoint
 from kdrun.train import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
 from tests.helpers import make_config
@@ -44,10 +46,23 @@ def test_random_hflip_mirrors_some_images_and_keeps_the_rest():
     assert 10 < sum(flipped) < 54 and out.dtype == x.dtype
 
 
+def test_batched_rotation_matches_torchvision_rotate_at_the_same_angles():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvf
+
+    x = torch.rand(6, 3, 15, 15)
+    out = random_rotation(x, 40.0, torch.Generator().manual_seed(0))
+    angles = (torch.rand(6, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 40.0
+    for image, angle, rotated in zip(x, angles, out):
+        expected = tvf.rotate(image, angle.item(), interpolation=InterpolationMode.NEAREST)
+        assert torch.equal(rotated, expected)
+    assert not torch.equal(out, x)
+
+
 def test_augmentation_is_off_unless_configured_and_refuses_sequences():
     off = OmegaConf.create({"crop_padding": 0, "hflip": False})
     assert make_augment(off, (1, 28, 28)) is None and make_augment(None, (1, 40)) is None
-    with pytest.raises(pipeline.ConfigError, match="need images"):
+    with pytest.raises(ConfigError, match="need images"):
         make_augment(OmegaConf.create({"crop_padding": 4, "hflip": False}), (1, 40))
 
 
@@ -80,14 +95,14 @@ def test_augmented_images_distill_with_the_teacher_on_the_same_view(tmp_path, mo
                       "dataset.augment.hflip=true", "teacher=mlp", "repeats=1",
                       "trainer.epochs=1", "progress=false", f"cache.dir={tmp_path}/cache")
     stages_seen = []
-    original = pipeline.Stages.teacher_targets
+    original = Stages.teacher_targets
 
-    def spy(self, teacher, entry, loss):
-        targets = original(self, teacher, entry, loss)
+    def spy(self, teacher, loss):
+        targets = original(self, teacher, loss)
         stages_seen.append(type(targets).__name__)
         return targets
 
-    monkeypatch.setattr(pipeline.Stages, "teacher_targets", spy)
+    monkeypatch.setattr(Stages, "teacher_targets", spy)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert stages_seen == ["LiveTeacher"] and len(rows) == 3
 

@@ -13,6 +13,7 @@ import torch
 
 from kdrun import pipeline, provenance
 from kdrun.cache import stage_key
+from kdrun.losses import CE
 from kdrun.store import load_checkpoint
 from kdrun.sweep import main as kdrun_report
 from kdrun.train import fit
@@ -176,7 +177,7 @@ def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
                 raise KeyboardInterrupt
 
         try:
-            result = fit(model, data, pipeline.CE(), cfg.trainer, stage="scratch", epochs=6,
+            result = fit(model, data, CE(), cfg.trainer, stage="scratch", epochs=6,
                          seed=0, device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
                          progress=False)
         except KeyboardInterrupt:

@@ -1,0 +1,222 @@
+"""The stage protocol: each stage of a run (the teacher, the scratch or distilled student
+of one seed) is trained, reused or resumed through the stage cache (kdrun/cache.py),
+and its files are recorded in the run directory. Schemes (kdrun/schemes.py) decide
+which stages a run has; this module only runs them."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.augment import make_augment
+from kdrun.cache import StageEntry
+from kdrun.data import Data, fingerprint
+from kdrun.features import feature_shape
+from kdrun.given_teacher import WEIGHTS, evaluate_given_teacher
+from kdrun.losses import CE
+from kdrun.measure import model_figures
+from kdrun.models import build_model, describe
+from kdrun.provenance import (
+    numerics,
+    numerics_columns,
+    run_keys,
+    seed_stream,
+    stage_material,
+    student_seeds,
+)
+from kdrun.report import EventLog, metric_logs
+from kdrun.store import RunDir, copy_file, load_sealed, save_sealed
+from kdrun.summary_row import RowContext, StageResult, SummaryRow
+from kdrun.train import (
+    CachedLogits,
+    LiveTeacher,
+    TeacherTargets,
+    configure_device,
+    fit,
+    predict_logits,
+)
+
+log = logging.getLogger("kdrun")
+
+class Stages:
+    """Trains (or reuses, or resumes) each stage of one run and records its files."""
+
+    def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir):
+        self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
+        self.tcfg = cfg.trainer
+        run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
+        self.metrics = metric_logs(cfg, run_dir.root, run_dir.metrics_csv, run_keys(cfg))
+        self.events = EventLog(run_dir.events)
+        # data read from disk is augmented by its DataLoader instead
+        self.augment = (make_augment(cfg.dataset.get("augment"), data.input_shape)
+                        if data.train.in_memory else None)
+        self.numerics = numerics(self.tcfg, device)
+        self.data_digest = fingerprint(data)
+        self.student_seeds = student_seeds(cfg)
+        self.row_context = RowContext(
+            seed=cfg.seed, eval_split=data.eval_split,
+            selected_by="val" if len(data.val) else "last epoch (no validation split)",
+            provenance={**numerics_columns(self.numerics), "data_sha256": self.data_digest},
+            run=run_keys(cfg))
+        self.teacher_model = None  # the teacher the students are compared with (timing)
+
+    def teacher(self, model_cfg) -> StageResult:
+        """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
+        if model_cfg.get("checkpoint"):
+            result = evaluate_given_teacher(self, model_cfg)
+        else:
+            epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
+            result = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {},
+                                 rng=seed_stream("teacher", self.cfg.seed))
+            model = self._load(model_cfg, result.entry, self.tcfg.distill_from)
+            result = StageResult(result.row, result.entry, model)
+        self.teacher_model = result.model
+        return result
+
+    def student(self, role: str, make_loss, seed: int, teacher: TeacherTargets | None = None,
+                teacher_key: str | None = None, model_cfg=None, loss_cfg=None,
+                rng: int | None = None) -> StageResult:
+        """Scratch and distilled students of one seed share init, data order and
+        optimiser: the model is built after seeding with ``seed`` in both cases
+        (``rng``, when given, seeds a student that must not share them, e.g. an
+        intermediate born-again generation)."""
+        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        extra = {}
+        model_cfg = model_cfg if model_cfg is not None else self.cfg.student
+        if loss_cfg is None:
+            loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
+        if role != "scratch":  # a distilled student depends on its loss and its teacher
+            taught = teacher is not None
+            extra = {"loss": loss_cfg, "teacher": teacher_key if taught else None,
+                     "distill_from": self.tcfg.distill_from if taught else None,
+                     "teacher_targets": type(teacher).__name__ if taught else None}
+        return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
+                           rng=seed if rng is None else rng)
+
+    def load_student(self, result: StageResult) -> torch.nn.Module:
+        """A finished student, with the weights ``trainer.distill_from`` asks for."""
+        return self._load(self.cfg.student, result.entry, self.tcfg.distill_from)
+
+    def teacher_targets(self, teacher: StageResult, loss) -> TeacherTargets:
+        """Cached logits when the training data is not augmented and the loss reads only
+        logits (the default); else the teacher itself, run on each batch."""
+        features = loss.reads_features
+        cacheable = self.data.train.in_memory and self.augment is None
+        if cacheable and self.tcfg.cache_teacher_logits and not features:
+            return CachedLogits(self.teacher_logits(teacher))
+        return LiveTeacher(teacher.model, configure_device(self.tcfg, self.device),
+                           loss.teacher_layer if features else None)
+
+    def teacher_logits(self, teacher: StageResult) -> torch.Tensor:
+        return training_logits(teacher.model, teacher.entry, self.data, self.tcfg, self.device)
+
+    # ------------------------------------------------------------ one stage
+
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *,
+               rng) -> StageResult:
+        """``seed`` names the stage in the files; ``rng`` seeds its training."""
+        entry = StageEntry(self.cache_root, stage_material(
+            self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
+            numerics=self.numerics, data_digest=self.data_digest, extra=extra))
+        checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
+        with entry.lock():
+            reused = entry.done()  # a finished entry that fails its checksums is set aside
+            if reused:
+                self.metrics.append(entry.read_rows(), seed, reused=True)
+                self.events.write("reused", role, seed, entry.key)
+            else:
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng)
+            copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
+            summary = entry.summary()
+        row = SummaryRow.from_stage(summary, seed=seed, reused=reused, cache_key=entry.key,
+                                    checkpoint=str(checkpoint), run=self.row_context.run)
+        return StageResult(row, entry)
+
+    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng):
+        resume = entry.start()
+        if resume is not None:
+            self.metrics.append(entry.read_rows(), seed, reused=True)
+            self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
+        every = self.tcfg.checkpoint_every
+
+        def on_epoch(rows, snapshot):
+            entry.append_rows(rows)
+            self.metrics.append(rows, seed, reused=False)
+            if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
+                entry.save_state(snapshot())
+
+        torch.manual_seed(rng)
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
+        loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
+        loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
+        if loss.reads_features:
+            loss.prepare(*feature_shapes(loss, model, teacher.model, self.data.input_shape))
+        result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
+                     device=self.device, teacher=teacher, augment=self.augment, resume=resume,
+                     on_epoch=on_epoch, progress=self.cfg.progress)
+        checkpoint = trained_checkpoint(model, loss, result, model_cfg, self.data, self.cfg)
+        context = self.row_context
+        entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
+                     summary={"role": role, "arch": describe(model_cfg),
+                              **model_figures(getattr(model, "deployed", model)),
+                              **_result_columns(result), "eval_split": context.eval_split,
+                              "selected_by": context.selected_by, **context.provenance})
+        self.events.write("trained", role, seed, entry.key)
+
+    def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
+        checkpoint = entry.result()
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(checkpoint[WEIGHTS[weights]])
+        return model.to(self.device)
+
+
+def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device) -> torch.Tensor:
+    """The teacher's logits on every training example, computed once in eval mode
+    without gradients, stored (sealed) with the teacher, and reused by every
+    distillation epoch and every job that distills from this teacher."""
+    path = entry.dir / f"logits-{tcfg.distill_from}.pt"
+    with entry.lock():
+        logits = load_sealed(path)
+        if logits is not None:
+            return logits.to(device)
+        if path.exists() or path.name in entry.derived():
+            log.warning("stage cache: %s is missing or does not match its checksum; "
+                        "computing the teacher's logits again", path)
+        teacher.to(device)
+        logits = predict_logits(teacher, data.train.to(device), tcfg.eval_batch_size)
+        save_sealed(path, logits.cpu())
+        entry.note_derived(path.name)
+        return logits
+
+
+def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:
+    """A finished stage's checkpoint: last and best-val weights of the model and of the
+    model it deploys (a cohort ships its first member), optimiser state, the config."""
+    deployed = getattr(model, "deployed", model)
+    prefix = next(name for name, m in model.named_modules() if m is deployed)
+    best_deployed = {k.removeprefix(f"{prefix}.") if prefix else k: v
+                     for k, v in result.best_state.items()
+                     if not prefix or k.startswith(f"{prefix}.")}
+    return {"arch": OmegaConf.to_container(model_cfg, resolve=True),
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "model": model.state_dict(), "best_model": result.best_state,
+            "deployed": deployed.state_dict(), "deployed_best": best_deployed,
+            "loss_state": loss.state_dict(), "epoch": result.epochs,
+            "best_epoch": result.best_epoch, "optimizer": result.optimizer_state,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def _result_columns(result) -> dict:
+    return {"epochs": result.epochs, "best_epoch": result.best_epoch,
+            "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
+            "test_acc_best_val": result.test_acc_best_val,
+            "train_seconds": round(result.train_seconds, 3)}
+
+
+def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape):
+    """The shapes of the layers a feature loss reads, student's and teacher's."""
+    return (feature_shape(student, loss.student_layer, input_shape, "loss.student_layer"),
+            feature_shape(teacher, loss.teacher_layer, input_shape, "loss.teacher_layer"))
