@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep bench test test-slow test-full lint clean
+.PHONY: help install run sweep bench bench-sweep test test-slow test-full lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 s
 bench: $(STAMP) ## kdrun's epochs vs the seed notebook's loop, side by side (a few minutes on CPU)
 	$(BIN)/python benchmarks/bench_kd.py
 
+bench-sweep: $(STAMP) ## the 24-job T x alpha x seed sweep, basic vs batched launcher, cold cache (a few minutes on CPU)
+	$(BIN)/python benchmarks/bench_sweep.py
+
 test: $(STAMP) ## the test suite without the slow tests (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -38,7 +41,7 @@ test-full: $(STAMP) ## every test
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff over the code and the tests
-	$(BIN)/ruff check kdrun tests benchmarks
+	$(BIN)/ruff check kdrun hydra_plugins tests benchmarks
 
 clean: ## delete run outputs, caches and build files (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -47,7 +47,7 @@ from kdrun.store import (
 
 log = logging.getLogger("kdrun")
 
-CACHE_VERSION = 4  # bump when a change makes old stage results invalid (4: numerics in the key)
+CACHE_VERSION = 5  # bump when a change makes old stage results invalid (5: soft_kl written out)
 ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
 SET_ASIDE = "set_aside"  # <root>/set_aside/<key>-<time>/: entries that failed their checksums
 
@@ -127,14 +127,20 @@ class StageEntry:
                     self.dir, problem, target)
         return target
 
-    def start(self) -> dict | None:
+    def start(self, group_epoch: int | None = None) -> dict | None:
         """Prepare to train; return the state to resume from, if a killed run left an
         intact one. Rows beyond that state's epoch (written after its last checkpoint)
-        are dropped."""
+        are dropped. ``group_epoch``: the stage trains in a stacked group whose own state
+        (kdrun/batched.py) resumes it after that epoch (0: from the start)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "key.json",
                      lambda tmp: tmp.write_text(json.dumps(self.material, indent=1)))
-        state, rows = load_sealed(self.state_pt), self.read_rows()
+        rows = self.read_rows()
+        if group_epoch is not None:
+            keep = [r for r in rows if r["epoch"] <= group_epoch]
+            atomic_write(self.rows_csv, lambda tmp: _write_rows(tmp, keep))
+            return None
+        state = load_sealed(self.state_pt)
         if state is None and self.state_pt.exists():
             log.warning("stage cache: %s does not match its checksum; training this stage "
                         "from the start", self.state_pt)

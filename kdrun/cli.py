@@ -95,7 +95,19 @@ def device_for_job(device: str, hydra_cfg) -> str:
     return f"cuda:{hydra_cfg.job.num % count}" if count > 1 else device
 
 
+def register_batched_launcher() -> None:
+    """hydra/launcher=batched ships in kdrun's hydra_plugins package, where Hydra's plugin
+    discovery finds it in a regular install; an editable install (pip install -e) hides
+    it from that scan, so it is also registered here, which is harmless twice."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.kdrun_batched_launcher.batched_launcher import BatchedLauncher
+
+    Plugins.instance().register(BatchedLauncher)
+
+
 def main() -> None:
+    register_batched_launcher()
     # configs/hydra/launcher/ refines the launcher plugins' own configs under their own
     # names (hydra/launcher=joblib stays what users type); Hydra then checks ours against
     # the plugin's schema, as intended, and warns that this check is deprecated.

@@ -13,12 +13,14 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kdrun.checks import boolean, number, one_of
 from kdrun.errors import DataError
 from kdrun.registry import Registry
+from kdrun.store import load_sealed, save_sealed
 
 # name -> builder(**keys) returning something with .to_data(name, split_cfg, augment_cfg): RawData
 # here, FolderData for image folders (kdrun/imagefolder.py); a config may also name a
@@ -85,6 +87,7 @@ class Data:
     test: Split
     num_classes: int
     eval_split: str = "test"  # "train" when the labels are random: accuracy is memorisation
+    digest: str | None = None  # fingerprint(), once computed
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -96,16 +99,30 @@ class Data:
 
 @DATASETS.register("mnist1d", rules={"num_samples": number(10, integer=True), "seed": SEED})
 @functools.lru_cache(maxsize=2)  # sweep jobs in one process generate it once
-def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
+def mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | None = None) -> RawData:
     """MNIST-1D (Greydanus 2020), generated locally with the package's standard
-    arguments: 4 000 train / 1 000 test sequences of length 40. Never downloads."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    arguments: 4 000 train / 1 000 test sequences of length 40. Never downloads.
+    Generating takes seconds of pure Python, so the result is kept in ``cache_dir``
+    (a checksummed file, one per package version and arguments) for later runs."""
+    from importlib.metadata import version
 
-    args = get_dataset_args()
-    args.num_samples, args.seed = num_samples, seed
-    d = make_dataset(args)
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731 (N, 1, 40)
-    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    path = None
+    if cache_dir:
+        name = f"mnist1d-{version('mnist1d')}-n{num_samples}-seed{seed}.pt"
+        path = Path(cache_dir).expanduser() / name
+    d = load_sealed(path) if path else None
+    if d is None:
+        from mnist1d.data import get_dataset_args, make_dataset  # slow to import
+
+        args = get_dataset_args()
+        args.num_samples, args.seed = num_samples, seed
+        d = {k: torch.tensor(v) for k, v in make_dataset(args).items()
+             if k in ("x", "y", "x_test", "y_test")}
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_sealed(path, d)
+    as_x = lambda a: a.to(torch.float32).unsqueeze(1)  # noqa: E731 (N, 1, 40)
+    as_y = lambda a: a.to(torch.int64)  # noqa: E731
     return RawData(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10)
 
 
@@ -228,11 +245,49 @@ NOT_BUILDER_KEYS = ("name", "augment")  # dataset config keys that are not build
 # ---------------------------------------------------------------- splits
 
 
+# In-memory data already built in this process, by its settings and the state of its
+# files: the jobs of a sweep run in one process (the basic and batched launchers) build
+# each data set once. A few entries at most: each holds a whole data set.
+_LOADED: dict[str, Data] = {}
+_LOADED_MAX = 4
+
+
 def load_data(dataset_cfg, split_cfg) -> Data:
     """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
     arguments) and split it into train / val / test as ``split_cfg`` says. The
     validation split may be empty (``val_fraction=0``): models are then selected by
-    their last epoch. An empty training or test split is a DataError."""
+    their last epoch. An empty training or test split is a DataError. In-memory data
+    built earlier in this process with the same settings and unchanged files is reused
+    (never modify a returned Data in place)."""
+    key = _load_key(dataset_cfg, split_cfg)
+    if key in _LOADED:
+        return _LOADED[key]
+    data = _build(dataset_cfg, split_cfg)
+    if data.train.in_memory:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.clear()
+        _LOADED[key] = data
+    return data
+
+
+def _load_key(dataset_cfg, split_cfg) -> str:
+    """The settings, and the size and modification time of every file under the data
+    set's root (none for generated data): a changed file is a new key."""
+    from omegaconf import OmegaConf
+
+    settings = [OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c
+                for c in (dataset_cfg, split_cfg)]
+    files = []
+    root = dataset_cfg.get("root")
+    if root and os.path.isdir(root):
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                stat = os.stat(os.path.join(folder, name))
+                files.append((folder, name, stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(repr((settings, files)).encode()).hexdigest()
+
+
+def _build(dataset_cfg, split_cfg) -> Data:
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
     builder = DATASETS.get(name, "dataset.name")
@@ -265,7 +320,9 @@ def _split_tensors(name: str, raw: RawData, split_cfg) -> Data:
 def fingerprint(data: Data) -> str:
     """A hash of the examples and labels of every split, as the models see them: the
     stage cache keys data by content, so changed files on disk are never mistaken for
-    the data a cached stage was trained on."""
+    the data a cached stage was trained on. In-memory data is hashed once."""
+    if data.train.in_memory and data.digest is not None:
+        return data.digest
     digest = hashlib.sha256()
     for split in (data.train, data.val, data.test):
         if split.in_memory:
@@ -275,7 +332,8 @@ def fingerprint(data: Data) -> str:
         else:
             split.update_digest(digest)
         digest.update(b"|")
-    return digest.hexdigest()[:20]
+    data.digest = digest.hexdigest()[:20]
+    return data.digest
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:

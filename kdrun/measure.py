@@ -82,12 +82,28 @@ def _half_iqr(values: list[float]) -> float:
     return (q[2] - q[0]) / 2
 
 
+# side_by_side's figures in this process, by the two architectures, input, device and
+# repeats: a sweep's jobs (one process with the basic or batched launcher) time each
+# pair of architectures once. Latency depends on the architecture, not on the weights.
+_TIMED: dict[tuple, tuple[dict, dict]] = {}
+
+
 def side_by_side(teacher: nn.Module | None, student: nn.Module, input_shape, device,
                  latency_cfg) -> tuple[dict, dict]:
-    """Teacher and student timed now, side by side, at each batch size in BATCHES:
-    ``latency_ms[who][batch]``, the median forward time of who = teacher / student, and
-    ``speedup[batch]``, the median per-round teacher/student ratio (empty without a
-    teacher). Every student row of a run shares these: they share an architecture."""
+    """Teacher and student timed side by side in this process, at each batch size in
+    BATCHES: ``latency_ms[who][batch]``, the median forward time of who = teacher /
+    student, and ``speedup[batch]``, the median per-round teacher/student ratio (empty
+    without a teacher). Every student row of a run shares these: they share an
+    architecture."""
+    key = (repr(teacher), repr(student), tuple(input_shape), str(device),
+           tuple(latency_cfg[k] for k in ("repeats_b1", "repeats_b256", "warmup")))
+    if key not in _TIMED:
+        _TIMED[key] = _time_side_by_side(teacher, student, input_shape, device, latency_cfg)
+    latency_ms, speedup = _TIMED[key]
+    return {who: dict(ms) for who, ms in latency_ms.items()}, dict(speedup)
+
+
+def _time_side_by_side(teacher, student, input_shape, device, latency_cfg):
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     latency_ms = {name: {} for name in models}
     speedups = {}

@@ -35,9 +35,10 @@ NO_EFFECT: dict[str, str] = {
     "hparams_search": "picks the sweeper; each trial's values are its own overrides",
     "trainer.checkpoint_every": "how often the resumable state is saved; a resume is exact",
 }
-# Where a data set's files are, and whether to fetch them: a stage key holds the
-# content of the data instead (kdrun/data.py: fingerprint), so these stay out of it.
-DATA_LOCATION = ("root", "download")
+# Where a data set's files are (or a generated set is kept), and whether to fetch them:
+# a stage key holds the content of the data instead (kdrun/data.py: fingerprint), so
+# these stay out of it.
+DATA_LOCATION = ("root", "download", "cache_dir")
 # Keys whose values are replicates of one setting: a sweep report pools over them.
 REPLICATE_KEYS = ("seed",)
 # The settings of a run that name its folder in a sweep but are Hydra's, not the run's.

@@ -68,13 +68,21 @@ class Stages:
         if model_cfg.get("checkpoint"):
             result = evaluate_given_teacher(self, model_cfg)
         else:
-            epochs = self.tcfg.teacher_epochs or self.tcfg.epochs
-            result = self._stage("teacher", model_cfg, CE, self.cfg.seed, epochs, {},
-                                 rng=seed_stream("teacher", self.cfg.seed))
+            result = self._stage("teacher", model_cfg, CE, self.cfg.seed, self.teacher_epochs,
+                                 {}, rng=self.teacher_rng)
             model = self._load(model_cfg, result.entry, self.tcfg.distill_from)
             result = StageResult(result.row, result.entry, model)
         self.teacher_model = result.model
         return result
+
+    @property
+    def teacher_epochs(self) -> int:
+        return self.tcfg.teacher_epochs or self.tcfg.epochs
+
+    @property
+    def teacher_rng(self) -> int:
+        """The teacher's own seed stream: it never shares init or batch order with a student."""
+        return seed_stream("teacher", self.cfg.seed)
 
     def student(self, role: str, make_loss, seed: int, teacher: TeacherTargets | None = None,
                 teacher_key: str | None = None, model_cfg=None, loss_cfg=None,
@@ -118,9 +126,7 @@ class Stages:
     def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *,
                rng) -> StageResult:
         """``seed`` names the stage in the files; ``rng`` seeds its training."""
-        entry = StageEntry(self.cache_root, stage_material(
-            self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
-            numerics=self.numerics, data_digest=self.data_digest, extra=extra))
+        entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
         checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
         with entry.lock():
             reused = entry.done()  # a finished entry that fails its checksums is set aside
@@ -134,6 +140,12 @@ class Stages:
         row = SummaryRow.from_stage(summary, seed=seed, reused=reused, cache_key=entry.key,
                                     checkpoint=str(checkpoint), run=self.row_context.run)
         return StageResult(row, entry)
+
+    def stage_entry(self, role: str, model_cfg, rng: int, epochs: int, extra: dict) -> StageEntry:
+        """The cache entry of a stage trained with these settings."""
+        return StageEntry(self.cache_root, stage_material(
+            self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
+            numerics=self.numerics, data_digest=self.data_digest, extra=extra))
 
     def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng):
         resume = entry.start()
@@ -157,13 +169,9 @@ class Stages:
         result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
-        checkpoint = trained_checkpoint(model, loss, result, model_cfg, self.data, self.cfg)
-        context = self.row_context
-        entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
-                     summary={"role": role, "arch": describe(model_cfg),
-                              **model_figures(getattr(model, "deployed", model)),
-                              **_result_columns(result), "eval_split": context.eval_split,
-                              "selected_by": context.selected_by, **context.provenance})
+        finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
+                     model_cfg=model_cfg, data=self.data, cfg=self.cfg,
+                     context=self.row_context, trained_in="alone")
         self.events.write("trained", role, seed, entry.key)
 
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
@@ -190,6 +198,20 @@ def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device) -> tor
         save_sealed(path, logits.cpu())
         entry.note_derived(path.name)
         return logits
+
+
+def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,
+                 model_cfg, data: Data, cfg: DictConfig, context: RowContext,
+                 trained_in: str) -> None:
+    """Write a trained stage's checkpoint and summary into its cache entry.
+    ``trained_in`` says how: alone, or in a batch of students trained as one."""
+    checkpoint = trained_checkpoint(model, loss, result, model_cfg, data, cfg)
+    entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
+                 summary={"role": role, "arch": describe(model_cfg),
+                          **model_figures(getattr(model, "deployed", model)),
+                          **_result_columns(result), "eval_split": context.eval_split,
+                          "selected_by": context.selected_by, **context.provenance,
+                          "trained_in": trained_in})
 
 
 def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from kdrun.cache import StageEntry
 
 # The keys of a finished stage's summary (cache summary.json) that are result columns;
-# the rest of it is provenance (device, precision, torch, data_sha256).
+# the rest of it is provenance (device, precision, torch, data_sha256, trained_in).
 STAGE_RESULT_KEYS = ("arch", "params", "size_mb", "epochs", "best_epoch", "val_acc_best",
                      "test_acc_last", "test_acc_best_val", "train_seconds", "eval_split",
                      "selected_by")

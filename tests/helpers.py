@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_module
 
+import kdrun.cli  # noqa: F401  (registers kdrun's resolvers, as the command does)
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses: no thread oversubscription
 
 KDRUN = str(Path(sys.executable).parent / "kdrun")

@@ -55,7 +55,9 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     """
     log_p_student = F.log_softmax(student_logits / T, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    # F.kl_div(..., "batchmean", log_target=True) written out: torch.func.vmap has no
+    # batching rule for kl_div, and batched students (kdrun/batched.py) call this
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / len(student_logits)
 
 
 def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
@@ -64,7 +66,7 @@ def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
     with alpha = 0, CE alone (the teacher is not read). ``soft_view``, when given,
     transforms both sides' logits for the soft term only (e.g. a per-sample z-score)."""
     hard = F.cross_entropy(student_logits, labels)
-    if alpha == 0:
+    if isinstance(alpha, (int, float)) and alpha == 0:  # (a tensor alpha: students batched)
         return hard
     if soft_view is not None:
         student_logits, teacher_logits = soft_view(student_logits), soft_view(teacher_logits)

@@ -1,0 +1,78 @@
+"""A whole sweep with Hydra's basic launcher against the same sweep with the batched
+launcher, back to back in one invocation, each from a cold stage cache.
+
+The grid is the README's: loss.T=1,2,4,8 x loss.alpha=0.1,0.5,0.9 x seed=0,1 with
+repeats=1 (24 jobs: 2 teachers, 2 scratch students, 24 distilled students) on the
+default data. Each sweep is one `kdrun -m` process, timed whole: interpreter start,
+teachers, students, every job's files and the sweep report. Prints per launcher the
+wall time, the students trained per second of it and the peak resident memory, then
+the ratio basic / batched; with --runs N, N rounds of both and the medians.
+
+    python benchmarks/bench_sweep.py [--runs 3] [--epochs 30] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GRID = ["loss.T=1,2,4,8", "loss.alpha=0.1,0.5,0.9", "seed=0,1", "repeats=1"]
+STUDENTS = 2 + 24  # scratch (one per seed) + distilled (one per job)
+# Runs one sweep as a child process and prints its wall time and the child's peak RSS.
+TIMED_CHILD = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      text=True)
+seconds = time.perf_counter() - t0
+if code.returncode:
+    sys.exit(code.stderr[-2000:])
+rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
+"""
+
+
+def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
+    kdrun = Path(sys.executable).with_name("kdrun")
+    command = [str(kdrun), "-m", f"hydra/launcher={launcher}", *GRID,
+               f"trainer.epochs={epochs}", f"device={device}", "progress=false",
+               f"output_root={root}"]
+    out = subprocess.run([sys.executable, "-c", TIMED_CHILD, *command], capture_output=True,
+                         text=True, check=False)
+    if out.returncode:
+        sys.exit(f"{launcher} sweep failed:\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    results = {"basic": [], "batched": []}
+    for run in range(args.runs):
+        for launcher in results:
+            with tempfile.TemporaryDirectory(prefix=f"bench_sweep_{launcher}_") as root:
+                started = time.strftime("%H:%M:%S")
+                result = run_sweep(launcher, args.epochs, args.device, Path(root))
+            results[launcher].append(result)
+            print(f"run {run + 1} {launcher:<8} {result['seconds']:7.1f} s  "
+                  f"{STUDENTS / result['seconds']:5.2f} students/s  "
+                  f"peak RSS {result['rss_mb']:6.0f} MB  (started {started})", flush=True)
+        ratio = results["basic"][-1]["seconds"] / results["batched"][-1]["seconds"]
+        print(f"run {run + 1} basic / batched wall time: {ratio:.2f}x", flush=True)
+    median = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
+    print(f"median over {args.runs} run(s): basic {median['basic']:.1f} s, batched "
+          f"{median['batched']:.1f} s, ratio {median['basic'] / median['batched']:.2f}x "
+          f"(24-job grid, {args.epochs} epochs, device={args.device})")
+
+
+if __name__ == "__main__":
+    main()

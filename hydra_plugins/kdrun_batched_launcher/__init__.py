@@ -1,0 +1,2 @@
+"""hydra/launcher=batched, shipped with kdrun and found by Hydra's plugin discovery
+(plugins live in the ``hydra_plugins`` namespace package)."""

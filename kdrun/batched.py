@@ -1,0 +1,384 @@
+"""Many students trained at once as one stacked model (torch.func): the students of a
+sweep that differ only in their loss parameters (T, alpha, ...), their seed or their
+teacher.
+
+Each member is trained exactly as ``train.fit`` would train it alone: the same init
+(the model built after seeding with its seed), its own seed's batch order, its own
+loss, its own gradient-norm clipping, an optimiser whose maths is elementwise and so
+the same as a separate one per member, its own best-validation epoch. Only the
+floating-point order of the stacked matrix products differs, so the weights agree
+with a sequential run's to rounding (tests/test_batched.py bounds it).
+
+Every member writes the files its stage would write alone: rows.csv each epoch,
+result.pt and summary.json at the end, so a sequential run reuses them. The resumable
+state is the group's, saved as one file (``train_group``'s ``save_state``): a killed
+group resumes as a group.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from kdrun.cache import StageEntry
+from kdrun.data import Data
+from kdrun.losses.base import DistillationLoss
+from kdrun.models import build_model
+from kdrun.summary_row import RowContext
+from kdrun.train import (
+    FitResult,
+    configure_device,
+    make_optimizer,
+    make_schedule,
+)
+
+log = logging.getLogger("kdrun")
+
+
+class NotBatchable(Exception):
+    """Why a job's students cannot join a stacked group (it then runs on its own)."""
+
+
+@dataclass
+class Member:
+    """One student stage to train in a group."""
+
+    entry: StageEntry
+    role: str  # scratch | distilled
+    seed: int  # the seed that names the stage
+    rng: int  # the seed it trains with: init, batch order
+    model_cfg: DictConfig
+    loss: DistillationLoss
+    teacher_logits: torch.Tensor | None  # the teacher's logits on every training example
+    teacher_key: str | None  # the stage key of that teacher (members share its logits)
+    cfg: DictConfig  # its job's config (stored in its checkpoint)
+    context: RowContext  # its job's row context (how it is evaluated, provenance)
+    data: Data  # the data it trains on
+    device: torch.device
+
+
+def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> None:
+    """Raise NotBatchable when a model cannot train in a stacked group (or would train
+    slower stacked than alone)."""
+    for module in model.modules():
+        if device.type == "cpu" and isinstance(module, nn.modules.conv._ConvNd):
+            raise NotBatchable("it has convolutions, which run slower stacked than one model "
+                               "at a time on a CPU (measured: 2 stacked CNN teachers 2.2x "
+                               "slower); they batch on CUDA")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise NotBatchable("the student has batch norm (its statistics are per batch)")
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            raise NotBatchable("the student has dropout (its masks would differ from a "
+                               "sequential run's)")
+    if loss.reads_features:
+        raise NotBatchable(f"{type(loss).__name__} reads features")
+    if tcfg.compile:
+        raise NotBatchable("trainer.compile=true")
+    if tcfg.on_nan != "stop":
+        raise NotBatchable("trainer.on_nan=skip (a skipped step is per student)")
+    if any(True for _ in loss.parameters()):
+        raise NotBatchable(f"{type(loss).__name__} has learned parameters")
+
+
+class StackedLosses:
+    """Every member's loss on its slice of the stacked logits, as a (members,) tensor.
+    Members whose losses are of one class and differ only in their float settings (T,
+    alpha, a warm-up ramp, ...) are computed in one vmap call, with those settings as
+    tensors; a loss that vmap cannot run (e.g. boolean-mask indexing) is called member
+    by member."""
+
+    def __init__(self, losses: list[DistillationLoss], device):
+        self.device = device
+        groups: dict[tuple, list[int]] = {}
+        for i, loss in enumerate(losses):
+            fixed = tuple(sorted((k, repr(v)) for k, v in vars(loss).items()
+                                 if not k.startswith("_") and not _is_float(v)))
+            groups.setdefault((type(loss), fixed), []).append(i)
+        self.losses, self.groups = losses, list(groups.values())
+        self.vmapped = [True] * len(self.groups)
+        self.settings: list[dict[str, torch.Tensor]] = []
+
+    def start_epoch(self, epoch: int) -> None:
+        """Each member's start_epoch (e.g. DKD's warm-up), then its float settings."""
+        for loss in self.losses:
+            loss.start_epoch(epoch)
+        self.settings = [
+            {k: torch.tensor([vars(self.losses[i])[k] for i in members], device=self.device)
+             for k, v in vars(self.losses[members[0]]).items()
+             if not k.startswith("_") and _is_float(v)}
+            for members in self.groups]
+
+    def __call__(self, logits, teacher, labels) -> torch.Tensor:
+        out = torch.empty(len(self.losses), device=logits.device)
+        for g, members in enumerate(self.groups):
+            idx = torch.tensor(members, device=logits.device)
+            args = (logits[idx], teacher[idx] if teacher is not None else None, labels[idx])
+            if self.vmapped[g]:
+                try:
+                    out = out.index_put((idx,), self._vmapped(g, *args))
+                    continue
+                except RuntimeError as e:  # no batching rule, or data-dependent control flow
+                    log.debug("batched losses: %s member by member (%s)",
+                              type(self.losses[members[0]]).__name__, e)
+                    self.vmapped[g] = False
+            values = [self.losses[i](args[0][j], None if args[1] is None else args[1][j],
+                                     args[2][j]) for j, i in enumerate(members)]
+            out = out.index_put((idx,), torch.stack(values))
+        return out
+
+    def _vmapped(self, g: int, logits, teacher, labels) -> torch.Tensor:
+        template = self.losses[self.groups[g][0]]
+
+        def one(settings, s, t, y):
+            loss = copy.copy(template)  # shallow: the same class and fixed settings
+            vars(loss).update(settings)
+            return loss(s, t, y)
+
+        return vmap(one, in_dims=(0, 0, None if teacher is None else 0, 0))(
+            self.settings[g], logits, teacher, labels)
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, float)
+
+
+def train_group(members: list[Member], data: Data, tcfg, epochs: int, device: torch.device,
+                on_epoch: Callable[[Member, list[dict]], None],
+                on_failure: Callable[[Member, str], None],
+                resume: dict | None = None,
+                save_state: Callable[[dict], None] | None = None,
+                ) -> list[tuple[nn.Module, FitResult] | None]:
+    """Train ``members`` as one stacked model, from the start or from ``resume`` (a
+    ``save_state`` argument of an earlier run of the same members). ``on_epoch`` gets
+    each member's metric rows after every epoch; then ``save_state``, every
+    ``trainer.checkpoint_every`` epochs, the group's resumable state. Returns each
+    member's trained model (its last weights) and FitResult, or None for a member whose
+    loss became NaN or infinite (``on_failure`` is told; its stage is left unfinished)."""
+    group = _StackedGroup(members, data, tcfg, epochs, device)
+    if resume is not None:
+        group.restore(resume)
+    every = tcfg.checkpoint_every
+    for epoch in range(group.start_epoch + 1, epochs + 1):
+        for member, rows in group.epoch(epoch, on_failure):
+            on_epoch(member, rows)
+        if save_state is not None and every and epoch % every == 0 and epoch < epochs:
+            save_state(group.state(epoch))
+    return group.results()
+
+
+class _StackedGroup:
+    """The training state of a group: stacked weights, one optimiser, per-member RNGs,
+    progress and best-so-far."""
+
+    def __init__(self, members: list[Member], data: Data, tcfg, epochs: int, device):
+        self.members, self.tcfg, self.device, self.epochs = members, tcfg, device, epochs
+        self.models = []
+        for member in members:  # each built as fit's caller builds it: after its seed
+            torch.manual_seed(member.rng)
+            self.models.append(build_model(member.model_cfg, data.input_shape,
+                                           data.num_classes, member.role))
+        self.base = copy.deepcopy(self.models[0]).to("meta")
+        params, self.buffers = stack_module_state(self.models)
+        self.names = list(params)
+        self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self.optimizer = make_optimizer(self.params.values(), tcfg, device)
+        self.schedule = make_schedule(self.optimizer, tcfg, epochs)
+        self.orders = [torch.Generator().manual_seed(m.rng) for m in members]
+        self.train, self.val, self.test = (s.to(device) for s in (data.train, data.val, data.test))
+        self.teachers, self.teacher_of = _stack_teachers(members, device)
+        self.alive = [True] * len(members)
+        self.progress = [{"epoch": 0, "seconds": 0.0, "test_last": 0.0,
+                          "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
+                         for _ in members]
+        self.start_epoch = 0
+        self._optimizer_state = None
+        self.forward = vmap(self._forward_one)
+        self.losses = StackedLosses([m.loss for m in members], device)
+        self.autocast = configure_device(tcfg, device)
+
+    def _forward_one(self, params, buffers, x):
+        return functional_call(self.base, (params, buffers), (x,))
+
+    # ------------------------------------------------------------ one epoch
+
+    def epoch(self, epoch: int, on_failure) -> list[tuple[Member, list[dict]]]:
+        self.losses.start_epoch(epoch)
+        self._optimizer_state = None
+        lr = self.optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        sums, correct, first_bad = self._train_epoch()
+        if self.schedule is not None:
+            self.schedule.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / len(self.members)  # each member's share
+        evaluated = {name: self._evaluate(split) for name, split in
+                     (("val", self.val), ("test", self.test)) if len(split)}
+        out = []
+        for i, member in enumerate(self.members):
+            if not self.alive[i]:
+                continue
+            if first_bad[i]:
+                self.alive[i] = False
+                on_failure(member, f"{member.role} stage diverged at epoch {epoch}, step "
+                                   f"{first_bad[i]}: the loss became NaN or infinite at lr {lr:g}")
+                continue
+            n = len(self.train)
+            rows = [_row(member.role, epoch, "train", sums[i] / n, correct[i] / n * 100, lr,
+                         seconds)]
+            rows += [_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
+                     for name, (loss, acc) in evaluated.items()]
+            self._track_best(i, epoch, rows, seconds)
+            out.append((member, rows))
+        return out
+
+    def _train_epoch(self):
+        m, n, size = len(self.members), len(self.train), self.tcfg.batch_size
+        sums = torch.zeros(m, device=self.device)
+        correct = torch.zeros(m, dtype=torch.long, device=self.device)
+        bad_steps = []
+        # the same permutations epoch_batches draws for each member's seed
+        perms = torch.stack([torch.randperm(n, generator=g) for g in self.orders]).to(self.device)
+        for start in range(0, n, size):
+            idx = perms[:, start:start + size]  # (members, batch)
+            xb, yb = self.train.x[idx], self.train.y[idx]
+            with self.autocast():
+                logits = self.forward(self.params, self.buffers, xb).float()
+            teacher = (self.teachers[self.teacher_of[:, None], idx]
+                       if self.teachers is not None else None)
+            losses = self.losses(logits, teacher, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            if self.tcfg.grad_clip:
+                self._clip_per_member(self.tcfg.grad_clip)
+            self.optimizer.step()
+            detached = losses.detach()
+            bad_steps.append(~torch.isfinite(detached))
+            sums += detached * idx.shape[1]
+            correct += (logits.detach().argmax(-1) == yb).sum(1)
+        bad = torch.stack(bad_steps)  # (steps, members)
+        first_bad = [int(bad[:, i].nonzero()[0]) + 1 if bad[:, i].any() else 0
+                     for i in range(m)]
+        return sums.tolist(), correct.tolist(), first_bad
+
+    def _clip_per_member(self, max_norm: float) -> None:
+        """clip_grad_norm_ of each member's own gradients (its slice of every tensor)."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+    @torch.no_grad()
+    def _evaluate(self, split) -> tuple[list[float], list[float]]:
+        """Per member: (cross-entropy, accuracy %) on a split, as train.evaluate gives."""
+        chunks = [vmap(self._forward_one, in_dims=(0, 0, None))(self.params, self.buffers, x)
+                  for x in split.x.split(self.tcfg.eval_batch_size)]
+        logits = torch.cat(chunks, dim=1)  # (members, examples, classes)
+        labels = split.y.expand(len(self.members), -1)
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+        hits = (logits.argmax(-1) == labels).float().mean(1)
+        return loss.tolist(), [h * 100 for h in hits.tolist()]
+
+    def _track_best(self, i: int, epoch: int, rows: list[dict], seconds: float) -> None:
+        by_split = {row["split"]: row["acc"] for row in rows}
+        val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
+        progress = self.progress[i]
+        best = progress["best"]
+        if val_acc > best["val"] or "val" not in by_split:
+            best.update(epoch=epoch, val=val_acc, test=test_acc, state=self.state_of(i))
+        progress.update(epoch=epoch, test_last=test_acc, seconds=progress["seconds"] + seconds)
+
+    # ------------------------------------------------------------ per member
+
+    def state_of(self, i: int) -> dict:
+        """Member ``i``'s model state dict (weights and buffers), detached copies."""
+        state = {k: v[i].detach().clone() for k, v in self.params.items()}
+        state.update({k: v[i].clone() for k, v in self.buffers.items()})
+        return {k: state[k].cpu() for k in self.models[i].state_dict()}
+
+    def optimizer_state_of(self, i: int) -> dict:
+        """The state dict a separate optimiser of member ``i`` alone would have."""
+        if self._optimizer_state is None:  # read once per epoch, sliced per member
+            self._optimizer_state = self.optimizer.state_dict()
+        stacked = self._optimizer_state
+        state = {j: {k: v[i].clone() if torch.is_tensor(v) and v.dim() else
+                     (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                 for j, s in stacked["state"].items()}
+        return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
+
+    def results(self) -> list[tuple[nn.Module, FitResult] | None]:
+        out = []
+        for i, member in enumerate(self.members):
+            if not self.alive[i]:
+                out.append(None)
+                continue
+            self.models[i].load_state_dict(self.state_of(i))
+            progress, best = self.progress[i], self.progress[i]["best"]
+            out.append((self.models[i], FitResult(
+                stage=member.role, seed=member.rng, epochs=self.epochs, best_epoch=best["epoch"],
+                val_acc_best=best["val"], test_acc_last=progress["test_last"],
+                test_acc_best_val=best["test"], train_seconds=progress["seconds"],
+                best_state=best["state"], optimizer_state=self.optimizer_state_of(i))))
+        return out
+
+    def state(self, epoch: int) -> dict:
+        """The whole group's resumable state after ``epoch``: one file, not one per member."""
+        return {"epoch": epoch, "keys": [m.entry.key if m.entry else None for m in self.members],
+                "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                "buffers": {k: v.cpu() for k, v in self.buffers.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule else None,
+                "orders": [g.get_state() for g in self.orders], "alive": list(self.alive),
+                "progress": self.progress, "losses": [m.loss.state_dict() for m in self.members]}
+
+    def restore(self, state: dict) -> None:
+        """Go on from ``state()`` of a group of the same members."""
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(state["params"][k])
+            for k, v in self.buffers.items():
+                v.copy_(state["buffers"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        for member, order, order_state, loss_state in zip(self.members, self.orders,
+                                                         state["orders"], state["losses"]):
+            order.set_state(order_state)
+            member.loss.load_state_dict(loss_state)
+        self.alive, self.progress = list(state["alive"]), state["progress"]
+        self.start_epoch = state["epoch"]
+
+
+def _stack_teachers(members: list[Member], device):
+    """The distinct teachers' logits stacked (teachers, examples, classes), and each
+    member's teacher index; (None, None) when no member reads a teacher."""
+    distinct: list[torch.Tensor] = []
+    keys, index = [], []
+    for member in members:
+        logits = member.teacher_logits
+        if logits is None:
+            index.append(0)
+            continue
+        if member.teacher_key not in keys:
+            keys.append(member.teacher_key)
+            distinct.append(logits)
+        index.append(keys.index(member.teacher_key))
+    if not distinct:
+        return None, None
+    return torch.stack(distinct).to(device), torch.tensor(index, device=device)
+
+
+def _row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
+    return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "acc": acc,
+            "lr": lr, "seconds": seconds}

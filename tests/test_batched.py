@@ -1,0 +1,191 @@
+"""hydra/launcher=batched: students trained as one stacked model end where each would
+end trained alone, and a batched sweep writes what a sequential one writes."""
+
+import json
+import os
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+
+from kdrun.batched import Member, StackedLosses, train_group
+from kdrun.data import load_data
+from kdrun.losses import CE, DIST, DKD, KD
+from kdrun.losses.standardized import LogitStandardKD
+from kdrun.models import build_model
+from kdrun.store import load_checkpoint
+from kdrun.train import CachedLogits, fit
+from tests.helpers import KDRUN, make_config
+
+# Weights of a batched member and of the same student trained alone, after 2 epochs:
+# the stacked matrix products sum in another order (~1e-7 per step on fp32 CPU), and 72
+# Adam steps carry that along; measured here: at most 4e-7.
+WEIGHT_TOLERANCE = 1e-5
+
+
+def grid_members(cfg, data, teacher_logits):
+    """Scratch and T x alpha distilled students of seeds 0 and 1 (10 members)."""
+    members = []
+    for seed in (0, 1):
+        losses = [CE()] + [KD(T=T, alpha=a) for T in (2.0, 4.0) for a in (0.5, 0.9)]
+        for loss in losses:
+            taught = loss.needs_teacher
+            members.append(Member(
+                entry=None, role="distilled" if taught else "scratch", seed=seed, rng=seed,
+                model_cfg=cfg.student, loss=loss,
+                teacher_logits=teacher_logits if taught else None,
+                teacher_key="t" if taught else None, cfg=cfg, context=None, data=data,
+                device=torch.device("cpu")))
+    return members
+
+
+def alone(member, data, tcfg, epochs):
+    torch.manual_seed(member.rng)
+    model = build_model(member.model_cfg, data.input_shape, data.num_classes)
+    loss = type(member.loss)(**{k: v for k, v in vars(member.loss).items()
+                                if k in ("T", "alpha")})
+    teacher = CachedLogits(member.teacher_logits) if member.teacher_logits is not None else None
+    return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.rng,
+               device=torch.device("cpu"), teacher=teacher, progress=False)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
+    cfg = make_config("split.max_train=1000", f"trainer.grad_clip={clip or 'null'}")
+    data = load_data(cfg.dataset, cfg.split)
+    torch.manual_seed(123)
+    teacher_logits = torch.randn(len(data.train), data.num_classes) * 3
+    members = grid_members(cfg, data, teacher_logits)
+    rows = {}
+    batched = train_group(members, data, cfg.trainer, 2, torch.device("cpu"),
+                          lambda m, r: rows.setdefault(id(m), []).extend(r),
+                          lambda m, message: pytest.fail(message))
+    for member, (_, result) in zip(members, batched):
+        expected = alone(member, data, cfg.trainer, 2)
+        assert result.best_epoch == expected.best_epoch
+        for key, value in expected.best_state.items():
+            assert torch.allclose(result.best_state[key], value, rtol=0, atol=WEIGHT_TOLERANCE)
+        assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.11)
+        assert [r["split"] for r in rows[id(member)]] == ["train", "val", "test"] * 2
+
+
+def test_stacked_losses_equal_each_loss_called_alone():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(6, 8, 5), torch.randn(6, 8, 5)
+    labels = torch.randint(0, 5, (6, 8))
+    losses = [KD(T=2.0, alpha=0.5), KD(T=4.0, alpha=0.0), CE(), DKD(T=3.0, dkd_beta=2.0),
+              DIST(T=2.0), LogitStandardKD(T=3.0)]
+    stacked = StackedLosses(losses, torch.device("cpu"))
+    stacked.start_epoch(1)
+    got = stacked(logits, teacher, labels)
+    expected = torch.stack([loss(logits[i], teacher[i], labels[i])
+                            for i, loss in enumerate(losses)])
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ the launcher, end to end
+
+TINY_SWEEP = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
+              "teacher.hidden=[32]", "student.hidden=[8]", "trainer.epochs=3", "repeats=1",
+              "progress=false", "num_threads=1"]
+
+
+def kdrun(cwd, *args, env=None, check=True):
+    cwd.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([KDRUN, *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=600, env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def sweep_dir(root):
+    (sweep,) = (root / "outputs" / "multirun").glob("*/*")
+    return sweep
+
+
+def events_of(*runs):
+    return [json.loads(line) for run in runs
+            for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp_path):
+    cache = f"cache.dir={tmp_path}/cache"
+    # the reverse direction first: a stage trained by a sequential run is reused
+    kdrun(tmp_path, *TINY_SWEEP, cache, "loss.T=2", "seed=0", "hydra.run.dir=alone")
+    out = kdrun(tmp_path, "-m", "hydra/launcher=batched", *TINY_SWEEP, cache, "loss.T=2,4",
+                "seed=0,1")
+    # seed 1's teacher alone (seed 0's is the sequential run's); then the students not
+    # trained yet: seed 1's scratch and the distilled of T=4 seed 0, T=2 and T=4 seed 1
+    assert "training 1 students as one stacked model (mlp, epochs 1-3)" in out.stdout
+    assert "training 4 students as one stacked model (mlp, epochs 1-3)" in out.stdout
+    sweep = sweep_dir(tmp_path)
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        for name in ("metrics.csv", "summary.csv", "done.json", "events.jsonl",
+                     ".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/teacher.pt",
+                     "checkpoints/scratch.pt", "checkpoints/distilled.pt"):
+            assert (job / name).is_file(), (job, name)
+        metrics = pd.read_csv(job / "metrics.csv")
+        assert len(metrics) == 3 * 3 * 3 and not metrics.duplicated(
+            ["stage", "seed", "epoch", "split"]).any()
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 12 and (sweep / "report.md").stat().st_size > 0
+    trained_in = dict(zip(zip(summary.role, summary.seed, summary["loss.T"]),
+                          summary.trained_in))
+    assert trained_in[("distilled", 0, 2)] == "alone"  # the sequential run's, reused
+    assert trained_in[("distilled", 1, 4)].startswith("a stacked batch of")
+    assert not [e for e in events_of(*jobs) if e["event"] == "trained"]  # all in the cache
+
+    # and a later sequential run of one of the jobs reuses every stage the launcher trained
+    kdrun(tmp_path, *TINY_SWEEP, cache, "loss.T=4", "seed=1", "hydra.run.dir=again")
+    again = events_of(tmp_path / "again")
+    assert {e["event"] for e in again} == {"reused"} and len(again) == 3
+
+
+def test_batched_and_sequential_sweeps_agree(tmp_path):
+    args = [*TINY_SWEEP, "loss.T=2,4", "loss.alpha=0.5,0.9", "seed=0,1"]
+    for launcher in ("basic", "batched"):
+        kdrun(tmp_path / launcher, "-m", f"hydra/launcher={launcher}", *args)
+    rows = {}
+    for launcher in ("basic", "batched"):
+        summary = pd.read_csv(sweep_dir(tmp_path / launcher) / "summary.csv")
+        rows[launcher] = summary.set_index(["job", "role"]).sort_index()
+    basic, batched = rows["basic"], rows["batched"]
+    assert list(basic.index) == list(batched.index) and len(basic) == 24
+    # weights agree to ~1e-6 (test above): an accuracy may differ by an example at most
+    difference = (basic.test_acc_best_val - batched.test_acc_best_val).abs()
+    assert difference.max() <= 100 / 60 + 1e-6  # one of 60 test examples
+    assert (basic.trained_in == "alone").all()
+    assert batched.trained_in.str.startswith("a stacked batch of").all()  # teachers too
+
+
+@pytest.mark.parametrize("kill_at", ["rows:distilled:3"])
+def test_a_batched_group_killed_mid_way_resumes_and_ends_as_an_unbroken_one(tmp_path, kill_at):
+    from tests.test_faults import KILLER
+
+    (tmp_path / "killer").mkdir()
+    (tmp_path / "killer" / "sitecustomize.py").write_text(KILLER)
+    args = ["-m", "hydra/launcher=batched", *TINY_SWEEP, "loss.T=2,4", "seed=0"]
+    kdrun(tmp_path / "clean", *args)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(tmp_path / "killer"), env.get("PYTHONPATH")])))
+    killed = tmp_path / "killed"
+    out = kdrun(killed, *args, env={**env, "KDRUN_KILL_AT": kill_at}, check=False)
+    assert out.returncode == -9 and f"killing at {kill_at}" in out.stderr, out.stderr[-2000:]
+    assert list((killed / "outputs" / "cache" / "groups").glob("*.pt"))  # epoch 1's state
+    out = kdrun(killed, *args, f"hydra.sweep.dir={sweep_dir(killed)}", env=env)
+    assert "epochs 2-3" in out.stdout  # resumed after epoch 1, not from the start
+    for job in sorted(d for d in sweep_dir(killed).iterdir() if d.is_dir()):
+        clean_job = sweep_dir(tmp_path / "clean") / job.name
+        metrics = pd.read_csv(job / "metrics.csv")
+        assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
+        assert len(metrics) == len(pd.read_csv(clean_job / "metrics.csv"))
+        for role in ("scratch", "distilled"):
+            ours = load_checkpoint(job / "checkpoints" / f"{role}.pt")["model"]
+            theirs = load_checkpoint(clean_job / "checkpoints" / f"{role}.pt")["model"]
+            for name, tensor in theirs.items():
+                torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0)
