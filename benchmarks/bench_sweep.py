@@ -6,7 +6,8 @@ repeats=1 (24 jobs: 2 teachers, 2 scratch students, 24 distilled students) on th
 default data. Each sweep is one `kdrun -m` process, timed whole: interpreter start,
 teachers, students, every job's files and the sweep report. Prints per launcher the
 wall time, the students trained per second of it and the peak resident memory, then
-the ratio basic / batched; with --runs N, N rounds of both and the medians.
+the ratio basic / batched; with --runs N, N rounds of both and the medians. Last, the
+distilled students' test accuracies of the last round, basic and batched side by side.
 
     python benchmarks/bench_sweep.py [--runs 3] [--epochs 30] [--device auto]
 """
@@ -38,6 +39,17 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
 """
 
 
+def distilled_accuracies(root: Path) -> dict:
+    """(T, alpha, seed) -> the distilled student's test accuracy (best-val epoch)."""
+    import pandas as pd
+
+    (summary,) = root.glob("multirun/*/*/summary.csv")
+    rows = pd.read_csv(summary)
+    rows = rows[rows.role == "distilled"]
+    return {(r["loss.T"], r["loss.alpha"], r.seed): r.test_acc_best_val
+            for _, r in rows.iterrows()}
+
+
 def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
     kdrun = Path(sys.executable).with_name("kdrun")
     command = [str(kdrun), "-m", f"hydra/launcher={launcher}", *GRID,
@@ -47,7 +59,7 @@ def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
                          text=True, check=False)
     if out.returncode:
         sys.exit(f"{launcher} sweep failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "accuracies": distilled_accuracies(root)}
 
 
 def main() -> None:
@@ -68,6 +80,14 @@ def main() -> None:
                   f"peak RSS {result['rss_mb']:6.0f} MB  (started {started})", flush=True)
         ratio = results["basic"][-1]["seconds"] / results["batched"][-1]["seconds"]
         print(f"run {run + 1} basic / batched wall time: {ratio:.2f}x", flush=True)
+    print("\ndistilled test accuracy (%), last round:   T  alpha seed   basic  batched")
+    basic, batched = (results[k][-1]["accuracies"] for k in ("basic", "batched"))
+    for key in sorted(basic):
+        print(f"{'':42}{key[0]:>3g} {key[1]:>5g} {key[2]:>4d} {basic[key]:7.2f} "
+              f"{batched[key]:8.2f}")
+    largest = max(abs(basic[k] - batched[k]) for k in basic)
+    print(f"largest difference: {largest:.2f} points; mean basic "
+          f"{statistics.mean(basic.values()):.2f}, batched {statistics.mean(batched.values()):.2f}")
     median = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print(f"median over {args.runs} run(s): basic {median['basic']:.1f} s, batched "
           f"{median['batched']:.1f} s, ratio {median['basic'] / median['batched']:.2f}x "

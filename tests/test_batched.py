@@ -145,6 +145,7 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
     assert {e["event"] for e in again} == {"reused"} and len(again) == 3
 
 
+@pytest.mark.slow  # two sweeps of 8 jobs
 def test_batched_and_sequential_sweeps_agree(tmp_path):
     args = [*TINY_SWEEP, "loss.T=2,4", "loss.alpha=0.5,0.9", "seed=0,1"]
     for launcher in ("basic", "batched"):
@@ -162,8 +163,9 @@ def test_batched_and_sequential_sweeps_agree(tmp_path):
     assert batched.trained_in.str.startswith("a stacked batch of").all()  # teachers too
 
 
-@pytest.mark.parametrize("kill_at", ["rows:distilled:3"])
-def test_a_batched_group_killed_mid_way_resumes_and_ends_as_an_unbroken_one(tmp_path, kill_at):
+@pytest.mark.slow  # three sweeps
+def test_a_batched_group_killed_mid_way_resumes_and_ends_as_an_unbroken_one(tmp_path):
+    kill_at = "rows:distilled:3"  # epoch 2's rows of a distilled member: epoch 1's state saved
     from tests.test_faults import KILLER
 
     (tmp_path / "killer").mkdir()
@@ -189,3 +191,15 @@ def test_a_batched_group_killed_mid_way_resumes_and_ends_as_an_unbroken_one(tmp_
             theirs = load_checkpoint(clean_job / "checkpoints" / f"{role}.pt")["model"]
             for name, tensor in theirs.items():
                 torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # an Optuna study
+def test_optuna_hands_its_n_jobs_trials_to_the_batched_launcher_at_once(tmp_path):
+    out = kdrun(tmp_path, "hparams_search=kd_optuna", "hydra/launcher=batched",
+                "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=4", *TINY_SWEEP)
+    # one teacher, then one scratch student and the four trials' distilled students
+    assert "training 5 students as one stacked model (mlp, epochs 1-3)" in out.stdout
+    summary = pd.read_csv(sweep_dir(tmp_path) / "summary.csv")
+    distilled = summary[summary.role == "distilled"]
+    assert len(distilled) == 4 and distilled["loss.T"].nunique() == 4
+    assert distilled.trained_in.eq("a stacked batch of 5").all()

@@ -136,11 +136,15 @@ def test_seed_synthetic_runs(tmp_path):
     assert {r["eval_split"] for r in rows} == {"train"}
 
 
+# the fewest latency rounds allowed: a 128-channel teacher at batch 256 takes a while
+FEWEST_TIMINGS = ["latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=0"]
+
+
 @pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_mnist_cnn"])
 def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
     write_mnist(tmp_path / "data", n_train=64, n_test=16)
     cfg = make_config(f"experiment={experiment}", cache(tmp_path), f"dataset.root={tmp_path}/data",
-                      "progress=false", "trainer.epochs=1")
+                      "progress=false", "trainer.epochs=1", *FEWEST_TIMINGS)
     result = pipeline.run(cfg, tmp_path / "run")
     teacher, student = result["rows"][0], result["rows"][1]
     if experiment == "seed_mnist_mlp":
