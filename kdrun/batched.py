@@ -201,7 +201,6 @@ class _StackedGroup:
                           "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
                          for _ in members]
         self.start_epoch = 0
-        self._optimizer_state = None
         self.forward = vmap(self._forward_one)
         self.losses = StackedLosses([m.loss for m in members], device)
         self.autocast = configure_device(tcfg, device)
@@ -213,7 +212,6 @@ class _StackedGroup:
 
     def epoch(self, epoch: int, on_failure) -> list[tuple[Member, list[dict]]]:
         self.losses.start_epoch(epoch)
-        self._optimizer_state = None
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         sums, correct, first_bad = self._train_epoch()
@@ -222,8 +220,9 @@ class _StackedGroup:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(self.members)  # each member's share
-        evaluated = {name: self._evaluate(split) for name, split in
-                     (("val", self.val), ("test", self.test)) if len(split)}
+        evaluated = {name: evaluate_stacked(self._forward_one, self.params, self.buffers, split,
+                                            self.tcfg.eval_batch_size)
+                     for name, split in (("val", self.val), ("test", self.test)) if len(split)}
         out = []
         for i, member in enumerate(self.members):
             if not self.alive[i]:
@@ -260,7 +259,7 @@ class _StackedGroup:
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             if self.tcfg.grad_clip:
-                self._clip_per_member(self.tcfg.grad_clip)
+                clip_each_member(self.params.values(), self.tcfg.grad_clip)
             self.optimizer.step()
             detached = losses.detach()
             bad_steps.append(~torch.isfinite(detached))
@@ -270,25 +269,6 @@ class _StackedGroup:
         first_bad = [int(bad[:, i].nonzero()[0]) + 1 if bad[:, i].any() else 0
                      for i in range(m)]
         return sums.tolist(), correct.tolist(), first_bad
-
-    def _clip_per_member(self, max_norm: float) -> None:
-        """clip_grad_norm_ of each member's own gradients (its slice of every tensor)."""
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
-
-    @torch.no_grad()
-    def _evaluate(self, split) -> tuple[list[float], list[float]]:
-        """Per member: (cross-entropy, accuracy %) on a split, as train.evaluate gives."""
-        chunks = [vmap(self._forward_one, in_dims=(0, 0, None))(self.params, self.buffers, x)
-                  for x in split.x.split(self.tcfg.eval_batch_size)]
-        logits = torch.cat(chunks, dim=1)  # (members, examples, classes)
-        labels = split.y.expand(len(self.members), -1)
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
-        hits = (logits.argmax(-1) == labels).float().mean(1)
-        return loss.tolist(), [h * 100 for h in hits.tolist()]
 
     def _track_best(self, i: int, epoch: int, rows: list[dict], seconds: float) -> None:
         by_split = {row["split"]: row["acc"] for row in rows}
@@ -307,17 +287,8 @@ class _StackedGroup:
         state.update({k: v[i].clone() for k, v in self.buffers.items()})
         return {k: state[k].cpu() for k in self.models[i].state_dict()}
 
-    def optimizer_state_of(self, i: int) -> dict:
-        """The state dict a separate optimiser of member ``i`` alone would have."""
-        if self._optimizer_state is None:  # read once per epoch, sliced per member
-            self._optimizer_state = self.optimizer.state_dict()
-        stacked = self._optimizer_state
-        state = {j: {k: v[i].clone() if torch.is_tensor(v) and v.dim() else
-                     (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-                 for j, s in stacked["state"].items()}
-        return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
-
     def results(self) -> list[tuple[nn.Module, FitResult] | None]:
+        stacked = self.optimizer.state_dict()
         out = []
         for i, member in enumerate(self.members):
             if not self.alive[i]:
@@ -329,7 +300,7 @@ class _StackedGroup:
                 stage=member.role, seed=member.rng, epochs=self.epochs, best_epoch=best["epoch"],
                 val_acc_best=best["val"], test_acc_last=progress["test_last"],
                 test_acc_best_val=best["test"], train_seconds=progress["seconds"],
-                best_state=best["state"], optimizer_state=self.optimizer_state_of(i))))
+                best_state=best["state"], optimizer_state=member_optimizer_state(stacked, i))))
         return out
 
     def state(self, epoch: int) -> dict:
@@ -358,6 +329,36 @@ class _StackedGroup:
             member.loss.load_state_dict(loss_state)
         self.alive, self.progress = list(state["alive"]), state["progress"]
         self.start_epoch = state["epoch"]
+
+
+def clip_each_member(params, max_norm: float) -> None:
+    """clip_grad_norm_ of each member's own gradients (its slice of every tensor)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+
+@torch.no_grad()
+def evaluate_stacked(forward_one, params, buffers, split, batch_size: int):
+    """Per member: (cross-entropy, accuracy %) on a split, as train.evaluate gives."""
+    chunks = [vmap(forward_one, in_dims=(0, 0, None))(params, buffers, x)
+              for x in split.x.split(batch_size)]
+    logits = torch.cat(chunks, dim=1)  # (members, examples, classes)
+    labels = split.y.expand(len(logits), -1)
+    loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    hits = (logits.argmax(-1) == labels).float().mean(1)
+    return loss.tolist(), [h * 100 for h in hits.tolist()]
+
+
+def member_optimizer_state(stacked: dict, i: int) -> dict:
+    """The state dict a separate optimiser of member ``i`` alone would have, sliced from
+    the stacked optimiser's."""
+    state = {j: {k: v[i].clone() if torch.is_tensor(v) and v.dim() else
+                 (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for j, s in stacked["state"].items()}
+    return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
 
 
 def _stack_teachers(members: list[Member], device):

@@ -66,6 +66,11 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
         assert result.best_epoch == expected.best_epoch
         for key, value in expected.best_state.items():
             assert torch.allclose(result.best_state[key], value, rtol=0, atol=WEIGHT_TOLERANCE)
+        ours, theirs = result.optimizer_state["state"], expected.optimizer_state["state"]
+        assert ours.keys() == theirs.keys()  # one entry per parameter, as a separate Adam's
+        for j, moments in theirs.items():
+            assert torch.equal(ours[j]["step"], moments["step"])
+            assert torch.allclose(ours[j]["exp_avg"], moments["exp_avg"], atol=WEIGHT_TOLERANCE)
         assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.11)
         assert [r["split"] for r in rows[id(member)]] == ["train", "val", "test"] * 2
 

@@ -1,6 +1,12 @@
 """The configs ship inside the package (so an installed kdrun finds them anywhere)."""
 
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +33,21 @@ def test_every_yaml_key_has_a_comment():
             if ":" in stripped and not stripped.startswith(("format:", "dir:", "subdir:")):
                 assert "#" in stripped, f"{path.relative_to(ROOT)}: '{stripped}' has no comment"
 
+
+
+@pytest.mark.slow  # builds a wheel
+def test_a_regular_install_lets_hydra_discover_the_batched_launcher(tmp_path):
+    """In a wheel, hydra/launcher=batched is found by Hydra's own plugin scan (an
+    editable install hides it from that scan; kdrun.cli registers it there)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("kdrun-*.whl")
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    assert (unpacked / "hydra_plugins" / "kdrun_batched_launcher" / "batched_launcher.py").is_file()
+    assert not (unpacked / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+    scan = ("from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
+            "print(sorted(c.__name__ for c in Plugins.instance().discover(Launcher)))")
+    out = subprocess.run([sys.executable, "-c", scan], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(unpacked)})
+    assert "BatchedLauncher" in out.stdout, out.stderr[-2000:]
