@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from kdrun import pipeline
 from kdrun.batched import Member, StackedLosses, train_group
 from kdrun.data import load_data
 from kdrun.losses import CE, DIST, DKD, KD
@@ -118,7 +119,7 @@ def events_of(*runs):
 def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp_path):
     cache = f"cache.dir={tmp_path}/cache"
     # the reverse direction first: a stage trained by a sequential run is reused
-    kdrun(tmp_path, *TINY_SWEEP, cache, "loss.T=2", "seed=0", "hydra.run.dir=alone")
+    pipeline.run(make_config(*TINY_SWEEP, cache, "loss.T=2", "seed=0"), tmp_path / "alone")
     out = kdrun(tmp_path, "-m", "hydra/launcher=batched", *TINY_SWEEP, cache, "loss.T=2,4",
                 "seed=0,1")
     # seed 1's teacher alone (seed 0's is the sequential run's); then the students not
@@ -145,7 +146,7 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
     assert not [e for e in events_of(*jobs) if e["event"] == "trained"]  # all in the cache
 
     # and a later sequential run of one of the jobs reuses every stage the launcher trained
-    kdrun(tmp_path, *TINY_SWEEP, cache, "loss.T=4", "seed=1", "hydra.run.dir=again")
+    pipeline.run(make_config(*TINY_SWEEP, cache, "loss.T=4", "seed=1"), tmp_path / "again")
     again = events_of(tmp_path / "again")
     assert {e["event"] for e in again} == {"reused"} and len(again) == 3
 
