@@ -145,18 +145,50 @@ def preflight(argv: list[str]) -> None:
     overrides = [a for a in argv if a not in SWEEP_FLAGS]
     sweep = any(a in SWEEP_FLAGS or a.startswith(SWEEPER_CHOICES) for a in argv)
     jobs = _expand(overrides) if sweep else [overrides]
+    composed: dict[tuple[str, ...], DictConfig] = {}
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for job in jobs:
             _check_group_choices(job)
             _check_optional_packages(job)
-            try:
-                cfg = compose("config", overrides=job)
-            except HydraException as e:
-                raise UserError(_unknown_key_message(str(e), job, compose) or
-                                _hydra_message_on_one_line(str(e))) from e
+            cfg = _reuse_composition(job, compose, composed)
+            if cfg is None:
+                try:
+                    cfg = compose("config", overrides=job)
+                except HydraException as e:
+                    raise UserError(_unknown_key_message(str(e), job, compose) or
+                                    _hydra_message_on_one_line(str(e))) from e
             validate(cfg)
             _check_search_space(job, compose)
             _check_writable(cfg.output_root)
+
+
+def _reuse_composition(job: list[str], compose, composed: dict) -> DictConfig | None:
+    """The job's config built as Hydra builds it, composing only once per distinct set
+    of the job's other overrides: Hydra composes the config groups and structural
+    overrides, then applies each plain ``a.b=value`` override in order with
+    ``OmegaConf.update(cfg, key, value, merge=True)`` on the struct config; so do we,
+    on a copy of the composition without them. A sweep over values then composes a few
+    times instead of once per job. None when anything goes differently: the caller
+    composes the whole job and Hydra names the problem."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(job)
+        plain = [o for o in parsed if o.type == OverrideType.CHANGE and o.package is None
+                 and "." in o.key_or_group and "/" not in o.key_or_group
+                 and not o.key_or_group.startswith("hydra")]
+        rest = tuple(o.input_line for o in parsed if o not in plain)
+        if rest not in composed:
+            composed[rest] = compose("config", overrides=list(rest))
+        cfg = copy.deepcopy(composed[rest])
+        for override in plain:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+        return cfg
+    except Exception:  # a problem Hydra's own composition reports better
+        return None
 
 
 def _check_search_space(job: list[str], compose) -> None:

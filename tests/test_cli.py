@@ -73,3 +73,35 @@ def test_unwritable_output_root_is_refused_before_anything_is_written(tmp_path):
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("kdrun: error: output_root=") and "not a writable folder" in line
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("job", [
+    ["loss.T=2", "loss.alpha=0.3", "seed=1"],
+    ["loss=dkd", "loss.T=2", "loss.dkd_beta=4"],
+    ["student.hidden=[50,50]", "teacher.checkpoint=null", "split.seed=${seed}"],
+    ["dataset=digits", "dataset.augment.hflip=true", "trainer.lr=1e-3", "hydra.verbose=true"],
+    ["+extra.key=1", "loss.T=3"],
+])
+def test_preflight_reuses_a_composition_exactly_as_hydra_composes_the_job(job):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from kdrun.cli import CONFIG_MODULE, _reuse_composition
+
+    composed = {}
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        ours = _reuse_composition(job, compose, composed)
+        hydras = compose("config", overrides=job)
+        again = _reuse_composition([*job[:-1], job[-1]], compose, composed)
+    assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydras)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(hydras)
+    assert OmegaConf.is_struct(ours)
+
+
+def test_preflight_leaves_a_misspelt_key_to_hydra():
+    from hydra import compose, initialize_config_module
+
+    from kdrun.cli import CONFIG_MODULE, _reuse_composition
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        assert _reuse_composition(["loss.Tx=3"], compose, {}) is None
