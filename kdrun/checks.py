@@ -49,6 +49,12 @@ def positive_ints(v) -> str | None:
     return None if ok else "must be a list of positive integers, e.g. [64, 64]"
 
 
+def increasing_epochs(v) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                     for m in v) and v == sorted(set(v))
+    return None if ok else "must be a list of increasing epoch numbers >= 1, e.g. [150, 180, 210]"
+
+
 def int_or_ints(v) -> str | None:
     return None if isinstance(v, int) and v > 0 else positive_ints(v)
 

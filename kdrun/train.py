@@ -76,6 +76,15 @@ def fused_kernel_exists(optimizer: str, device_type: str) -> bool:
 
 def make_schedule(optimizer, tcfg, epochs: int):
     """Per-epoch learning-rate schedule, or None for a constant rate."""
+    if tcfg.schedule == "multistep":
+        milestones, gamma = list(tcfg.milestones), tcfg.gamma
+        warmup = tcfg.get("warmup_epochs") or 0
+
+        def factor(done: int) -> float:  # the lr of epoch done + 1, over the base lr
+            ramp = min(1.0, (done + 1) / warmup) if warmup else 1.0
+            return ramp * gamma ** sum(done >= m for m in milestones)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if tcfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if tcfg.schedule == "step":

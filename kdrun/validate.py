@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models, schemes
 from kdrun.augment import AUGMENT_RULES
-from kdrun.checks import Check, boolean, device, number, one_of
+from kdrun.checks import Check, boolean, device, increasing_epochs, number, one_of
 from kdrun.errors import ConfigError
 
 RULES: dict[str, Check] = {
@@ -48,7 +48,9 @@ RULES: dict[str, Check] = {
     "trainer.lr": number(0, lo_open=True),
     "trainer.momentum": number(0, 1, hi_open=True),
     "trainer.weight_decay": number(0),
-    "trainer.schedule": one_of("none", "cosine", "step"),
+    "trainer.schedule": one_of("none", "cosine", "step", "multistep"),
+    "trainer.milestones": increasing_epochs,
+    "trainer.warmup_epochs": number(0, integer=True),
     "trainer.step_size": number(1, integer=True),
     "trainer.gamma": number(0, 1, lo_open=True),
     "trainer.grad_clip": number(0, lo_open=True, optional=True),
