@@ -1,12 +1,15 @@
 """The CIFAR ResNets of the standard KD benchmark (CRD, ICLR 2020, and every paper since;
-RepDistiller's and mdistiller's ``models/resnet.py``): resnet8 ... resnet110 with
-widths 16-16-32-64, and resnet8x4 / resnet32x4 with widths 32-64-128-256, all of basic
-blocks (depth = 6n + 2: n blocks per stage).
+RepDistiller's and mdistiller's ``models/resnet.py`` and ``models/wrn.py``):
 
-Module names follow those projects (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
-``layer2.0.downsample.0``, ``fc``), so a state dict saved by them loads strictly
-(``teacher.checkpoint=``). Feature taps by name: ``layer1`` .. ``layer3`` (the last
-block of each stage is the stage's output) and ``penultimate``.
+- resnet8 ... resnet110 with widths 16-16-32-64, and resnet8x4 / resnet32x4 with
+  widths 32-64-128-256, of post-activation basic blocks (depth = 6n + 2);
+- the wide ResNets wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (Zagoruyko & Komodakis 2016)
+  of pre-activation blocks (depth = 6n + 4, widths 16, 16k, 32k, 64k).
+
+Module names follow those projects (``conv1``, ``layer1.0.conv1``,
+``layer2.0.downsample.0``, ``block1.layer.0.convShortcut``, ``fc``, ...), so a state
+dict saved by them loads strictly (``teacher.checkpoint=``). Feature taps by name:
+each stage (``layer1``..``layer3``, or ``block1``..``block3``) and ``penultimate``.
 """
 
 from __future__ import annotations
@@ -60,12 +63,7 @@ class CifarResNet(nn.Module):
                       for i in range(blocks)]
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
             c_in = c_out
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # the reference's AvgPool2d(8) on 32x32 input
-        self.penultimate = nn.Flatten()
-        self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _add_head(self, widths[3], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -73,17 +71,93 @@ class CifarResNet(nn.Module):
         return self.fc(self.penultimate(self.avgpool(x)))
 
 
-def _builder(name: str, depth: int, widths):
+def _add_head(model: nn.Module, width: int, num_classes: int) -> None:
+    """Global average pool, ``penultimate`` (the pooled features, a tap), the classifier;
+    convolutions initialised as the references do (He normal, fan-out)."""
+    model.avgpool = nn.AdaptiveAvgPool2d(1)  # the references' 8x8 pool on 32x32 inputs
+    model.penultimate = nn.Flatten()
+    model.fc = nn.Linear(width, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv twice; a 1x1 projection of the activated
+    input when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.convShortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)  # noqa: N815
+                             if c_in != c_out else None)  # (the reference's name)
+
+    def forward(self, x):
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        return out + (x if self.convShortcut is None else self.convShortcut(activated))
+
+
+class WideStage(nn.Module):
+    def __init__(self, blocks: int, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out,
+                                               stride if i == 0 else 1) for i in range(blocks)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, widen: int, in_channels: int, num_classes: int):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"depth {depth} is not 6n + 4")
+        blocks, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.block1 = WideStage(blocks, widths[0], widths[1], 1)
+        self.block2 = WideStage(blocks, widths[1], widths[2], 2)
+        self.block3 = WideStage(blocks, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU(inplace=True)
+        _add_head(self, widths[3], num_classes)
+        nn.init.zeros_(self.fc.bias)  # as the reference initialises it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(self.penultimate(self.avgpool(self.relu(self.bn1(x)))))
+
+
+def _builder(name: str, make, doc: str):
     def build(input_shape, num_classes):
         if len(input_shape) != 3:
             raise DataError(f"{name} needs images (C, H, W); this data is {tuple(input_shape)}")
-        return CifarResNet(depth, widths, input_shape[0], num_classes)
+        return make(input_shape[0], num_classes)
 
-    build.__doc__ = f"CIFAR {name}: depth {depth}, widths {'-'.join(map(str, widths))}."
+    build.__doc__ = doc
     return build
 
 
+def _resnet(name: str, depth: int, widths) -> None:
+    make = lambda c, k: CifarResNet(depth, widths, c, k)  # noqa: E731
+    MODELS.register(name)(_builder(name, make, f"CIFAR {name}: depth {depth}, widths "
+                                               f"{'-'.join(map(str, widths))}."))
+
+
+def _wrn(depth: int, widen: int) -> None:
+    name = f"wrn_{depth}_{widen}"
+    make = lambda c, k: WideResNet(depth, widen, c, k)  # noqa: E731
+    MODELS.register(name)(_builder(name, make, f"Wide ResNet {depth}-{widen} for CIFAR."))
+
+
 for _name, _depth in DEPTHS.items():
-    MODELS.register(_name)(_builder(_name, _depth, NARROW))
-MODELS.register("resnet8x4")(_builder("resnet8x4", 8, WIDE))
-MODELS.register("resnet32x4")(_builder("resnet32x4", 32, WIDE))
+    _resnet(_name, _depth, NARROW)
+_resnet("resnet8x4", 8, WIDE)
+_resnet("resnet32x4", 32, WIDE)
+for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    _wrn(_depth, _widen)

@@ -57,14 +57,56 @@ def reference_keys(depth: int, widths) -> list[str]:
     return keys + ["fc.weight", "fc.bias"]
 
 
-@pytest.mark.parametrize("name", ZOO)
+# name -> (depth, widen factor, parameters at 100 classes as published, M)
+WIDE_ZOO = {"wrn_16_1": (16, 1, None), "wrn_16_2": (16, 2, 0.70), "wrn_40_1": (40, 1, None),
+            "wrn_40_2": (40, 2, 2.26)}
+
+
+def reference_wrn_params(depth: int, widen: int, classes: int = 100) -> int:
+    """Parameters of RepDistiller's models/wrn.py WideResNet(depth, widen), counted from
+    its definition: a bias-free 3x3 stem conv (16 channels, no BN); per stage n =
+    (depth - 4) / 6 pre-activation blocks of BN(c_in), a bias-free 3x3 conv c_in ->
+    c_out, BN(c_out), a bias-free 3x3 conv, and a bias-free 1x1 shortcut conv when
+    c_in != c_out; a final BN and a Linear(64 * widen, classes)."""
+    n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+    total = 3 * 3 * 3 * widths[0]
+    for stage in range(3):
+        for block in range(n):
+            c_in, c_out = widths[stage] if block == 0 else widths[stage + 1], widths[stage + 1]
+            total += 2 * c_in + 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out
+            total += c_in * c_out if c_in != c_out else 0
+    return total + 2 * widths[3] + widths[3] * classes + classes
+
+
+COUNTS = {**{name: (reference_params(depth, widths), published)
+              for name, (depth, widths, published) in ZOO.items()},
+          **{name: (reference_wrn_params(depth, widen), published)
+             for name, (depth, widen, published) in WIDE_ZOO.items()}}
+
+
+@pytest.mark.parametrize("name", COUNTS)
 def test_parameter_counts_match_the_reference_definition_and_the_published_ones(name):
-    depth, widths, published = ZOO[name]
+    expected, published = COUNTS[name]
     model = build_model(OmegaConf.create({"arch": name}), (3, 32, 32), 100)
-    assert count_params(model) == reference_params(depth, widths)
+    assert count_params(model) == expected
     if published is not None:
         assert round(count_params(model) / 1e6, 2) == published
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_wide_resnets_have_the_reference_module_names_and_stage_taps():
+    model = build_model(OmegaConf.create({"arch": "wrn_40_2"}), (3, 32, 32), 100)
+    names = [k for k in model.state_dict() if k.startswith(("block1.layer.0.", "block2.layer.0."))]
+    assert names[:7] == ["block1.layer.0.bn1.weight", "block1.layer.0.bn1.bias",
+                         "block1.layer.0.bn1.running_mean", "block1.layer.0.bn1.running_var",
+                         "block1.layer.0.bn1.num_batches_tracked", "block1.layer.0.conv1.weight",
+                         "block1.layer.0.bn2.weight"]
+    assert "block1.layer.0.convShortcut.weight" in names  # 16 -> 32 channels
+    assert "block2.layer.0.convShortcut.weight" in names
+    assert [k for k in model.state_dict() if not k.startswith("block")] == [
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "bn1.num_batches_tracked", "fc.weight", "fc.bias"]
+    assert feature_shape(model, "block3", (3, 32, 32), "loss.student_layer") == (128, 8, 8)
 
 
 def test_a_checkpoint_in_the_reference_layout_loads_strictly_as_the_teacher(tmp_path):
@@ -131,10 +173,10 @@ def test_a_cifar100_resnet_pair_distills_on_tiny_cifar_files(tmp_path, skip_cifa
     assert rows[2]["compression"] == pytest.approx(181108 / 83892, rel=1e-3)
 
 
-@pytest.mark.parametrize("pair", ["resnet32x4_resnet8x4", "resnet56_resnet20"])
-def test_the_benchmark_experiments_carry_the_papers_recipe(pair):
-    cfg = make_config(f"experiment=cifar100_{pair}")
-    teacher, student = pair.split("_")
+@pytest.mark.parametrize("teacher,student", [("resnet32x4", "resnet8x4"),
+                                             ("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2")])
+def test_the_benchmark_experiments_carry_the_papers_recipe(teacher, student):
+    cfg = make_config(f"experiment=cifar100_{teacher}_{student}")
     assert (cfg.teacher.arch, cfg.student.arch, cfg.dataset.name) == (teacher, student, "cifar100")
     t = cfg.trainer
     assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs) == (
