@@ -39,6 +39,9 @@ from kdrun.train import (
     configure_device,
     make_optimizer,
     make_schedule,
+    metric_row,
+    new_progress,
+    record_epoch,
 )
 
 log = logging.getLogger("kdrun")
@@ -75,9 +78,9 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
                                "at a time on a CPU (measured: 2 stacked CNN teachers 2.2x "
                                "slower); they batch on CUDA")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise NotBatchable("the student has batch norm (its statistics are per batch)")
+            raise NotBatchable("the model has batch norm (its statistics are per batch)")
         if isinstance(module, nn.Dropout) and module.p > 0:
-            raise NotBatchable("the student has dropout (its masks would differ from a "
+            raise NotBatchable("the model has dropout (its masks would differ from a "
                                "sequential run's)")
     if loss.reads_features:
         raise NotBatchable(f"{type(loss).__name__} reads features")
@@ -104,6 +107,10 @@ class StackedLosses:
                                  if not k.startswith("_") and not _is_float(v)))
             groups.setdefault((type(loss), fixed), []).append(i)
         self.losses, self.groups = losses, list(groups.values())
+        # each group's member indices, made once; None for one group of every member in
+        # order, which needs no gather from the stacked logits
+        everyone = len(self.groups) == 1
+        self.index = [None if everyone else torch.tensor(g, device=device) for g in self.groups]
         self.vmapped = [True] * len(self.groups)
         self.settings: list[dict[str, torch.Tensor]] = []
 
@@ -118,22 +125,25 @@ class StackedLosses:
             for members in self.groups]
 
     def __call__(self, logits, teacher, labels) -> torch.Tensor:
+        if self.index[0] is None:
+            return self._group(0, logits, teacher, labels)
         out = torch.empty(len(self.losses), device=logits.device)
-        for g, members in enumerate(self.groups):
-            idx = torch.tensor(members, device=logits.device)
-            args = (logits[idx], teacher[idx] if teacher is not None else None, labels[idx])
-            if self.vmapped[g]:
-                try:
-                    out = out.index_put((idx,), self._vmapped(g, *args))
-                    continue
-                except RuntimeError as e:  # no batching rule, or data-dependent control flow
-                    log.debug("batched losses: %s member by member (%s)",
-                              type(self.losses[members[0]]).__name__, e)
-                    self.vmapped[g] = False
-            values = [self.losses[i](args[0][j], None if args[1] is None else args[1][j],
-                                     args[2][j]) for j, i in enumerate(members)]
-            out = out.index_put((idx,), torch.stack(values))
+        for g, idx in enumerate(self.index):
+            values = self._group(g, logits[idx], None if teacher is None else teacher[idx],
+                                 labels[idx])
+            out = out.index_put((idx,), values)
         return out
+
+    def _group(self, g: int, logits, teacher, labels) -> torch.Tensor:
+        if self.vmapped[g]:
+            try:
+                return self._vmapped(g, logits, teacher, labels)
+            except RuntimeError as e:  # no batching rule, or data-dependent control flow
+                log.debug("batched losses: %s member by member (%s)",
+                          type(self.losses[self.groups[g][0]]).__name__, e)
+                self.vmapped[g] = False
+        return torch.stack([self.losses[i](logits[j], None if teacher is None else teacher[j],
+                                           labels[j]) for j, i in enumerate(self.groups[g])])
 
     def _vmapped(self, g: int, logits, teacher, labels) -> torch.Tensor:
         template = self.losses[self.groups[g][0]]
@@ -188,7 +198,7 @@ class _StackedGroup:
                                            data.num_classes, member.role))
         self.base = copy.deepcopy(self.models[0]).to("meta")
         params, self.buffers = stack_module_state(self.models)
-        self.names = list(params)
+        self.state_keys = list(self.models[0].state_dict())  # a state dict's order
         self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
         self.optimizer = make_optimizer(self.params.values(), tcfg, device)
@@ -197,9 +207,7 @@ class _StackedGroup:
         self.train, self.val, self.test = (s.to(device) for s in (data.train, data.val, data.test))
         self.teachers, self.teacher_of = _stack_teachers(members, device)
         self.alive = [True] * len(members)
-        self.progress = [{"epoch": 0, "seconds": 0.0, "test_last": 0.0,
-                          "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
-                         for _ in members]
+        self.progress = [new_progress() for _ in members]
         self.start_epoch = 0
         self.forward = vmap(self._forward_one)
         self.losses = StackedLosses([m.loss for m in members], device)
@@ -233,11 +241,11 @@ class _StackedGroup:
                                    f"{first_bad[i]}: the loss became NaN or infinite at lr {lr:g}")
                 continue
             n = len(self.train)
-            rows = [_row(member.role, epoch, "train", sums[i] / n, correct[i] / n * 100, lr,
-                         seconds)]
-            rows += [_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
+            rows = [metric_row(member.role, epoch, "train", sums[i] / n,
+                               correct[i] / n * 100, lr, seconds)]
+            rows += [metric_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
                      for name, (loss, acc) in evaluated.items()]
-            self._track_best(i, epoch, rows, seconds)
+            record_epoch(self.progress[i], epoch, rows, seconds, lambda i=i: self.state_of(i))
             out.append((member, rows))
         return out
 
@@ -270,22 +278,12 @@ class _StackedGroup:
                      for i in range(m)]
         return sums.tolist(), correct.tolist(), first_bad
 
-    def _track_best(self, i: int, epoch: int, rows: list[dict], seconds: float) -> None:
-        by_split = {row["split"]: row["acc"] for row in rows}
-        val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
-        progress = self.progress[i]
-        best = progress["best"]
-        if val_acc > best["val"] or "val" not in by_split:
-            best.update(epoch=epoch, val=val_acc, test=test_acc, state=self.state_of(i))
-        progress.update(epoch=epoch, test_last=test_acc, seconds=progress["seconds"] + seconds)
-
     # ------------------------------------------------------------ per member
 
     def state_of(self, i: int) -> dict:
-        """Member ``i``'s model state dict (weights and buffers), detached copies."""
-        state = {k: v[i].detach().clone() for k, v in self.params.items()}
-        state.update({k: v[i].clone() for k, v in self.buffers.items()})
-        return {k: state[k].cpu() for k in self.models[i].state_dict()}
+        """Member ``i``'s model state dict (weights and buffers), copies on the CPU."""
+        return {k: (self.params[k] if k in self.params else self.buffers[k])[i].detach()
+                .to("cpu", copy=True) for k in self.state_keys}
 
     def results(self) -> list[tuple[nn.Module, FitResult] | None]:
         stacked = self.optimizer.state_dict()
@@ -379,7 +377,3 @@ def _stack_teachers(members: list[Member], device):
         return None, None
     return torch.stack(distinct).to(device), torch.tensor(index, device=device)
 
-
-def _row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
-    return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "acc": acc,
-            "lr": lr, "seconds": seconds}

@@ -20,15 +20,14 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from kdrun.batched import Member, NotBatchable, check_batchable, train_group
-from kdrun.data import Data, load_data
+from kdrun.data import Data
 from kdrun.errors import UserError
 from kdrun.losses import CE
 from kdrun.models import build_model
-from kdrun.pipeline import pick_device
+from kdrun.pipeline import prepare
 from kdrun.schemes import SCHEMES
 from kdrun.stages import Stages, finish_stage
 from kdrun.store import RunDir, load_sealed, save_sealed
@@ -65,15 +64,8 @@ class PlannedStages(Stages):
             raise NotBatchable("its teacher runs on every batch (trainer.cache_teacher_logits"
                                "=false, or a loss that reads features)")
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
-        if not entry.done():
-            loss = make_loss()
-            check_batchable(build_model(model_cfg, self.data.input_shape, self.data.num_classes,
-                                        role), loss, self.tcfg, self.device)
-            self.planned.append(Member(
-                entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
-                teacher_logits=teacher.logits if teacher is not None else None,
-                teacher_key=extra.get("teacher"), cfg=self.cfg, context=self.row_context,
-                data=self.data, device=self.device))
+        self.plan(entry, role, seed, rng, model_cfg, make_loss,
+                  teacher.logits if teacher is not None else None, extra.get("teacher"))
         placeholder = SummaryRow.evaluated_teacher(
             self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
             train_seconds=0.0, reused=False).as_role(role)
@@ -81,6 +73,19 @@ class PlannedStages(Stages):
 
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
+
+    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher_logits, teacher_key):
+        """List the stage as a Member, unless the cache already holds it; NotBatchable
+        when its model or loss cannot train stacked."""
+        if entry.done():
+            return
+        loss = make_loss()
+        check_batchable(build_model(model_cfg, self.data.input_shape, self.data.num_classes,
+                                    role), loss, self.tcfg, self.device)
+        self.planned.append(Member(
+            entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
+            teacher_logits=teacher_logits, teacher_key=teacher_key, cfg=self.cfg,
+            context=self.row_context, data=self.data, device=self.device))
 
 
 class PlannedTeachers(PlannedStages):
@@ -91,16 +96,8 @@ class PlannedTeachers(PlannedStages):
         if not model_cfg.get("checkpoint"):
             entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
                                      self.teacher_epochs, {})
-            if not entry.done():
-                loss = CE()
-                check_batchable(build_model(model_cfg, self.data.input_shape,
-                                            self.data.num_classes, "teacher"), loss, self.tcfg,
-                                self.device)
-                self.planned.append(Member(
-                    entry=entry, role="teacher", seed=self.cfg.seed, rng=self.teacher_rng,
-                    model_cfg=model_cfg, loss=loss, teacher_logits=None, teacher_key=None,
-                    cfg=self.cfg, context=self.row_context, data=self.data,
-                    device=self.device))
+            self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,
+                      None)
         raise _PlanDone
 
     def student(self, *args, **kwargs):
@@ -135,12 +132,11 @@ def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
 
 
 def plan_job(cfg: DictConfig, work_dir: Path, planner=PlannedStages) -> list[Member]:
-    """Run ``cfg``'s scheme with a planner: the stages it lists, untrained."""
+    """Run ``cfg``'s scheme with a planner: the stages it lists, untrained. The device,
+    threads and data are set up as the job's own run sets them up, so that the stage
+    keys are the ones the job will look for."""
     validate(cfg)
-    device = pick_device(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    data = load_data(cfg.dataset, cfg.split)
+    device, data = prepare(cfg)
     stages = planner(cfg, data, device, RunDir(work_dir))
     try:
         SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)

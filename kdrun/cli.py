@@ -55,12 +55,18 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
         hydra_cfg = HydraConfig.get()
-        if cfg.num_threads is None:
-            cfg.num_threads = threads_per_job(hydra_cfg)
-        cfg.device = device_for_job(cfg.device, hydra_cfg)
+        fit_to_launcher(cfg, hydra_cfg)
         return pipeline.run(cfg, hydra_cfg.runtime.output_dir)["distilled_val_acc"]
     except UserError as e:
         fail(e)
+
+
+def fit_to_launcher(cfg: DictConfig, hydra_cfg) -> None:
+    """The job's CPU threads and device, as its launcher runs it (both are in its stage
+    keys, so the batched launcher's planning applies this too)."""
+    if cfg.num_threads is None:
+        cfg.num_threads = threads_per_job(hydra_cfg)
+    cfg.device = device_for_job(cfg.device, hydra_cfg)
 
 
 def parallel_jobs_of(hydra_cfg) -> int:

@@ -47,10 +47,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         return finished
     for folder in (run_dir.root, run_dir.checkpoints):
         remove_temporaries(folder)  # left by a run killed mid-write
-    device = pick_device(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
-    data = load_data(cfg.dataset, cfg.split)
+    device, data = prepare(cfg)
     log.info("data: %s, %d train / %d val / %d %s examples, input %s, %d classes",
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
@@ -67,6 +64,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     run_dir.mark_done({"config_hash": config_hash(cfg),
                        "distilled_val_acc": result["distilled_val_acc"]})
     return result
+
+
+def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
+    """The run's device, its CPU thread count (part of every stage key), and its data."""
+    device = pick_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
+    return device, load_data(cfg.dataset, cfg.split)
 
 
 def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> list[SummaryRow]:

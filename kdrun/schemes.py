@@ -92,7 +92,9 @@ def _teacher_targets(stages: Stages, cfg: DictConfig,
     targets = stages.teacher_targets(teacher, loss)
     if "T" not in cfg.loss:
         return targets, {}
-    logits = stages.teacher_logits(teacher)  # the unaugmented training set
+    # on the unaugmented training set: the cached logits when they are the targets
+    logits = targets.logits if isinstance(targets, CachedLogits) else stages.teacher_logits(
+        teacher)
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
 
 

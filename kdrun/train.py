@@ -238,8 +238,7 @@ def fit(
         if loss_fn.reads_features else None
     optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
     schedule = make_schedule(optimizer, tcfg, epochs)
-    progress_state = {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
-                      "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
+    progress_state = new_progress()
     if resume is not None:
         progress_state = _restore(resume, model, optimizer, schedule, order, augment_rng)
         loss_fn.load_state_dict(resume["loss"])
@@ -295,17 +294,12 @@ def fit(
         if skipped:
             log.warning("%s epoch %d: skipped %d batches whose loss was NaN or infinite "
                         "(trainer.on_nan=skip)", stage, epoch, skipped)
-        rows = [_row(stage, epoch, "train", train_loss, train_acc, lr, seconds)]
+        rows = [metric_row(stage, epoch, "train", train_loss, train_acc, lr, seconds)]
         for name, split in splits.items():
-            rows.append(_row(stage, epoch, name, *evaluate(model, split, tcfg.eval_batch_size),
-                             lr, seconds))
-        by_split = {row["split"]: row["acc"] for row in rows}
-        val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
-        if val_acc > best["val"] or "val" not in splits:
-            best.update(epoch=epoch, val=val_acc, test=test_acc,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        progress_state.update(epoch=epoch, test_last=test_acc,
-                              seconds=progress_state["seconds"] + seconds)
+            split_loss, split_acc = evaluate(model, split, tcfg.eval_batch_size)
+            rows.append(metric_row(stage, epoch, name, split_loss, split_acc, lr, seconds))
+        val_acc = record_epoch(progress_state, epoch, rows, seconds, lambda: {
+            k: v.detach().clone() for k, v in model.state_dict().items()})
         on_epoch(rows, snapshot)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.1f}%")
     bar.close()
@@ -333,6 +327,27 @@ def _restore(state: dict, model, optimizer, schedule, order, augment_rng) -> dic
     return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}
 
 
-def _row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
+def new_progress() -> dict:
+    """A fit's counters before its first epoch, with its best-so-far."""
+    return {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
+            "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
+
+
+def record_epoch(progress: dict, epoch: int, rows: list[dict], seconds: float,
+                 weights: Callable[[], dict]) -> float:
+    """Count an epoch's metric rows into ``progress``. The best epoch is the first with
+    the highest validation accuracy, or the last one when there is no validation split;
+    ``weights()`` gives the copy of the weights kept for it. Returns the epoch's
+    validation accuracy (NaN without a validation split)."""
+    by_split = {row["split"]: row["acc"] for row in rows}
+    val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
+    best = progress["best"]
+    if val_acc > best["val"] or "val" not in by_split:
+        best.update(epoch=epoch, val=val_acc, test=test_acc, state=weights())
+    progress.update(epoch=epoch, test_last=test_acc, seconds=progress["seconds"] + seconds)
+    return val_acc
+
+
+def metric_row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
     return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "acc": acc,
             "lr": lr, "seconds": seconds}

@@ -32,6 +32,7 @@ class BatchedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         from kdrun.batched_sweep import train_sweep_stages
+        from kdrun.cli import fit_to_launcher
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -52,6 +53,7 @@ class BatchedLauncher(Launcher):
             task = copy.deepcopy(config)
             with read_write(task), open_dict(task):
                 del task["hydra"]
+            fit_to_launcher(task, config.hydra)
             tasks.append(task)
         trained = train_sweep_stages(tasks, sweep_dir / ".batched",
                                        max_members=self.max_members)
