@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdrun.cache import StageEntry
 from kdrun.data import Data
+from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import build_model
 from kdrun.summary_row import RowContext
@@ -205,6 +207,8 @@ class _StackedGroup:
         self.schedule = make_schedule(self.optimizer, tcfg, epochs)
         self.orders = [torch.Generator().manual_seed(m.rng) for m in members]
         self.train, self.val, self.test = (s.to(device) for s in (data.train, data.val, data.test))
+        # training accuracy is over the labelled examples (a transfer set's have no label)
+        self.labeled = int((data.train.y != UNLABELED).sum())
         self.teachers, self.teacher_of = _stack_teachers(members, device)
         self.alive = [True] * len(members)
         self.progress = [new_progress() for _ in members]
@@ -240,9 +244,9 @@ class _StackedGroup:
                 on_failure(member, f"{member.role} stage diverged at epoch {epoch}, step "
                                    f"{first_bad[i]}: the loss became NaN or infinite at lr {lr:g}")
                 continue
-            n = len(self.train)
-            rows = [metric_row(member.role, epoch, "train", sums[i] / n,
-                               correct[i] / n * 100, lr, seconds)]
+            n, labeled = len(self.train), self.labeled
+            accuracy = correct[i] / labeled * 100 if labeled else math.nan
+            rows = [metric_row(member.role, epoch, "train", sums[i] / n, accuracy, lr, seconds)]
             rows += [metric_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
                      for name, (loss, acc) in evaluated.items()]
             record_epoch(self.progress[i], epoch, rows, seconds, lambda i=i: self.state_of(i))

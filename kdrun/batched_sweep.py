@@ -54,7 +54,8 @@ class PlannedStages(Stages):
             raise NotBatchable("its data is augmented or read from disk (each batch differs)")
         self.planned: list[Member] = []
 
-    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng):
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng,
+               data=None):
         if role == "teacher":
             return super()._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
                                   rng=rng)
@@ -65,7 +66,8 @@ class PlannedStages(Stages):
                                "=false, or a loss that reads features)")
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
         self.plan(entry, role, seed, rng, model_cfg, make_loss,
-                  teacher.logits if teacher is not None else None, extra.get("teacher"))
+                  teacher.logits if teacher is not None else None, extra.get("teacher"),
+                  data or self.data)
         placeholder = SummaryRow.evaluated_teacher(
             self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
             train_seconds=0.0, reused=False).as_role(role)
@@ -74,9 +76,12 @@ class PlannedStages(Stages):
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
 
-    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher_logits, teacher_key):
-        """List the stage as a Member, unless the cache already holds it; NotBatchable
-        when its model or loss cannot train stacked."""
+    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher_logits, teacher_key,
+             data: Data):
+        """List the stage, which trains on ``data`` (with a transfer set, a distilled
+        student's differs from a scratch one's: they group apart, as their keys do), as a
+        Member, unless the cache already holds it; NotBatchable when its model or loss
+        cannot train stacked."""
         if entry.done():
             return
         loss = make_loss()
@@ -85,7 +90,7 @@ class PlannedStages(Stages):
         self.planned.append(Member(
             entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
             teacher_logits=teacher_logits, teacher_key=teacher_key, cfg=self.cfg,
-            context=self.row_context, data=self.data, device=self.device))
+            context=self.row_context, data=data, device=self.device))
 
 
 class PlannedTeachers(PlannedStages):
@@ -97,7 +102,7 @@ class PlannedTeachers(PlannedStages):
             entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
                                      self.teacher_epochs, {})
             self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,
-                      None)
+                      None, self.data)
         raise _PlanDone
 
     def student(self, *args, **kwargs):

@@ -55,6 +55,15 @@ def increasing_epochs(v) -> str | None:
     return None if ok else "must be a list of increasing epoch numbers >= 1, e.g. [150, 180, 210]"
 
 
+def label_budget(v) -> str | None:
+    """split.labeled: null, a count >= 1, or a share strictly between 0 and 1."""
+    count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    share = isinstance(v, float) and 0 < v < 1
+    return None if v is None or count or share else (
+        "must be a count of labelled examples (an integer >= 1), a share of the training "
+        "examples (a number between 0 and 1, exclusive), or null for all")
+
+
 def int_or_ints(v) -> str | None:
     return None if isinstance(v, int) and v > 0 else positive_ints(v)
 

@@ -4,12 +4,15 @@ RepDistiller's and mdistiller's ``models/resnet.py`` and ``models/wrn.py``):
 - resnet8 ... resnet110 with widths 16-16-32-64, and resnet8x4 / resnet32x4 with
   widths 32-64-128-256, of post-activation basic blocks (depth = 6n + 2);
 - the wide ResNets wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (Zagoruyko & Komodakis 2016)
-  of pre-activation blocks (depth = 6n + 4, widths 16, 16k, 32k, 64k).
+  of pre-activation blocks (depth = 6n + 4, widths 16, 16k, 32k, 64k);
+- ResNet50 in their CIFAR variant (``models/resnetv2.py``): ImageNet's bottleneck stages
+  (3, 4, 6, 3 blocks, widths 64-128-256-512 x 4) after a 3x3 stride-1 stem, no max pool.
 
 Module names follow those projects (``conv1``, ``layer1.0.conv1``,
-``layer2.0.downsample.0``, ``block1.layer.0.convShortcut``, ``fc``, ...), so a state
-dict saved by them loads strictly (``teacher.checkpoint=``). Feature taps by name:
-each stage (``layer1``..``layer3``, or ``block1``..``block3``) and ``penultimate``.
+``layer2.0.downsample.0``, ``block1.layer.0.convShortcut``, ``layer1.0.shortcut.0``,
+``fc``, ``linear``, ...), so a state dict saved by them loads strictly
+(``teacher.checkpoint=``). Feature taps by name: each stage (``layer1``..``layer3`` or
+``layer4``, or ``block1``..``block3``) and ``penultimate``.
 """
 
 from __future__ import annotations
@@ -133,7 +136,58 @@ class WideResNet(nn.Module):
         return self.fc(self.penultimate(self.avgpool(self.relu(self.bn1(x)))))
 
 
-def _builder(name: str, make, doc: str):
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (with the stride), 1x1 expand by 4, each with BN; a projected
+    shortcut when the shape changes (an empty ``shortcut`` otherwise, as the reference)."""
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        c_out = 4 * planes
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet50(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        c_in = 64
+        for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+            stride = 1 if stage == 1 else 2
+            layers = [Bottleneck(c_in if i == 0 else 4 * planes, planes, stride if i == 0 else 1)
+                      for i in range(n)]
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+            c_in = 4 * planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.penultimate = nn.Flatten()
+        self.linear = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # BN weights 1 and biases 0 are torch's defaults
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(self.penultimate(self.avgpool(x)))
+
+
+def image_builder(name: str, make, doc: str):
+    """A model builder for images only: ``make(channels, num_classes)``."""
+
     def build(input_shape, num_classes):
         if len(input_shape) != 3:
             raise DataError(f"{name} needs images (C, H, W); this data is {tuple(input_shape)}")
@@ -145,14 +199,14 @@ def _builder(name: str, make, doc: str):
 
 def _resnet(name: str, depth: int, widths) -> None:
     make = lambda c, k: CifarResNet(depth, widths, c, k)  # noqa: E731
-    MODELS.register(name)(_builder(name, make, f"CIFAR {name}: depth {depth}, widths "
+    MODELS.register(name)(image_builder(name, make, f"CIFAR {name}: depth {depth}, widths "
                                                f"{'-'.join(map(str, widths))}."))
 
 
 def _wrn(depth: int, widen: int) -> None:
     name = f"wrn_{depth}_{widen}"
     make = lambda c, k: WideResNet(depth, widen, c, k)  # noqa: E731
-    MODELS.register(name)(_builder(name, make, f"Wide ResNet {depth}-{widen} for CIFAR."))
+    MODELS.register(name)(image_builder(name, make, f"Wide ResNet {depth}-{widen} for CIFAR."))
 
 
 for _name, _depth in DEPTHS.items():
@@ -161,3 +215,6 @@ _resnet("resnet8x4", 8, WIDE)
 _resnet("resnet32x4", 32, WIDE)
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
     _wrn(_depth, _widen)
+MODELS.register("ResNet50")(image_builder(
+    "ResNet50", CifarResNet50, "CIFAR ResNet50 of the KD benchmark: bottleneck stages 3-4-6-3, "
+    "a 3x3 stride-1 stem."))

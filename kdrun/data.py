@@ -19,6 +19,7 @@ import torch
 
 from kdrun.checks import boolean, number, one_of
 from kdrun.errors import DataError
+from kdrun.labels import UNLABELED, split_labeled
 from kdrun.registry import Registry
 from kdrun.store import load_sealed, save_sealed
 
@@ -38,6 +39,9 @@ class RawData:
     y_test: torch.Tensor
     num_classes: int
     random_labels: bool = False  # labels carry no signal: evaluate on the training data
+    x_unlabeled: torch.Tensor | None = None  # extra transfer-set examples (dataset.unlabeled)
+    y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
+    # only by the "scratch, all labels" reference, never by a distilled student
 
     def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
         """In-memory data is augmented later, batched on the device (kdrun/augment.py)."""
@@ -61,6 +65,10 @@ class Split:
 
     def to(self, device) -> Split:
         return Split(self.x.to(device), self.y.to(device))
+
+    def joined(self, other: Split) -> Split:
+        """This split's examples, then ``other``'s."""
+        return Split(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         """(indices, inputs, labels) per batch: in a random order fixed by ``generator``
@@ -88,22 +96,76 @@ class Data:
     num_classes: int
     eval_split: str = "test"  # "train" when the labels are random: accuracy is memorisation
     digest: str | None = None  # fingerprint(), once computed
+    # The transfer set: examples whose labels the distilled student never sees (their y
+    # is UNLABELED), from split.labeled and dataset.unlabeled; None when there are none.
+    transfer: Split | None = None
+    transfer_labels: torch.Tensor | None = None  # their true labels where known (reference row)
+    transfer_digest: str | None = None  # transfer_fingerprint(), once computed
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.train.input_shape
 
+    @property
+    def labeled_count(self) -> int:
+        """Labelled examples: the training and validation splits."""
+        return len(self.train) + (0 if self.eval_split == "train" else len(self.val))
+
+    @property
+    def unlabeled_count(self) -> int:
+        return len(self.transfer) if self.transfer is not None else 0
+
+    def distill_train(self) -> Split:
+        """What a distilled student trains on: the labelled training split, then the
+        transfer set (labels UNLABELED). An epoch of the distill stage is one pass over
+        both."""
+        return self.train if self.transfer is None else self.train.joined(self.transfer)
+
+    def all_labels_train(self) -> Split | None:
+        """The training split and the transfer set with its true labels (the "scratch,
+        all labels" reference), or None when the transfer set's labels are unknown."""
+        if self.transfer is None or self.transfer_labels is None:
+            return None
+        return self.train.joined(Split(self.transfer.x, self.transfer_labels))
+
 
 # ---------------------------------------------------------------- builders
 
 
-@DATASETS.register("mnist1d", rules={"num_samples": number(10, integer=True), "seed": SEED})
-@functools.lru_cache(maxsize=2)  # sweep jobs in one process generate it once
-def mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | None = None) -> RawData:
+UNLABELED_COUNT = number(0, integer=True)
+
+
+@DATASETS.register("mnist1d", rules={"num_samples": number(10, integer=True), "seed": SEED,
+                                     "unlabeled": UNLABELED_COUNT})
+def mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | None = None,
+            unlabeled: int = 0) -> RawData:
     """MNIST-1D (Greydanus 2020), generated locally with the package's standard
     arguments: 4 000 train / 1 000 test sequences of length 40. Never downloads.
-    Generating takes seconds of pure Python, so the result is kept in ``cache_dir``
-    (a checksummed file, one per package version and arguments) for later runs."""
+    ``unlabeled`` more sequences come from the same generator under a seed of their
+    own (so none repeats a train or test sequence), standardised as the package
+    standardises every set it makes: by that set's own mean and std."""
+    d = _mnist1d_arrays(num_samples, seed, cache_dir)
+    as_x = lambda a: a.to(torch.float32).unsqueeze(1)  # noqa: E731 (N, 1, 40)
+    as_y = lambda a: a.to(torch.int64)  # noqa: E731
+    raw = RawData(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10)
+    if unlabeled:
+        extra = _mnist1d_arrays(-(-unlabeled // 10) * 10, unlabeled_seed(seed), cache_dir)
+        x, y = (torch.cat([extra[k], extra[f"{k}_test"]])[:unlabeled] for k in ("x", "y"))
+        raw.x_unlabeled, raw.y_unlabeled = as_x(x), as_y(y)
+    return raw
+
+
+def unlabeled_seed(seed: int) -> int:
+    """The generator seed of a data set's extra unlabelled examples: never a seed the
+    labelled data of a small seed uses."""
+    return int.from_bytes(hashlib.sha256(f"unlabeled:{seed}".encode()).digest()[:4], "big")
+
+
+@functools.lru_cache(maxsize=4)  # sweep jobs in one process generate it once
+def _mnist1d_arrays(num_samples: int, seed: int, cache_dir: str | None) -> dict:
+    """The package's generated arrays (x, y, x_test, y_test) as tensors. Generating takes
+    seconds of pure Python, so they are kept in ``cache_dir`` (a checksummed file, one
+    per package version and arguments) for later runs."""
     from importlib.metadata import version
 
     path = None
@@ -121,9 +183,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | None = Non
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_sealed(path, d)
-    as_x = lambda a: a.to(torch.float32).unsqueeze(1)  # noqa: E731 (N, 1, 40)
-    as_y = lambda a: a.to(torch.int64)  # noqa: E731
-    return RawData(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10)
+    return d
 
 
 @DATASETS.register("digits", rules={"test_fraction": FRACTION, "seed": SEED})
@@ -141,24 +201,33 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> RawData:
 @DATASETS.register("synthetic", rules={
     "n": number(10, integer=True), "dim": number(1, integer=True),
     "classes": number(2, integer=True), "random_labels": boolean, "test_fraction": FRACTION,
-    "seed": SEED})
+    "seed": SEED, "unlabeled": UNLABELED_COUNT})
 def synthetic(
     n: int = 2000, dim: int = 50, classes: int = 5, random_labels: bool = False,
-    test_fraction: float = 0.2, seed: int = 0,
+    test_fraction: float = 0.2, seed: int = 0, unlabeled: int = 0,
 ) -> RawData:
     """Gaussian features; labels from a hidden random one-hidden-layer network, so
     that a test split means something. ``random_labels=true`` draws labels at random
     instead (the seed script's memorisation setting): accuracy is then measured on
-    the training data and labelled as such."""
+    the training data and labelled as such. ``unlabeled`` more examples are drawn
+    from the same distribution with a generator of their own."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g)
     if random_labels:
+        if unlabeled:
+            raise DataError("dataset.unlabeled: random labels cannot be distilled from a "
+                            "transfer set (there is nothing to generalise); set it to 0")
         y = torch.randint(0, classes, (n,), generator=g)
         return RawData(x, y, x, y, classes, random_labels=True)
     w1 = torch.randn(dim, 64, generator=g) / dim**0.5
     w2 = torch.randn(64, classes, generator=g)
-    y = (torch.tanh(x @ w1 * 2) @ w2).argmax(1)
-    return _carve_test(x, y, test_fraction, seed, classes)
+    rule = lambda v: (torch.tanh(v @ w1 * 2) @ w2).argmax(1)  # noqa: E731
+    raw = _carve_test(x, rule(x), test_fraction, seed, classes)
+    if unlabeled:
+        extra = torch.Generator().manual_seed(unlabeled_seed(seed))
+        raw.x_unlabeled = torch.randn(unlabeled, dim, generator=extra)
+        raw.y_unlabeled = rule(raw.x_unlabeled)
+    return raw
 
 
 def _carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
@@ -303,18 +372,49 @@ def _build(dataset_cfg, split_cfg) -> Data:
 def _split_tensors(name: str, raw: RawData, split_cfg) -> Data:
     x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
     if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
+        if split_cfg.get("labeled") is not None:
+            raise DataError("split.labeled: random labels cannot be distilled from a transfer "
+                            "set (there is nothing to generalise); set it to null")
         train = Split(x, y)
         return Data(name, train, train, train, raw.num_classes, eval_split="train")
+    budget = split_labeled(y, split_cfg.get("labeled"), split_cfg.seed, raw.num_classes)
+    transfer = _transfer_set(x, y, budget, raw)
+    if budget is not None:  # the validation split is carved from the labelled part only
+        x, y = x[budget[0]], y[budget[0]]
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_cfg.seed))
     n_val = round(len(y) * split_cfg.val_fraction)
     val, train = perm[:n_val], perm[n_val:]
     x_test, y_test = _subsample(raw.x_test, raw.y_test, split_cfg.max_test, split_cfg.seed)
     splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
-    if split_cfg.standardize and len(splits[0]):
+    if transfer is not None:
+        splits.append(transfer[0])
+    if split_cfg.standardize and len(splits[0]):  # by the labelled training split's statistics
         mean, std = _stats(splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std
-    return Data(name, *splits, raw.num_classes)
+    data = Data(name, *splits[:3], raw.num_classes)
+    if transfer is not None:
+        data.transfer, data.transfer_labels = splits[3], transfer[1]
+    return data
+
+
+def _transfer_set(x, y, budget, raw: RawData) -> tuple[Split, torch.Tensor | None] | None:
+    """The unlabelled examples (labels UNLABELED): the training examples outside the label
+    budget, then the data set's extra unlabelled ones; and their true labels where the
+    data has them all."""
+    parts_x, parts_y = [], []
+    if budget is not None:
+        parts_x.append(x[budget[1]])
+        parts_y.append(y[budget[1]])
+    if raw.x_unlabeled is not None and len(raw.x_unlabeled):
+        parts_x.append(raw.x_unlabeled)
+        parts_y.append(raw.y_unlabeled)
+    if not parts_x:
+        return None
+    inputs = torch.cat(parts_x)
+    known = all(part is not None for part in parts_y)
+    labels = torch.cat(parts_y) if known else None
+    return Split(inputs, torch.full((len(inputs),), UNLABELED, dtype=torch.int64)), labels
 
 
 def fingerprint(data: Data) -> str:
@@ -334,6 +434,22 @@ def fingerprint(data: Data) -> str:
         digest.update(b"|")
     data.digest = digest.hexdigest()[:20]
     return data.digest
+
+
+def transfer_fingerprint(data: Data) -> str | None:
+    """A hash of the transfer set's inputs (never of its hidden labels), or None when
+    there is none: part of the key of every stage that trains on it."""
+    if data.transfer is None:
+        return None
+    if data.transfer_digest is None:
+        digest = hashlib.sha256()
+        if data.transfer.in_memory:
+            digest.update(str(tuple(data.transfer.x.shape)).encode())
+            digest.update(data.transfer.x.contiguous().cpu().numpy())
+        else:
+            data.transfer.update_digest(digest)
+        data.transfer_digest = digest.hexdigest()[:20]
+    return data.transfer_digest
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:

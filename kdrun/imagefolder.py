@@ -19,6 +19,7 @@ from kdrun.augment import folder_transforms
 from kdrun.checks import number, one_of
 from kdrun.data import DATASETS, Data, subsample_indices
 from kdrun.errors import DataError
+from kdrun.labels import UNLABELED, split_labeled
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -73,6 +74,11 @@ class FolderSplit:
         return FolderSplit(self.files, self.labels, self.transform, self.image_size,
                            self.workers, device)
 
+    def joined(self, other: FolderSplit) -> FolderSplit:
+        """This split's images, then ``other``'s, read with this split's transform."""
+        return FolderSplit(self.files + other.files, self.labels + other.labels,
+                           self.transform, self.image_size, self.workers, self.device)
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         dataset = _Images(self.files, self.labels, self.transform)
         sampler = RandomSampler(dataset, generator=generator) if generator is not None else None
@@ -96,9 +102,14 @@ class FolderData:
     normalize: object  # per-channel (x - mean) / std, applied when split.standardize
     image_size: int
     workers: int
+    unlabeled: list[Path] | None = None  # images without labels (dataset.unlabeled)
 
     def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
-        return Data(name, *split_folder(self, split_cfg, augment_cfg), self.num_classes)
+        train, val, test, transfer = split_folder(self, split_cfg, augment_cfg)
+        data = Data(name, train, val, test, self.num_classes)
+        if len(transfer):
+            data.transfer = transfer
+        return data
 
 
 def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
@@ -127,14 +138,28 @@ def list_images(folder: Path, label_from: str) -> tuple[list[Path], list[int]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def list_unlabeled(folder: Path) -> list[Path]:
+    """Every image under ``folder``, sub-folders included, in sorted order."""
+    if not folder.is_dir():
+        raise DataError(f"dataset.unlabeled: no folder {folder}")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"dataset.unlabeled: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                        f"under {folder}")
+    return files
+
+
 @DATASETS.register("imagefolder", rules={
     "label_from": one_of("folder", "filename_prefix"), "image_size": number(1, integer=True),
-    "workers": number(0, integer=True), "test_fraction": number(0, 1, hi_open=True)})
+    "workers": number(0, integer=True), "test_fraction": number(0, 1, hi_open=True),
+    "unlabeled": lambda v: None if v is None or (isinstance(v, str) and v) else (
+        "must be a folder of unlabelled images under root, or null")})
 def imagefolder(
     root: str, label_from: str = "folder", train_dir: str = "train",
     val_dir: str | None = None, test_dir: str | None = None, test_fraction: float = 0.2,
     image_size: int = 64,
     mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225), workers: int = 2,
+    unlabeled: str | None = None,
 ) -> FolderData:
     """Images under ``root``; see the module docstring and configs/dataset/imagefolder.yaml."""
     from torchvision import transforms as tf
@@ -144,15 +169,18 @@ def imagefolder(
              for name, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
     labels = [y for split in found.values() if split for y in split[1]]
     return FolderData(found["train"], found["val"], found["test"], max(labels) + 1,
-                      test_fraction, tf.Normalize(list(mean), list(std)), image_size, workers)
+                      test_fraction, tf.Normalize(list(mean), list(std)), image_size, workers,
+                      list_unlabeled(base / unlabeled) if unlabeled else None)
 
 
 def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
-    """Train / val / test FolderSplits; missing splits carved with ``split_cfg.seed``.
-    As for in-memory data, ``split.max_train`` subsamples the training files before the
-    validation split is carved, ``split.max_test`` the test files, and
+    """Train / val / test / transfer FolderSplits; missing splits carved with
+    ``split_cfg.seed``. As for in-memory data, ``split.max_train`` subsamples the
+    training files before the test and validation splits are carved, ``split.max_test``
+    the test files, ``split.labeled`` keeps that many (or that share) of the rest
+    labelled, stratified by class, and the validation split is carved from those;
     ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``. Training
-    images are augmented as ``dataset.augment`` says (kdrun/augment.py)."""
+    images (the transfer set's too) are augmented as ``dataset.augment`` says."""
     from torchvision import transforms as tf
 
     files, labels = _subsample(folder.train, split_cfg.max_train, split_cfg.seed)
@@ -164,12 +192,18 @@ def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
         cut = round(len(files) * folder.test_fraction)
         test = take(order[:cut].tolist())
     test = _subsample(test, split_cfg.max_test, split_cfg.seed)
+    pool, unlabeled = order[cut:], []
+    budget = split_labeled(torch.tensor(labels)[pool], split_cfg.get("labeled"),
+                           split_cfg.seed, folder.num_classes) if len(pool) else None
+    if budget is not None:
+        pool, unlabeled = pool[budget[0]], take(sorted(pool[budget[1]].tolist()))[0]
     val = folder.val
     if val is None:
-        n_val = round(len(files) * split_cfg.val_fraction)
-        val = take(order[cut:cut + n_val].tolist())
-        cut += n_val
-    train = take(sorted(order[cut:].tolist()))
+        n_val = round((len(files) if budget is None else len(pool)) * split_cfg.val_fraction)
+        val = take(pool[:n_val].tolist())
+        pool = pool[n_val:]
+    train = take(sorted(pool.tolist()))
+    unlabeled += folder.unlabeled or []
     resize = tf.Resize((folder.image_size, folder.image_size))
     finish = [tf.ToTensor(), *([folder.normalize] if split_cfg.standardize else [])]
 
@@ -177,8 +211,9 @@ def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
         return FolderSplit(*pair, tf.Compose([resize, *augment, *finish]), folder.image_size,
                            folder.workers)
 
-    return (make(train, folder_transforms(augment_cfg, folder.image_size)), make(val, []),
-            make(test, []))
+    augment = folder_transforms(augment_cfg, folder.image_size)
+    return (make(train, augment), make(val, []), make(test, []),
+            make((unlabeled, [UNLABELED] * len(unlabeled)), augment))
 
 
 def _subsample(pair, limit, seed):

@@ -277,4 +277,4 @@ def describe(model_cfg) -> str:
         return f"cnn[{join(model_cfg.get('channels'))}]" + (f"+fc[{join(dense)}]" if dense else "")
     widths = model_cfg.get("hidden", model_cfg.get("channels"))
     return f"{model_cfg.arch}[{join(widths)}]"
-from kdrun import cifar_resnets  # noqa: E402, F401  (registers the CIFAR ResNets)
+from kdrun import cifar_mobile, cifar_resnets, cifar_vgg  # noqa: E402, F401  (the CIFAR zoo)

@@ -52,6 +52,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
     check_feature_layers(cfg, data)
+    check_transfer_set(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
     rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
@@ -114,6 +115,22 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
     log.info("%s: this run already finished, nothing to do", run_dir.root)
     summary = pd.read_csv(run_dir.summary_csv)
     return _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
+
+
+def check_transfer_set(cfg: DictConfig, data: Data) -> None:
+    """Before anything trains: the "scratch, all labels" reference needs the transfer
+    set's true labels. (Deep mutual learning has no teacher to label a transfer set: its
+    cohort learns from the labelled examples only, as its rows' train_unlabeled says.)"""
+    if data.transfer is not None and cfg.scheme.name == "dml":
+        log.warning("scheme=dml: no teacher labels the %d unlabelled examples; the cohort "
+                    "trains on the labelled ones only", data.unlabeled_count)
+    if cfg.get("all_labels_reference") and cfg.scheme.name not in ("offline", "ensemble"):
+        raise ConfigError("all_labels_reference", True, f"a reference row of scheme=offline "
+                          f"and scheme=ensemble, not of scheme={cfg.scheme.name}")
+    if cfg.get("all_labels_reference") and data.all_labels_train() is None:
+        raise ConfigError("all_labels_reference", True, "needs a transfer set whose labels "
+                          "exist (split.labeled, or dataset.unlabeled of generated data); "
+                          "set it to false")
 
 
 def check_feature_layers(cfg: DictConfig, data: Data) -> None:

@@ -152,7 +152,11 @@ def seed_stream(name: str, seed: int) -> int:
 
 
 def _dataset(cfg: DictConfig) -> dict:
-    return {k: v for k, v in _plain(cfg.dataset).items() if k not in DATA_LOCATION}
+    """The data set's settings, less where it lives, and less ``unlabeled``: the extra
+    unlabelled examples change only the stages that train on them, whose keys hold the
+    transfer set's content hash instead (kdrun/stages.py)."""
+    return {k: v for k, v in _plain(cfg.dataset).items()
+            if k not in DATA_LOCATION and k != "unlabeled"}
 
 
 def _plain(node):

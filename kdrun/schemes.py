@@ -51,6 +51,8 @@ def _students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | None,
         distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
                                    teacher_key)
         rows.append(distilled.row.with_columns(**extra))
+        if cfg.get("all_labels_reference"):  # checked beforehand: the labels exist
+            rows.append(stages.all_labels_student(seed).row)
     return rows
 
 

@@ -5,6 +5,8 @@ which stages a run has; this module only runs them."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 
 import torch
@@ -12,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
-from kdrun.data import Data, fingerprint
+from kdrun.data import Data, fingerprint, transfer_fingerprint
 from kdrun.features import feature_shape
 from kdrun.given_teacher import WEIGHTS, evaluate_given_teacher
+from kdrun.labels import UNLABELED
 from kdrun.losses import CE
 from kdrun.measure import model_figures
 from kdrun.models import build_model, describe
@@ -55,6 +58,10 @@ class Stages:
                         if data.train.in_memory else None)
         self.numerics = numerics(self.tcfg, device)
         self.data_digest = fingerprint(data)
+        # a student taught by a teacher also trains on the transfer set, if there is one
+        self.transfer_digest = transfer_fingerprint(data)
+        self.taught_data = data if data.transfer is None else dataclasses.replace(
+            data, train=data.distill_train(), transfer=None, transfer_labels=None, digest=None)
         self.student_seeds = student_seeds(cfg)
         self.row_context = RowContext(
             seed=cfg.seed, eval_split=data.eval_split,
@@ -96,13 +103,31 @@ class Stages:
         model_cfg = model_cfg if model_cfg is not None else self.cfg.student
         if loss_cfg is None:
             loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
+        data = self.data
         if role != "scratch":  # a distilled student depends on its loss and its teacher
             taught = teacher is not None
             extra = {"loss": loss_cfg, "teacher": teacher_key if taught else None,
                      "distill_from": self.tcfg.distill_from if taught else None,
                      "teacher_targets": type(teacher).__name__ if taught else None}
+            if taught and self.transfer_digest:  # and on the transfer set it also learns from
+                extra["transfer"], data = self.transfer_digest, self.taught_data
         return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
-                           rng=seed if rng is None else rng)
+                           rng=seed if rng is None else rng, data=data)
+
+    def all_labels_student(self, seed: int) -> StageResult | None:
+        """The reference "scratch, all labels": the student trained from scratch on the
+        labelled examples *and* the transfer set with its true labels, which no other
+        stage reads; None when the transfer set's labels are unknown."""
+        train = self.data.all_labels_train()
+        if train is None:
+            return None
+        data = dataclasses.replace(self.data, train=train, transfer=None,
+                                   transfer_labels=None, digest=None)
+        labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
+        extra = {"transfer": self.transfer_digest, "transfer_labels": labels}
+        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        return self._stage("all_labels", self.cfg.student, CE, seed, epochs, extra, rng=seed,
+                           data=data)
 
     def load_student(self, result: StageResult) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
@@ -119,13 +144,16 @@ class Stages:
                            loss.teacher_layer if features else None)
 
     def teacher_logits(self, teacher: StageResult) -> torch.Tensor:
-        return training_logits(teacher.model, teacher.entry, self.data, self.tcfg, self.device)
+        """The teacher's logits on every example a taught student trains on."""
+        return training_logits(teacher.model, teacher.entry, self.taught_data, self.tcfg,
+                               self.device, self.transfer_digest)
 
     # ------------------------------------------------------------ one stage
 
     def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *,
-               rng) -> StageResult:
-        """``seed`` names the stage in the files; ``rng`` seeds its training."""
+               rng, data: Data | None = None) -> StageResult:
+        """``seed`` names the stage in the files; ``rng`` seeds its training; ``data`` is
+        what it trains on (the run's labelled data unless given)."""
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
         checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
         with entry.lock():
@@ -134,7 +162,8 @@ class Stages:
                 self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng)
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
+                            data or self.data)
             copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
             summary = entry.summary()
         row = SummaryRow.from_stage(summary, seed=seed, reused=reused, cache_key=entry.key,
@@ -147,7 +176,8 @@ class Stages:
             self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
             numerics=self.numerics, data_digest=self.data_digest, extra=extra))
 
-    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng):
+    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
+               data: Data):
         resume = entry.start()
         if resume is not None:
             self.metrics.append(entry.read_rows(), seed, reused=True)
@@ -166,11 +196,11 @@ class Stages:
         loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
         if loss.reads_features:
             loss.prepare(*feature_shapes(loss, model, teacher.model, self.data.input_shape))
-        result = fit(model, self.data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
+        result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress)
         finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
-                     model_cfg=model_cfg, data=self.data, cfg=self.cfg,
+                     model_cfg=model_cfg, data=data, cfg=self.cfg,
                      context=self.row_context, trained_in="alone")
         self.events.write("trained", role, seed, entry.key)
 
@@ -181,11 +211,14 @@ class Stages:
         return model.to(self.device)
 
 
-def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device) -> torch.Tensor:
-    """The teacher's logits on every training example, computed once in eval mode
-    without gradients, stored (sealed) with the teacher, and reused by every
-    distillation epoch and every job that distills from this teacher."""
-    path = entry.dir / f"logits-{tcfg.distill_from}.pt"
+def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device,
+                    transfer_digest: str | None = None) -> torch.Tensor:
+    """The teacher's logits on every training example (``data.train``: with a transfer
+    set, the labelled examples then the transfer set whose hash is ``transfer_digest``),
+    computed once in eval mode without gradients, stored (sealed) with the teacher, and
+    reused by every distillation epoch and every job that distills from this teacher."""
+    transfer = f"-transfer-{transfer_digest}" if transfer_digest else ""
+    path = entry.dir / f"logits-{tcfg.distill_from}{transfer}.pt"
     with entry.lock():
         logits = load_sealed(path)
         if logits is not None:
@@ -209,9 +242,17 @@ def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int
     entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
                  summary={"role": role, "arch": describe(model_cfg),
                           **model_figures(getattr(model, "deployed", model)),
-                          **_result_columns(result), "eval_split": context.eval_split,
-                          "selected_by": context.selected_by, **context.provenance,
-                          "trained_in": trained_in})
+                          **_result_columns(result), **examples_seen(data),
+                          "eval_split": context.eval_split, "selected_by": context.selected_by,
+                          **context.provenance, "trained_in": trained_in})
+
+
+def examples_seen(data: Data) -> dict:
+    """How many labelled and unlabelled training examples a stage trained on, and how
+    many validation examples selected its epoch."""
+    unlabeled = int((data.train.y == UNLABELED).sum())
+    return {"train_labeled": len(data.train) - unlabeled, "train_unlabeled": unlabeled,
+            "val_examples": len(data.val) if data.eval_split != "train" else 0}
 
 
 def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:

@@ -35,6 +35,8 @@ log = logging.getLogger("kdrun")
 # Summary columns that must match for jobs to be pooled, swept or not.
 CONDITION_KEYS = ("device", "precision", "torch", "data_sha256")
 HEATMAP_AXES = ("loss.T", "loss.alpha")  # swept keys that are the heatmap's own axes
+# swept keys that set how much data has labels: the report plots the gain against them
+BUDGET_AXES = ("split.labeled", "dataset.unlabeled")
 
 
 class NoFinishedJobs(FileNotFoundError):
@@ -143,8 +145,18 @@ def _setting_row(group: pd.DataFrame) -> dict:
         "interval_over": (f"{len(means)} teachers' mean gains" if nested
                           else f"{len(group)} student seeds, 1 teacher"),
         "soft_target_entropy": group.soft_target_entropy.mean(), "verdict": test.verdict,
-        "jobs": sorted(set(group.job)),
+        "jobs": sorted(set(group.job)), **_examples(group),
     }
+
+
+def _examples(group: pd.DataFrame) -> dict:
+    """How many labelled (train + val) and unlabelled examples the setting's distilled
+    students had, when the summaries say."""
+    if "train_unlabeled" not in group or group.train_unlabeled.isna().all():
+        return {}
+    row = group.iloc[0]
+    return {"labelled": int(row.train_labeled + row.val_examples),
+            "unlabelled": int(row.train_unlabeled)}
 
 
 def _std(values) -> float:
@@ -161,6 +173,7 @@ def write_report(sweep_dir: Path) -> Path:
     table = gains_by_setting(summary, jobs.swept)
     best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
     figures = [plot_gain_heatmaps(table, jobs.swept, sweep_dir / "gain_heatmap.png"),
+               plot_gain_against_budget(table, jobs.swept, sweep_dir / "gain_vs_labels.png"),
                plot_curves(collect(jobs, "metrics.csv"), best, sweep_dir / "curves.png")]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common,
@@ -180,7 +193,10 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     shown["p"] = [format_p(p) if not math.isnan(p) else "-" for p in table.p]
     shown["distilled test acc"] = [f"{m:.2f} ± {s:.2f}" for m, s in
                                    zip(table.test_acc, table.test_std)]
-    columns = keys + ["teachers", "students", "teacher_acc", "val_acc", "distilled test acc",
+    counts = ["labelled", "unlabelled"] if "unlabelled" in table and \
+        (table.unlabelled > 0).any() else []
+    columns = keys + counts + ["teachers", "students", "teacher_acc", "val_acc",
+                               "distilled test acc",
                       "gain", "within_teacher_std", "95% CI", "p", "interval_over", "verdict"]
     lines = [
         "# kdrun sweep report", "",
@@ -266,6 +282,36 @@ def plot_gain_heatmaps(table: pd.DataFrame, swept: list[str], path: Path) -> Pat
     fig.colorbar(image, ax=list(axes[0]))
     fig.suptitle("distillation gain, test acc points (ns: not significant)", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_gain_against_budget(table: pd.DataFrame, swept: list[str], path: Path) -> Path | None:
+    """The gain with its 95% interval against each swept label-budget key (split.labeled,
+    dataset.unlabeled), one line per combination of the other swept keys."""
+    axes_keys = [k for k in BUDGET_AXES if k in swept]
+    if not axes_keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(axes_keys), squeeze=False, figsize=(5 * len(axes_keys), 3.6))
+    for ax, key in zip(axes[0], axes_keys):
+        others = [k for k in swept if k != key]
+        lines = table.groupby(others, dropna=False, sort=True) if others else [((), table)]
+        for name, line in lines:
+            line = line.assign(x=pd.to_numeric(line[key], errors="coerce")).sort_values("x")
+            name = name if isinstance(name, tuple) else (name,)
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, name)) or None
+            errors = [line.gain - line.gain_ci_low, line.gain_ci_high - line.gain]
+            ax.errorbar(line.x, line.gain, yerr=errors, marker="o", capsize=3, label=label)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xlabel(key)
+        ax.set_ylabel("gain, test acc points (95% CI)")
+        if others:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("distillation gain against the label budget", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

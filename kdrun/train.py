@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
 from kdrun.features import FeatureTap
+from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
 
@@ -154,23 +155,27 @@ class EpochMeter:
         self.losses = torch.zeros(steps, device=device)
         self.sizes = [0] * steps  # examples per step; 0 for a skipped step
         self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.labeled = torch.zeros((), dtype=torch.long, device=device)
 
     def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
         """Record training step ``step`` (counted from 1)."""
         self.losses[step - 1] = loss.detach()
         self.sizes[step - 1] = len(labels)
-        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.correct += (logits.detach().argmax(1) == labels).sum()  # never UNLABELED
+        self.labeled += (labels != UNLABELED).sum()
 
     def result(self) -> tuple[float, float, int]:
-        """(mean loss per example, accuracy in percent, first step whose loss was NaN or
-        infinite; 0 when none was)."""
+        """(mean loss per example, accuracy in percent on the labelled examples, first
+        step whose loss was NaN or infinite; 0 when none was)."""
         total = sum(self.sizes)
         if total == 0:
             return math.nan, 0.0, 0
         sizes = torch.tensor(self.sizes, dtype=self.losses.dtype, device=self.losses.device)
         bad = (~torch.isfinite(self.losses)).nonzero()
         loss = (self.losses * sizes).sum().item() / total
-        return loss, self.correct.item() / total * 100, int(bad[0]) + 1 if len(bad) else 0
+        labeled = self.labeled.item()
+        acc = self.correct.item() / labeled * 100 if labeled else math.nan
+        return loss, acc, int(bad[0]) + 1 if len(bad) else 0
 
 
 def configure_device(tcfg, device: torch.device):

@@ -15,7 +15,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models, schemes
 from kdrun.augment import AUGMENT_RULES
-from kdrun.checks import Check, boolean, device, increasing_epochs, number, one_of
+from kdrun.checks import (
+    Check,
+    boolean,
+    device,
+    increasing_epochs,
+    label_budget,
+    number,
+    one_of,
+)
 from kdrun.errors import ConfigError
 
 RULES: dict[str, Check] = {
@@ -34,6 +42,8 @@ RULES: dict[str, Check] = {
     "split.seed": number(integer=True),
     "split.max_train": number(1, integer=True, optional=True),
     "split.max_test": number(1, integer=True, optional=True),
+    "split.labeled": label_budget,
+    "all_labels_reference": boolean,
     "split.standardize": boolean,
     **{f"dataset.augment.{key}": check for key, check in AUGMENT_RULES.items()},
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (

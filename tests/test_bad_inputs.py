@@ -142,6 +142,17 @@ CASES = [
      ["loss.gamma", "not a setting of loss kd", "T, alpha, t2_scale"]),
     ("loss class that does not exist", args("loss.name=mypackage.NoSuchLoss"),
      ["loss.name", "cannot import"]),
+    # label budgets and transfer sets
+    ("label budget negative", args(*SYNTHETIC, "split.labeled=-5"),
+     ["split.labeled=-5", "integer >= 1", "between 0 and 1"]),
+    ("label budget over the data", args(*SYNTHETIC, "split.labeled=100000"),
+     ["split.labeled=100000", "more than the 160 training examples"]),
+    ("label budget under the classes", args(*SYNTHETIC, "split.labeled=3"),
+     ["split.labeled=3", "fewer than the 5 classes"]),
+    ("unlabelled count negative", args(*SYNTHETIC, "dataset.unlabeled=-1"),
+     ["dataset.unlabeled=-1", ">= 0"]),
+    ("reference without a transfer set", args(*SYNTHETIC, "all_labels_reference=true"),
+     ["all_labels_reference=True", "needs a transfer set"]),
     # the machine and the output folder
     ("CUDA absent", args("device=cuda"), ["device='cuda'", "CUDA is not available", "cpu or auto"]),
     ("output_root not writable", unwritable_output, ["output_root=", "not a writable folder"]),

@@ -284,3 +284,5 @@ def test_every_scheme_runs_end_to_end_on_the_default_data(tmp_path, scheme):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert cfg.dataset.name == "mnist1d" and rows[-1]["role"] == "distilled"
     assert all(np.isfinite(r["test_acc_last"]) for r in rows)
+    # the default transfer set: a teacher labels it, so a cohort without one trains without it
+    assert rows[-1]["train_unlabeled"] == (0 if scheme == "dml" else 6000)

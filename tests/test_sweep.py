@@ -212,6 +212,10 @@ def stage_keys(tmp_path, *overrides):
     ("seed=1", False, False),
     ("trainer.lr=0.001", False, False),
     ("trainer.student_epochs=7", True, True),  # resolved epochs are passed separately
+    # extra unlabelled data changes only the distilled student (its key holds the transfer
+    # set's hash); a label budget changes what every stage learns from
+    ("dataset.unlabeled=100", True, True),
+    ("split.labeled=100", False, False),
 ])
 def test_cache_keys_depend_on_exactly_what_decides_the_stage(tmp_path, override, teacher_same,
                                                              scratch_same):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.checks import PROBABILITY, Check, number
+from kdrun.labels import UNLABELED
 from kdrun.registry import Registry
 
 
@@ -60,12 +61,27 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / len(student_logits)
 
 
+def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the labels, averaged over the batch's *labelled* examples
+    (transfer-set examples carry UNLABELED, which F.cross_entropy ignores): the term
+    keeps its scale whatever share of a batch has labels, and is 0 for a batch with
+    none. On fully labelled batches it is exactly F.cross_entropy."""
+    ce = F.cross_entropy(student_logits, labels)  # ignore_index=UNLABELED
+    return torch.where((labels != UNLABELED).any(), ce, torch.zeros_like(ce))
+
+
+def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The label, or the teacher's top class where there is none: for losses whose
+    teacher term itself splits on the true class (DKD)."""
+    return torch.where(labels == UNLABELED, teacher_logits.argmax(1), labels)
+
+
 def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
             t2_scale: bool = True, soft_view=None) -> torch.Tensor:
     """Hinton et al. 2015: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s);
     with alpha = 0, CE alone (the teacher is not read). ``soft_view``, when given,
     transforms both sides' logits for the soft term only (e.g. a per-sample z-score)."""
-    hard = F.cross_entropy(student_logits, labels)
+    hard = hard_ce(student_logits, labels)
     if isinstance(alpha, (int, float)) and alpha == 0:  # (a tensor alpha: students batched)
         return hard
     if soft_view is not None:

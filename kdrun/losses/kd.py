@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import boolean
-from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss
+from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, hard_ce, kd_loss
 
 
 @torch.no_grad()
@@ -52,4 +52,4 @@ class CE(DistillationLoss):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        return F.cross_entropy(student_logits, labels)
+        return hard_ce(student_logits, labels)

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import PROBABILITY, number
-from kdrun.losses.base import LOSSES, TEMPERATURE, WEIGHT, DistillationLoss
+from kdrun.losses.base import (
+    LOSSES,
+    TEMPERATURE,
+    WEIGHT,
+    DistillationLoss,
+    hard_ce,
+    target_classes,
+)
 
 
 @LOSSES.register("mse_logits")
@@ -25,7 +32,7 @@ class MSELogits(DistillationLoss):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        hard = F.cross_entropy(student_logits, labels)
+        hard = hard_ce(student_logits, labels)
         return (1 - self.beta) * hard + self.beta * F.mse_loss(student_logits,
                                                                teacher_logits.detach())
 
@@ -37,7 +44,8 @@ def dkd_parts(student_logits, teacher_logits, labels, T: float):
     student. NCKD: KL between their distributions over the non-target classes only.
     Hinton's soft KL per sample equals TCKD + (1 - p_t[target]) * NCKD (the paper's eq. 7).
     """
-    target = F.one_hot(labels, student_logits.shape[1]).bool()
+    # an unlabelled (transfer-set) example splits on the teacher's top class instead
+    target = F.one_hot(target_classes(labels, teacher_logits), student_logits.shape[1]).bool()
 
     def pieces(logits):
         logits = logits / T
@@ -84,7 +92,7 @@ class DKD(DistillationLoss):
                 teacher_feature=None):
         tckd, nckd, _ = dkd_parts(student_logits, teacher_logits, labels, self.T)
         term = self.dkd_alpha * tckd.mean() + self.dkd_beta * nckd.mean()
-        return F.cross_entropy(student_logits, labels) + self.ramp * self.T**2 * term
+        return hard_ce(student_logits, labels) + self.ramp * self.T**2 * term
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -117,4 +125,4 @@ class DIST(DistillationLoss):
         inter = 1 - pearson_rows(p_s, p_t).mean()
         intra = 1 - pearson_rows(p_s.T, p_t.T).mean()
         term = self.beta * inter + self.gamma * intra
-        return F.cross_entropy(student_logits, labels) + self.T**2 * term
+        return hard_ce(student_logits, labels) + self.T**2 * term
