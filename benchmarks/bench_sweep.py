@@ -3,7 +3,7 @@ launcher, back to back in one invocation, each from a cold stage cache.
 
 The grid is the README's: loss.T=1,2,4,8 x loss.alpha=0.1,0.5,0.9 x seed=0,1 with
 repeats=1 (24 jobs: 2 teachers, 2 scratch students, 24 distilled students) on the
-default data. Each sweep is one `kdrun -m` process, timed whole: interpreter start,
+default labelled data (dataset.unlabeled=0: no transfer set). Each sweep is one `kdrun -m` process, timed whole: interpreter start,
 teachers, students, every job's files and the sweep report. Prints per launcher the
 wall time, the students trained per second of it and the peak resident memory, then
 the ratio basic / batched; with --runs N, N rounds of both and the medians. Last, the
@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-GRID = ["loss.T=1,2,4,8", "loss.alpha=0.1,0.5,0.9", "seed=0,1", "repeats=1"]
+# the grid of issue 13 on the default labelled data, without the default's transfer set
+GRID = ["loss.T=1,2,4,8", "loss.alpha=0.1,0.5,0.9", "seed=0,1", "repeats=1",
+        "dataset.unlabeled=0"]
 STUDENTS = 2 + 24  # scratch (one per seed) + distilled (one per job)
 # Runs one sweep as a child process and prints its wall time and the child's peak RSS.
 TIMED_CHILD = """

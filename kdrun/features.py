@@ -3,7 +3,8 @@ never changes for a feature- or relation-based loss.
 
 A layer is named as in ``model.named_modules()`` (``conv1``, ``fc0``, ...);
 ``penultimate`` means the input of the class head, the model's last linear layer
-(the embedding the head sees).
+(the embedding the head sees). A list of names taps each (a loss that reads several
+stages, e.g. ReviewKD), and gives a list of features in that order.
 """
 
 from __future__ import annotations
@@ -16,34 +17,55 @@ from kdrun.models import eval_mode
 
 
 class FeatureTap:
-    """Keeps the latest output (or, for ``penultimate``, the head's input) of one layer."""
+    """Keeps the latest output (or, for ``penultimate``, the head's input) of one layer,
+    or of each layer of a list."""
 
-    def __init__(self, model: nn.Module, layer: str, key: str = "layer"):
-        self.value: torch.Tensor | None = None
+    def __init__(self, model: nn.Module, layer: str | list[str], key: str = "layer"):
+        self.single = isinstance(layer, str)
+        self.layers = [layer] if self.single else [str(name) for name in layer]
+        self._values: list[torch.Tensor | None] = [None] * len(self.layers)
         names = dict(model.named_modules())
-        if layer == "penultimate":
-            head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-            self._handle = head.register_forward_pre_hook(self._keep_input)
-        elif layer in names and layer:
-            self._handle = names[layer].register_forward_hook(self._keep_output)
-        else:
-            valid = ", ".join(["penultimate"] + [n for n in names if n])
-            raise ConfigError(key, layer, f"not a layer of this model; valid: {valid}")
+        self._handles = []
+        for i, name in enumerate(self.layers):
+            if name == "penultimate":
+                head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+                hook = head.register_forward_pre_hook(self._keeper(i, "input"))
+            elif name in names and name:
+                hook = names[name].register_forward_hook(self._keeper(i, "output"))
+            else:
+                valid = ", ".join(["penultimate"] + [n for n in names if n])
+                raise ConfigError(key, name, f"not a layer of this model; valid: {valid}")
+            self._handles.append(hook)
 
-    def _keep_input(self, module, inputs):
-        self.value = inputs[0]
+    def _keeper(self, i: int, which: str):
+        def keep_input(module, inputs):
+            self._values[i] = inputs[0]
 
-    def _keep_output(self, module, inputs, output):
-        self.value = output
+        def keep_output(module, inputs, output):
+            self._values[i] = output
+
+        return keep_input if which == "input" else keep_output
+
+    @property
+    def value(self):
+        """The latest feature, or the list of them for a list of layers."""
+        return self._values[0] if self.single else list(self._values)
+
+    def read_float(self):
+        """``value`` in float32 (under autocast a feature may be bf16)."""
+        return self._values[0].float() if self.single else [v.float() for v in self._values]
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
-def feature_shape(model: nn.Module, layer: str, input_shape, key: str) -> tuple[int, ...]:
-    """The shape (without batch) of ``layer``'s feature for one input of ``input_shape``."""
+def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: str):
+    """The shape (without batch) of ``layer``'s feature for one input of ``input_shape``;
+    a list of shapes for a list of layers."""
     tap = FeatureTap(model, layer, key)
     with eval_mode(model):
         model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     tap.remove()
-    return tuple(tap.value.shape[1:])
+    shapes = [tuple(v.shape[1:]) for v in tap._values]
+    return shapes[0] if tap.single else shapes

@@ -164,20 +164,27 @@ def _std(values) -> float:
     return statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-def write_report(sweep_dir: Path) -> Path:
-    """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``."""
+def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
+    """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``; with
+    ``published`` (a CSV like benchmarks/published.csv), report.md ends with the sweep's
+    results beside those figures (kdrun/published.py)."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     summary = collect(jobs, "summary.csv")
+    metrics = collect(jobs, "metrics.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
     table = gains_by_setting(summary, jobs.swept)
     best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
     figures = [plot_gain_heatmaps(table, jobs.swept, sweep_dir / "gain_heatmap.png"),
                plot_gain_against_budget(table, jobs.swept, sweep_dir / "gain_vs_labels.png"),
-               plot_curves(collect(jobs, "metrics.csv"), best, sweep_dir / "curves.png")]
+               plot_curves(metrics, best, sweep_dir / "curves.png")]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common,
                      [f.name for f in figures if f is not None])
+    if published is not None:
+        from kdrun.published import published_section
+
+        text += "\n" + "\n".join(published_section(summary, metrics, Path(published)))
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md"
 
@@ -379,12 +386,18 @@ class SweepReport(Callback):
 
 def main(argv: list[str] | None = None) -> int:
     """kdrun-report SWEEP_DIR: (re)write the report of a sweep, finished or not."""
+    from kdrun.errors import UserError
+    from kdrun.published import PUBLISHED_CSV
+
     parser = argparse.ArgumentParser(prog="kdrun-report", description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--published", type=Path, nargs="?", const=PUBLISHED_CSV,
+                        help="also put the results beside published ones (default: "
+                             "kdrun's benchmarks/published.csv, the CIFAR-100 benchmark)")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.sweep_dir)
-    except NoFinishedJobs as e:
+        report = write_report(args.sweep_dir, args.published)
+    except (NoFinishedJobs, UserError) as e:
         print(f"kdrun-report: error: {e}", file=sys.stderr)
         return 2
     print(report.read_text())

@@ -140,7 +140,7 @@ class LiveTeacher:
     def __call__(self, idx: torch.Tensor, x: torch.Tensor):
         with self.autocast():
             logits = self.model(x).float()
-        return logits, (self.tap.value.float() if self.tap else None)
+        return logits, (self.tap.read_float() if self.tap else None)
 
 
 TeacherTargets = CachedLogits | LiveTeacher
@@ -239,6 +239,8 @@ def fit(
         del splits["val"]
     forward = prepare_model(model, tcfg, device)
     loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
+    if loss_fn.reads_indices:
+        loss_fn.set_examples(len(train))
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
         if loss_fn.reads_features else None
     optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
@@ -271,9 +273,11 @@ def fit(
             if augment is not None:
                 xb = augment(xb, augment_rng)
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
+            if loss_fn.reads_indices:
+                loss_fn.set_batch(idx)
             with autocast():
                 logits = forward(xb)
-            s_feature = student_tap.value.float() if student_tap else None
+            s_feature = student_tap.read_float() if student_tap else None
             loss = loss_fn(logits.float(), t_logits, yb, s_feature, t_feature)
             if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
                 skipped += 1

@@ -1,6 +1,7 @@
 """hydra/launcher=batched: students trained as one stacked model end where each would
 end trained alone, and a batched sweep writes what a sequential one writes."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from kdrun import pipeline
 from kdrun.batched import Member, StackedLosses, train_group
 from kdrun.data import load_data
+from kdrun.labels import UNLABELED
 from kdrun.losses import CE, DIST, DKD, KD
 from kdrun.losses.standardized import LogitStandardKD
 from kdrun.models import build_model
@@ -76,10 +78,46 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
         assert [r["split"] for r in rows[id(member)]] == ["train", "val", "test"] * 2
 
 
-def test_stacked_losses_equal_each_loss_called_alone():
+def test_a_stacked_group_with_a_transfer_set_ends_where_each_member_alone_ends():
+    cfg = make_config("split.max_train=600", "split.labeled=200", "dataset.unlabeled=300")
+    data = load_data(cfg.dataset, cfg.split)
+    taught = dataclasses.replace(data, train=data.distill_train(), transfer=None, digest=None)
+    assert (taught.train.y == UNLABELED).sum() == 700
+    torch.manual_seed(7)
+    teacher_logits = torch.randn(len(taught.train), data.num_classes) * 3
+    members = [m for m in grid_members(cfg, taught, teacher_logits) if m.role == "distilled"]
+    rows = {}
+    batched = train_group(members, taught, cfg.trainer, 2, torch.device("cpu"),
+                          lambda m, r: rows.setdefault(id(m), []).extend(r),
+                          lambda m, message: pytest.fail(message))
+    for member, (_, result) in zip(members, batched):
+        expected = alone(member, taught, cfg.trainer, 2)
+        for key, value in expected.best_state.items():  # measured: at most 2.1e-5 (Adam
+            # magnifies summation-order noise where a gradient is near zero)
+            assert torch.allclose(result.best_state[key], value, rtol=0, atol=1e-4)
+    # training accuracy over the 180 labelled training examples only, as fit() counts it:
+    # a multiple of 100/180, and the same as the member's alone
+    member, alone_rows = members[0], []
+    torch.manual_seed(member.rng)
+    model = build_model(member.model_cfg, data.input_shape, data.num_classes)
+    fit(model, taught, KD(T=member.loss.T, alpha=member.loss.alpha), cfg.trainer,
+        stage="distilled", epochs=2, seed=member.rng, device=torch.device("cpu"),
+        teacher=CachedLogits(teacher_logits), progress=False,
+        on_epoch=lambda r, snapshot: alone_rows.extend(r))
+    ours = [r["acc"] for r in rows[id(member)] if r["split"] == "train"]
+    theirs = [r["acc"] for r in alone_rows if r["split"] == "train"]
+    assert ours == pytest.approx(theirs, abs=1.2)  # a prediction or two may flip
+    assert all(abs(a * 180 / 100 - round(a * 180 / 100)) < 1e-6 for a in ours)
+
+
+@pytest.mark.parametrize("transfer", [False, True])
+def test_stacked_losses_equal_each_loss_called_alone(transfer):
     torch.manual_seed(0)
     logits, teacher = torch.randn(6, 8, 5), torch.randn(6, 8, 5)
     labels = torch.randint(0, 5, (6, 8))
+    if transfer:  # transfer-set examples in the batches, one whole batch among them
+        labels[:, ::3] = UNLABELED
+        labels[2] = UNLABELED
     losses = [KD(T=2.0, alpha=0.5), KD(T=4.0, alpha=0.0), CE(), DKD(T=3.0, dkd_beta=2.0),
               DIST(T=2.0), LogitStandardKD(T=3.0)]
     stacked = StackedLosses(losses, torch.device("cpu"))

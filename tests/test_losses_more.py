@@ -59,6 +59,32 @@ def test_dkd_total_and_warmup():
     assert loss(S, T_, Y).item() == pytest.approx((ce + term).item(), rel=1e-5)
 
 
+def test_logit_std_switch_on_kd_and_dkd_by_numpy():
+    """loss.logit_std (Sun et al. 2024) on kd equals kd_ls; on dkd, the DKD terms of the
+    numpy-z-scored logits (mean 0, unbiased std 1 per row) plus CE on the raw ones."""
+    from kdrun.losses.standardized import LogitStandardKD
+
+    s, t = S.double(), T_.double()
+    kd = KD(T=3.0, alpha=0.6, logit_std=True)(s, t, Y).item()
+    assert kd == pytest.approx(LogitStandardKD(T=3.0, alpha=0.6)(s, t, Y).item(), rel=1e-12)
+    z = lambda a: (a - a.mean(1, keepdims=True)) / (1e-7 + a.std(1, ddof=1, keepdims=True))  # noqa: E731
+    zs, zt = (torch.from_numpy(z(a.numpy())) for a in (s, t))
+    T = 4.0
+    ps = np.exp(zs.numpy() / T) / np.exp(zs.numpy() / T).sum(1, keepdims=True)
+    pt = np.exp(zt.numpy() / T) / np.exp(zt.numpy() / T).sum(1, keepdims=True)
+    tckd, nckd = [], []
+    for i, g in enumerate(Y.tolist()):
+        bs, bt = np.array([ps[i, g], 1 - ps[i, g]]), np.array([pt[i, g], 1 - pt[i, g]])
+        qs, qt = np.delete(ps[i], g) / (1 - ps[i, g]), np.delete(pt[i], g) / (1 - pt[i, g])
+        tckd.append((bt * np.log(bt / bs)).sum())
+        nckd.append((qt * np.log(qt / qs)).sum())
+    expected = F.cross_entropy(s, Y).item() + T**2 * (np.mean(tckd) + 8 * np.mean(nckd))
+    assert DKD(T=T, logit_std=True)(s, t, Y).item() == pytest.approx(expected, rel=1e-9)
+    # invariant to the teacher's logit scale and shift, as standardisation promises
+    a = DKD(T=T, logit_std=True)
+    assert a(s, t * 7 + 2, Y).item() == pytest.approx(a(s, t, Y).item(), rel=1e-6)
+
+
 def test_dkd_gradient_is_finite_for_a_confident_teacher():
     s = S.clone().requires_grad_(True)
     DKD()(s, T_ * 50, Y).backward()  # near one-hot teacher: log(0)-style traps
@@ -154,19 +180,32 @@ def test_gradient_reaches_student_and_regressor_never_teacher(name):
     s_logits, t_logits = S.clone().requires_grad_(True), T_.clone().requires_grad_(True)
     s_feat = torch.randn(6, 3, 4, 4, requires_grad=True)
     t_feat = torch.randn(6, 5, 4, 4, requires_grad=True)
-    loss.prepare(tuple(s_feat.shape[1:]), tuple(t_feat.shape[1:]))
+    if isinstance(loss.student_layer, list):  # stages (ReviewKD): a map and a pooled feature
+        s_pooled, t_pooled = torch.randn(6, 7, requires_grad=True), torch.randn(6, 9)
+        loss.prepare([(3, 4, 4), (7,)], [(5, 4, 4), (9,)])
+        loss.abfs.train()
+        s_feat, t_feat, s_list, t_list = [s_feat, s_pooled], [t_feat, t_pooled], True, True
+    else:
+        s_list = t_list = False
+        loss.prepare(tuple(s_feat.shape[1:]), tuple(t_feat.shape[1:]))
+    if loss.reads_indices:  # e.g. CRD's memory bank, one entry per training example
+        loss.set_examples(6)
+        loss.set_batch(torch.arange(6))
     loss(s_logits, t_logits, Y, s_feat, t_feat).backward()
     assert s_logits.grad is not None and torch.isfinite(s_logits.grad).all()
-    assert t_logits.grad is None and t_feat.grad is None
+    t_feats, s_feats = (t_feat if t_list else [t_feat]), (s_feat if s_list else [s_feat])
+    assert t_logits.grad is None and all(t.grad is None for t in t_feats)
     if loss.reads_features:
-        assert s_feat.grad is not None and s_feat.grad.abs().sum() > 0
+        assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s_feats)
     for p in loss.parameters():  # e.g. FitNet's regressor
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", LOSSES.names())
+# ReviewKD fuses 2-D feature maps of image models: test_reviewkd_runs_on_tiny_cifar_files
+@pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - {"reviewkd"}))
 def test_every_loss_runs_end_to_end_on_the_default_data(tmp_path, name):
     students = ["student=cnn", "student.channels=[8,8,8]"] if name == "at" else []
+    students += ["loss.nce_k=64"] if name == "crd" else []  # the paper's 16 384: a GPU's
     cfg = make_config(f"loss={name}", *students, "repeats=1", "trainer.epochs=1",
                       "split.max_train=300", "progress=false", f"cache.dir={tmp_path}/c")
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
@@ -223,3 +262,115 @@ def test_logit_standardised_kd_by_numpy():
     assert ours == pytest.approx(expected, rel=1e-9)
     scaled = LogitStandardKD(T=T, alpha=1.0)
     assert scaled(S, T_ * 5 + 3, Y).item() == pytest.approx(scaled(S, T_, Y).item(), rel=1e-4)
+
+
+def test_crd_by_numpy(monkeypatch):
+    """CRD (Tian et al. 2020) on fixed memory banks and fixed draws: embeddings, scores
+    exp(<v, m> / t) normalised by Z = mean x n (fixed on the first batch), the NCE loss of
+    each side, and the momentum update of both banks, recomputed with numpy."""
+    from kdrun.losses.contrastive import CRD
+
+    torch.manual_seed(3)
+    loss = CRD(beta=0.8, feat_dim=3, nce_k=4, nce_t=0.5, momentum=0.5)
+    loss.prepare((6,), (5,))
+    n = 10
+    loss.set_examples(n)
+    idx, contrast = torch.tensor([3, 7]), torch.tensor([[3, 1, 2, 3, 9], [7, 0, 0, 5, 8]])
+    monkeypatch.setattr(loss, "contrast_indices", lambda indices, size: contrast)
+    fs, ft, z, y = torch.randn(2, 6), torch.randn(2, 5), torch.randn(2, 4), torch.tensor([1, 2])
+    bank_s, bank_t = loss.memory_student.numpy().copy(), loss.memory_teacher.numpy().copy()
+    w = {k: v.detach().numpy() for k, v in loss.named_parameters()}
+    loss.set_batch(idx)
+    ours = loss(z, torch.randn(2, 4), y, fs, ft).item()
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    def nce(bank, v):
+        scores = np.exp(np.einsum("bkd,bd->bk", bank[contrast.numpy()], v) / 0.5)
+        p = scores / (scores.mean() * n)
+        noise = 4 / n
+        pos = np.log(p[:, 0] / (p[:, 0] + noise + 1e-7))
+        neg = np.log(noise / (p[:, 1:] + noise + 1e-7))
+        return -(pos.sum() + neg.sum()) / 2, scores.mean() * n
+
+    v_s = unit(fs.numpy() @ w["embed_student.weight"].T + w["embed_student.bias"])
+    v_t = unit(ft.numpy() @ w["embed_teacher.weight"].T + w["embed_teacher.bias"])
+    (nce_s, z_s), (nce_t, _) = nce(bank_t, v_s), nce(bank_s, v_t)
+    expected = F.cross_entropy(z, y).item() + 0.8 * (nce_s + nce_t)
+    assert ours == pytest.approx(expected, rel=1e-5)
+    assert loss.memory_student[3].numpy() == pytest.approx(
+        unit(0.5 * bank_s[[3]] + 0.5 * v_s[[0]])[0], rel=1e-5)
+    assert loss.memory_teacher[7].numpy() == pytest.approx(
+        unit(0.5 * bank_t[[7]] + 0.5 * v_t[[1]])[0], rel=1e-5)
+    assert loss.memory_student[5].numpy() == pytest.approx(bank_s[5])  # not in the batch
+    # the normaliser is fixed by the first batch; a later batch keeps it
+    assert loss.z_student.item() == pytest.approx(z_s, rel=1e-5)
+    loss(z, None, y, fs * 2, ft)
+    assert loss.z_student.item() == pytest.approx(z_s, rel=1e-5)
+    assert {"memory_student", "memory_teacher", "z_student", "z_teacher"} <= set(
+        loss.state_dict())  # saved with a resumable state
+
+
+def test_hcl_by_numpy():
+    """ReviewKD's hierarchical context loss: per stage, (MSE + 1/2 MSE of 4x4-pooled + 1/4
+    MSE of 2x2-pooled + 1/8 MSE of 1x1-pooled) / (1 + 1/2 + 1/4 + 1/8) on an 8x8 map; a
+    4x4 map skips the 4x4 level; a 1x1 map is its MSE alone."""
+    from kdrun.losses.review import hcl_loss
+
+    torch.manual_seed(5)
+    pairs = [(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)),
+             (torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)),
+             (torch.randn(2, 5, 1, 1), torch.randn(2, 5, 1, 1))]
+
+    def pool(a, size):  # average over equal blocks
+        n, c, h, _ = a.shape
+        k = h // size
+        return a.reshape(n, c, size, k, size, k).mean(axis=(3, 5))
+
+    def mse(a, b):
+        return ((a - b) ** 2).mean()
+
+    expected = 0.0
+    for s, t in pairs:
+        s, t = s.numpy().astype(np.float64), t.numpy().astype(np.float64)
+        h = s.shape[2]
+        levels = [size for size in (4, 2, 1) if size < h]
+        weights = [0.5 ** (i + 1) for i in range(len(levels))]
+        total = mse(s, t) + sum(w * mse(pool(s, k), pool(t, k)) for w, k in zip(weights, levels))
+        expected += total / (1 + sum(weights))
+    ours = hcl_loss([p[0] for p in pairs], [p[1] for p in pairs]).item()
+    assert ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_reviewkd_fuses_deepest_first_and_matches_each_teacher_stage():
+    from kdrun.losses.review import ReviewKD
+
+    loss = ReviewKD(warmup=4)
+    s_shapes, t_shapes = [(8, 16, 16), (16, 8, 8), (32,)], [(16, 16, 16), (32, 8, 8), (64,)]
+    loss.prepare(s_shapes, t_shapes)
+    # deepest first: the pooled stage has no fusion; widths min(512, 32) = 32
+    assert [abf.att_conv is None for abf in loss.abfs] == [True, False, False]
+    assert [abf.conv2[0].out_channels for abf in loss.abfs] == [64, 32, 16]
+    assert loss.out_sizes == [1, 8, 16]
+    feats = [torch.randn(2, *s) for s in s_shapes]
+    targets = [torch.randn(2, *t) for t in t_shapes]
+    loss.start_epoch(1)
+    quarter = loss(S[:2], None, Y[:2], feats, targets)
+    loss.start_epoch(10)
+    full = loss(S[:2], None, Y[:2], feats, targets)
+    ce = F.cross_entropy(S[:2], Y[:2])
+    assert (quarter - ce).item() == pytest.approx(0.25 * (full - ce).item(), rel=1e-5)
+
+
+def test_reviewkd_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
+    from tests.helpers import write_cifar
+
+    write_cifar(tmp_path / "data", classes=10, n_per_batch=8)
+    cfg = make_config("dataset=cifar10", f"dataset.root={tmp_path}/data", "teacher=resnet14",
+                      "student=resnet8", "loss=reviewkd", "repeats=1", "trainer.epochs=2",
+                      "progress=false", "latency.repeats_b1=4", "latency.repeats_b256=4",
+                      "latency.warmup=0", f"cache.dir={tmp_path}/c")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+    assert all(math.isfinite(r["test_acc_last"]) for r in rows)

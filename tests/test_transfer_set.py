@@ -215,11 +215,25 @@ def test_a_sweep_over_the_label_budget_reports_one_setting_per_budget(tmp_path):
     kdrun(tmp_path, "-m", "split.labeled=100,0.5", "dataset.unlabeled=200", *FAST)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     report = (sweep / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| 100 ") or
-            line.startswith("| 0.5 ")]
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            for line in lines[2:] if line.split("|")[1].strip() in ("100", "0.5")]
     assert len(rows) == 2, report
-    header = next(line for line in report.splitlines() if line.startswith("| split.labeled"))
-    assert "| labelled | unlabelled |" in header
     # 400 training examples: 100 or 200 labelled, the rest and the 200 extra unlabelled
-    assert rows[0].startswith("| 0.5 | 200 | 400 |") and rows[1].startswith("| 100 | 100 | 500 |")
+    assert [(r["split.labeled"], r["labelled"], r["unlabelled"]) for r in rows] == [
+        ("0.5", "200", "400"), ("100", "100", "500")]
     assert (sweep / "gain_vs_labels.png").stat().st_size > 0
+
+
+def test_a_torchvision_set_takes_a_label_budget(tmp_path):
+    from tests.helpers import write_mnist
+
+    arrays = write_mnist(tmp_path, n_train=120, n_test=40)
+    dataset = make_config("dataset=mnist", f"dataset.root={tmp_path}").dataset
+    data = load_data(dataset, make_config("split.labeled=30", "split.val_fraction=0.2").split)
+    assert (len(data.train), len(data.val), len(data.transfer)) == (24, 6, 90)
+    # the hidden labels are MNIST's own, in the order the transfer set holds the images
+    labels = torch.as_tensor(arrays["train-labels-idx1-ubyte"])
+    assert sorted(data.transfer_labels.tolist() + data.train.y.tolist()
+                  + data.val.y.tolist()) == sorted(labels.tolist())

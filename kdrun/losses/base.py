@@ -24,6 +24,8 @@ from kdrun.registry import Registry
 class DistillationLoss(nn.Module):
     needs_teacher: ClassVar[bool] = True  # False: the teacher is never asked for
     reads_features: ClassVar[bool] = False  # True: student_layer / teacher_layer are tapped
+    reads_indices: ClassVar[bool] = False  # True: told the training set's size and each
+    # batch's example indices (set_examples, set_batch), e.g. for a memory bank
     config_rules: ClassVar[dict[str, Check]] = {}  # constructor key -> its check
     student_layer: str | None = None
     teacher_layer: str | None = None
@@ -33,6 +35,14 @@ class DistillationLoss(nn.Module):
 
     def attach(self, model: nn.Module) -> None:
         """Called once with the model being trained (a mutual loss reads its cohort)."""
+
+    def set_examples(self, n: int) -> None:
+        """Called once before training (and before a resume) with the number of training
+        examples, when ``reads_indices``."""
+
+    def set_batch(self, indices: torch.Tensor) -> None:
+        """Called before each training step with its examples' indices, when
+        ``reads_indices``."""
 
     def start_epoch(self, epoch: int) -> None:
         """Called at the start of every training epoch (e.g. a warm-up ramp)."""
@@ -59,6 +69,13 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     # F.kl_div(..., "batchmean", log_target=True) written out: torch.func.vmap has no
     # batching rule for kl_div, and batched students (kdrun/batched.py) call this
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / len(student_logits)
+
+
+def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row minus its mean, divided by its standard deviation over the classes (logit
+    standardisation, Sun et al. 2024: the student need match only the teacher's logit
+    relations, not their range)."""
+    return (logits - logits.mean(1, keepdim=True)) / (eps + logits.std(1, keepdim=True))
 
 
 def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import boolean
-from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, hard_ce, kd_loss
+from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, hard_ce, kd_loss, zscore
 
 
 @torch.no_grad()
@@ -27,15 +27,18 @@ class KD(DistillationLoss):
     ``alpha`` weights the *teacher* (soft) term, as in the paper. Keras' KD example
     and torchdistill's KDLoss put alpha on the hard-label term instead. The T^2
     factor (``t2_scale``) keeps the soft term's gradients on the hard term's scale
-    as T changes.
+    as T changes. ``logit_std`` z-scores both sides' logits per sample before the
+    temperature softmax of the soft term (Sun et al. 2024, CVPR; ``loss=kd_ls``).
     """
 
-    config_rules = {**KD_RULES, "t2_scale": boolean}
-    soft_view = None  # a transform of both sides' logits for the soft term (see kd_ls)
+    config_rules = {**KD_RULES, "t2_scale": boolean, "logit_std": boolean}
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9, t2_scale: bool = True):
+    def __init__(self, T: float = 4.0, alpha: float = 0.9, t2_scale: bool = True,
+                 logit_std: bool = False):
         super().__init__()
         self.T, self.alpha, self.t2_scale = float(T), float(alpha), bool(t2_scale)
+        self.logit_std = bool(logit_std)
+        self.soft_view = zscore if self.logit_std else None  # both sides, soft term only
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):

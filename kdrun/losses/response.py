@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdrun.checks import PROBABILITY, number
+from kdrun.checks import PROBABILITY, boolean, number
 from kdrun.losses.base import (
     LOSSES,
     TEMPERATURE,
@@ -13,6 +13,7 @@ from kdrun.losses.base import (
     DistillationLoss,
     hard_ce,
     target_classes,
+    zscore,
 )
 
 
@@ -72,17 +73,18 @@ class DKD(DistillationLoss):
 
     L = CE + min(epoch / warmup, 1) * T^2 * (dkd_alpha * TCKD + dkd_beta * NCKD),
     both KLs averaged over the batch. Paper (CIFAR-100): dkd_alpha=1, dkd_beta=8, T=4,
-    a 20-epoch warm-up of 240 epochs.
+    a 20-epoch warm-up of 240 epochs. ``logit_std`` z-scores both sides' logits per
+    sample before the temperature softmax of the DKD terms (Sun et al. 2024, CVPR).
     """
 
     config_rules = {"dkd_alpha": WEIGHT, "dkd_beta": WEIGHT, "T": TEMPERATURE,
-                    "warmup": number(0, integer=True)}
+                    "warmup": number(0, integer=True), "logit_std": boolean}
 
     def __init__(self, dkd_alpha: float = 1.0, dkd_beta: float = 8.0, T: float = 4.0,
-                 warmup: int = 0):
+                 warmup: int = 0, logit_std: bool = False):
         super().__init__()
         self.dkd_alpha, self.dkd_beta, self.T = float(dkd_alpha), float(dkd_beta), float(T)
-        self.warmup = warmup
+        self.warmup, self.logit_std = warmup, bool(logit_std)
         self.ramp = 1.0
 
     def start_epoch(self, epoch: int) -> None:
@@ -90,7 +92,9 @@ class DKD(DistillationLoss):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        tckd, nckd, _ = dkd_parts(student_logits, teacher_logits, labels, self.T)
+        soft_s, soft_t = ((zscore(student_logits), zscore(teacher_logits)) if self.logit_std
+                          else (student_logits, teacher_logits))
+        tckd, nckd, _ = dkd_parts(soft_s, soft_t, labels, self.T)
         term = self.dkd_alpha * tckd.mean() + self.dkd_beta * nckd.mean()
         return hard_ce(student_logits, labels) + self.ramp * self.T**2 * term
 

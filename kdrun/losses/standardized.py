@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from kdrun.losses.base import LOSSES
+from kdrun.losses.base import LOSSES, zscore  # noqa: F401  (zscore: where it was)
 from kdrun.losses.kd import KD
-
-
-def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Each row minus its mean, divided by its standard deviation (over the classes)."""
-    return (logits - logits.mean(1, keepdim=True)) / (eps + logits.std(1, keepdim=True))
 
 
 @LOSSES.register("kd_ls")
@@ -21,9 +14,10 @@ class LogitStandardKD(KD):
 
     L = alpha * T^2 * KL(softmax(Z(t) / T) || softmax(Z(s) / T)) + (1 - alpha) * CE(y, s),
     Z(z) = (z - mean(z)) / (std(z) + 1e-7) over the classes; CE on the raw logits.
+    The same as ``loss=kd loss.logit_std=true``, with the paper's T=2 as its default.
     """
 
-    soft_view = staticmethod(zscore)
+    config_rules = {k: v for k, v in KD.config_rules.items() if k != "logit_std"}
 
     def __init__(self, T: float = 2.0, alpha: float = 0.9, t2_scale: bool = True):
-        super().__init__(T, alpha, t2_scale)
+        super().__init__(T, alpha, t2_scale, logit_std=True)
