@@ -209,6 +209,8 @@ class _StackedGroup:
         self.train, self.val, self.test = (s.to(device) for s in (data.train, data.val, data.test))
         # training accuracy is over the labelled examples (a transfer set's have no label)
         self.labeled = int((data.train.y != UNLABELED).sum())
+        for member in members:  # a transfer set's examples: the hard-label term is masked
+            member.loss.all_labelled = self.labeled == len(data.train)
         self.teachers, self.teacher_of = _stack_teachers(members, device)
         self.alive = [True] * len(members)
         self.progress = [new_progress() for _ in members]

@@ -151,18 +151,20 @@ class EpochMeter:
     buffers allocated once per epoch: no read from the device, and no small tensor
     kept per step (thousands of those fragment the CPU heap and inflate memory)."""
 
-    def __init__(self, steps: int, device):
+    def __init__(self, steps: int, device, count_labels: bool = False):
         self.losses = torch.zeros(steps, device=device)
         self.sizes = [0] * steps  # examples per step; 0 for a skipped step
         self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.labeled = torch.zeros((), dtype=torch.long, device=device)
+        # labelled examples seen, counted only when some are UNLABELED (a transfer set)
+        self.labeled = torch.zeros((), dtype=torch.long, device=device) if count_labels else None
 
     def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
         """Record training step ``step`` (counted from 1)."""
         self.losses[step - 1] = loss.detach()
         self.sizes[step - 1] = len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum()  # never UNLABELED
-        self.labeled += (labels != UNLABELED).sum()
+        if self.labeled is not None:
+            self.labeled += (labels != UNLABELED).sum()
 
     def result(self) -> tuple[float, float, int]:
         """(mean loss per example, accuracy in percent on the labelled examples, first
@@ -173,7 +175,7 @@ class EpochMeter:
         sizes = torch.tensor(self.sizes, dtype=self.losses.dtype, device=self.losses.device)
         bad = (~torch.isfinite(self.losses)).nonzero()
         loss = (self.losses * sizes).sum().item() / total
-        labeled = self.labeled.item()
+        labeled = total if self.labeled is None else self.labeled.item()
         acc = self.correct.item() / labeled * 100 if labeled else math.nan
         return loss, acc, int(bad[0]) + 1 if len(bad) else 0
 
@@ -233,12 +235,14 @@ def fit(
     augment_rng = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
     autocast = configure_device(tcfg, device)
     train = data.train.to(device)
+    labelled_only = not bool((train.y == UNLABELED).any())  # False: a transfer set
     teacher = teacher.to(device) if teacher is not None else None
     splits = {"val": data.val.to(device), "test": data.test.to(device)}
     if not len(splits["val"]):  # no validation split: the last epoch is the selected one
         del splits["val"]
     forward = prepare_model(model, tcfg, device)
     loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
+    loss_fn.all_labelled = labelled_only  # else its hard-label term is masked
     if loss_fn.reads_indices:
         loss_fn.set_examples(len(train))
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
@@ -268,7 +272,8 @@ def fit(
         loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        meter, skipped = EpochMeter(math.ceil(len(train) / tcfg.batch_size), device), 0
+        steps = math.ceil(len(train) / tcfg.batch_size)
+        meter, skipped = EpochMeter(steps, device, count_labels=not labelled_only), 0
         for step, (idx, xb, yb) in enumerate(train.batches(tcfg.batch_size, order), start=1):
             if augment is not None:
                 xb = augment(xb, augment_rng)

@@ -120,6 +120,8 @@ def test_stacked_losses_equal_each_loss_called_alone(transfer):
         labels[2] = UNLABELED
     losses = [KD(T=2.0, alpha=0.5), KD(T=4.0, alpha=0.0), CE(), DKD(T=3.0, dkd_beta=2.0),
               DIST(T=2.0), LogitStandardKD(T=3.0)]
+    for loss in losses:
+        loss.all_labelled = not transfer  # as the stacked group sets it
     stacked = StackedLosses(losses, torch.device("cpu"))
     stacked.start_epoch(1)
     got = stacked(logits, teacher, labels)

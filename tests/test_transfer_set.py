@@ -152,8 +152,9 @@ def test_hard_label_term_is_the_mean_over_the_labelled_examples_of_a_batch():
     known = y != UNLABELED
     assert torch.allclose(hard_ce(z, y), F.cross_entropy(z[known], y[known]))
     by_hand = 0.9 * 16 * soft_kl(z, t, 4.0) + 0.1 * F.cross_entropy(z[known], y[known])
-    assert torch.allclose(kd_loss(z, t, y, T=4.0, alpha=0.9), by_hand)
-    # a batch with no label: the term is 0 and gives no gradient, never NaN
+    assert torch.allclose(kd_loss(z, t, y, T=4.0, alpha=0.9), by_hand)  # masked by default
+    # a batch with no label: the term is 0 and gives no gradient, never NaN (plain CE: NaN)
+    assert torch.isnan(F.cross_entropy(z, torch.full((6,), UNLABELED)))
     z.requires_grad_(True)
     none = hard_ce(z, torch.full((6,), UNLABELED))
     none.backward()
@@ -164,15 +165,37 @@ def test_hard_label_term_is_the_mean_over_the_labelled_examples_of_a_batch():
 
 
 def test_dkd_splits_an_unlabelled_example_on_the_teachers_top_class():
+    from kdrun.losses import DKD
+
     torch.manual_seed(1)
     z, t = torch.randn(5, 6), torch.randn(5, 6)
-    unlabelled = dkd_parts(z, t, torch.full((5,), UNLABELED), 4.0)
-    as_teacher = dkd_parts(z, t, t.argmax(1), 4.0)
-    assert all(torch.equal(a, b) for a, b in zip(unlabelled, as_teacher))
+    labels = torch.tensor([2, UNLABELED, 0, UNLABELED, UNLABELED])
+    on_transfer = DKD()
+    on_transfer.all_labelled = False  # as fit() sets it on a transfer set
+    as_teacher = torch.where(labels == UNLABELED, t.argmax(1), labels)
+    expected = dkd_parts(z, t, as_teacher, 4.0)
+    tckd, nckd, _ = expected
+    by_hand = (F.cross_entropy(z[[0, 2]], labels[[0, 2]])
+               + 16 * (tckd.mean() + 8 * nckd.mean()))
+    assert torch.allclose(on_transfer(z, t, labels), by_hand)
+
+
+def test_fit_masks_the_hard_label_term_only_on_a_transfer_set(tmp_path, monkeypatch):
+    seen = []
+    real = train.fit
+
+    def spy(model, data, loss_fn, *args, **kwargs):
+        result = real(model, data, loss_fn, *args, **kwargs)
+        seen.append((kwargs["stage"], loss_fn.all_labelled))
+        return result
+
+    monkeypatch.setattr("kdrun.stages.fit", spy)
+    pipeline.run(small_config(tmp_path, "dataset.unlabeled=50"), tmp_path / "run")
+    assert seen == [("teacher", True), ("scratch", True), ("distilled", False)]
 
 
 def test_training_accuracy_counts_labelled_examples_only():
-    meter = train.EpochMeter(1, "cpu")
+    meter = train.EpochMeter(1, "cpu", count_labels=True)
     logits = torch.eye(4)  # predicts 0, 1, 2, 3
     meter.add(1, torch.tensor(1.0), logits, torch.tensor([0, 1, UNLABELED, 0]))
     assert meter.result()[1] == pytest.approx(100 * 2 / 3)

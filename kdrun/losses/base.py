@@ -29,6 +29,21 @@ class DistillationLoss(nn.Module):
     config_rules: ClassVar[dict[str, Check]] = {}  # constructor key -> its check
     student_layer: str | None = None
     teacher_layer: str | None = None
+    # False while training on a transfer set (set by the trainer): some labels are
+    # UNLABELED, and the hard-label term must be masked (hard_ce). True: plain CE.
+    all_labelled: bool = True
+
+    def hard(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The hard-label cross-entropy: masked to the labelled examples (``hard_ce``)
+        on a transfer set, plain ``F.cross_entropy`` (cheaper per step) otherwise."""
+        if self.all_labelled:
+            return F.cross_entropy(student_logits, labels)
+        return hard_ce(student_logits, labels)
+
+    def targets(self, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The true class of each example; on a transfer set, the teacher's top class
+        where there is no label (``target_classes``)."""
+        return labels if self.all_labelled else target_classes(labels, teacher_logits)
 
     def prepare(self, student_shape: tuple, teacher_shape: tuple) -> None:
         """Called once before training with the tapped features' shapes (batch excluded)."""
@@ -94,11 +109,13 @@ def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 
 
 def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
-            t2_scale: bool = True, soft_view=None) -> torch.Tensor:
+            t2_scale: bool = True, soft_view=None, masked: bool = True) -> torch.Tensor:
     """Hinton et al. 2015: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s);
     with alpha = 0, CE alone (the teacher is not read). ``soft_view``, when given,
-    transforms both sides' logits for the soft term only (e.g. a per-sample z-score)."""
-    hard = hard_ce(student_logits, labels)
+    transforms both sides' logits for the soft term only (e.g. a per-sample z-score).
+    ``masked``: CE over the labelled examples only (``hard_ce``), safe on a transfer set;
+    kdrun's losses pass ``masked=not self.all_labelled`` to skip the mask's cost."""
+    hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits, labels)
     if isinstance(alpha, (int, float)) and alpha == 0:  # (a tensor alpha: students batched)
         return hard
     if soft_view is not None:

@@ -29,7 +29,8 @@ class FeatureLoss(DistillationLoss):
         self.alpha, self.T = float(alpha), float(T)
 
     def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha)
+        return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
+                       masked=not self.all_labelled)
 
 
 def regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:

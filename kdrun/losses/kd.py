@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import boolean
-from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, hard_ce, kd_loss, zscore
+from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss, zscore
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ class KD(DistillationLoss):
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
-                       self.t2_scale, self.soft_view)
+                       self.t2_scale, self.soft_view, masked=not self.all_labelled)
 
 
 @LOSSES.register("ce")
@@ -55,4 +55,4 @@ class CE(DistillationLoss):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        return hard_ce(student_logits, labels)
+        return self.hard(student_logits, labels)

@@ -11,8 +11,6 @@ from kdrun.losses.base import (
     TEMPERATURE,
     WEIGHT,
     DistillationLoss,
-    hard_ce,
-    target_classes,
     zscore,
 )
 
@@ -33,20 +31,19 @@ class MSELogits(DistillationLoss):
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        hard = hard_ce(student_logits, labels)
+        hard = self.hard(student_logits, labels)
         return (1 - self.beta) * hard + self.beta * F.mse_loss(student_logits,
                                                                teacher_logits.detach())
 
 
-def dkd_parts(student_logits, teacher_logits, labels, T: float):
+def dkd_parts(student_logits, teacher_logits, targets, T: float):
     """Per-sample (TCKD, NCKD, teacher's target-class probability), Zhao et al. 2022.
 
     TCKD: KL between the binary (target, all others) distributions of teacher and
     student. NCKD: KL between their distributions over the non-target classes only.
     Hinton's soft KL per sample equals TCKD + (1 - p_t[target]) * NCKD (the paper's eq. 7).
     """
-    # an unlabelled (transfer-set) example splits on the teacher's top class instead
-    target = F.one_hot(target_classes(labels, teacher_logits), student_logits.shape[1]).bool()
+    target = F.one_hot(targets, student_logits.shape[1]).bool()
 
     def pieces(logits):
         logits = logits / T
@@ -94,9 +91,10 @@ class DKD(DistillationLoss):
                 teacher_feature=None):
         soft_s, soft_t = ((zscore(student_logits), zscore(teacher_logits)) if self.logit_std
                           else (student_logits, teacher_logits))
-        tckd, nckd, _ = dkd_parts(soft_s, soft_t, labels, self.T)
+        # an unlabelled (transfer-set) example splits on the teacher's top class
+        tckd, nckd, _ = dkd_parts(soft_s, soft_t, self.targets(labels, teacher_logits), self.T)
         term = self.dkd_alpha * tckd.mean() + self.dkd_beta * nckd.mean()
-        return hard_ce(student_logits, labels) + self.ramp * self.T**2 * term
+        return self.hard(student_logits, labels) + self.ramp * self.T**2 * term
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -129,4 +127,4 @@ class DIST(DistillationLoss):
         inter = 1 - pearson_rows(p_s, p_t).mean()
         intra = 1 - pearson_rows(p_s.T, p_t.T).mean()
         term = self.beta * inter + self.gamma * intra
-        return hard_ce(student_logits, labels) + self.T**2 * term
+        return self.hard(student_logits, labels) + self.T**2 * term

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.checks import number
-from kdrun.losses.base import LOSSES, WEIGHT, hard_ce
+from kdrun.losses.base import LOSSES, WEIGHT
 from kdrun.losses.feature import FeatureLoss
 
 HCL_LEVELS = (4, 2, 1)  # the pyramid of average-pooled sizes the HCL also compares
@@ -123,5 +123,5 @@ class ReviewKD(FeatureLoss):
             out, deeper = abf(x, deeper, size)
             fused.insert(0, out)
         targets = [as_map(f).detach() for f in teacher_feature]
-        return hard_ce(student_logits, labels) + self.weight * self.ramp * hcl_loss(
+        return self.hard(student_logits, labels) + self.weight * self.ramp * hcl_loss(
             fused, targets)
