@@ -3,8 +3,9 @@ launcher, back to back in one invocation, each from a cold stage cache.
 
 The grid is the README's: loss.T=1,2,4,8 x loss.alpha=0.1,0.5,0.9 x seed=0,1 with
 repeats=1 (24 jobs: 2 teachers, 2 scratch students, 24 distilled students) on the
-default labelled data (dataset.unlabeled=0: no transfer set). Each sweep is one `kdrun -m` process, timed whole: interpreter start,
-teachers, students, every job's files and the sweep report. Prints per launcher the
+default labelled data (dataset.unlabeled=0: no transfer set). Each sweep is one
+`kdrun -m` process, timed whole: interpreter start, teachers, students, every job's
+files and the sweep report. Prints per launcher the
 wall time, the students trained per second of it and the peak resident memory, then
 the ratio basic / batched; with --runs N, N rounds of both and the medians. Last, the
 distilled students' test accuracies of the last round, basic and batched side by side.
