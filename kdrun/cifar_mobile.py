@@ -16,14 +16,11 @@ inputs (theirs fail on other sizes). Feature taps: the stages (``blocks.0`` ..
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.cifar_resnets import image_builder
-from kdrun.models import MODELS
+from kdrun.models import MODELS, he_init, image_builder
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -74,13 +71,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.penultimate = nn.Flatten()
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for m in self.modules():  # as the reference: He normal over fan-out, N(0, 0.01)
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self, linear_std=0.01)  # as the reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
@@ -121,12 +112,34 @@ class ShuffleBottleneck(nn.Module):
 STEM = 24  # the stem width of both ShuffleNets
 
 
-class ShuffleV1(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, widths=(240, 480, 960),
-                 blocks=(4, 8, 4), groups: int = 3):
+class ShuffleNet(nn.Module):
+    """The frame both ShuffleNets share: a 1x1 stem of STEM channels with BN and ReLU,
+    three stages ``layer1``..``layer3`` (built by the subclass), ``neck`` (identity
+    unless overridden), global average pooling and the classifier ``linear``."""
+
+    def __init__(self, in_channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, STEM, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM)
+
+    def add_head(self, width: int, num_classes: int) -> None:
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.penultimate = nn.Flatten()
+        self.linear = nn.Linear(width, num_classes)
+
+    def neck(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.neck(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(self.penultimate(self.avgpool(x)))
+
+
+class ShuffleV1(ShuffleNet):
+    def __init__(self, in_channels: int, num_classes: int, widths=(240, 480, 960),
+                 blocks=(4, 8, 4), groups: int = 3):
+        super().__init__(in_channels)
         c_in = STEM
         for stage, (width, n) in enumerate(zip(widths, blocks), start=1):
             units = []
@@ -135,14 +148,7 @@ class ShuffleV1(nn.Module):
                                                2 if i == 0 else 1, groups, STEM))
                 c_in = width
             setattr(self, f"layer{stage}", nn.Sequential(*units))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.penultimate = nn.Flatten()
-        self.linear = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(self.penultimate(self.avgpool(x)))
+        self.add_head(c_in, num_classes)
 
 
 class ShuffleV2Block(nn.Module):
@@ -191,12 +197,10 @@ class ShuffleV2Down(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleV2(nn.Module):
+class ShuffleV2(ShuffleNet):
     def __init__(self, in_channels: int, num_classes: int, widths=(116, 232, 464),
                  blocks=(3, 7, 3), last: int = 1024):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, STEM, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(STEM)
+        super().__init__(in_channels)
         c_in = STEM
         for stage, (width, n) in enumerate(zip(widths, blocks), start=1):
             units = [ShuffleV2Down(c_in, width), *(ShuffleV2Block(width) for _ in range(n))]
@@ -204,15 +208,11 @@ class ShuffleV2(nn.Module):
             c_in = width
         self.conv2 = nn.Conv2d(c_in, last, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(last)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.penultimate = nn.Flatten()
-        self.linear = nn.Linear(last, num_classes)
+        self.add_head(last, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.linear(self.penultimate(self.avgpool(x)))
+    def neck(self, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1 convolution to ``last`` channels, with BN and ReLU."""
+        return F.relu(self.bn2(self.conv2(x)))
 
 
 MODELS.register("MobileNetV2")(image_builder(

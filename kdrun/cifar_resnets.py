@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.errors import DataError
-from kdrun.models import MODELS
+from kdrun.models import MODELS, he_init, image_builder
 
 NARROW = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
 WIDE = (32, 64, 128, 256)  # the "x4" variants
@@ -80,9 +79,7 @@ def _add_head(model: nn.Module, width: int, num_classes: int) -> None:
     model.avgpool = nn.AdaptiveAvgPool2d(1)  # the references' 8x8 pool on 32x32 inputs
     model.penultimate = nn.Flatten()
     model.fc = nn.Linear(width, num_classes)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    he_init(model)
 
 
 class WideBlock(nn.Module):
@@ -175,26 +172,12 @@ class CifarResNet50(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.penultimate = nn.Flatten()
         self.linear = nn.Linear(c_in, num_classes)
-        for m in self.modules():  # BN weights 1 and biases 0 are torch's defaults
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.linear(self.penultimate(self.avgpool(x)))
-
-
-def image_builder(name: str, make, doc: str):
-    """A model builder for images only: ``make(channels, num_classes)``."""
-
-    def build(input_shape, num_classes):
-        if len(input_shape) != 3:
-            raise DataError(f"{name} needs images (C, H, W); this data is {tuple(input_shape)}")
-        return make(input_shape[0], num_classes)
-
-    build.__doc__ = doc
-    return build
 
 
 def _resnet(name: str, depth: int, widths) -> None:

@@ -13,14 +13,11 @@ and ``penultimate``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.cifar_resnets import image_builder
-from kdrun.models import MODELS
+from kdrun.models import MODELS, he_init, image_builder
 
 # convolution widths per block (the reference's configurations S, A, B, D, E)
 VGG_BLOCKS = {
@@ -53,22 +50,7 @@ class CifarVGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.penultimate = nn.Flatten()
         self.classifier = nn.Linear(c_in, num_classes)
-        self._initialise()
-
-    def _initialise(self) -> None:
-        """As the reference: convolutions He-normal over fan-out, zero biases; BN 1 and
-        0; the classifier N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self, linear_std=0.01)  # as the reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         large = x.shape[2] == 64  # the reference pools after block 3 on 64-pixel inputs only

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,11 +107,6 @@ class Data:
         return self.train.input_shape
 
     @property
-    def labeled_count(self) -> int:
-        """Labelled examples: the training and validation splits."""
-        return len(self.train) + (0 if self.eval_split == "train" else len(self.val))
-
-    @property
     def unlabeled_count(self) -> int:
         return len(self.transfer) if self.transfer is not None else 0
 
@@ -120,6 +115,12 @@ class Data:
         transfer set (labels UNLABELED). An epoch of the distill stage is one pass over
         both."""
         return self.train if self.transfer is None else self.train.joined(self.transfer)
+
+    def training_on(self, train: Split) -> Data:
+        """This data with ``train`` as the training split a stage learns from, and no
+        transfer set of its own."""
+        return replace(self, train=train, transfer=None, transfer_labels=None, digest=None,
+                       transfer_digest=None)
 
     def all_labels_train(self) -> Split | None:
         """The training split and the transfer set with its true labels (the "scratch,
@@ -423,8 +424,24 @@ def fingerprint(data: Data) -> str:
     the data a cached stage was trained on. In-memory data is hashed once."""
     if data.train.in_memory and data.digest is not None:
         return data.digest
+    data.digest = _content_hash((data.train, data.val, data.test))
+    return data.digest
+
+
+def transfer_fingerprint(data: Data) -> str | None:
+    """The same hash of the transfer set (its labels are all UNLABELED: the hidden ones
+    never enter it), or None when there is none: part of the key of every stage that
+    trains on it."""
+    if data.transfer is None:
+        return None
+    if not data.transfer.in_memory or data.transfer_digest is None:
+        data.transfer_digest = _content_hash((data.transfer,))
+    return data.transfer_digest
+
+
+def _content_hash(splits) -> str:
     digest = hashlib.sha256()
-    for split in (data.train, data.val, data.test):
+    for split in splits:
         if split.in_memory:
             for tensor in (split.x, split.y):
                 digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
@@ -432,24 +449,7 @@ def fingerprint(data: Data) -> str:
         else:
             split.update_digest(digest)
         digest.update(b"|")
-    data.digest = digest.hexdigest()[:20]
-    return data.digest
-
-
-def transfer_fingerprint(data: Data) -> str | None:
-    """A hash of the transfer set's inputs (never of its hidden labels), or None when
-    there is none: part of the key of every stage that trains on it."""
-    if data.transfer is None:
-        return None
-    if data.transfer_digest is None:
-        digest = hashlib.sha256()
-        if data.transfer.in_memory:
-            digest.update(str(tuple(data.transfer.x.shape)).encode())
-            digest.update(data.transfer.x.contiguous().cpu().numpy())
-        else:
-            data.transfer.update_digest(digest)
-        data.transfer_digest = digest.hexdigest()[:20]
-    return data.transfer_digest
+    return digest.hexdigest()[:20]
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:

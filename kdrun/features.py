@@ -67,5 +67,6 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
     with eval_mode(model):
         model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     tap.remove()
-    shapes = [tuple(v.shape[1:]) for v in tap._values]
-    return shapes[0] if tap.single else shapes
+    if tap.single:
+        return tuple(tap.value.shape[1:])
+    return [tuple(v.shape[1:]) for v in tap.value]

@@ -124,6 +124,32 @@ def _need_images(input_shape, name: str) -> None:
                         f"{tuple(input_shape)}: use an mlp or a cnn")
 
 
+def image_builder(name: str, make, doc: str):
+    """A builder for a model of images only (the CIFAR zoo): ``make(channels,
+    num_classes)``."""
+
+    def build(input_shape, num_classes):
+        _need_images(input_shape, name)
+        return make(input_shape[0], num_classes)
+
+    build.__doc__ = doc
+    return build
+
+
+def he_init(model: nn.Module, linear_std: float | None = None) -> None:
+    """The CIFAR zoo's references' initialisation: every convolution He-normal over its
+    fan-out, its bias (if any) zero; with ``linear_std``, every linear layer N(0,
+    linear_std) with a zero bias (else torch's default). Batch norm keeps torch's 1, 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
 @MODELS.register("resnet18", rules={"pretrained": boolean, "small_inputs": boolean})
 def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: bool = False):
     """torchvision's ResNet-18 (He et al. 2016) with ``num_classes`` outputs and a first

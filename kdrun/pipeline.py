@@ -127,7 +127,7 @@ def check_transfer_set(cfg: DictConfig, data: Data) -> None:
     if cfg.get("all_labels_reference") and cfg.scheme.name not in ("offline", "ensemble"):
         raise ConfigError("all_labels_reference", True, f"a reference row of scheme=offline "
                           f"and scheme=ensemble, not of scheme={cfg.scheme.name}")
-    if cfg.get("all_labels_reference") and data.all_labels_train() is None:
+    if cfg.get("all_labels_reference") and data.transfer_labels is None:
         raise ConfigError("all_labels_reference", True, "needs a transfer set whose labels "
                           "exist (split.labeled, or dataset.unlabeled of generated data); "
                           "set it to false")

@@ -5,7 +5,6 @@ which stages a run has; this module only runs them."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 
@@ -60,8 +59,8 @@ class Stages:
         self.data_digest = fingerprint(data)
         # a student taught by a teacher also trains on the transfer set, if there is one
         self.transfer_digest = transfer_fingerprint(data)
-        self.taught_data = data if data.transfer is None else dataclasses.replace(
-            data, train=data.distill_train(), transfer=None, transfer_labels=None, digest=None)
+        self.taught_data = data if data.transfer is None else data.training_on(
+            data.distill_train())
         self.student_seeds = student_seeds(cfg)
         self.row_context = RowContext(
             seed=cfg.seed, eval_split=data.eval_split,
@@ -121,8 +120,7 @@ class Stages:
         train = self.data.all_labels_train()
         if train is None:
             return None
-        data = dataclasses.replace(self.data, train=train, transfer=None,
-                                   transfer_labels=None, digest=None)
+        data = self.data.training_on(train)
         labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
         extra = {"transfer": self.transfer_digest, "transfer_labels": labels}
         epochs = self.tcfg.student_epochs or self.tcfg.epochs

@@ -1,7 +1,6 @@
 """hydra/launcher=batched: students trained as one stacked model end where each would
 end trained alone, and a batched sweep writes what a sequential one writes."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -43,14 +42,26 @@ def grid_members(cfg, data, teacher_logits):
     return members
 
 
-def alone(member, data, tcfg, epochs):
+def alone(member, data, tcfg, epochs, rows=None):
+    """The member trained by fit() on its own; its metric rows go to ``rows``."""
     torch.manual_seed(member.rng)
     model = build_model(member.model_cfg, data.input_shape, data.num_classes)
     loss = type(member.loss)(**{k: v for k, v in vars(member.loss).items()
                                 if k in ("T", "alpha")})
     teacher = CachedLogits(member.teacher_logits) if member.teacher_logits is not None else None
     return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.rng,
-               device=torch.device("cpu"), teacher=teacher, progress=False)
+               device=torch.device("cpu"), teacher=teacher, progress=False,
+               on_epoch=lambda r, snapshot: rows.extend(r) if rows is not None else None)
+
+
+def stacked(members, data, tcfg, epochs):
+    """The members trained as one stacked group: their results, and each one's metric
+    rows by id."""
+    rows = {}
+    results = train_group(members, data, tcfg, epochs, torch.device("cpu"),
+                          lambda m, r: rows.setdefault(id(m), []).extend(r),
+                          lambda m, message: pytest.fail(message))
+    return [result for _, result in results], rows
 
 
 @pytest.mark.parametrize("clip", [None, 0.5])
@@ -60,11 +71,8 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
     torch.manual_seed(123)
     teacher_logits = torch.randn(len(data.train), data.num_classes) * 3
     members = grid_members(cfg, data, teacher_logits)
-    rows = {}
-    batched = train_group(members, data, cfg.trainer, 2, torch.device("cpu"),
-                          lambda m, r: rows.setdefault(id(m), []).extend(r),
-                          lambda m, message: pytest.fail(message))
-    for member, (_, result) in zip(members, batched):
+    batched, rows = stacked(members, data, cfg.trainer, 2)
+    for member, result in zip(members, batched):
         expected = alone(member, data, cfg.trainer, 2)
         assert result.best_epoch == expected.best_epoch
         for key, value in expected.best_state.items():
@@ -81,33 +89,24 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
 def test_a_stacked_group_with_a_transfer_set_ends_where_each_member_alone_ends():
     cfg = make_config("split.max_train=600", "split.labeled=200", "dataset.unlabeled=300")
     data = load_data(cfg.dataset, cfg.split)
-    taught = dataclasses.replace(data, train=data.distill_train(), transfer=None, digest=None)
+    taught = data.training_on(data.distill_train())
     assert (taught.train.y == UNLABELED).sum() == 700
     torch.manual_seed(7)
     teacher_logits = torch.randn(len(taught.train), data.num_classes) * 3
     members = [m for m in grid_members(cfg, taught, teacher_logits) if m.role == "distilled"]
-    rows = {}
-    batched = train_group(members, taught, cfg.trainer, 2, torch.device("cpu"),
-                          lambda m, r: rows.setdefault(id(m), []).extend(r),
-                          lambda m, message: pytest.fail(message))
-    for member, (_, result) in zip(members, batched):
-        expected = alone(member, taught, cfg.trainer, 2)
+    batched, rows = stacked(members, taught, cfg.trainer, 2)
+    train_acc = lambda rs: [r["acc"] for r in rs if r["split"] == "train"]  # noqa: E731
+    for member, result in zip(members, batched):
+        alone_rows = []
+        expected = alone(member, taught, cfg.trainer, 2, alone_rows)
         for key, value in expected.best_state.items():  # measured: at most 2.1e-5 (Adam
             # magnifies summation-order noise where a gradient is near zero)
             assert torch.allclose(result.best_state[key], value, rtol=0, atol=1e-4)
-    # training accuracy over the 180 labelled training examples only, as fit() counts it:
-    # a multiple of 100/180, and the same as the member's alone
-    member, alone_rows = members[0], []
-    torch.manual_seed(member.rng)
-    model = build_model(member.model_cfg, data.input_shape, data.num_classes)
-    fit(model, taught, KD(T=member.loss.T, alpha=member.loss.alpha), cfg.trainer,
-        stage="distilled", epochs=2, seed=member.rng, device=torch.device("cpu"),
-        teacher=CachedLogits(teacher_logits), progress=False,
-        on_epoch=lambda r, snapshot: alone_rows.extend(r))
-    ours = [r["acc"] for r in rows[id(member)] if r["split"] == "train"]
-    theirs = [r["acc"] for r in alone_rows if r["split"] == "train"]
-    assert ours == pytest.approx(theirs, abs=1.2)  # a prediction or two may flip
-    assert all(abs(a * 180 / 100 - round(a * 180 / 100)) < 1e-6 for a in ours)
+        # training accuracy over the 180 labelled training examples only, as fit() counts
+        # it: a multiple of 100/180, and the same as the member's alone
+        ours = train_acc(rows[id(member)])
+        assert ours == pytest.approx(train_acc(alone_rows), abs=1.2)  # a prediction may flip
+        assert all(abs(a * 180 / 100 - round(a * 180 / 100)) < 1e-6 for a in ours)
 
 
 @pytest.mark.parametrize("transfer", [False, True])

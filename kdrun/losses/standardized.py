@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdrun.losses.base import LOSSES, zscore  # noqa: F401  (zscore: where it was)
+from kdrun.losses.base import LOSSES
 from kdrun.losses.kd import KD
 
 
