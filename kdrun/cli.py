@@ -34,6 +34,9 @@ OPTIONAL = {
     ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
     ("hparams_search", "kd_optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
     ("logger", "tensorboard"): ("tensorboard", "tensorboard"),
+    ("logger", "mlflow"): ("mlflow", "mlflow"),
+    ("teacher", "timm"): ("timm", "timm"),
+    ("student", "timm"): ("timm", "timm"),
 }
 
 

@@ -28,6 +28,7 @@ from kdrun.store import load_sealed, save_sealed
 # builder of your own package by its import path (name: mypackage.data.my_set)
 DATASETS = Registry("dataset")
 SEED = number(integer=True)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std
 FRACTION = number(0, 1, lo_open=True, hi_open=True)
 
 
@@ -43,9 +44,9 @@ class RawData:
     y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
     # only by the "scratch, all labels" reference, never by a distilled student
 
-    def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
+    def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
         """In-memory data is augmented later, batched on the device (kdrun/augment.py)."""
-        return _split_tensors(name, self, split_cfg)
+        return _split_tensors(name, self, split_cfg, normalize)
 
 
 @dataclass
@@ -238,7 +239,8 @@ def _carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
     return RawData(x[tr], y[tr], x[te], y[te], num_classes)
 
 
-def _torchvision(cls_name: str, root: str, download: bool, channels: int | None) -> RawData:
+def _torchvision(cls_name: str, root: str, download: bool, channels: int | None,
+                 resize: int | None = None) -> RawData:
     """A torchvision data set read from its own on-disk format under ``root``."""
     import torchvision
 
@@ -252,8 +254,29 @@ def _torchvision(cls_name: str, root: str, download: bool, channels: int | None)
     x_train, x_test = _images(train.data), _images(test.data)
     if channels and channels != x_train.shape[1]:
         x_train, x_test = (x.expand(-1, channels, -1, -1).contiguous() for x in (x_train, x_test))
+    if resize:
+        x_train, x_test = resized(x_train, resize), resized(x_test, resize)
     targets = lambda ds: torch.as_tensor(ds.targets, dtype=torch.int64)  # noqa: E731
     return RawData(x_train, targets(train), x_test, targets(test), len(train.classes))
+
+
+def resized(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """(N, C, H, W) images resized to ``size`` x ``size`` once, in memory (bilinear,
+    antialiased when shrinking, as torchvision's Resize on tensors); refused with one line
+    when the result would not fit in half of this machine's memory."""
+    n, c = x.shape[:2]
+    need = n * c * size * size * x.element_size()
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2:
+        raise DataError(f"dataset.resize={size}: {n:,} images of {c}x{size}x{size} need "
+                        f"{need / 2**30:.1f} GiB in memory, more than half of this machine's "
+                        f"{have / 2**30:.0f} GiB; choose a smaller size")
+    out = torch.empty(n, c, size, size, dtype=x.dtype)
+    for start in range(0, n, chunk):
+        out[start:start + chunk] = torch.nn.functional.interpolate(
+            x[start:start + chunk], size=(size, size), mode="bilinear", align_corners=False,
+            antialias=size < x.shape[-1]).clamp_(0, 1)
+    return out
 
 
 def _images(data) -> torch.Tensor:
@@ -282,34 +305,38 @@ def _missing_message(cls, root: str, download: bool, error: Exception) -> str:
             f"dataset.download=true (needs internet)")
 
 
-MNIST_RULES = {"download": boolean, "channels": one_of(1, 3)}
+RESIZE = number(1, integer=True, optional=True)
+MNIST_RULES = {"download": boolean, "channels": one_of(1, 3), "resize": RESIZE}
 
 
 @DATASETS.register("mnist", rules=MNIST_RULES)
-def mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
+def mnist(root: str = "data", download: bool = False, channels: int = 1,
+          resize: int | None = None) -> RawData:
     """MNIST (LeCun et al. 1998) via torchvision; ``channels=3`` copies the gray channel."""
-    return _torchvision("MNIST", root, download, channels)
+    return _torchvision("MNIST", root, download, channels, resize)
 
 
 @DATASETS.register("fashion_mnist", rules=MNIST_RULES)
-def fashion_mnist(root: str = "data", download: bool = False, channels: int = 1) -> RawData:
+def fashion_mnist(root: str = "data", download: bool = False, channels: int = 1,
+                  resize: int | None = None) -> RawData:
     """Fashion-MNIST (Xiao et al. 2017) via torchvision."""
-    return _torchvision("FashionMNIST", root, download, channels)
+    return _torchvision("FashionMNIST", root, download, channels, resize)
 
 
-@DATASETS.register("cifar10", rules={"download": boolean})
-def cifar10(root: str = "data", download: bool = False) -> RawData:
+@DATASETS.register("cifar10", rules={"download": boolean, "resize": RESIZE})
+def cifar10(root: str = "data", download: bool = False, resize: int | None = None) -> RawData:
     """CIFAR-10 (Krizhevsky 2009) via torchvision."""
-    return _torchvision("CIFAR10", root, download, None)
+    return _torchvision("CIFAR10", root, download, None, resize)
 
 
-@DATASETS.register("cifar100", rules={"download": boolean})
-def cifar100(root: str = "data", download: bool = False) -> RawData:
+@DATASETS.register("cifar100", rules={"download": boolean, "resize": RESIZE})
+def cifar100(root: str = "data", download: bool = False, resize: int | None = None) -> RawData:
     """CIFAR-100 (Krizhevsky 2009), 100 fine labels, via torchvision."""
-    return _torchvision("CIFAR100", root, download, None)
+    return _torchvision("CIFAR100", root, download, None, resize)
 
 
-NOT_BUILDER_KEYS = ("name", "augment")  # dataset config keys that are not builder arguments
+# dataset config keys that are not builder arguments (normalize: kdrun/pipeline.py)
+NOT_BUILDER_KEYS = ("name", "augment", "normalize")
 
 
 # ---------------------------------------------------------------- splits
@@ -322,17 +349,19 @@ _LOADED: dict[str, Data] = {}
 _LOADED_MAX = 4
 
 
-def load_data(dataset_cfg, split_cfg) -> Data:
+def load_data(dataset_cfg, split_cfg, normalize: Stats | None = None) -> Data:
     """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
     arguments) and split it into train / val / test as ``split_cfg`` says. The
     validation split may be empty (``val_fraction=0``): models are then selected by
-    their last epoch. An empty training or test split is a DataError. In-memory data
+    their last epoch. ``normalize`` (per-channel mean and std, e.g. a pretrained model's)
+    replaces the training data's own statistics when ``split.standardize`` is on. An
+    empty training or test split is a DataError. In-memory data
     built earlier in this process with the same settings and unchanged files is reused
     (never modify a returned Data in place)."""
-    key = _load_key(dataset_cfg, split_cfg)
+    key = _load_key(dataset_cfg, split_cfg, normalize)
     if key in _LOADED:
         return _LOADED[key]
-    data = _build(dataset_cfg, split_cfg)
+    data = _build(dataset_cfg, split_cfg, normalize)
     if data.train.in_memory:
         if len(_LOADED) >= _LOADED_MAX:
             _LOADED.clear()
@@ -340,7 +369,7 @@ def load_data(dataset_cfg, split_cfg) -> Data:
     return data
 
 
-def _load_key(dataset_cfg, split_cfg) -> str:
+def _load_key(dataset_cfg, split_cfg, normalize) -> str:
     """The settings, and the size and modification time of every file under the data
     set's root (none for generated data): a changed file is a new key."""
     from omegaconf import OmegaConf
@@ -354,14 +383,14 @@ def _load_key(dataset_cfg, split_cfg) -> str:
             for name in sorted(names):
                 stat = os.stat(os.path.join(folder, name))
                 files.append((folder, name, stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256(repr((settings, files)).encode()).hexdigest()
+    return hashlib.sha256(repr((settings, normalize, files)).encode()).hexdigest()
 
 
-def _build(dataset_cfg, split_cfg) -> Data:
+def _build(dataset_cfg, split_cfg, normalize: Stats | None) -> Data:
     name = dataset_cfg.name
     params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
     builder = DATASETS.get(name, "dataset.name")
-    data = builder(**params).to_data(name, split_cfg, dataset_cfg.get("augment"))
+    data = builder(**params).to_data(name, split_cfg, dataset_cfg.get("augment"), normalize)
     for split in ("train", "test"):
         if len(getattr(data, split)) == 0:
             raise DataError(f"dataset={name}: the {split} split is empty with these settings "
@@ -370,7 +399,7 @@ def _build(dataset_cfg, split_cfg) -> Data:
     return data
 
 
-def _split_tensors(name: str, raw: RawData, split_cfg) -> Data:
+def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None = None) -> Data:
     x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
     if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
         if split_cfg.get("labeled") is not None:
@@ -390,7 +419,7 @@ def _split_tensors(name: str, raw: RawData, split_cfg) -> Data:
     if transfer is not None:
         splits.append(transfer[0])
     if split_cfg.standardize and len(splits[0]):  # by the labelled training split's statistics
-        mean, std = _stats(splits[0].x)
+        mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std
     data = Data(name, *splits[:3], raw.num_classes)
@@ -463,6 +492,17 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | No
 def _subsample(x, y, limit, seed):
     keep = subsample_indices(len(y), limit, seed)
     return (x, y) if keep is None else (x[keep], y[keep])
+
+
+def _given(normalize: Stats, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given per-channel statistics, shaped for (N, C, ...) inputs of ``x``'s channels."""
+    mean, std = (torch.tensor(v, dtype=x.dtype) for v in normalize)
+    if x.ndim < 3 or x.shape[1] != len(mean):
+        raise DataError(f"dataset.normalize=model: the model's statistics are for "
+                        f"{len(mean)} channels, this data's inputs have shape "
+                        f"{tuple(x.shape[1:])} (for gray images: dataset.channels=3)")
+    shape = (len(mean),) + (1,) * (x.ndim - 2)
+    return mean.view(shape), std.view(shape)
 
 
 def _stats(x: torch.Tensor):

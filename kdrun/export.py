@@ -44,11 +44,20 @@ def export_onnx(model: nn.Module, input_shape, path: Path, batch: int = 4) -> fl
     except ImportError as e:
         raise UserError("export=onnx needs onnx, onnxscript and onnxruntime: "
                         "pip install 'kdrun[onnx]'") from e
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per merged constant
     model = model.eval().cpu()
     x = torch.randn(batch, *input_shape)
-    torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    try:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))  # by position:
+        # forward's argument is named input in nn.Sequential, x in most zoo models
+    except Exception as e:  # an operator or control flow the exporter does not support
+        cause = e.__cause__ or e  # the exporter wraps the reason in advice on how to report it
+        reason = next((line for line in str(cause).splitlines() if line.strip()), repr(cause))
+        raise UserError(f"export=onnx: {type(model).__name__} cannot be exported to ONNX "
+                        f"({reason.strip()[:160]}); the run's results are written, only the "
+                        f"export is missing") from e
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():

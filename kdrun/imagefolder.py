@@ -104,8 +104,8 @@ class FolderData:
     workers: int
     unlabeled: list[Path] | None = None  # images without labels (dataset.unlabeled)
 
-    def to_data(self, name: str, split_cfg, augment_cfg=None) -> Data:
-        train, val, test, transfer = split_folder(self, split_cfg, augment_cfg)
+    def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
+        train, val, test, transfer = split_folder(self, split_cfg, augment_cfg, normalize)
         data = Data(name, train, val, test, self.num_classes)
         if len(transfer):
             data.transfer = transfer
@@ -173,13 +173,14 @@ def imagefolder(
                       list_unlabeled(base / unlabeled) if unlabeled else None)
 
 
-def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
+def split_folder(folder: FolderData, split_cfg, augment_cfg=None, normalize=None):
     """Train / val / test / transfer FolderSplits; missing splits carved with
     ``split_cfg.seed``. As for in-memory data, ``split.max_train`` subsamples the
     training files before the test and validation splits are carved, ``split.max_test``
     the test files, ``split.labeled`` keeps that many (or that share) of the rest
     labelled, stratified by class, and the validation split is carved from those;
-    ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``. Training
+    ``split.standardize`` normalises with ``dataset.mean`` / ``dataset.std``, or with
+    ``normalize`` (a model's mean and std) when given. Training
     images (the transfer set's too) are augmented as ``dataset.augment`` says."""
     from torchvision import transforms as tf
 
@@ -205,7 +206,8 @@ def split_folder(folder: FolderData, split_cfg, augment_cfg=None):
     train = take(sorted(pool.tolist()))
     unlabeled += folder.unlabeled or []
     resize = tf.Resize((folder.image_size, folder.image_size))
-    finish = [tf.ToTensor(), *([folder.normalize] if split_cfg.standardize else [])]
+    scale = folder.normalize if normalize is None else tf.Normalize(*map(list, normalize))
+    finish = [tf.ToTensor(), *([scale] if split_cfg.standardize else [])]
 
     def make(pair, augment):
         return FolderSplit(*pair, tf.Compose([resize, *augment, *finish]), folder.image_size,

@@ -6,6 +6,12 @@ Layers are named (``conv0``, ``fc1``, ``head``, ...) so later losses can tap
 intermediate features by name. To add a model: write its builder here with
 ``@MODELS.register("name")`` and add a YAML file with ``arch: <name>``; or keep the
 builder in your own package and write its import path as ``arch``.
+
+A builder may also carry, as attributes, what kdrun asks of models made outside it
+(kdrun/timm_models.py, kdrun/torchvision_models.py): ``check(model_cfg, prefix)``
+(validation before anything trains), ``identity(model_cfg)`` (what a stage key holds
+besides the config: library version, weights' hash), ``input_spec(model_cfg)`` (the
+input its weights expect) and ``describe(model_cfg)`` (its name in the table).
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ def cnn(
     return nn.Sequential(layers)
 
 
-def _need_images(input_shape, name: str) -> None:
+def need_images(input_shape, name: str) -> None:
     if len(input_shape) != 3:
         raise DataError(f"a {name} needs images (C, H, W); this data set has inputs of shape "
                         f"{tuple(input_shape)}: use an mlp or a cnn")
@@ -129,7 +135,7 @@ def image_builder(name: str, make, doc: str):
     num_classes)``."""
 
     def build(input_shape, num_classes):
-        _need_images(input_shape, name)
+        need_images(input_shape, name)
         return make(input_shape[0], num_classes)
 
     build.__doc__ = doc
@@ -150,33 +156,6 @@ def he_init(model: nn.Module, linear_std: float | None = None) -> None:
             nn.init.zeros_(m.bias)
 
 
-@MODELS.register("resnet18", rules={"pretrained": boolean, "small_inputs": boolean})
-def resnet18(input_shape, num_classes, pretrained: bool = False, small_inputs: bool = False):
-    """torchvision's ResNet-18 (He et al. 2016) with ``num_classes`` outputs and a first
-    convolution for the data's channel count. ``small_inputs`` swaps the 7x7/2 stem and
-    max-pool for a 3x3/1 stem (the usual CIFAR variant)."""
-    import torchvision
-
-    _need_images(input_shape, "resnet18")
-    if pretrained:
-        try:
-            weights = torchvision.models.ResNet18_Weights.DEFAULT
-            model = torchvision.models.resnet18(weights=weights)
-        except Exception as e:  # offline: the weights cannot be downloaded
-            raise DataError(f"teacher.pretrained=true: could not fetch ImageNet weights "
-                            f"({str(e).splitlines()[0][:80]}); set pretrained=false, or "
-                            f"teacher.checkpoint=PATH") from e
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    else:
-        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    stem = (3, 1, 1) if small_inputs else (7, 2, 3)
-    if small_inputs or input_shape[0] != 3:
-        model.conv1 = nn.Conv2d(input_shape[0], 64, stem[0], stem[1], stem[2], bias=False)
-    if small_inputs:
-        model.maxpool = nn.Identity()
-    return model
-
-
 @MODELS.register("dsconv", rules={"base": number(1, integer=True), "multipliers": positive_ints,
                                   "pool_blocks": number(0, integer=True)})
 def dsconv(input_shape, num_classes, base: int = 16,
@@ -186,7 +165,7 @@ def dsconv(input_shape, num_classes, base: int = 16,
     conv -> BN -> ReLU6 -> pointwise 1x1 conv to ``base * multipliers[i+1]`` channels,
     max-pooled by 2 after the first ``pool_blocks`` blocks, a global average pool and
     the class head."""
-    _need_images(input_shape, "dsconv")
+    need_images(input_shape, "dsconv")
     widths = [base * m for m in multipliers]
     layers = OrderedDict(conv0=nn.Conv2d(input_shape[0], widths[0], 3, 1, 1),
                          bn0=nn.BatchNorm2d(widths[0]), relu0=nn.ReLU6(), pool0=nn.MaxPool2d(2))
@@ -289,8 +268,25 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def builder_hook(model_cfg, hook: str):
+    """The builder's ``hook`` (check, identity, input_spec, describe), or None."""
+    if model_cfg.get("arch") is None:
+        return None
+    return getattr(model_builder(str(model_cfg.arch)), hook, None)
+
+
+def model_identity(model_cfg) -> dict:
+    """What a stage key holds about a model besides its config (e.g. the hash of the
+    pretrained weights it starts from): empty for kdrun's own models."""
+    identity = builder_hook(model_cfg, "identity")
+    return identity(model_cfg) if identity else {}
+
+
 def describe(model_cfg) -> str:
     """A short name such as ``mlp[100,100]``, ``cnn[32,32]+fc[128]`` or ``dsconv[16]``."""
+    own = builder_hook(model_cfg, "describe")
+    if own is not None:
+        return own(model_cfg)
     if model_cfg.arch == "dsconv":
         return f"dsconv[{model_cfg.get('base')}]"
     if model_cfg.arch == "cohort":
@@ -303,4 +299,11 @@ def describe(model_cfg) -> str:
         return f"cnn[{join(model_cfg.get('channels'))}]" + (f"+fc[{join(dense)}]" if dense else "")
     widths = model_cfg.get("hidden", model_cfg.get("channels"))
     return f"{model_cfg.arch}[{join(widths)}]"
-from kdrun import cifar_mobile, cifar_resnets, cifar_vgg  # noqa: E402, F401  (the CIFAR zoo)
+# the CIFAR zoo, and the model zoos of timm and torchvision, register their builders
+from kdrun import (  # noqa: E402, F401
+    cifar_mobile,
+    cifar_resnets,
+    cifar_vgg,
+    timm_models,
+    torchvision_models,
+)

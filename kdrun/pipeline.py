@@ -19,7 +19,8 @@ from kdrun.errors import ConfigError, UserError
 from kdrun.export import export_distilled
 from kdrun.losses import build_loss, loss_class
 from kdrun.measure import side_by_side
-from kdrun.models import build_model
+from kdrun.models import build_model, builder_hook, describe
+from kdrun.pretrained import InputSpec
 from kdrun.provenance import config_hash, distillation_loss, student_seeds
 from kdrun.report import comparison_table, write_summary
 from kdrun.schemes import SCHEMES
@@ -51,17 +52,23 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     log.info("data: %s, %d train / %d val / %d %s examples, input %s, %d classes",
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
+    report_inputs(cfg, data)
     check_feature_layers(cfg, data)
     check_transfer_set(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
-    rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+    try:
+        rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+    except Exception:
+        stages.metrics.fail()
+        raise
     stages.metrics.close()
     rows = _with_figures(rows, stages.teacher_model, cfg, data, device)
-    if cfg.export == "onnx":
-        export_distilled(cfg, data, run_dir, stages.student_seeds[0])
     summary = write_summary(run_dir.summary_csv, [row.columns() for row in rows])
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
+    stages.metrics.finish(run_dir, summary, result["table"])
+    if cfg.export == "onnx":  # after the summary: a model that cannot be exported loses nothing
+        export_distilled(cfg, data, run_dir, stages.student_seeds[0])
     run_dir.mark_done({"config_hash": config_hash(cfg),
                        "distilled_val_acc": result["distilled_val_acc"]})
     return result
@@ -72,7 +79,38 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
     device = pick_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
-    return device, load_data(cfg.dataset, cfg.split)
+    spec = model_input_spec(cfg) if cfg.dataset.get("normalize") == "model" else None
+    return device, load_data(cfg.dataset, cfg.split, spec and (spec.mean, spec.std))
+
+
+def model_input_spec(cfg: DictConfig) -> InputSpec:
+    """``dataset.normalize=model``: the input statistics of the teacher's weights, else
+    of the student's (models of timm or torchvision)."""
+    for role in ("teacher", "student"):
+        spec = input_spec(cfg[role])
+        if spec is not None:
+            return spec
+    raise ConfigError("dataset.normalize", "model", "neither teacher nor student is a timm or "
+                      "torchvision model with known input statistics; use data")
+
+
+def report_inputs(cfg: DictConfig, data: Data) -> None:
+    """Say what input a pretrained model expects and what it gets: a resize or a
+    normalisation is the user's choice, never silent."""
+    how = {"model": "the model's mean and std", "data": "its own training statistics"}
+    scaled = (how[cfg.dataset.get("normalize") or "data"] if cfg.split.standardize
+              else "not normalised")
+    for role in ("teacher", "student"):
+        spec = input_spec(cfg[role]) if cfg[role].get("pretrained") else None
+        if spec is not None:
+            log.info("%s %s: %s; this data: %s, normalised by %s (dataset.resize, "
+                     "dataset.normalize=model change that)", role, describe(cfg[role]),
+                     spec.describe(), "x".join(map(str, data.input_shape)), scaled)
+
+
+def input_spec(model_cfg) -> InputSpec | None:
+    spec = builder_hook(model_cfg, "input_spec")
+    return spec(model_cfg) if spec is not None else None
 
 
 def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> list[SummaryRow]:

@@ -24,7 +24,7 @@ from kdrun.train import fused_kernel_exists
 # tests/test_provenance.py flips each one and compares the weights bit for bit.
 NO_EFFECT: dict[str, str] = {
     "progress": "draws a progress bar",
-    "logger": "adds TensorBoard files beside the CSV files",
+    "logger": "adds TensorBoard files or MLflow records beside the CSV files",
     "output_root": "where the run directories go",
     "cache.enabled": "whether stages are kept for reuse",
     "cache.dir": "where stages are kept",
@@ -124,12 +124,16 @@ RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_fro
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,
                    numerics: dict, data_digest: str, extra: dict | None = None) -> dict:
     """Exactly the settings that decide a trained stage's numbers: its cache key."""
+    from kdrun.models import model_identity
+
     trainer = without_no_effect(_plain(cfg.trainer), "trainer.")
+    identity = model_identity(model_cfg)  # e.g. the hash of the pretrained weights it starts from
     return {
         "stage": role, "data": data_digest, "dataset": _dataset(cfg),
         "split": _plain(cfg.split), "model": _plain(model_cfg),
         "trainer": {k: v for k, v in trainer.items() if k not in RESOLVED_PER_STAGE},
         "numerics": numerics, "epochs": epochs, "seed": seed, **(extra or {}),
+        **({"model_identity": identity} if identity else {}),
     }
 
 

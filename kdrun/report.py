@@ -50,7 +50,7 @@ class MetricsLog:
 
 class MetricLogs:
     """One stage's metric rows to every chosen log: metrics.csv, and TensorBoard's event
-    files with ``logger=tensorboard``."""
+    files with ``logger=tensorboard``, or an MLflow run with ``logger=mlflow``."""
 
     def __init__(self, logs: list):
         self.logs = logs
@@ -63,6 +63,17 @@ class MetricLogs:
         for metric_log in self.logs:
             metric_log.close()
 
+    def finish(self, run_dir, summary: pd.DataFrame, table: str) -> None:
+        """The run's end, for logs that record it (MLflow: summary, files, status)."""
+        for metric_log in self.logs:
+            if hasattr(metric_log, "finish"):
+                metric_log.finish(run_dir, summary, table)
+
+    def fail(self) -> None:
+        for metric_log in self.logs:
+            if hasattr(metric_log, "fail"):
+                metric_log.fail()
+
 
 def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLogs:
     """metrics.csv is rebuilt on every start (the stage cache holds what was done before)."""
@@ -71,6 +82,10 @@ def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLog
         from kdrun.tensorboard_log import TensorBoardLog
 
         logs.append(TensorBoardLog(run_root / cfg.logger.dir, cfg))
+    if cfg.logger.name == "mlflow":
+        from kdrun.mlflow_log import MlflowLog
+
+        logs.append(MlflowLog(cfg, run_root))
     return MetricLogs(logs)
 
 
@@ -169,24 +184,25 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
     chosen = "best val" if selected == "val" else "last ep."
     w = max(17, *(len(a) for a in summary.arch))
-    lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>9}  "
+    p = max(9, *(len(f"{n:,}") for n in summary.params))  # params' width
+    lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>{p}}  "
                      f"{split + ' acc, last':>16}  {split + ' acc, ' + chosen:>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
     for role, rows in by_role.items():
         if rows.empty:  # e.g. no teacher in deep mutual learning
             continue
-        lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>9,}  "
+        lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>{p},}  "
                      f"{mean_std(list(rows.test_acc_last)):>16}  "
                      f"{mean_std(list(rows.test_acc_best_val)):>18}")
     scratch, distilled = by_role["scratch"], by_role["distilled"]
     _check_paired(scratch, distilled)
     gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
              for col in ("test_acc_last", "test_acc_best_val")}
-    lines.append(f"{'gain':<10} {'distilled-scratch':<{w + 10}}  "
+    lines.append(f"{'gain':<10} {'distilled-scratch':<{w + p + 1}}  "
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain ({chosen}): {gain_verdict(gains['test_acc_best_val'], teacher)}")
-    lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w)
+    lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
     if selected != "val":
         lines.append("no validation split (split.val_fraction=0): every model is taken at its "
                      "last epoch")
@@ -211,13 +227,13 @@ def _data_line(summary: pd.DataFrame) -> list[str]:
 
 
 def _all_labels_lines(reference: pd.DataFrame, scratch: pd.DataFrame, distilled: pd.DataFrame,
-                      w: int) -> list[str]:
+                      w: int, p: int) -> list[str]:
     """The "scratch, all labels" reference row (the student trained from scratch on the
     transfer set's true labels too), and how much of the gap to it distillation closed."""
     if reference.empty:
         return []
     arch = f"{reference.arch.iloc[0]}, all labels"
-    lines = [f"{'reference':<10} {arch:<{w}} {reference.params.iloc[0]:>9,}  "
+    lines = [f"{'reference':<10} {arch:<{w}} {reference.params.iloc[0]:>{p},}  "
              f"{mean_std(list(reference.test_acc_last)):>16}  "
              f"{mean_std(list(reference.test_acc_best_val)):>18}"]
     gap = statistics.mean(reference.test_acc_best_val) - statistics.mean(scratch.test_acc_best_val)

@@ -382,6 +382,11 @@ class SweepReport(Callback):
             log.info("sweep report: %s", write_report(sweep_dir))
         except NoFinishedJobs as e:
             log.warning("no sweep report: %s", e)
+        if config.logger.name == "mlflow":
+            from kdrun.mlflow_log import log_sweep_report
+
+            log_sweep_report(config, sweep_dir, sorted(sweep_dir.glob("*.csv")) +
+                             sorted(sweep_dir.glob("*.md")) + sorted(sweep_dir.glob("*.png")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,10 +45,16 @@ RULES: dict[str, Check] = {
     "split.labeled": label_budget,
     "all_labels_reference": boolean,
     "split.standardize": boolean,
+    "dataset.normalize": one_of("data", "model"),
     **{f"dataset.augment.{key}": check for key, check in AUGMENT_RULES.items()},
     "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
         "must be the path of a teacher checkpoint, or null to train one"),
-    "logger.name": one_of("csv", "tensorboard"),
+    "logger.name": one_of("csv", "tensorboard", "mlflow"),
+    "logger.tracking_uri": lambda v: None if v is None or (isinstance(v, str) and v) else (
+        "must be an MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:DIR), "
+        "or null for <output_root>/mlruns"),
+    "logger.experiment": lambda v: None if isinstance(v, str) and v else (
+        "must be an MLflow experiment name"),
     "trainer.epochs": number(1, integer=True),
     "trainer.teacher_epochs": number(1, integer=True, optional=True),
     "trainer.student_epochs": number(1, integer=True, optional=True),
@@ -90,6 +96,9 @@ def validate(cfg: DictConfig) -> None:
 def _check_model(prefix: str, node) -> None:
     _check_option(prefix, node, models.MODELS, "arch", given=("input_shape", "num_classes"),
                   skip=models.NOT_BUILDER_KEYS)
+    own_check = models.builder_hook(node, "check")  # e.g. a timm name, its cached weights
+    if own_check is not None:
+        own_check(node, prefix)
 
 
 def _check_option(prefix: str, node, registry, name_key: str, given=(), skip=()) -> None:

@@ -21,9 +21,20 @@ from kdrun.train import CachedLogits, fit
 from tests.helpers import KDRUN, make_config
 
 # Weights of a batched member and of the same student trained alone, after 2 epochs:
-# the stacked matrix products sum in another order (~1e-7 per step on fp32 CPU), and 72
-# Adam steps carry that along; measured here: at most 4e-7.
-WEIGHT_TOLERANCE = 1e-5
+# the stacked matrix products sum in another order (~1e-7 per step on fp32 CPU), and
+# Adam steps carry that along. Where a weight's gradient is near zero, Adam divides
+# that rounding noise by its own tiny size and steps by up to lr on it, so a few
+# weights may drift further: each tensor agrees within 1e-4 in relative (Frobenius)
+# norm and no weight moves by lr/10. Measured on the grid below: at most 2.5e-5
+# relative, 9e-5 absolute (one member of ten, 1% of its weights beyond 1e-5; the other
+# nine within 4e-7). Adam's first moments, gradient averages, agree within 1e-5.
+WEIGHT_TOLERANCE = 1e-4
+MOMENT_TOLERANCE = 1e-5
+
+
+def assert_same_weights(ours: torch.Tensor, theirs: torch.Tensor, lr: float) -> None:
+    relative = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-12))
+    assert relative <= WEIGHT_TOLERANCE and float((ours - theirs).abs().max()) <= lr / 10
 
 
 def grid_members(cfg, data, teacher_logits):
@@ -76,12 +87,12 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
         expected = alone(member, data, cfg.trainer, 2)
         assert result.best_epoch == expected.best_epoch
         for key, value in expected.best_state.items():
-            assert torch.allclose(result.best_state[key], value, rtol=0, atol=WEIGHT_TOLERANCE)
+            assert_same_weights(result.best_state[key], value, cfg.trainer.lr)
         ours, theirs = result.optimizer_state["state"], expected.optimizer_state["state"]
         assert ours.keys() == theirs.keys()  # one entry per parameter, as a separate Adam's
         for j, moments in theirs.items():
             assert torch.equal(ours[j]["step"], moments["step"])
-            assert torch.allclose(ours[j]["exp_avg"], moments["exp_avg"], atol=WEIGHT_TOLERANCE)
+            assert torch.allclose(ours[j]["exp_avg"], moments["exp_avg"], atol=MOMENT_TOLERANCE)
         assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.11)
         assert [r["split"] for r in rows[id(member)]] == ["train", "val", "test"] * 2
 

@@ -128,7 +128,7 @@ def test_seed_food11_loads_a_resnet18_teacher_file_and_distills(tmp_path):
                       "trainer.epochs=1", "progress=false", f"cache.dir={tmp_path}/cache")
     assert (cfg.loss.T, cfg.loss.alpha, cfg.trainer.batch_size) == (20, 0.5, 32)
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
-    assert rows[0]["epochs"] == 0 and rows[0]["arch"] == "resnet18"
+    assert rows[0]["epochs"] == 0 and rows[0]["arch"] == "torchvision/resnet18"
     assert rows[2]["arch"] == "dsconv[16]" and rows[2]["compression"] > 10
 
 
