@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep bench bench-sweep test test-slow test-full lint clean
+.PHONY: help install run sweep bench bench-sweep test test-slow test-full test-slurm lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: $(STAMP) ## the test suite without the slow tests (a few minutes on 2 CPU 
 
 test-slow: $(STAMP) ## only the slow tests
 	$(BIN)/python -m pytest -q -m slow
+
+test-slurm: $(STAMP) ## as root: a one-node Slurm cluster on localhost (installs slurm-wlm, munge if absent), kdrun's Slurm tests against it (~5 min)
+	bash tests/slurm/run_slurm_tests.sh
 
 test-full: $(STAMP) ## every test
 	$(BIN)/python -m pytest -q

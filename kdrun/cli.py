@@ -17,10 +17,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import pipeline
 from kdrun.errors import ConfigError, UserError
+from kdrun.slurm_logs import quiet_submitit
+from kdrun.store import RunDir
 from kdrun.validate import group_options, validate
 
 CONFIG_MODULE = "kdrun.configs"
@@ -55,13 +58,22 @@ OmegaConf.register_new_resolver("kdrun_parallel_jobs", parallel_jobs, replace=Tr
 def hydra_main(cfg: DictConfig) -> float:
     """One job. Returns the distilled student's validation accuracy (what a
     Hydra sweeper such as Optuna maximises)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = RunDir(hydra_cfg.runtime.output_dir)
+    run_dir.failed_json.unlink(missing_ok=True)  # a job run again after a failure
     try:
         validate(cfg)
-        hydra_cfg = HydraConfig.get()
         fit_to_launcher(cfg, hydra_cfg)
-        return pipeline.run(cfg, hydra_cfg.runtime.output_dir)["distilled_val_acc"]
+        return pipeline.run(cfg, run_dir.root)["distilled_val_acc"]
     except UserError as e:
-        fail(e)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            fail(e)
+        # one job of a sweep: the others go on, and the sweep report lists this one as
+        # failed with its line; NaN is what Optuna takes for a failed trial
+        run_dir.mark_failed(one_line_message(e))
+        print(f"kdrun: error: job {hydra_cfg.job.override_dirname or hydra_cfg.job.num}: "
+              f"{one_line_message(e)}", file=sys.stderr)
+        return float("nan")
 
 
 def fit_to_launcher(cfg: DictConfig, hydra_cfg) -> None:
@@ -117,6 +129,8 @@ def register_batched_launcher() -> None:
 
 def main() -> None:
     register_batched_launcher()
+    if "hydra/launcher=submitit_slurm" in sys.argv:
+        quiet_submitit()  # one line, not one per status poll, on a Slurm without accounting
     # configs/hydra/launcher/ refines the launcher plugins' own configs under their own
     # names (hydra/launcher=joblib stays what users type); Hydra then checks ours against
     # the plugin's schema, as intended, and warns that this check is deprecated.

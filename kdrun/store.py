@@ -41,6 +41,15 @@ class RunDir:
     def mark_done(self, info: dict) -> None:
         atomic_write(self.done_json, lambda tmp: tmp.write_text(json.dumps(info)))
 
+    @property
+    def failed_json(self) -> Path:
+        """Written when a sweep's job fails: its one-line error, for the sweep report."""
+        return self.root / "failed.json"
+
+    def mark_failed(self, error: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.failed_json, lambda tmp: tmp.write_text(json.dumps({"error": error})))
+
     def checkpoint(self, role: str, seed: int, first_seed: int) -> Path:
         """teacher.pt / scratch.pt / distilled.pt; extra student seeds get ``.seed<N>``."""
         suffix = "" if role == "teacher" or seed == first_seed else f".seed{seed}"

@@ -50,6 +50,15 @@ def job_dirs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
     return started, finished
 
 
+def failed_jobs(sweep_dir: Path) -> dict[str, str]:
+    """Job folder (relative to the sweep) -> the one-line error of each job that failed."""
+    import json
+
+    return {str(p.parent.relative_to(sweep_dir)): json.loads(p.read_text())["error"]
+            for p in sorted(sweep_dir.rglob("failed.json"))
+            if not (p.parent / "summary.csv").exists()}
+
+
 def job_setting(job_dir: Path) -> dict[str, str]:
     """The job's overrides that can change its results, less its replicate keys."""
     path = job_dir / ".hydra" / "overrides.yaml"
@@ -180,7 +189,7 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
                plot_curves(metrics, best, sweep_dir / "curves.png")]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common,
-                     [f.name for f in figures if f is not None])
+                     [f.name for f in figures if f is not None], failed_jobs(sweep_dir))
     if published is not None:
         from kdrun.published import published_section
 
@@ -189,7 +198,8 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     return sweep_dir / "report.md"
 
 
-def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures) -> str:
+def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures,
+              failed: dict[str, str]) -> str:
     keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
     if not swept:
         keys = ["method", "T", "alpha"]
@@ -208,12 +218,13 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     lines = [
         "# kdrun sweep report", "",
         f"Sweep `{sweep_dir}`: {n_finished} of {n_started} started jobs finished"
-        + ("" if n_finished == n_started else " (interrupted: this report covers those)")
-        + ".", "",
+        + (f", {len(failed)} failed (listed below)" if failed else "")
+        + ("" if n_finished + len(failed) == n_started else
+           " (interrupted: this report covers those finished)") + ".", "",
     ]
     if common:
-        lines += ["Common to every job: " + ", ".join(f"`{k}={v}`" for k, v in common.items())
-                  + ".", ""]
+        lines += ["Common to every finished job: "
+                  + ", ".join(f"`{k}={v}`" for k, v in common.items()) + ".", ""]
     lines += [
         "## Distillation gain per setting", "",
         "Accuracies in percent, test accuracy at the best-validation epoch. A setting is a "
@@ -242,6 +253,10 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
                   "Mean entropy (nats) of softmax(teacher logits / T) over the training set; "
                   "0 is one-hot, ln(10) = 2.30 is uniform over 10 classes.", "",
                   markdown_table(entropy.round(3)), ""]
+    if failed:
+        lines += ["## Failed jobs", "", "| job | error |", "|---|---|"]
+        lines += [f"| `{job}` | {error.replace('|', '/')} |" for job, error in failed.items()]
+        lines += [""]
     lines += ["## Files", "", "- `summary.csv`: every job's summary rows, one column per "
               "swept key"]
     lines += [f"- `{name}`" for name in figures]
@@ -387,6 +402,12 @@ class SweepReport(Callback):
 
             log_sweep_report(config, sweep_dir, sorted(sweep_dir.glob("*.csv")) +
                              sorted(sweep_dir.glob("*.md")) + sorted(sweep_dir.glob("*.png")))
+        failed = failed_jobs(sweep_dir)
+        if failed:  # the sweep ran every job; it still did not succeed
+            job, error = next(iter(failed.items()))
+            print(f"kdrun: error: {len(failed)} job(s) of the sweep failed, first {job}: "
+                  f"{error}", file=sys.stderr)
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

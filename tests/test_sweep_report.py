@@ -51,7 +51,7 @@ def test_trials_that_differ_only_in_a_methods_own_weight_are_reported_apart(tmp_
                  "t0", {0: (60.0, 60.0 + i), 1: (61.0, 61.5 + i)})
     text, rows = report_table(tmp_path)
     assert [r["loss.dkd_beta"] for r in rows] == ["1.5", "4.25", "7.0"]
-    assert "progress" not in rows[0] and "Common to every job: `loss=dkd`" in text
+    assert "progress" not in rows[0] and "Common to every finished job: `loss=dkd`" in text
     assert [r["gain"].split()[0] for r in rows] == ["+0.25", "+1.25", "+2.25"]
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert "loss.dkd_beta" in summary.columns
