@@ -76,10 +76,13 @@ def read_state_dict(value, key: str) -> dict[str, torch.Tensor]:
     path = Path(str(value)).expanduser()
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # comes with timm
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as e:
+        raise UserError(f"{key}={value}: reading .safetensors needs the safetensors "
+                        f"package: pip install safetensors") from e
     except pickle.UnpicklingError as e:
         raise UserError(f"{key}={value}: holds Python objects besides tensors (loading them "
                         f"could run code); save a state_dict instead") from e
