@@ -259,3 +259,34 @@ def test_optuna_hands_its_n_jobs_trials_to_the_batched_launcher_at_once(tmp_path
     distilled = summary[summary.role == "distilled"]
     assert len(distilled) == 4 and distilled["loss.T"].nunique() == 4
     assert distilled.trained_in.eq("a stacked batch of 5").all()
+
+
+def test_the_launcher_composes_jobs_as_hydra_does():
+    """Each job's config, Hydra's node included, equals Hydra's own composition, though
+    the launcher composes once per set of structural overrides."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.kdrun_batched_launcher.batched_launcher import compose_each_job_once
+
+    jobs = [["loss.T=2", "loss.alpha=0.5", "seed=0"], ["loss.T=8", "loss.alpha=0.9", "seed=0"],
+            ["seed=1", "loss.T=2", "trainer.lr=0.1"], ["loss=dkd", "loss.T=2"],
+            ["loss=dkd", "loss.dkd_beta=4.0", "+student.extra=1"], ["loss.T=4"]]
+    with initialize_config_module("kdrun.configs", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", ["hydra/launcher=batched"],
+                                           run_mode=RunMode.MULTIRUN)
+        hydras = [loader.load_sweep_config(master, list(job)) for job in jobs]
+        compose = loader.load_sweep_config
+        calls = []
+        loader.load_sweep_config = lambda m, o: calls.append(o) or compose(m, o)
+        compose_each_job_once(loader)
+        ours = [loader.load_sweep_config(master, list(job)) for job in jobs]
+        again = [loader.load_sweep_config(master, list(job)) for job in jobs]  # the launcher's
+    plain = lambda c: OmegaConf.to_container(c, resolve=False)  # noqa: E731
+    for job, theirs, mine, second in zip(jobs, hydras, ours, again):
+        assert plain(mine) == plain(theirs), job
+        assert plain(second) == plain(theirs) and second is not mine
+    assert len(calls) == 5  # seed=0, seed=1, loss=dkd, loss=dkd with +student.extra, none
