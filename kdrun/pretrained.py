@@ -29,6 +29,17 @@ log = logging.getLogger("kdrun")
 STATE_KEYS = ("best_model", "model", "state_dict", "model_state_dict", "weights")
 
 
+# checks of the keys the timm and torchvision builders share
+def weights_rule(v) -> str | None:
+    return None if v is None or (isinstance(v, str) and v) else (
+        "must be the path of a weights file, or null")
+
+
+def kwargs_rule(v) -> str | None:
+    return None if v is None or isinstance(v, dict) else (
+        "must be a mapping of the model's keyword arguments, e.g. {drop_rate: 0.1}")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What a model's weights were trained on: (C, H, W), per-channel mean and std."""

@@ -21,19 +21,19 @@ from kdrun.pretrained import (
     InputSpec,
     check_weights_file,
     file_identity,
+    kwargs_rule,
     load_into,
     missing_weights,
     read_state_dict,
+    weights_rule,
 )
 
 RULES = {
     "name": lambda v: None if isinstance(v, str) and v else "must be a timm model name, e.g. "
                                                             "resnet18 or convnext_tiny.fb_in1k",
     "pretrained": boolean,
-    "weights": lambda v: None if v is None or (isinstance(v, str) and v) else
-    "must be the path of a weights file, or null",
-    "kwargs": lambda v: None if v is None or isinstance(v, dict) else
-    "must be a mapping of the model's keyword arguments, e.g. {drop_rate: 0.1}",
+    "weights": weights_rule,
+    "kwargs": kwargs_rule,
 }
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
 
@@ -66,9 +66,13 @@ def timm_model(input_shape, num_classes, name: str, pretrained: bool = False,
 
 
 def _pretrained_cfg(name: str):
+    """timm's record of ``name``'s weights (its default tag's without one), or None."""
     from timm.models import get_pretrained_cfg
 
-    return get_pretrained_cfg(name)
+    try:
+        return get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not have
+        return None
 
 
 def cached_weights(name: str, key: str) -> str:
@@ -101,6 +105,10 @@ def check(model_cfg, prefix: str) -> None:
     """Before anything trains: a model timm knows, its pretrained weights on this
     machine, its weights file there."""
     timm, name = _timm(), str(model_cfg.get("name"))
+    if timm.is_model(name) and "." in name and _pretrained_cfg(name) is None:
+        tags = timm.list_pretrained(f"{name.split('.')[0]}.*")[:8]
+        raise ConfigError(f"{prefix}.name", name, f"timm has no weights of that tag; its "
+                          f"tagged names: {', '.join(tags) or 'none'}")
     if not timm.is_model(name):
         base = name.split(".")[0]
         close = (timm.list_models(f"*{base}*") or

@@ -27,17 +27,18 @@ from kdrun.pretrained import (
     check_weights_file,
     file_identity,
     hub_checkpoint,
+    kwargs_rule,
     load_into,
     missing_weights,
     read_state_dict,
+    weights_rule,
 )
-from kdrun.timm_models import RULES as TIMM_RULES
 
-RULES = {**TIMM_RULES,
-         "name": lambda v: None if isinstance(v, str) and v else
+RULES = {"name": lambda v: None if isinstance(v, str) and v else
          "must be a torchvision model name, e.g. resnet18 or mobilenet_v3_small",
          "pretrained": lambda v: None if isinstance(v, bool) or (isinstance(v, str) and v) else
-         "must be true (the default weights), false, or a weights tag such as IMAGENET1K_V1"}
+         "must be true (the default weights), false, or a weights tag such as IMAGENET1K_V1",
+         "weights": weights_rule, "kwargs": kwargs_rule}
 
 
 def _names() -> list[str]:

@@ -283,3 +283,20 @@ def test_a_model_that_cannot_be_exported_says_so_in_one_line(tmp_path):
     with pytest.raises(UserError, match="export=onnx: Branchy cannot be exported to ONNX") as e:
         export_onnx(Branchy(), (4,), tmp_path / "b.onnx")
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_an_unknown_weights_tag_lists_the_models_tags():
+    from kdrun.timm_models import check
+
+    with pytest.raises(ConfigError, match="no weights of that tag; its tagged names: "
+                                          "resnet18.a1_in1k"):
+        check(OmegaConf.create({"name": "resnet18.nope", "pretrained": False}), "teacher")
+
+
+@pytest.mark.parametrize("module", ["kdrun.timm_models", "kdrun.torchvision_models"])
+def test_each_zoo_module_imports_on_its_own(module):
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
