@@ -187,31 +187,42 @@ def preflight(argv: list[str]) -> None:
 
 def _reuse_composition(job: list[str], compose, composed: dict) -> DictConfig | None:
     """The job's config built as Hydra builds it, composing only once per distinct set
-    of the job's other overrides: Hydra composes the config groups and structural
-    overrides, then applies each plain ``a.b=value`` override in order with
-    ``OmegaConf.update(cfg, key, value, merge=True)`` on the struct config; so do we,
-    on a copy of the composition without them. A sweep over values then composes a few
-    times instead of once per job. None when anything goes differently: the caller
+    of the job's other overrides (``split_plain``). A sweep over values then composes a
+    few times instead of once per job. None when anything goes differently: the caller
     composes the whole job and Hydra names the problem."""
-    import copy
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
 
     try:
-        parsed = OverridesParser.create().parse_overrides(job)
-        plain = [o for o in parsed if o.type == OverrideType.CHANGE and o.package is None
-                 and "." in o.key_or_group and "/" not in o.key_or_group
-                 and not o.key_or_group.startswith("hydra")]
-        rest = tuple(o.input_line for o in parsed if o not in plain)
+        plain, rest = split_plain(OverridesParser.create().parse_overrides(job))
         if rest not in composed:
             composed[rest] = compose("config", overrides=list(rest))
-        cfg = copy.deepcopy(composed[rest])
-        for override in plain:
-            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
-        return cfg
+        return with_values(composed[rest], plain)
     except Exception:  # a problem Hydra's own composition reports better
         return None
+
+
+def split_plain(parsed: list) -> tuple[list, tuple[str, ...]]:
+    """A job's parsed overrides split into its plain ``a.b=value`` ones and the rest (as
+    typed). Hydra composes the config groups and the other overrides, then applies each
+    plain one in order with ``OmegaConf.update(cfg, key, value, merge=True)`` on the
+    struct config: so a composition without them, copied and given them
+    (``with_values``), is the job's. Shared by preflight and the batched launcher."""
+    from hydra.core.override_parser.types import OverrideType
+
+    plain = [o for o in parsed if o.type == OverrideType.CHANGE and o.package is None
+             and "." in o.key_or_group and "/" not in o.key_or_group
+             and not o.is_hydra_override() and not o.is_sweep_override()]
+    return plain, tuple(o.input_line for o in parsed if o not in plain)
+
+
+def with_values(cfg: DictConfig, plain: list) -> DictConfig:
+    """A copy of ``cfg`` with the plain overrides applied, in order, as Hydra applies them."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    for override in plain:
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    return cfg
 
 
 def _check_search_space(job: list[str], compose) -> None:

@@ -4,18 +4,17 @@ one line."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from kdrun.cache import StageEntry
-from kdrun.errors import UserError
 from kdrun.measure import model_figures
-from kdrun.models import build_model, describe, load_weights
+from kdrun.models import build_model, describe
+from kdrun.pretrained import load_weights, read_state_dict
 from kdrun.provenance import given_teacher_material
-from kdrun.store import load_checkpoint, sha256_file
+from kdrun.store import sha256_file
 from kdrun.summary_row import StageResult, SummaryRow
 from kdrun.train import evaluate
 
@@ -30,22 +29,7 @@ def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -
     """The model ``model_cfg`` describes with the weights of its ``checkpoint`` file: a
     kdrun checkpoint (its ``weights`` entry, else ``model``) or a plain state dict."""
     source = f"teacher.checkpoint={model_cfg.checkpoint}"
-    path = Path(model_cfg.checkpoint).expanduser()
-    if not path.is_file():
-        raise UserError(f"{source}: " + ("a folder, not a checkpoint file" if path.is_dir()
-                                         else "no such file"))
-    try:
-        checkpoint = load_checkpoint(path)
-    except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused an object
-        raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint (it holds "
-                        f"Python objects besides tensors, and loading those could run "
-                        f"code; save a state_dict instead)") from e
-    except Exception as e:  # truncated, or not a torch file at all
-        raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint "
-                        f"({str(e).splitlines()[0][:120]})") from e
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{source}: expected a state dict or a kdrun checkpoint")
-    state = checkpoint.get(weights) or checkpoint.get("model") or checkpoint
+    state = read_state_dict(model_cfg.checkpoint, source, entries=(weights, "model"))
     model = build_model(model_cfg, input_shape, num_classes, "teacher")
     load_weights(model, state, source)
     return model

@@ -60,17 +60,10 @@ def find_run(client, experiment: str, tag: str, value: str):
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as dotted keys, values as text."""
-    flat: dict[str, str] = {}
+    import pandas as pd
 
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix.rstrip(".")] = str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    row = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0]
+    return {key: str(value) for key, value in row.items()}
 
 
 def sweep_dir() -> Path | None:
@@ -102,11 +95,12 @@ class MlflowLog:
             self.run_id = self.client.create_run(self.experiment, tags=tags,
                                                  run_name=run_name(run_root, sweep)).info.run_id
             self._log_params(flat_params(cfg))
+            self.logged: set[tuple[str, int]] = set()
         else:
             self.run_id = found.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             log.info("mlflow: continuing run %s", self.run_id)
-        self.logged = self._logged_steps()
+            self.logged = self._logged_steps()
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

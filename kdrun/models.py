@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdrun.checks import boolean, int_or_ints, number, one_of, positive_ints
-from kdrun.errors import ConfigError, DataError, UserError
+from kdrun.errors import ConfigError, DataError
 from kdrun.registry import Registry
 
 # name -> builder(input_shape, num_classes, **keys); a config may also name a function
@@ -234,23 +234,6 @@ def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -
         ) from e
 
 
-def load_weights(model: nn.Module, state: dict, source: str) -> None:
-    """Load a state dict, naming the first layer that does not fit if it does not."""
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name not in own:
-            raise UserError(f"{source}: the checkpoint has a layer {name} that this model "
-                            f"lacks (its layers: {', '.join(own)})")
-        if own[name].shape != tensor.shape:
-            raise UserError(f"{source}: layer {name} has shape {list(tensor.shape)} in the "
-                            f"checkpoint but {list(own[name].shape)} in this model (made for "
-                            f"another architecture or class count?)")
-    missing = [name for name in own if name not in state]
-    if missing:
-        raise UserError(f"{source}: the checkpoint lacks layer {missing[0]} of this model")
-    model.load_state_dict(state)
-
-
 @contextmanager
 def eval_mode(model: nn.Module):
     """Dropout off and batch-norm statistics frozen inside the block, and no gradients;
@@ -280,6 +263,12 @@ def model_identity(model_cfg) -> dict:
     pretrained weights it starts from): empty for kdrun's own models."""
     identity = builder_hook(model_cfg, "identity")
     return identity(model_cfg) if identity else {}
+
+
+def input_spec(model_cfg):
+    """The input a zoo model's weights expect (a ``kdrun.pretrained.InputSpec``), or None."""
+    spec = builder_hook(model_cfg, "input_spec")
+    return spec(model_cfg) if spec is not None else None
 
 
 def describe(model_cfg) -> str:

@@ -19,7 +19,7 @@ from kdrun.errors import ConfigError, UserError
 from kdrun.export import export_distilled
 from kdrun.losses import build_loss, loss_class
 from kdrun.measure import side_by_side
-from kdrun.models import build_model, builder_hook, describe
+from kdrun.models import build_model, describe, input_spec
 from kdrun.pretrained import InputSpec
 from kdrun.provenance import config_hash, distillation_loss, student_seeds
 from kdrun.report import comparison_table, write_summary
@@ -106,11 +106,6 @@ def report_inputs(cfg: DictConfig, data: Data) -> None:
             log.info("%s %s: %s; this data: %s, normalised by %s (dataset.resize, "
                      "dataset.normalize=model change that)", role, describe(cfg[role]),
                      spec.describe(), "x".join(map(str, data.input_shape)), scaled)
-
-
-def input_spec(model_cfg) -> InputSpec | None:
-    spec = builder_hook(model_cfg, "input_spec")
-    return spec(model_cfg) if spec is not None else None
 
 
 def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> list[SummaryRow]:

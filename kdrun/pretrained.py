@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, UserError
-from kdrun.store import sha256_file
+from kdrun.store import load_checkpoint, sha256_file
 
 log = logging.getLogger("kdrun")
 
@@ -81,67 +81,102 @@ def file_identity(value) -> str | None:
     return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def read_state_dict(value, key: str) -> dict[str, torch.Tensor]:
-    """The state dict in a weights file: safetensors, or a weights-only PyTorch file (a
-    plain state dict, a kdrun checkpoint or a training script's container)."""
+def read_state_dict(value, source: str, entries=STATE_KEYS) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file, read without running code: safetensors, or a
+    weights-only PyTorch file holding a plain state dict or a container of one (its
+    first entry of ``entries``: a kdrun checkpoint, a training script's dict). ``source``
+    (e.g. ``teacher.checkpoint=PATH``) starts every error line."""
     path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise UserError(f"{source}: " + ("a folder, not a weights file" if path.is_dir()
+                                         else "no such file"))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file  # comes with timm
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
     except ImportError as e:
-        raise UserError(f"{key}={value}: reading .safetensors needs the safetensors "
-                        f"package: pip install safetensors") from e
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{key}={value}: holds Python objects besides tensors (loading them "
-                        f"could run code); save a state_dict instead") from e
-    except Exception as e:  # truncated, or not a weights file at all
-        raise UserError(f"{key}={value}: not a loadable weights file "
+        raise UserError(f"{source}: reading .safetensors needs the safetensors package: "
+                        f"pip install safetensors") from e
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused an object
+        raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint (it holds "
+                        f"Python objects besides tensors, and loading those could run code; "
+                        f"save a state_dict instead)") from e
+    except Exception as e:  # truncated, or not a torch file at all
+        raise UserError(f"{source}: not a loadable weights-only PyTorch checkpoint "
                         f"({str(e).splitlines()[0][:120]})") from e
-    for name in STATE_KEYS:
+    for name in entries:
         if isinstance(state, dict) and isinstance(state.get(name), dict):
             state = state[name]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{key}={value}: expected a state dict (name -> tensor)")
+        raise UserError(f"{source}: expected a state dict (layer name -> tensor) or a "
+                        f"checkpoint holding one")
     return {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel's prefix
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, a model built for this data: the class head keeps
-    its fresh init where the file's has another class count, and the first convolution
-    takes the file's where only its input channels differ (summed over the file's
-    channels and spread over the data's: a gray image repeated on every channel gets the
-    response the weights give a gray RGB image). Any other mismatch is an error."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict that must fit ``model`` exactly, naming the first layer that
+    does not."""
     own = model.state_dict()
-    head, stem = _head_and_stem(model)
-    kept = {}
     for name, tensor in state.items():
         if name not in own:
             raise UserError(f"{source}: the file has a layer {name} that this model lacks "
                             f"(its first layers: {', '.join(list(own)[:5])}, ...): weights of "
                             f"another architecture?")
-        if own[name].shape == tensor.shape:
-            kept[name] = tensor
-        elif name.rpartition(".")[0] == head:
+        if own[name].shape != tensor.shape:
+            raise UserError(f"{source}: layer {name} has shape {list(tensor.shape)} in the "
+                            f"checkpoint but {list(own[name].shape)} in this model (made for "
+                            f"another architecture or class count?)")
+    missing = [name for name in own if name not in state]
+    if missing:
+        raise UserError(f"{source}: the file lacks layer {missing[0]} of this model "
+                        f"({len(missing)} missing)")
+    model.load_state_dict(state)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_weights`` for a model built for this data from weights made for other data:
+    the class head keeps its fresh init where the file's has another class count, and
+    the first convolution takes the file's where only its input channels differ (summed
+    over the file's channels and spread over the data's: a gray image repeated on every
+    channel gets the response the weights give a gray RGB image)."""
+    own = model.state_dict()
+    head, stem = _head_and_stem(model)
+    adapted = dict(state)
+    for name, tensor in state.items():
+        if name not in own or own[name].shape == tensor.shape:
+            continue
+        if name.rpartition(".")[0] == head:
+            adapted[name] = own[name]
             log.info("%s: the head %s keeps a fresh init (the file's has shape %s, this data "
                      "needs %s)", source, name, list(tensor.shape), list(own[name].shape))
         elif name == f"{stem}.weight" and tensor.shape[0] == own[name].shape[0] \
                 and tensor.shape[2:] == own[name].shape[2:]:
             channels = own[name].shape[1]
-            kept[name] = tensor.sum(1, keepdim=True).repeat(1, channels, 1, 1) / channels
+            adapted[name] = tensor.sum(1, keepdim=True).repeat(1, channels, 1, 1) / channels
             log.info("%s: first convolution adapted from %d to %d input channels", source,
                      tensor.shape[1], channels)
-        else:
-            raise UserError(f"{source}: layer {name} has shape {list(tensor.shape)} in the "
-                            f"file but {list(own[name].shape)} in this model")
-    missing = [name for name in own if name not in state]
-    if missing:
-        raise UserError(f"{source}: the file lacks layer {missing[0]} of this model "
-                        f"({len(missing)} missing)")
-    model.load_state_dict({**own, **kept})
+    load_weights(model, adapted, source)
+
+
+def load_file_into(model: nn.Module, path, source: str) -> None:
+    """``load_into`` with the state dict of a weights file (``weights=PATH``, a cached
+    pretrained file); ``source`` names it in errors."""
+    load_into(model, read_state_dict(path, source), source)
+
+
+def zoo_identity(library: str, pretrained_file: str | None, weights) -> dict:
+    """What a stage key holds about a zoo model besides its config: the library and its
+    version (they define the architecture), and the content of the weights it starts
+    from (the library's pretrained file, the user's file)."""
+    found = {"library": library}
+    if pretrained_file is not None:
+        found["pretrained_sha256"] = file_identity(pretrained_file)
+    if weights is not None:
+        found["weights_sha256"] = file_identity(weights)
+    return found
 
 
 def _head_and_stem(model: nn.Module) -> tuple[str, str]:

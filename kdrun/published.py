@@ -1,6 +1,7 @@
 """kdrun's CIFAR-100 benchmark results beside the published ones
-(``benchmarks/published.csv``: per teacher/student pair and method, the teacher,
-student-alone and distilled top-1 of the papers, with their source).
+(``kdrun/published.csv``, shipped with the package: per teacher/student pair and
+method, the teacher, student-alone and distilled top-1 of the papers, with their
+source).
 
 The papers report the best *test* accuracy over all epochs; kdrun reports the test
 accuracy at the best-*validation* epoch. Both are shown: kdrun's own figure, and kdrun's
@@ -15,7 +16,7 @@ import pandas as pd
 
 from kdrun.errors import UserError
 
-PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "published.csv"
+PUBLISHED_CSV = Path(__file__).with_name("published.csv")  # package data: found when installed
 COLUMNS = ("pair", "teacher", "student", "method", "teacher_acc", "student_acc",
            "distilled_acc", "spread", "source")
 NOTE = ("Published figures are the best test accuracy over epochs (a choice made on the "

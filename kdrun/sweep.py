@@ -16,6 +16,7 @@ it reads the files jobs left behind (Hydra does not hand job results to callback
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import statistics
@@ -52,8 +53,6 @@ def job_dirs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
 
 def failed_jobs(sweep_dir: Path) -> dict[str, str]:
     """Job folder (relative to the sweep) -> the one-line error of each job that failed."""
-    import json
-
     return {str(p.parent.relative_to(sweep_dir)): json.loads(p.read_text())["error"]
             for p in sorted(sweep_dir.rglob("failed.json"))
             if not (p.parent / "summary.csv").exists()}
@@ -175,7 +174,7 @@ def _std(values) -> float:
 
 def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``; with
-    ``published`` (a CSV like benchmarks/published.csv), report.md ends with the sweep's
+    ``published`` (a CSV like kdrun/published.csv), report.md ends with the sweep's
     results beside those figures (kdrun/published.py)."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
@@ -419,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--published", type=Path, nargs="?", const=PUBLISHED_CSV,
                         help="also put the results beside published ones (default: "
-                             "kdrun's benchmarks/published.csv, the CIFAR-100 benchmark)")
+                             "kdrun/published.csv, shipped with kdrun: the CIFAR-100 benchmark)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.sweep_dir, args.published)

@@ -20,12 +20,11 @@ from kdrun.models import MODELS, need_images
 from kdrun.pretrained import (
     InputSpec,
     check_weights_file,
-    file_identity,
     kwargs_rule,
-    load_into,
+    load_file_into,
     missing_weights,
-    read_state_dict,
     weights_rule,
+    zoo_identity,
 )
 
 RULES = {
@@ -61,7 +60,7 @@ def timm_model(input_shape, num_classes, name: str, pretrained: bool = False,
     except TypeError as e:  # a keyword the model does not take
         raise UserError(f"kwargs of timm model {name}: {e}") from e
     if weights is not None:
-        load_into(model, read_state_dict(weights, "weights"), f"weights={weights}")
+        load_file_into(model, weights, f"weights={weights}")
     return model
 
 
@@ -121,16 +120,9 @@ def check(model_cfg, prefix: str) -> None:
 
 
 def identity(model_cfg) -> dict:
-    """What a stage key holds besides the config: timm's version (it defines the
-    architecture) and the content of whatever weights the model starts from."""
-    timm = _timm()
-    found = {"library": f"timm {timm.__version__}"}
-    if model_cfg.get("pretrained"):
-        found["pretrained_sha256"] = file_identity(cached_weights(str(model_cfg.name),
-                                                                  "pretrained"))
-    if model_cfg.get("weights") is not None:
-        found["weights_sha256"] = file_identity(model_cfg.weights)
-    return found
+    pretrained = cached_weights(str(model_cfg.name), "pretrained") \
+        if model_cfg.get("pretrained") else None
+    return zoo_identity(f"timm {_timm().__version__}", pretrained, model_cfg.get("weights"))
 
 
 def input_spec(model_cfg) -> InputSpec | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import os
 
-import torch
 from torch import nn
 
 from kdrun.checks import boolean
@@ -25,13 +24,12 @@ from kdrun.pretrained import (
     InputSpec,
     adapt_stem,
     check_weights_file,
-    file_identity,
     hub_checkpoint,
     kwargs_rule,
-    load_into,
+    load_file_into,
     missing_weights,
-    read_state_dict,
     weights_rule,
+    zoo_identity,
 )
 
 RULES = {"name": lambda v: None if isinstance(v, str) and v else
@@ -86,14 +84,9 @@ def build(name: str, channels: int, num_classes: int, pretrained=False,
     adapt_stem(model, channels)
     if pretrained:
         tag, path = cached_weights(name, pretrained, "pretrained")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path}: not loadable ({str(e).splitlines()[0][:120]}); delete it "
-                            f"and fetch it again") from e
-        load_into(model, state, f"torchvision {tag}")
+        load_file_into(model, path, f"torchvision {tag} ({path})")
     if weights is not None:
-        load_into(model, read_state_dict(weights, "weights"), f"weights={weights}")
+        load_file_into(model, weights, f"weights={weights}")
     return model
 
 
@@ -133,18 +126,12 @@ def check(model_cfg, prefix: str) -> None:
 
 
 def identity(model_cfg) -> dict:
-    """What a stage key holds besides the config: torchvision's version (it defines
-    the architecture) and the content of whatever weights the model starts from."""
     import torchvision
 
-    found = {"library": f"torchvision {torchvision.__version__}"}
-    if model_cfg.get("pretrained"):
-        _, path = cached_weights(str(model_cfg.get("name", "resnet18")), model_cfg.pretrained,
-                                 "pretrained")
-        found["pretrained_sha256"] = file_identity(path)
-    if model_cfg.get("weights") is not None:
-        found["weights_sha256"] = file_identity(model_cfg.weights)
-    return found
+    pretrained = cached_weights(str(model_cfg.get("name", "resnet18")), model_cfg.pretrained,
+                                "pretrained")[1] if model_cfg.get("pretrained") else None
+    return zoo_identity(f"torchvision {torchvision.__version__}", pretrained,
+                        model_cfg.get("weights"))
 
 
 def input_spec(model_cfg) -> InputSpec | None:

@@ -45,6 +45,7 @@ def test_a_regular_install_lets_hydra_discover_the_batched_launcher(tmp_path):
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     assert (unpacked / "hydra_plugins" / "kdrun_batched_launcher" / "batched_launcher.py").is_file()
+    assert (unpacked / "kdrun" / "published.csv").is_file()  # kdrun-report --published's default
     assert not (unpacked / "hydra_plugins" / "__init__.py").exists()  # a namespace package
     scan = ("from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
             "print(sorted(c.__name__ for c in Plugins.instance().discover(Launcher)))")

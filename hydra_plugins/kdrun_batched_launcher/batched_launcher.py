@@ -101,27 +101,23 @@ def compose_each_job_once(config_loader) -> None:
 def reuse_composition(master_config: DictConfig, overrides: list[str], compose,
                       composed: dict) -> DictConfig:
     """``compose(master_config, overrides)``, from the composition of the job's overrides
-    less its plain value overrides when one exists (else made and kept)."""
+    less its plain value overrides (kdrun.cli.split_plain) when one exists (else made and
+    kept), given the job's values, task overrides and folder name as Hydra gives them."""
     from hydra._internal.config_loader_impl import get_overrides_dirname  # Hydra's own; if it
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
 
     # moves, the ImportError sends every job to a full composition
-    from omegaconf import OmegaConf
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdrun.cli import split_plain, with_values
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    plain = [o for o in parsed if o.type == OverrideType.CHANGE and o.package is None
-             and "." in o.key_or_group and "/" not in o.key_or_group
-             and not o.is_hydra_override() and not o.is_sweep_override()]
-    rest = tuple(o.input_line for o in parsed if o not in plain)
+    plain, rest = split_plain(parsed)
     if not plain:
         return compose(master_config, overrides)
     key = ("base", id(master_config), rest)
     if key not in composed:
         composed[key] = (master_config, compose(master_config, list(rest)))
-    cfg = copy.deepcopy(composed[key][1])
-    for override in plain:
-        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    cfg = with_values(composed[key][1], plain)
     app = [o for o in parsed if not o.is_hydra_override()]
     dirname = cfg.hydra.job.config.override_dirname
     with open_dict(cfg.hydra):
