@@ -75,10 +75,10 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
     """Raise NotBatchable when a model cannot train in a stacked group (or would train
     slower stacked than alone)."""
     for module in model.modules():
-        if device.type == "cpu" and isinstance(module, nn.modules.conv._ConvNd):
-            raise NotBatchable("it has convolutions, which run slower stacked than one model "
-                               "at a time on a CPU (measured: 2 stacked CNN teachers 2.2x "
-                               "slower); they batch on CUDA")
+        if device.type == "cpu" and isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            raise NotBatchable("it has 2-D convolutions, which run slower stacked than one "
+                               "model at a time on a CPU (measured: 6 CNNs on 3x32x32 inputs "
+                               "1.7x slower; on sequences, 1.7x faster); they batch on CUDA")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise NotBatchable("the model has batch norm (its statistics are per batch)")
         if isinstance(module, nn.Dropout) and module.p > 0:

@@ -201,8 +201,10 @@ def _train_pass(members: list[Member]) -> int:
 def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
     first = members[0]
     epochs = first.entry.material["epochs"]
-    log.info("batched launcher: training %d students as one stacked model (%s, epochs %d-%d)",
-             len(members), first.model_cfg.arch, (resume["epoch"] if resume else 0) + 1, epochs)
+    kind = "teacher" if first.role == "teacher" else "student"
+    log.info("batched launcher: training %d %s%s as one stacked model (%s, epochs %d-%d)",
+             len(members), kind, "s" if len(members) > 1 else "", first.model_cfg.arch,
+             (resume["epoch"] if resume else 0) + 1, epochs)
 
     def on_failure(member: Member, message: str) -> None:
         log.warning("batched launcher: %s; its job will train it alone and report it",

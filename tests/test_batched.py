@@ -97,6 +97,24 @@ def test_a_stacked_group_ends_where_each_member_alone_ends(clip):
         assert [r["split"] for r in rows[id(member)]] == ["train", "val", "test"] * 2
 
 
+def test_stacked_cnn_teachers_on_sequences_end_where_each_alone_ends():
+    """1-D convolutions batch on a CPU (vmap runs them as one grouped convolution): the
+    default pipeline's CNN teachers of a sweep over seed train as one model."""
+    cfg = make_config("split.max_train=1000")
+    data = load_data(cfg.dataset, cfg.split)
+    assert cfg.teacher.arch == "cnn" and len(data.input_shape) == 2  # Conv1d
+    members = [Member(entry=None, role="teacher", seed=seed, rng=seed, model_cfg=cfg.teacher,
+                      loss=CE(), teacher_logits=None, teacher_key=None, cfg=cfg, context=None,
+                      data=data, device=torch.device("cpu")) for seed in (0, 1)]
+    batched, _ = stacked(members, data, cfg.trainer, 2)
+    for member, result in zip(members, batched):
+        expected = alone(member, data, cfg.trainer, 2)
+        assert result.best_epoch == expected.best_epoch
+        for key, value in expected.best_state.items():
+            assert_same_weights(result.best_state[key], value, cfg.trainer.lr)
+        assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.11)
+
+
 def test_a_stacked_group_with_a_transfer_set_ends_where_each_member_alone_ends():
     cfg = make_config("split.max_train=600", "split.labeled=200", "dataset.unlabeled=300")
     data = load_data(cfg.dataset, cfg.split)
@@ -174,7 +192,7 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
                 "seed=0,1")
     # seed 1's teacher alone (seed 0's is the sequential run's); then the students not
     # trained yet: seed 1's scratch and the distilled of T=4 seed 0, T=2 and T=4 seed 1
-    assert "training 1 students as one stacked model (mlp, epochs 1-3)" in out.stdout
+    assert "training 1 teacher as one stacked model (mlp, epochs 1-3)" in out.stdout
     assert "training 4 students as one stacked model (mlp, epochs 1-3)" in out.stdout
     sweep = sweep_dir(tmp_path)
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
