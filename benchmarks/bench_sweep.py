@@ -53,6 +53,23 @@ def distilled_accuracies(root: Path) -> dict:
             for _, r in rows.iterrows()}
 
 
+def agreement(basic: dict, batched: dict) -> str:
+    """How far batched and basic accuracies are apart, next to how far one setting's two
+    seeds are apart within the basic sweep (the noise any single number carries)."""
+    differences = [batched[k] - basic[k] for k in basic]
+    seeds = sorted({k[2] for k in basic})
+    between_seeds = [basic[(T, a, seeds[1])] - basic[(T, a, seeds[0])]
+                     for T, a, s in basic if s == seeds[0]]
+    rms = lambda values: statistics.fmean(v * v for v in values) ** 0.5  # noqa: E731
+    mean_basic, mean_batched = statistics.mean(basic.values()), statistics.mean(batched.values())
+    return (f"largest difference: {max(map(abs, differences)):.2f} points; mean basic "
+            f"{mean_basic:.2f}, batched {mean_batched:.2f}; "
+            f"batched - basic {statistics.mean(differences):+.2f} +- "
+            f"{statistics.stdev(differences) / len(differences) ** 0.5:.2f} (standard error), "
+            f"rms {rms(differences):.2f}; one setting's seeds {seeds[0]} and {seeds[1]} differ "
+            f"by {rms(between_seeds):.2f} rms (basic)")
+
+
 def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
     kdrun = Path(sys.executable).with_name("kdrun")
     command = [str(kdrun), "-m", f"hydra/launcher={launcher}", *GRID,
@@ -88,9 +105,7 @@ def main() -> None:
     for key in sorted(basic):
         print(f"{'':42}{key[0]:>3g} {key[1]:>5g} {key[2]:>4d} {basic[key]:7.2f} "
               f"{batched[key]:8.2f}")
-    largest = max(abs(basic[k] - batched[k]) for k in basic)
-    print(f"largest difference: {largest:.2f} points; mean basic "
-          f"{statistics.mean(basic.values()):.2f}, batched {statistics.mean(batched.values()):.2f}")
+    print(agreement(basic, batched))
     median = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print(f"median over {args.runs} run(s): basic {median['basic']:.1f} s, batched "
           f"{median['batched']:.1f} s, ratio {median['basic'] / median['batched']:.2f}x "

@@ -76,9 +76,10 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
     slower stacked than alone)."""
     for module in model.modules():
         if device.type == "cpu" and isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            raise NotBatchable("it has 2-D convolutions, which run slower stacked than one "
-                               "model at a time on a CPU (measured: 6 CNNs on 3x32x32 inputs "
-                               "1.7x slower; on sequences, 1.7x faster); they batch on CUDA")
+            raise NotBatchable("it has 2-D convolutions, which train slower stacked than "
+                               "one model at a time on a CPU (benchmarks/bench_stacked.py: "
+                               "0.6x on 3x32x32 images; 1-D ones 1.1-1.7x faster); they "
+                               "batch on CUDA")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise NotBatchable("the model has batch norm (its statistics are per batch)")
         if isinstance(module, nn.Dropout) and module.p > 0:

@@ -188,7 +188,8 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
                plot_curves(metrics, best, sweep_dir / "curves.png")]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common,
-                     [f.name for f in figures if f is not None], failed_jobs(sweep_dir))
+                     [f.name for f in figures if f is not None], failed_jobs(sweep_dir),
+                     how_trained(summary))
     if published is not None:
         from kdrun.published import published_section
 
@@ -197,8 +198,24 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     return sweep_dir / "report.md"
 
 
+def how_trained(summary: pd.DataFrame) -> str | None:
+    """A sentence on how many of the sweep's stages trained in stacked batches and how
+    many alone, when any did stacked (their numbers agree with alone to rounding, not
+    bit for bit); None otherwise."""
+    if "trained_in" not in summary or "cache_key" not in summary:
+        return None
+    stages = summary.drop_duplicates("cache_key")
+    stacked = stages.trained_in.astype(str).str.startswith("a stacked batch")
+    if not stacked.any():
+        return None
+    return (f"Of its {len(stages)} stages, {int(stacked.sum())} trained in stacked batches "
+            f"(`hydra/launcher=batched`) and {int((~stacked).sum())} alone (`trained_in` in "
+            "summary.csv): stacked and alone compute the same maths in another summation "
+            "order, so their weights agree to rounding, not bit for bit.")
+
+
 def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures,
-              failed: dict[str, str]) -> str:
+              failed: dict[str, str], trained: str | None = None) -> str:
     keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
     if not swept:
         keys = ["method", "T", "alpha"]
@@ -224,6 +241,8 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     if common:
         lines += ["Common to every finished job: "
                   + ", ".join(f"`{k}={v}`" for k, v in common.items()) + ".", ""]
+    if trained:
+        lines += [trained, ""]
     lines += [
         "## Distillation gain per setting", "",
         "Accuracies in percent, test accuracy at the best-validation epoch. A setting is a "

@@ -206,7 +206,10 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
         assert len(metrics) == 3 * 3 * 3 and not metrics.duplicated(
             ["stage", "seed", "epoch", "split"]).any()
     summary = pd.read_csv(sweep / "summary.csv")
-    assert len(summary) == 12 and (sweep / "report.md").stat().st_size > 0
+    assert len(summary) == 12
+    # 2 teachers, 2 scratch and 4 distilled students: the sequential run's 3 alone
+    assert ("Of its 8 stages, 5 trained in stacked batches (`hydra/launcher=batched`) and 3 "
+            "alone") in (sweep / "report.md").read_text()
     trained_in = dict(zip(zip(summary.role, summary.seed, summary["loss.T"]),
                           summary.trained_in))
     assert trained_in[("distilled", 0, 2)] == "alone"  # the sequential run's, reused
@@ -234,6 +237,7 @@ def test_batched_and_sequential_sweeps_agree(tmp_path):
     difference = (basic.test_acc_best_val - batched.test_acc_best_val).abs()
     assert difference.max() <= 100 / 60 + 1e-6  # one of 60 test examples
     assert (basic.trained_in == "alone").all()
+    assert "stacked batches" not in (sweep_dir(tmp_path / "basic") / "report.md").read_text()
     assert batched.trained_in.str.startswith("a stacked batch of").all()  # teachers too
 
 
