@@ -7,8 +7,10 @@ default labelled data (dataset.unlabeled=0: no transfer set). Each sweep is one
 `kdrun -m` process, timed whole: interpreter start, teachers, students, every job's
 files and the sweep report. Prints per launcher the
 wall time, the students trained per second of it and the peak resident memory, then
-the ratio basic / batched; with --runs N, N rounds of both and the medians. Last, the
-distilled students' test accuracies of the last round, basic and batched side by side.
+the ratio basic / batched; with --runs N, N rounds of both and the medians. Then where
+the last batched sweep's time went, phase by phase, read from its log's timestamps. Last,
+the distilled students' test accuracies of the last round, basic and batched side by
+side, and how far apart they are next to how far one setting's two seeds are.
 
     python benchmarks/bench_sweep.py [--runs 3] [--epochs 30] [--device auto]
 """
@@ -16,7 +18,9 @@ distilled students' test accuracies of the last round, basic and batched side by
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -31,15 +35,21 @@ STUDENTS = 2 + 24  # scratch (one per seed) + distilled (one per job)
 # Runs one sweep as a child process and prints its wall time and the child's peak RSS.
 TIMED_CHILD = """
 import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                      text=True)
+started, t0 = time.time(), time.perf_counter()
+code = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 seconds = time.perf_counter() - t0
 if code.returncode:
     sys.exit(code.stderr[-2000:])
 rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
+print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "started": started,
+                  "log": code.stdout}))
 """
+# The batched launcher's log lines that start a phase, and the phase each starts
+PHASES = {"Launching": "planning every job (and torch's first optimiser: ~0.8 s of imports)",
+          "training": None,  # the line itself names the group: "training 26 students ..."
+          "running the jobs": "the jobs' own runs: each job's files",
+          "sweep report": "the sweep report, then exit"}
+HYDRA_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] (.*)$")
 
 
 def distilled_accuracies(root: Path) -> dict:
@@ -70,6 +80,23 @@ def agreement(basic: dict, batched: dict) -> str:
             f"by {rms(between_seeds):.2f} rms (basic)")
 
 
+def phases(result: dict) -> list[tuple[float, str]]:
+    """The sweep's wall time split at the phase lines of its log: (seconds, phase)."""
+    marks = [(result["started"], "starting Python, importing, Hydra composing the sweep")]
+    for line in result["log"].splitlines():
+        match = HYDRA_LINE.match(line)
+        if not match:
+            continue
+        stamp, message = match.groups()
+        for marker, phase in PHASES.items():
+            if marker in message:
+                when = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                marks.append((when, phase or message.split(": ", 1)[-1]))
+                break
+    ends = [when for when, _ in marks[1:]] + [result["started"] + result["seconds"]]
+    return [(end - when, phase) for (when, phase), end in zip(marks, ends)]
+
+
 def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
     kdrun = Path(sys.executable).with_name("kdrun")
     command = [str(kdrun), "-m", f"hydra/launcher={launcher}", *GRID,
@@ -79,7 +106,7 @@ def run_sweep(launcher: str, epochs: int, device: str, root: Path) -> dict:
                          text=True, check=False)
     if out.returncode:
         sys.exit(f"{launcher} sweep failed:\n{out.stderr}")
-    return {**json.loads(out.stdout), "accuracies": distilled_accuracies(root)}
+    return {**json.loads(out.stdout.splitlines()[-1]), "accuracies": distilled_accuracies(root)}
 
 
 def main() -> None:
@@ -100,6 +127,9 @@ def main() -> None:
                   f"peak RSS {result['rss_mb']:6.0f} MB  (started {started})", flush=True)
         ratio = results["basic"][-1]["seconds"] / results["batched"][-1]["seconds"]
         print(f"run {run + 1} basic / batched wall time: {ratio:.2f}x", flush=True)
+    print("\nwhere the last batched sweep's time went (from its log's timestamps):")
+    for seconds, phase in phases(results["batched"][-1]):
+        print(f"  {seconds:6.1f} s  {phase}")
     print("\ndistilled test accuracy (%), last round:   T  alpha seed   basic  batched")
     basic, batched = (results[k][-1]["accuracies"] for k in ("basic", "batched"))
     for key in sorted(basic):
