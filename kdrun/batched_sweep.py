@@ -32,7 +32,7 @@ from kdrun.schemes import SCHEMES
 from kdrun.stages import Stages, finish_stage
 from kdrun.store import RunDir, load_sealed, save_sealed
 from kdrun.summary_row import StageResult, SummaryRow
-from kdrun.train import CachedLogits
+from kdrun.train import CachedLogits, LiveTeacher
 from kdrun.validate import validate
 
 log = logging.getLogger("kdrun")
@@ -50,8 +50,8 @@ class PlannedStages(Stages):
 
     def __init__(self, cfg: DictConfig, data: Data, device, run_dir: RunDir):
         super().__init__(cfg, data, device, run_dir)
-        if not data.train.in_memory or self.augment is not None:
-            raise NotBatchable("its data is augmented or read from disk (each batch differs)")
+        if not data.train.in_memory:
+            raise NotBatchable("its data is read from disk (a DataLoader per run)")
         self.planned: list[Member] = []
 
     def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng,
@@ -61,12 +61,10 @@ class PlannedStages(Stages):
                                   rng=rng)
         if role not in ("scratch", "distilled") or model_cfg.arch == "cohort":
             raise NotBatchable(f"scheme={self.cfg.scheme.name} trains a {role} stage of its own")
-        if teacher is not None and not isinstance(teacher, CachedLogits):
-            raise NotBatchable("its teacher runs on every batch (trainer.cache_teacher_logits"
-                               "=false, or a loss that reads features)")
+        if isinstance(teacher, LiveTeacher) and teacher.tap is not None:
+            raise NotBatchable("its loss reads the teacher's features")
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
-        self.plan(entry, role, seed, rng, model_cfg, make_loss,
-                  teacher.logits if teacher is not None else None, extra.get("teacher"),
+        self.plan(entry, role, seed, rng, model_cfg, make_loss, teacher, extra.get("teacher"),
                   data or self.data)
         placeholder = SummaryRow.evaluated_teacher(
             self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
@@ -76,7 +74,7 @@ class PlannedStages(Stages):
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
 
-    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher_logits, teacher_key,
+    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher, teacher_key,
              data: Data):
         """List the stage, which trains on ``data`` (with a transfer set, a distilled
         student's differs from a scratch one's: they group apart, as their keys do), as a
@@ -89,8 +87,10 @@ class PlannedStages(Stages):
                                     role), loss, self.tcfg, self.device)
         self.planned.append(Member(
             entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
-            teacher_logits=teacher_logits, teacher_key=teacher_key, cfg=self.cfg,
-            context=self.row_context, data=data, device=self.device))
+            teacher_logits=teacher.logits if isinstance(teacher, CachedLogits) else None,
+            live_teacher=teacher if isinstance(teacher, LiveTeacher) else None,
+            teacher_key=teacher_key, cfg=self.cfg, context=self.row_context, data=data,
+            device=self.device))
 
 
 class PlannedTeachers(PlannedStages):
@@ -156,7 +156,10 @@ def group_members(members: list[Member]) -> list[list[Member]]:
     """Members whose stage keys agree but for the PER_MEMBER fields: same data, split,
     student, trainer settings, epochs and numerics. A stage two jobs share is kept once."""
     groups: dict[str, dict[str, Member]] = defaultdict(dict)
+    live: dict[str, LiveTeacher] = {}  # each job loaded its teacher: keep one per teacher
     for member in members:
+        if member.live_teacher is not None:
+            member.live_teacher = live.setdefault(member.teacher_key, member.live_teacher)
         shared = {k: v for k, v in member.entry.material.items() if k not in PER_MEMBER}
         groups[json.dumps(shared, sort_keys=True)].setdefault(member.entry.key, member)
     return [list(group.values()) for group in groups.values()]

@@ -1,6 +1,7 @@
 """hydra/launcher=batched: students trained as one stacked model end where each would
 end trained alone, and a batched sweep writes what a sequential one writes."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from kdrun import pipeline
+from kdrun.augment import make_augment
 from kdrun.batched import Member, StackedLosses, train_group
 from kdrun.data import load_data
 from kdrun.labels import UNLABELED
@@ -17,7 +19,7 @@ from kdrun.losses import CE, DIST, DKD, KD
 from kdrun.losses.standardized import LogitStandardKD
 from kdrun.models import build_model
 from kdrun.store import load_checkpoint
-from kdrun.train import CachedLogits, fit
+from kdrun.train import CachedLogits, LiveTeacher, fit
 from tests.helpers import KDRUN, make_config
 
 # Weights of a batched member and of the same student trained alone, after 2 epochs:
@@ -59,9 +61,11 @@ def alone(member, data, tcfg, epochs, rows=None):
     model = build_model(member.model_cfg, data.input_shape, data.num_classes)
     loss = type(member.loss)(**{k: v for k, v in vars(member.loss).items()
                                 if k in ("T", "alpha")})
-    teacher = CachedLogits(member.teacher_logits) if member.teacher_logits is not None else None
+    teacher = CachedLogits(member.teacher_logits) if member.teacher_logits is not None else \
+        member.live_teacher
+    augment = make_augment(member.cfg.dataset.get("augment"), data.input_shape)
     return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.rng,
-               device=torch.device("cpu"), teacher=teacher, progress=False,
+               device=torch.device("cpu"), teacher=teacher, augment=augment, progress=False,
                on_epoch=lambda r, snapshot: rows.extend(r) if rows is not None else None)
 
 
@@ -113,6 +117,29 @@ def test_stacked_cnn_teachers_on_sequences_end_where_each_alone_ends():
         for key, value in expected.best_state.items():
             assert_same_weights(result.best_state[key], value, cfg.trainer.lr)
         assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.11)
+
+
+def test_stacked_students_of_a_teacher_run_on_their_augmented_batches_end_as_alone():
+    """With augmentation the teacher sees each student's augmented batch, so it runs on
+    every batch (LiveTeacher): once per step for all its members' batches together."""
+    cfg = make_config("dataset=digits", "student=cnn", "student.channels=[8]",
+                      "student.kernel_size=3", "student.hidden=[]",
+                      "dataset.augment.crop_padding=1", "dataset.augment.hflip=true")
+    data = load_data(cfg.dataset, cfg.split)
+    torch.manual_seed(5)
+    teacher = LiveTeacher(build_model(cfg.teacher, data.input_shape, data.num_classes),
+                          contextlib.nullcontext)
+    members = [Member(entry=None, role="distilled", seed=seed, rng=seed, model_cfg=cfg.student,
+                      loss=KD(T=T, alpha=0.9), teacher_logits=None, teacher_key="t", cfg=cfg,
+                      context=None, data=data, device=torch.device("cpu"), live_teacher=teacher)
+               for seed in (0, 1) for T in (2.0, 4.0)]
+    batched, _ = stacked(members, data, cfg.trainer, 2)
+    for member, result in zip(members, batched):
+        expected = alone(member, data, cfg.trainer, 2)
+        assert result.best_epoch == expected.best_epoch
+        for key, value in expected.best_state.items():
+            assert_same_weights(result.best_state[key], value, cfg.trainer.lr)
+        assert result.test_acc_best_val == pytest.approx(expected.test_acc_best_val, abs=0.3)
 
 
 def test_a_stacked_group_with_a_transfer_set_ends_where_each_member_alone_ends():
