@@ -88,8 +88,9 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
                                "batch on CUDA")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise NotBatchable("the model has batch norm (stacked, its members drifted from "
-                               "themselves trained alone by 1e-3 within an epoch on augmented "
-                               "images with one CPU thread, a cause not pinned down yet)")
+                               "themselves trained alone by 1e-3 within an epoch on randomly "
+                               "flipped images with one CPU thread, a cause not pinned down "
+                               "yet)")
         if isinstance(module, nn.Dropout) and module.p > 0:
             raise NotBatchable("the model has dropout (its masks would differ from a "
                                "sequential run's)")
