@@ -33,6 +33,20 @@ def test_cnn_is_1d_for_sequences_and_2d_for_images(shape):
     assert m(torch.zeros(2, *shape)).shape == (2, 7)
 
 
+def test_cnn_with_batch_norm_down_to_1x1_maps_builds_and_keeps_other_models_init():
+    """kdrun's default CNN (strides 2) on 8x8 digits ends in 1x1 maps: its shape probe,
+    one example in training mode, gave batch norm one value per channel (a traceback).
+    It now probes that model in eval mode; a model whose probe worked keeps the running
+    statistics the training-mode probe leaves (cached stages started from them)."""
+    spec = dict(arch="cnn", channels=[32, 32, 32], kernel_size=[5, 3, 3], stride=2,
+                batch_norm=True)
+    tiny = build_model(cfg(**spec), (1, 8, 8), 10)
+    assert tiny.training and tiny(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+    assert tiny.bn0.num_batches_tracked == tiny.bn2.num_batches_tracked == 1  # not the probe
+    big = build_model(cfg(**spec), (1, 28, 28), 10)
+    assert big.bn0.num_batches_tracked == 1 and big.bn0.running_var.ne(1).any()
+
+
 def test_mnist1d_cnn_matches_the_papers_size():
     """Greydanus' 25-channel ConvBase has about 5k parameters."""
     m = build_model(cfg(arch="cnn", channels=[25, 25, 25], kernel_size=[5, 3, 3], stride=2),
