@@ -84,7 +84,7 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
         if device.type == "cpu" and isinstance(module, (nn.Conv2d, nn.Conv3d)):
             raise NotBatchable("it has 2-D convolutions, which train slower stacked than "
                                "one model at a time on a CPU (benchmarks/bench_stacked.py: "
-                               "0.6x on 3x32x32 images; 1-D ones 1.1-1.7x faster); they "
+                               "0.7x on 3x32x32 images; 1-D ones 1.1-1.9x faster); they "
                                "batch on CUDA")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise NotBatchable("the model has batch norm (stacked, its members drifted from "

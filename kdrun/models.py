@@ -113,14 +113,15 @@ def cnn(
     layers["flatten"] = nn.Flatten()
     body = nn.Sequential(layers)
     with torch.no_grad():
-        untouched = {k: v.clone() for k, v in body.state_dict().items()}
         try:
             width = body(torch.zeros(1, *input_shape)).shape[1]
         except ValueError:  # batch norm on 1x1 maps: one example has a single value per
-            # channel, too few in training mode. Only then probe in eval mode, from the
-            # untouched statistics (probing so always would change the running statistics
-            # every other model starts from, and the cached stages that started from them)
-            body.load_state_dict(untouched)
+            # channel, too few in training mode. Only then probe in eval mode, from fresh
+            # statistics (probing so always would change the running statistics every
+            # other model starts from, and the cached stages that started from them)
+            for module in body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
             width = body.eval()(torch.zeros(1, *input_shape)).shape[1]
             body.train()
     for i, h in enumerate(hidden):

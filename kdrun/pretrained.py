@@ -56,14 +56,19 @@ class InputSpec:
         return f"{self.source} expects {size} inputs, mean ({mean}), std ({std})"
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a weights file, or None when it is a file."""
+    if path.is_file():
+        return None
+    return "a folder, not a weights file" if path.is_dir() else \
+        "no such file (a .pt/.pth/.bin checkpoint or a .safetensors file)"
+
+
 def check_weights_file(value, key: str) -> None:
     """``weights=PATH`` names a readable file (checked before anything trains)."""
-    if value is None:
-        return
-    path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise ConfigError(key, value, "a folder, not a weights file" if path.is_dir() else
-                          "no such file (a .pt/.pth/.bin checkpoint or a .safetensors file)")
+    problem = None if value is None else not_a_file(Path(str(value)).expanduser())
+    if problem:
+        raise ConfigError(key, value, problem)
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,9 +92,9 @@ def read_state_dict(value, source: str, entries=STATE_KEYS) -> dict[str, torch.T
     first entry of ``entries``: a kdrun checkpoint, a training script's dict). ``source``
     (e.g. ``teacher.checkpoint=PATH``) starts every error line."""
     path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise UserError(f"{source}: " + ("a folder, not a weights file" if path.is_dir()
-                                         else "no such file"))
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"{source}: {problem}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file  # comes with timm

@@ -20,6 +20,7 @@ from kdrun.models import MODELS, need_images
 from kdrun.pretrained import (
     InputSpec,
     check_weights_file,
+    hub_checkpoint,
     kwargs_rule,
     load_file_into,
     missing_weights,
@@ -91,8 +92,6 @@ def cached_weights(name: str, key: str) -> str:
         where = os.path.join(constants.HF_HUB_CACHE,
                              "models--" + cfg.hf_hub_id.replace("/", "--"))
     else:
-        from kdrun.pretrained import hub_checkpoint
-
         where = hub_checkpoint(cfg.url)
         if os.path.isfile(where):
             return where
