@@ -21,8 +21,9 @@ install: $(STAMP) ## create .venv if absent and install kdrun with its dev tools
 
 run: $(STAMP) ## run the default pipeline (MNIST-1D, offline, well under a minute on 2 CPU cores)
 	$(BIN)/kdrun
+	@echo "kdrun is installed in $(VENV): run 'source $(BIN)/activate' to put kdrun on your PATH, then try: kdrun -m loss.T=2,4"
 
-sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 student seeds, ~80 s on 2 CPU cores)
+sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 student seeds, students trained stacked; ~25 s on 2 CPU cores)
 	$(BIN)/kdrun -m loss.T=1,2,4 loss.alpha=0.5,0.9
 
 bench: $(STAMP) ## kdrun's epochs vs the seed notebook's loop, side by side (a few minutes on CPU)

@@ -37,6 +37,7 @@ from kdrun.data import Data
 from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import build_model, eval_mode
+from kdrun.precision import widen, working_dtype
 from kdrun.summary_row import RowContext
 from kdrun.train import (
     AUGMENT_SEED_OFFSET,
@@ -111,8 +112,8 @@ class StackedLosses:
     tensors; a loss that vmap cannot run (e.g. boolean-mask indexing) is called member
     by member."""
 
-    def __init__(self, losses: list[DistillationLoss], device):
-        self.device = device
+    def __init__(self, losses: list[DistillationLoss], device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype  # the settings' dtype: the logits'
         groups: dict[tuple, list[int]] = {}
         for i, loss in enumerate(losses):
             fixed = tuple(sorted((k, repr(v)) for k, v in vars(loss).items()
@@ -131,7 +132,8 @@ class StackedLosses:
         for loss in self.losses:
             loss.start_epoch(epoch)
         self.settings = [
-            {k: torch.tensor([vars(self.losses[i])[k] for i in members], device=self.device)
+            {k: torch.tensor([vars(self.losses[i])[k] for i in members], device=self.device,
+                             dtype=self.dtype)
              for k, v in vars(self.losses[members[0]]).items()
              if not k.startswith("_") and _is_float(v)}
             for members in self.groups]
@@ -139,7 +141,7 @@ class StackedLosses:
     def __call__(self, logits, teacher, labels) -> torch.Tensor:
         if self.index[0] is None:
             return self._group(0, logits, teacher, labels)
-        out = torch.empty(len(self.losses), device=logits.device)
+        out = logits.new_empty(len(self.losses))
         for g, idx in enumerate(self.index):
             values = self._group(g, logits[idx], None if teacher is None else teacher[idx],
                                  labels[idx])
@@ -211,8 +213,11 @@ class _StackedGroup:
         self.base = copy.deepcopy(self.models[0]).to("meta")
         params, self.buffers = stack_module_state(self.models)
         self.state_keys = list(self.models[0].state_dict())  # a state dict's order
-        self.params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
-        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self.dtype = dtype = working_dtype(tcfg)  # float64 with trainer.float64, as fit trains
+        self.params = {k: v.detach().to(device, dtype).requires_grad_()
+                       for k, v in params.items()}
+        self.buffers = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                        for k, v in self.buffers.items()}
         self.optimizer = make_optimizer(self.params.values(), tcfg, device)
         self.schedule = make_schedule(self.optimizer, tcfg, epochs)
         self.orders = [torch.Generator().manual_seed(m.rng) for m in members]
@@ -222,18 +227,19 @@ class _StackedGroup:
             if data.train.in_memory else None
         self.augment_rngs = [torch.Generator().manual_seed(m.rng + AUGMENT_SEED_OFFSET)
                              for m in members]
-        self.train, self.val, self.test = (s.to(device) for s in (data.train, data.val, data.test))
+        self.train, self.val, self.test = (s.to(device, dtype)
+                                           for s in (data.train, data.val, data.test))
         # training accuracy is over the labelled examples (a transfer set's have no label)
         self.labeled = int((data.train.y != UNLABELED).sum())
         for member in members:  # a transfer set's examples: the hard-label term is masked
             member.loss.all_labelled = self.labeled == len(data.train)
-        self.teachers, self.teacher_of = _stack_teachers(members, device)
-        self.live_teachers = _live_teachers(members, device)
+        self.teachers, self.teacher_of = _stack_teachers(members, device, dtype)
+        self.live_teachers = _live_teachers(members, device, dtype)
         self.alive = [True] * len(members)
         self.progress = [new_progress() for _ in members]
         self.start_epoch = 0
         self.forward = vmap(self._forward_one)
-        self.losses = StackedLosses([m.loss for m in members], device)
+        self.losses = StackedLosses([m.loss for m in members], device, dtype)
         self.autocast = configure_device(tcfg, device)
 
     def _forward_one(self, params, buffers, x):
@@ -275,7 +281,7 @@ class _StackedGroup:
 
     def _train_epoch(self):
         m, n, size = len(self.members), len(self.train), self.tcfg.batch_size
-        sums = torch.zeros(m, device=self.device)
+        sums = torch.zeros(m, device=self.device, dtype=self.dtype)
         correct = torch.zeros(m, dtype=torch.long, device=self.device)
         bad_steps = []
         # the same permutations epoch_batches draws for each member's seed
@@ -286,7 +292,7 @@ class _StackedGroup:
             if self.augment is not None:
                 xb = torch.stack([self.augment(x, g) for x, g in zip(xb, self.augment_rngs)])
             with self.autocast():
-                logits = self.forward(self.params, self.buffers, xb).float()
+                logits = widen(self.forward(self.params, self.buffers, xb))
             teacher = self._teacher_logits(idx, xb)
             losses = self.losses(logits, teacher, yb)
             self.optimizer.zero_grad(set_to_none=True)
@@ -405,16 +411,18 @@ def member_optimizer_state(stacked: dict, i: int) -> dict:
     return {"state": state, "param_groups": copy.deepcopy(stacked["param_groups"])}
 
 
-def _live_teachers(members: list[Member], device) -> list[tuple[LiveTeacher, torch.Tensor]]:
+def _live_teachers(members: list[Member], device,
+                   dtype: torch.dtype) -> list[tuple[LiveTeacher, torch.Tensor]]:
     """Each distinct teacher run on every batch, with the indices of its members."""
     found: dict[str, tuple[LiveTeacher, list[int]]] = {}
     for i, member in enumerate(members):
         if member.live_teacher is not None:
-            found.setdefault(member.teacher_key, (member.live_teacher.to(device), []))[1].append(i)
+            found.setdefault(member.teacher_key,
+                             (member.live_teacher.to(device, dtype), []))[1].append(i)
     return [(live, torch.tensor(index, device=device)) for live, index in found.values()]
 
 
-def _stack_teachers(members: list[Member], device):
+def _stack_teachers(members: list[Member], device, dtype: torch.dtype):
     """The distinct teachers' logits stacked (teachers, examples, classes), and each
     member's teacher index; (None, None) when no member reads a teacher."""
     distinct: list[torch.Tensor] = []
@@ -430,5 +438,5 @@ def _stack_teachers(members: list[Member], device):
         index.append(keys.index(member.teacher_key))
     if not distinct:
         return None, None
-    return torch.stack(distinct).to(device), torch.tensor(index, device=device)
+    return torch.stack(distinct).to(device, dtype), torch.tensor(index, device=device)
 

@@ -20,6 +20,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from kdrun.batched import Member, NotBatchable, check_batchable, train_group
@@ -27,7 +28,9 @@ from kdrun.data import Data
 from kdrun.errors import UserError
 from kdrun.losses import CE
 from kdrun.models import build_model
-from kdrun.pipeline import prepare
+from kdrun.pipeline import prepare, set_threads
+from kdrun.provenance import run_keys
+from kdrun.report import MetricLogs, MetricsLog
 from kdrun.schemes import SCHEMES
 from kdrun.stages import Stages, finish_stage
 from kdrun.store import RunDir, load_sealed, save_sealed
@@ -70,6 +73,10 @@ class PlannedStages(Stages):
             self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
             train_seconds=0.0, reused=False).as_role(role)
         return StageResult(placeholder, entry)
+
+    def open_metric_logs(self) -> MetricLogs:
+        """A plan's own metrics.csv only: the job's run, later, logs to TensorBoard or MLflow."""
+        return MetricLogs([MetricsLog(self.run_dir.metrics_csv, run_keys(self.cfg))])
 
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
@@ -214,6 +221,8 @@ def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
                     message)
 
     state_path.parent.mkdir(parents=True, exist_ok=True)
+    set_threads(first.cfg)  # jobs of other thread counts may share a group: the first's
+    threads = {"threads": torch.get_num_threads()}  # what each member's row records
     results = train_group(members, first.data, first.cfg.trainer, epochs, first.device,
                           lambda member, rows: member.entry.append_rows(rows), on_failure,
                           resume=resume, save_state=lambda state: save_sealed(state_path, state))
@@ -224,7 +233,8 @@ def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
         model, fit_result = result
         finish_stage(member.entry, model, member.loss, fit_result, role=member.role,
                      seed=member.seed, rng=member.rng, model_cfg=member.model_cfg,
-                     data=member.data, cfg=member.cfg, context=member.context,
+                     data=member.data, cfg=member.cfg,
+                     context=member.context.with_provenance(threads),
                      trained_in=f"a stacked batch of {len(members)}")
         finished += 1
     state_path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from importlib.resources import files
@@ -77,8 +78,8 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def fit_to_launcher(cfg: DictConfig, hydra_cfg) -> None:
-    """The job's CPU threads and device, as its launcher runs it (both are in its stage
-    keys, so the batched launcher's planning applies this too)."""
+    """The job's CPU threads and device, as its launcher runs it (the batched launcher's
+    planning applies this too: the device is in every stage key)."""
     if cfg.num_threads is None:
         cfg.num_threads = threads_per_job(hydra_cfg)
     cfg.device = device_for_job(cfg.device, hydra_cfg)
@@ -330,7 +331,11 @@ def _unknown_key_message(message: str, job: list[str], compose) -> str | None:
 def _hydra_message_on_one_line(message: str) -> str:
     noise = ("full_key:", "object_type", "reference_type", "Set the environment variable")
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    return "; ".join(ln for ln in lines if not ln.startswith(noise))
+    text = "; ".join(ln for ln in lines if not ln.startswith(noise))
+    if re.search(r"=~", message):  # the shell expands ~ only at the start of a word
+        text += ("; a ~ after '=' is not expanded by the shell, and Hydra cannot parse it: "
+                 "write $HOME/... or a relative path")
+    return text
 
 
 if __name__ == "__main__":

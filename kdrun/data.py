@@ -64,8 +64,9 @@ class Split:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def to(self, device) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> Split:
+        """On ``device``; the inputs in ``dtype`` when given (trainer.float64)."""
+        return Split(self.x.to(device, dtype), self.y.to(device))
 
     def joined(self, other: Split) -> Split:
         """This split's examples, then ``other``'s."""

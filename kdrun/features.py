@@ -14,6 +14,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models import eval_mode
+from kdrun.precision import widen
 
 
 class FeatureTap:
@@ -52,8 +53,8 @@ class FeatureTap:
         return self._values[0] if self.single else list(self._values)
 
     def read_float(self):
-        """``value`` in float32 (under autocast a feature may be bf16)."""
-        return self._values[0].float() if self.single else [v.float() for v in self._values]
+        """``value`` in at least float32 (under autocast a feature may be bf16)."""
+        return widen(self._values[0]) if self.single else [widen(v) for v in self._values]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -65,7 +66,8 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
     a list of shapes for a list of layers."""
     tap = FeatureTap(model, layer, key)
     with eval_mode(model):
-        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+        weight = next(model.parameters())
+        model(torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
     tap.remove()
     if tap.single:
         return tuple(tap.value.shape[1:])

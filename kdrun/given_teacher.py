@@ -41,12 +41,13 @@ def evaluate_given_teacher(stages: Stages, model_cfg) -> StageResult:
     path = Path(model_cfg.checkpoint).expanduser()
     weights = WEIGHTS[stages.tcfg.distill_from]
     data, device = stages.data, stages.device
-    model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights).to(device)
+    model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights).to(
+        device, stages.dtype)
     entry = StageEntry(stages.cache_root, given_teacher_material(
         stages.cfg, model_cfg, sha256_file(path), weights, stages.numerics, stages.data_digest))
     with entry.lock():
         entry.record_given(str(path))  # so that files computed from it are tracked
-    val_acc, test_acc = (evaluate(model, s.to(device), stages.tcfg.eval_batch_size)[1]
+    val_acc, test_acc = (evaluate(model, s.to(device, stages.dtype), stages.tcfg.eval_batch_size)[1]
                          if len(s) else float("nan") for s in (data.val, data.test))
     stages.events.write("given", "teacher", stages.cfg.seed, entry.key, checkpoint=str(path))
     row = SummaryRow.evaluated_teacher(

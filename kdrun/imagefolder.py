@@ -49,9 +49,11 @@ class FolderSplit:
 
     in_memory = False
 
-    def __init__(self, files, labels, transform, image_size: int, workers: int, device="cpu"):
+    def __init__(self, files, labels, transform, image_size: int, workers: int, device="cpu",
+                 dtype: torch.dtype | None = None):
         self.files, self.labels, self.transform = files, labels, transform
         self.image_size, self.workers, self.device = image_size, workers, torch.device(device)
+        self.dtype = dtype  # of the inputs it yields; None: as read (float32)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -70,9 +72,9 @@ class FolderSplit:
             digest.update(f"{path.name}\0{label}\0".encode())
             digest.update(path.read_bytes())
 
-    def to(self, device) -> FolderSplit:
+    def to(self, device, dtype: torch.dtype | None = None) -> FolderSplit:
         return FolderSplit(self.files, self.labels, self.transform, self.image_size,
-                           self.workers, device)
+                           self.workers, device, dtype)
 
     def joined(self, other: FolderSplit) -> FolderSplit:
         """This split's images, then ``other``'s, read with this split's transform."""
@@ -86,7 +88,7 @@ class FolderSplit:
                             num_workers=self.workers, generator=generator,
                             pin_memory=self.device.type == "cuda")
         for x, y, idx in loader:
-            yield (idx.to(self.device), x.to(self.device, non_blocking=True),
+            yield (idx.to(self.device), x.to(self.device, self.dtype, non_blocking=True),
                    y.to(self.device, non_blocking=True))
 
 

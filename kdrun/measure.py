@@ -47,8 +47,8 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
     x = torch.randn(batch, *input_shape, device=device)
     times = {name: [] for name in models}
     with torch.no_grad():
-        for model in models.values():
-            model.to(device).eval()
+        for model in models.values():  # timed as deployed: float32, whatever it trained in
+            model.to(device, torch.float32).eval()
         for i in range(warmup + repeats):
             for name, model in models.items():
                 t0 = time.perf_counter()

@@ -86,7 +86,9 @@ class MlflowLog:
         self.experiment = experiment_id(self.client, cfg.logger.experiment)
         sweep = sweep_dir()
         parent = parent_run(self.client, self.experiment, sweep) if sweep else None
-        job = config_hash(cfg) + (f"@{sweep}" if sweep else "")
+        # a sweep's job is its folder: two jobs may differ only in settings outside the
+        # config hash (num_threads=1,2)
+        job = config_hash(cfg) + (f"@{Path(run_root).resolve()}" if sweep else "")
         found = find_run(self.client, self.experiment, JOB_TAG, job)
         if found is None:
             tags = {JOB_TAG: job, "kdrun.run_dir": str(Path(run_root).resolve())}

@@ -75,12 +75,17 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
 
 def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
-    """The run's device, its CPU thread count (part of every stage key), and its data."""
+    """The run's device, its CPU thread count (recorded in every row), and its data."""
     device = pick_device(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
+    set_threads(cfg)
     spec = model_input_spec(cfg) if cfg.dataset.get("normalize") == "model" else None
     return device, load_data(cfg.dataset, cfg.split, spec and (spec.mean, spec.std))
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """``num_threads`` CPU threads for torch (at most the cores); torch's default when null."""
+    if cfg.num_threads:
+        torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
 
 
 def model_input_spec(cfg: DictConfig) -> InputSpec:

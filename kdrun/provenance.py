@@ -1,21 +1,31 @@
-"""What decides a result: the settings in a stage's cache key, the one list of settings
-that cannot change any trained number, and the numerics a stage really ran with.
+"""What decides a result: the settings in a stage's cache key, the settings kept out
+of it (those that cannot change any number, and those that change only the order of
+floating-point operations), and the arithmetic a stage really ran with.
 
-A stage is reused only when a fresh computation would give the same numbers, so its
-key holds everything else: data content, split, model, loss, the trainer's settings,
-the numerics below (device type, precision, fused or not, threads...) and the torch
-version. ``tests/test_provenance.py`` flips every entry of ``NO_EFFECT`` and checks
-that the stage is reused *and* that a fresh computation gives bit-identical weights.
+The reuse rule: a stage key holds what defines the computation up to floating-point
+rounding: data content, split and label budget, the model and its weights' identity,
+the loss, optimiser, schedule, epochs and seeds, the teacher's key and targets, the
+precision as resolved (fp64 / fp32 / tf32 / bf16 autocast), the device type and the
+torch version. What only reorders the arithmetic (``ROUNDING_ONLY``: threads, the
+processor, trained alone or stacked, fused kernels, evaluation chunks...) is recorded
+in every summary row, not keyed: bit-identity across those is impossible anyway
+(another CPU gives other bits), so keying on them buys no truth and costs reuse.
+``tests/test_provenance.py`` flips every entry of ``NO_EFFECT`` (bit-identical
+weights) and of ``ROUNDING_ONLY`` (the same key; in float64, weights within a stated
+bound).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.precision import resolved_precision
 from kdrun.train import fused_kernel_exists
 
 # Settings that cannot change a trained weight or an accuracy: left out of stage keys,
@@ -34,6 +44,27 @@ NO_EFFECT: dict[str, str] = {
     "latency.warmup": "how compression figures are timed, afresh at every report",
     "hparams_search": "picks the sweeper; each trial's values are its own overrides",
     "trainer.checkpoint_every": "how often the resumable state is saved; a resume is exact",
+}
+# Settings that change only the order in which floating-point operations run: the same
+# computation up to rounding. Left out of stage keys (a stage trained under one value is
+# reused under another) and of a sweep report's settings (jobs differing only in them
+# are pooled, and the report says so); recorded in every summary row under the column
+# named here. The first two are no config keys: the machine, and the batched launcher.
+# tests/test_provenance.py and tests/test_batched.py flip each one in float64.
+ROUNDING_ONLY: dict[str, tuple[str, str]] = {
+    "processor": ("processor", "another CPU or GPU model: other vector widths and kernels"),
+    "hydra/launcher": ("trained_in", "alone or in a stacked group (hydra/launcher=batched): "
+                                     "the stacked matrix products sum in another order"),
+    "num_threads": ("threads", "CPU threads split each reduction into other partial sums"),
+    "trainer.fused_optimizer": ("fused_optimizer", "one fused kernel or a loop per tensor: "
+                                                   "the same elementwise update"),
+    "trainer.eval_batch_size": ("eval_batch_size", "evaluation and the teacher's logits in "
+                                                   "other chunks: per example the same maths"),
+    "trainer.compile": ("compile", "torch.compile fuses the same operations into other kernels"),
+    "trainer.cudnn_benchmark": ("cudnn_benchmark", "cuDNN picks among algorithms for the same "
+                                                   "convolution (CUDA only)"),
+    "trainer.channels_last": ("channels_last", "another memory layout of the same convolution "
+                                               "(CUDA only)"),
 }
 # Where a data set's files are (or a generated set is kept), and whether to fetch them:
 # a stage key holds the content of the data instead (kdrun/data.py: fingerprint), so
@@ -59,12 +90,23 @@ def is_no_effect(dotted: str) -> bool:
     return any(".".join(parts[:i]) in NO_EFFECT for i in range(1, len(parts) + 1))
 
 
+def is_rounding_only(dotted: str) -> bool:
+    """``num_threads`` and ``trainer.fused_optimizer`` are; ``trainer.lr`` is not."""
+    return dotted.lstrip("+~") in ROUNDING_ONLY
+
+
+def outside_the_key(dotted: str) -> bool:
+    """A setting a stage key and a report's setting leave out: no effect, or rounding only."""
+    return is_no_effect(dotted) or is_rounding_only(dotted)
+
+
 def without_no_effect(settings: dict, prefix: str = "") -> dict:
-    """A resolved config (or one of its groups, under ``prefix``) less every NO_EFFECT key."""
+    """A resolved config (or one of its groups, under ``prefix``) less every key outside
+    the key (NO_EFFECT and ROUNDING_ONLY)."""
     kept = {}
     for key, value in settings.items():
         dotted = f"{prefix}{key}"
-        if is_no_effect(dotted) or dotted in HYDRA_ONLY:
+        if outside_the_key(dotted) or dotted in HYDRA_ONLY:
             continue
         kept[key] = without_no_effect(value, f"{dotted}.") if isinstance(value, dict) else value
     return kept
@@ -85,26 +127,11 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def numerics(tcfg, device: torch.device) -> dict:
-    """The arithmetic a stage really runs with on ``device``: switches that do nothing
-    there (bf16 autocast, TF32, cuDNN autotuning and channels-last on a CPU) are
-    resolved away, so flipping them does not split the cache, while the ones that act
-    are recorded, with the CPU threads (their count changes reduction order) and the
-    torch version."""
-    cuda = device.type == "cuda"
-    record = {
-        "device_type": device.type,
-        "precision": "bf16-autocast" if cuda and tcfg.amp else "fp32",
-        "fused_optimizer": bool(tcfg.fused_optimizer)
-        and fused_kernel_exists(tcfg.optimizer, device.type),
-        "compile": bool(tcfg.compile),
-        "torch": torch.__version__,
-    }
-    if cuda:
-        record.update(tf32=bool(tcfg.tf32), cudnn_benchmark=bool(tcfg.cudnn_benchmark),
-                      channels_last=bool(tcfg.channels_last))
-    else:
-        record["cpu_threads"] = torch.get_num_threads()
-    return record
+    """What a stage key holds of the arithmetic: the device type, the precision as
+    resolved on it (switches that do nothing there, such as bf16 autocast on a CPU,
+    resolved away, so flipping them does not split the cache) and the torch version."""
+    return {"device_type": device.type, "precision": resolved_precision(tcfg, device),
+            "torch": torch.__version__}
 
 
 def numerics_columns(record: dict) -> dict:
@@ -113,12 +140,53 @@ def numerics_columns(record: dict) -> dict:
             "torch": record["torch"]}
 
 
+def arithmetic_order(tcfg, device: torch.device) -> dict:
+    """The ROUNDING_ONLY settings a stage runs with, under their summary columns (all
+    but ``trained_in``, which the stage adds): recorded, never keyed. Switches that do
+    nothing on ``device`` are recorded as off."""
+    cuda = device.type == "cuda"
+    return {
+        "threads": torch.get_num_threads(),
+        "processor": processor_name(device),
+        "fused_optimizer": bool(tcfg.fused_optimizer)
+        and fused_kernel_exists(tcfg.optimizer, device.type),
+        "eval_batch_size": int(tcfg.eval_batch_size),
+        "compile": bool(tcfg.compile),
+        "cudnn_benchmark": cuda and bool(tcfg.cudnn_benchmark),
+        "channels_last": cuda and bool(tcfg.channels_last),
+    }
+
+
+def rounding_columns() -> list[str]:
+    """The summary columns that record ROUNDING_ONLY settings."""
+    return [column for column, _ in ROUNDING_ONLY.values()]
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name (Linux), else its architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 # Trainer keys a stage's key holds in resolved form instead: the epochs it really
-# trains, the numerics above, and (distilled stages only) the teacher weights and
+# trains, the precision above, and (distilled stages only) the teacher weights and
 # targets it learns from.
 RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
-                      "cache_teacher_logits", "amp", "tf32", "cudnn_benchmark",
-                      "fused_optimizer", "channels_last", "compile")
+                      "cache_teacher_logits", "amp", "tf32", "float64")
 
 
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,
@@ -144,8 +212,7 @@ def given_teacher_material(cfg: DictConfig, model_cfg, file_sha256: str, weights
     model = {k: v for k, v in _plain(model_cfg).items() if k != "checkpoint"}
     return {"stage": "teacher", "checkpoint_sha256": file_sha256, "weights": weights,
             "model": model, "data": data_digest, "dataset": _dataset(cfg),
-            "split": _plain(cfg.split), "eval_batch_size": cfg.trainer.eval_batch_size,
-            "numerics": numerics}
+            "split": _plain(cfg.split), "numerics": numerics}
 
 
 def seed_stream(name: str, seed: int) -> int:

@@ -129,7 +129,7 @@ def _ensemble_row(stages: Stages, members: list[StageResult], how: str, T: float
     its size the members' summed."""
     accuracy = {}
     for name, split in (("val", stages.data.val), ("test", stages.data.test)):
-        split = split.to(stages.device)
+        split = split.to(stages.device, stages.dtype)
         logits = [predict_logits(m.model, split, stages.tcfg.eval_batch_size) for m in members]
         hits = combine(logits, T, how).argmax(1) == split.y
         accuracy[name] = hits.float().mean().item() * 100

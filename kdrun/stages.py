@@ -20,7 +20,9 @@ from kdrun.labels import UNLABELED
 from kdrun.losses import CE
 from kdrun.measure import model_figures
 from kdrun.models import build_model, describe
+from kdrun.precision import working_dtype
 from kdrun.provenance import (
+    arithmetic_order,
     numerics,
     numerics_columns,
     run_keys,
@@ -28,7 +30,7 @@ from kdrun.provenance import (
     stage_material,
     student_seeds,
 )
-from kdrun.report import EventLog, metric_logs
+from kdrun.report import EventLog, MetricLogs, metric_logs
 from kdrun.store import RunDir, copy_file, load_sealed, save_sealed
 from kdrun.summary_row import RowContext, StageResult, SummaryRow
 from kdrun.train import (
@@ -48,9 +50,10 @@ class Stages:
     def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         self.tcfg = cfg.trainer
+        self.dtype = working_dtype(self.tcfg)  # float64 with trainer.float64
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
-        self.metrics = metric_logs(cfg, run_dir.root, run_dir.metrics_csv, run_keys(cfg))
+        self.metrics = self.open_metric_logs()
         self.events = EventLog(run_dir.events)
         # data read from disk is augmented by its DataLoader instead
         self.augment = (make_augment(cfg.dataset.get("augment"), data.input_shape)
@@ -65,9 +68,15 @@ class Stages:
         self.row_context = RowContext(
             seed=cfg.seed, eval_split=data.eval_split,
             selected_by="val" if len(data.val) else "last epoch (no validation split)",
-            provenance={**numerics_columns(self.numerics), "data_sha256": self.data_digest},
+            provenance={**numerics_columns(self.numerics), "data_sha256": self.data_digest,
+                        **arithmetic_order(self.tcfg, device)},
             run=run_keys(cfg))
         self.teacher_model = None  # the teacher the students are compared with (timing)
+
+    def open_metric_logs(self) -> MetricLogs:
+        """metrics.csv, and the configured logger's records (TensorBoard, MLflow)."""
+        return metric_logs(self.cfg, self.run_dir.root, self.run_dir.metrics_csv,
+                           run_keys(self.cfg))
 
     def teacher(self, model_cfg) -> StageResult:
         """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
@@ -206,7 +215,7 @@ class Stages:
         checkpoint = entry.result()
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
         model.load_state_dict(checkpoint[WEIGHTS[weights]])
-        return model.to(self.device)
+        return model.to(self.device, self.dtype)
 
 
 def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device,
@@ -224,8 +233,9 @@ def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device,
         if path.exists() or path.name in entry.derived():
             log.warning("stage cache: %s is missing or does not match its checksum; "
                         "computing the teacher's logits again", path)
-        teacher.to(device)
-        logits = predict_logits(teacher, data.train.to(device), tcfg.eval_batch_size)
+        dtype = working_dtype(tcfg)
+        teacher.to(device, dtype)
+        logits = predict_logits(teacher, data.train.to(device, dtype), tcfg.eval_batch_size)
         save_sealed(path, logits.cpu())
         entry.note_derived(path.name)
         return logits

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from kdrun.cache import StageEntry
 
 # The keys of a finished stage's summary (cache summary.json) that are result columns;
-# the rest of it is provenance (device, precision, torch, data_sha256, trained_in).
+# the rest of it is provenance: what the stage key holds of its arithmetic (device,
+# precision, torch), data_sha256, and the rounding-only settings it ran with (threads,
+# processor, trained_in, ...: provenance.ROUNDING_ONLY).
 STAGE_RESULT_KEYS = ("arch", "params", "size_mb", "epochs", "best_epoch", "val_acc_best",
                      "test_acc_last", "test_acc_best_val", "train_seconds", "eval_split",
                      "selected_by")
@@ -29,8 +31,12 @@ class RowContext:
     seed: int
     eval_split: str
     selected_by: str
-    provenance: dict  # numerics columns and data_sha256
+    provenance: dict  # numerics columns, data_sha256, the rounding-only settings
     run: dict  # dataset, method, T, alpha
+
+    def with_provenance(self, changes: dict) -> RowContext:
+        """This context with some provenance columns as a stage really ran them."""
+        return dataclasses.replace(self, provenance={**self.provenance, **changes})
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 its noise, the best setting chosen on validation accuracy, how soft the teacher's
 targets were, T x alpha heatmaps and validation curves.
 
-A *setting* is what a job's overrides say, less its replicate keys (``seed``) and the
-keys that cannot change results (kdrun/provenance.py): only jobs of one setting are
-pooled, and every swept key is a column of its own. Students are nested in teachers:
+A *setting* is what a job's overrides say, less its replicate keys (``seed``), the
+keys that cannot change results and those that only reorder the arithmetic
+(kdrun/provenance.py: NO_EFFECT, ROUNDING_ONLY): only jobs of one setting are pooled,
+the report says when their rows were computed in other orders, and every swept key is
+a column of its own. Students are nested in teachers:
 with several teacher seeds in a setting, the interval is taken over the teachers'
 mean gains, with the spread within each teacher beside it.
 
@@ -28,7 +30,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from kdrun.provenance import REPLICATE_KEYS, is_no_effect
+from kdrun.provenance import REPLICATE_KEYS, outside_the_key, rounding_columns
 from kdrun.report import format_p, gain_test, write_summary
 from kdrun.store import atomic_write
 
@@ -59,14 +61,14 @@ def failed_jobs(sweep_dir: Path) -> dict[str, str]:
 
 
 def job_setting(job_dir: Path) -> dict[str, str]:
-    """The job's overrides that can change its results, less its replicate keys."""
+    """The job's overrides that define its computation, less its replicate keys."""
     path = job_dir / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else []
     setting = {}
     for item in overrides or []:
         key, _, value = item.partition("=")
         key = key.lstrip("+~")
-        if key not in REPLICATE_KEYS and not is_no_effect(key) and not key.startswith("hydra"):
+        if key not in REPLICATE_KEYS and not outside_the_key(key) and not key.startswith("hydra"):
             setting[key] = value
     return setting
 
@@ -189,7 +191,7 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common,
                      [f.name for f in figures if f is not None], failed_jobs(sweep_dir),
-                     how_trained(summary))
+                     how_trained(summary), other_orders(summary))
     if published is not None:
         from kdrun.published import published_section
 
@@ -214,8 +216,27 @@ def how_trained(summary: pd.DataFrame) -> str | None:
             "order, so their weights agree to rounding, not bit for bit.")
 
 
+def other_orders(summary: pd.DataFrame) -> str | None:
+    """A sentence naming the rounding-only settings (threads, processor, ...) in which
+    the sweep's stages differ, with their values; None when they differ in none but
+    ``trained_in`` (how_trained says that)."""
+    if "cache_key" not in summary:
+        return None
+    stages = summary.drop_duplicates("cache_key")
+    differ = [f"`{c}` ({', '.join(sorted(map(str, stages[c].dropna().unique())))})"
+              for c in rounding_columns() if c != "trained_in" and c in stages
+              and stages[c].dropna().nunique() > 1]
+    if not differ:
+        return None
+    return ("Its stages were computed under settings that only reorder the floating-point "
+            "arithmetic, which stage keys and settings leave out (kdrun/provenance.py "
+            f"ROUNDING_ONLY): {', '.join(differ)}. Rows pooled across them agree to "
+            "rounding, not bit for bit.")
+
+
 def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures,
-              failed: dict[str, str], trained: str | None = None) -> str:
+              failed: dict[str, str], trained: str | None = None,
+              orders: str | None = None) -> str:
     keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
     if not swept:
         keys = ["method", "T", "alpha"]
@@ -241,19 +262,18 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     if common:
         lines += ["Common to every finished job: "
                   + ", ".join(f"`{k}={v}`" for k, v in common.items()) + ".", ""]
-    if trained:
-        lines += [trained, ""]
+    lines += [f"{note}\n" for note in (trained, orders) if note]
     lines += [
         "## Distillation gain per setting", "",
         "Accuracies in percent, test accuracy at the best-validation epoch. A setting is a "
-        "job's overrides less its seed and the settings that cannot change results; only "
-        "jobs of one setting are pooled. The gain is distilled minus scratch student of the "
-        "same job and seed (same init, batch order, optimiser). With one teacher, the 95% "
-        "Student-t interval and the paired t-test's p are over student seeds and hold for "
-        "that teacher; with several teacher seeds, over the teachers' mean gains (students "
-        "are nested in teachers), `within_teacher_std` being the spread of student seeds "
-        "under one teacher. ± is the std of what the interval is over. *helps* / *hurts*: "
-        "p < 0.05.", "",
+        "job's overrides less its seed and the settings that cannot change results or only "
+        "reorder the arithmetic; only jobs of one setting are pooled. The gain is distilled "
+        "minus scratch student of the same job and seed (same init, batch order, optimiser). "
+        "With one teacher, the 95% Student-t interval and the paired t-test's p are over "
+        "student seeds and hold for that teacher; with several teacher seeds, over the "
+        "teachers' mean gains (students are nested in teachers), `within_teacher_std` being "
+        "the spread of student seeds under one teacher. ± is the std of what the interval is "
+        "over. *helps* / *hurts*: p < 0.05.", "",
         markdown_table(shown[columns].round(2)), "",
     ]
     lines += ["## Best setting, selected on validation accuracy (never on test)", ""]

@@ -27,6 +27,7 @@ from kdrun.features import FeatureTap
 from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
+from kdrun.precision import uses_amp, uses_tf32, widen, working_dtype
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -116,8 +117,8 @@ class CachedLogits:
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
 
-    def to(self, device) -> CachedLogits:
-        return CachedLogits(self.logits.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> CachedLogits:
+        return CachedLogits(self.logits.to(device, dtype))
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.logits[idx], None
@@ -132,14 +133,14 @@ class LiveTeacher:
         self.model, self.autocast = model.eval(), autocast
         self.tap = FeatureTap(model, layer, "loss.teacher_layer") if layer else None
 
-    def to(self, device) -> LiveTeacher:
-        self.model.to(device)
+    def to(self, device, dtype: torch.dtype | None = None) -> LiveTeacher:
+        self.model.to(device, dtype)
         return self
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, x: torch.Tensor):
         with self.autocast():
-            logits = self.model(x).float()
+            logits = widen(self.model(x))
         return logits, (self.tap.read_float() if self.tap else None)
 
 
@@ -182,20 +183,22 @@ class EpochMeter:
 
 def configure_device(tcfg, device: torch.device):
     """Backend switches for CUDA (TF32, cuDNN autotuning); returns the autocast
-    context to train under (bf16 on CUDA when ``amp``, a no-op elsewhere)."""
+    context to train under (bf16 on CUDA when ``amp``, a no-op elsewhere and in
+    float64)."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.get("tf32"))
-        torch.backends.cudnn.allow_tf32 = bool(tcfg.get("tf32"))
+        torch.backends.cuda.matmul.allow_tf32 = uses_tf32(tcfg, device)
+        torch.backends.cudnn.allow_tf32 = uses_tf32(tcfg, device)
         torch.backends.cudnn.benchmark = bool(tcfg.get("cudnn_benchmark"))
-    if tcfg.get("amp") and device.type == "cuda":
+    if uses_amp(tcfg, device):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext  # a disabled autocast still costs a context per step
 
 
 def prepare_model(model: nn.Module, tcfg, device: torch.device) -> nn.Module:
-    """Move to the device; channels-last for 2-D convnets on CUDA; optionally compile.
-    Returns the module to call (compiled or not); ``model`` keeps the weights."""
-    model.to(device)
+    """Move to the device (in the stage's dtype); channels-last for 2-D convnets on CUDA;
+    optionally compile. Returns the module to call (compiled or not); ``model`` keeps the
+    weights."""
+    model.to(device, working_dtype(tcfg))
     convs_2d = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if device.type == "cuda" and tcfg.get("channels_last") and convs_2d:
         model.to(memory_format=torch.channels_last)
@@ -234,14 +237,15 @@ def fit(
     order = torch.Generator().manual_seed(seed)
     augment_rng = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
     autocast = configure_device(tcfg, device)
-    train = data.train.to(device)
+    dtype = working_dtype(tcfg)
+    train = data.train.to(device, dtype)
     labelled_only = not bool((train.y == UNLABELED).any())  # False: a transfer set
-    teacher = teacher.to(device) if teacher is not None else None
-    splits = {"val": data.val.to(device), "test": data.test.to(device)}
+    teacher = teacher.to(device, dtype) if teacher is not None else None
+    splits = {"val": data.val.to(device, dtype), "test": data.test.to(device, dtype)}
     if not len(splits["val"]):  # no validation split: the last epoch is the selected one
         del splits["val"]
     forward = prepare_model(model, tcfg, device)
-    loss_fn.to(device)  # learned parts of a loss (a FitNet regressor) train with the model
+    loss_fn.to(device, dtype)  # learned parts of a loss (a FitNet regressor) train with the model
     loss_fn.all_labelled = labelled_only  # else its hard-label term is masked
     if loss_fn.reads_indices:
         loss_fn.set_examples(len(train))
@@ -283,7 +287,7 @@ def fit(
             with autocast():
                 logits = forward(xb)
             s_feature = student_tap.read_float() if student_tap else None
-            loss = loss_fn(logits.float(), t_logits, yb, s_feature, t_feature)
+            loss = loss_fn(widen(logits), t_logits, yb, s_feature, t_feature)
             if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
                 skipped += 1
                 continue

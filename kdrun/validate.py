@@ -75,7 +75,7 @@ RULES: dict[str, Check] = {
     "trainer.on_nan": one_of("stop", "skip"),
     **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
                                               "cudnn_benchmark", "fused_optimizer",
-                                              "channels_last", "compile")},
+                                              "channels_last", "compile", "float64")},
 }
 _ABSENT = object()
 

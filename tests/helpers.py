@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_module
 
 import kdrun.cli  # noqa: F401  (registers kdrun's resolvers, as the command does)
@@ -19,6 +20,33 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses: no thread oversub
 KDRUN = str(Path(sys.executable).parent / "kdrun")
 KDRUN_REPORT = str(Path(sys.executable).parent / "kdrun-report")
 TINY = ["progress=false", "repeats=1", "trainer.epochs=1", "num_threads=1"]
+
+
+# Two computation orders of one training (stacked or alone, 1 or 2 threads, fused or
+# looped optimiser kernels, other evaluation chunks), both in float64
+# (trainer.float64=true): the same maths up to rounding. Why 1e-6 holds on any machine:
+# float64's unit roundoff is 1.1e-16, so a gradient averaged over a batch in another order
+# moves by about 1e-15 (its terms are at most ~10 here). Adam divides by sqrt(v) + eps
+# with eps = 1e-8, which amplifies a change of a near-zero gradient by at most 1/eps: a
+# step moves by at most lr * 1e-15 / 1e-8 = 1e-9 (lr = 0.01), 1e-8 after the ~20 steps of
+# the tests' 2 epochs, 100x under the bound. (In float32 the same rounding, ~1e-6, divided
+# by eps reaches Adam's full step, lr: why float32 comparisons fail on other CPUs.) A
+# real bug (a swapped seed, batch order, loss setting or member) moves weights by ~1e-2.
+FLOAT64_WEIGHT_BOUND = 1e-6
+
+
+def assert_float64_weights_agree(ours: dict, theirs: dict, what: str = "") -> float:
+    """Every tensor of two float64 state dicts within FLOAT64_WEIGHT_BOUND; returns the
+    largest difference found."""
+    assert ours.keys() == theirs.keys(), what
+    largest = 0.0
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype == torch.float64 or not tensor.is_floating_point()
+        difference = float((ours[name].double() - tensor.double()).abs().max()) \
+            if tensor.numel() else 0.0
+        assert difference <= FLOAT64_WEIGHT_BOUND, (what, name, difference)
+        largest = max(largest, difference)
+    return largest
 
 
 def make_config(*overrides: str):

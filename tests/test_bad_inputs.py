@@ -133,6 +133,8 @@ CASES = [
     ("unknown device", args("device=tpu"), ["device='tpu'", "auto, cpu, cuda"]),
     ("bad point in a sweep", args("-m", "loss.T=1,2,-1"), ["loss.T=-1", "> 0"]),
     ("malformed sweep", args("-m", "loss.T=1,,2"), ["loss.T=1,,2"]),
+    ("a ~ the shell leaves as it is", args("dataset=mnist", "dataset.root=~/data"),
+     ["dataset.root=~/data", "$HOME"]),
     ("search space names a key the loss lacks", args("hparams_search=kd_optuna", "loss=dkd"),
      ["hydra.sweeper.params", "loss.alpha", "dkd_optuna"]),
     ("feature loss on an mlp", args("loss=at"), ["loss.student_layer", "not a layer"]),

@@ -8,8 +8,11 @@ import torch.nn.functional as F
 
 from kdrun.losses import CE, KD, build_loss
 
-S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])  # student logits, 2 samples x 3 classes
-T_ = torch.tensor([[1.0, 1.5, -0.5], [-1.0, 0.0, 2.0]])  # teacher logits
+# float64, so that the comparisons with hand computation hold on any CPU: a float32 loss
+# rounds to ~1e-7 relative, and a KL near zero cancels, which amplifies that
+F64 = torch.float64
+S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], dtype=F64)  # student logits: 2 x 3 classes
+T_ = torch.tensor([[1.0, 1.5, -0.5], [-1.0, 0.0, 2.0]], dtype=F64)  # teacher logits
 Y = torch.tensor([0, 2])
 
 

@@ -14,11 +14,13 @@ from kdrun.losses.response import dkd_parts
 from tests.helpers import make_config
 
 torch.manual_seed(0)
-S = torch.randn(6, 5)  # student logits: 6 samples x 5 classes
-T_ = torch.randn(6, 5) * 2  # teacher logits
+# float64 (the values float32 draws), so that comparisons with an independent computation
+# hold on any CPU; a loss trains in float64 too with trainer.float64
+S = torch.randn(6, 5).double()  # student logits: 6 samples x 5 classes
+T_ = (torch.randn(6, 5) * 2).double()  # teacher logits
 Y = torch.tensor([0, 1, 2, 3, 4, 0])
-FS = torch.randn(6, 8)  # student embedding
-FT = torch.randn(6, 12)  # teacher embedding (another width)
+FS = torch.randn(6, 8).double()  # student embedding
+FT = torch.randn(6, 12).double()  # teacher embedding (another width)
 
 
 def softmax(v):
@@ -104,11 +106,12 @@ def test_dist_by_numpy_pearson():
 def test_fitnet_with_identity_regressor_is_ce_plus_beta_mse():
     loss = FitNet(beta=10.0)
     loss.prepare((8,), (8,))
+    loss.double()  # as fit moves it with trainer.float64
     with torch.no_grad():
         linear = loss.regressor[1]
         linear.weight.copy_(torch.eye(8))
         linear.bias.zero_()
-    target = torch.randn(6, 8)
+    target = torch.randn(6, 8).double()
     expected = F.cross_entropy(S, Y) + 10 * ((FS - target) ** 2).mean()
     assert loss(S, T_, Y, FS, target).item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -1,11 +1,16 @@
-"""A stage is reused only when a fresh computation would give the same numbers.
+"""The reuse rule: a stage key holds what defines the computation up to floating-point
+rounding, and nothing else.
 
-Every entry of the one list of settings without effect (provenance.NO_EFFECT) is
-flipped: the stages keep their keys, and training them afresh gives bit-identical
-weights. Every setting that can change numbers is flipped too: a stage that depends
-on it gets another key."""
+Every entry of the list of settings without effect (provenance.NO_EFFECT) is flipped:
+the stages keep their keys, and training them afresh gives bit-identical weights. Every
+entry of the list of settings that only reorder the arithmetic (ROUNDING_ONLY) is
+flipped: the stages keep their keys, and trained afresh in float64 their weights agree
+within tests.helpers.FLOAT64_WEIGHT_BOUND. Every setting that defines the computation
+is flipped too: a stage that depends on it gets another key."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,7 +19,7 @@ from kdrun import pipeline, provenance
 from kdrun.cache import stage_key
 from kdrun.data import fingerprint, load_data
 from kdrun.store import load_checkpoint
-from tests.helpers import make_config, write_mnist
+from tests.helpers import assert_float64_weights_agree, make_config, write_mnist
 
 TINY = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
         "teacher.hidden=[32]", "student=mlp", "student.hidden=[8]", "trainer.epochs=2",
@@ -47,7 +52,7 @@ def run(tmp, name, *overrides):
     keys = {r["role"]: r["cache_key"] for r in result["rows"]}
     weights = {role: load_checkpoint(out / "checkpoints" / f"{role}.pt")["model"]
                for role in ROLES}
-    return keys, weights
+    return keys, weights, result["rows"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +60,73 @@ def base(tmp_path_factory):
     return run(tmp_path_factory.mktemp("base"), "base")
 
 
+# each ROUNDING_ONLY entry, flipped away from TINY's (None: flipped by another test)
+ROUNDING_FLIPS = {
+    "processor": None,  # the machine: no flip on one machine; recorded (test below)
+    "hydra/launcher": None,  # stacked vs alone: tests/test_batched.py, in float64 too
+    "num_threads": "num_threads=2",
+    "trainer.fused_optimizer": "trainer.fused_optimizer=false",
+    "trainer.eval_batch_size": "trainer.eval_batch_size=37",
+    "trainer.compile": None,  # slow: test_compiled_training_... below
+    "trainer.cudnn_benchmark": "trainer.cudnn_benchmark=false",  # acts on CUDA only
+    "trainer.channels_last": "trainer.channels_last=false",  # acts on CUDA only
+}
+FLOAT64 = "trainer.float64=true"
+
+
+def test_every_rounding_only_entry_has_a_flip_and_no_entry_is_also_in_no_effect():
+    assert set(ROUNDING_FLIPS) == set(provenance.ROUNDING_ONLY)
+    assert not set(provenance.ROUNDING_ONLY) & set(provenance.NO_EFFECT)
+
+
+@pytest.fixture(scope="module")
+def base64(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("base64"), "base64", FLOAT64)
+
+
+def assert_rounding_only(flipped, base, entry):
+    """The same stage keys, the same selected epochs, weights within the float64 bound,
+    and the flipped setting recorded in the rows."""
+    keys, weights, rows = flipped
+    assert keys == base[0], entry  # the same key: a cached stage would be reused
+    for role in ROLES:
+        assert_float64_weights_agree(weights[role], base[1][role], f"{entry} {role}")
+    for ours, theirs in zip(rows, base[2]):
+        assert ours["best_epoch"] == theirs["best_epoch"]
+        assert ours["precision"] == theirs["precision"] == "fp64"
+    column = provenance.ROUNDING_ONLY[entry][0]
+    return [row[column] for row in rows], [row[column] for row in base[2]]
+
+
+@pytest.mark.parametrize("entry", [k for k, v in ROUNDING_FLIPS.items() if v])
+def test_a_rounding_only_setting_keeps_the_key_and_in_float64_the_weights(tmp_path, base64,
+                                                                          entry):
+    ours, theirs = assert_rounding_only(run(tmp_path, "flipped", FLOAT64, ROUNDING_FLIPS[entry]),
+                                        base64, entry)
+    if entry in ("trainer.cudnn_benchmark", "trainer.channels_last"):
+        assert ours == theirs == [False] * 3  # recorded as off: it does nothing on a CPU
+    elif entry != "num_threads" or (os.cpu_count() or 1) > 1:
+        assert set(ours) != set(theirs)  # recorded: each row says what it ran with
+
+
+@pytest.mark.slow  # torch.compile builds its kernels with the C++ compiler
+def test_compiled_training_keeps_the_key_and_in_float64_the_weights(tmp_path, base64):
+    ours, theirs = assert_rounding_only(run(tmp_path, "compiled", FLOAT64, "trainer.compile=true"),
+                                        base64, "trainer.compile")
+    assert ours == [True] * 3 and theirs == [False] * 3
+
+
+def test_every_row_records_the_processor_threads_and_how_it_was_trained(base):
+    for row in base[2]:
+        assert row["processor"] == provenance.processor_name(CPU) and row["processor"]
+        assert row["threads"] == 1 and row["trained_in"] == "alone"
+        assert {column for column, _ in provenance.ROUNDING_ONLY.values()} <= set(row)
+
+
 @pytest.mark.parametrize("entry", [k for k, v in FLIPS.items() if v])
 def test_a_setting_without_effect_keeps_the_key_and_the_weights_bit_for_bit(tmp_path, base,
                                                                            entry):
-    keys, weights = run(tmp_path, "flipped", FLIPS[entry].format(tmp=tmp_path))
+    keys, weights, _ = run(tmp_path, "flipped", FLIPS[entry].format(tmp=tmp_path))
     assert keys == base[0]  # the same key: a cached stage would be reused
     for role in ROLES:  # and computed afresh, the same numbers
         for name, tensor in base[1][role].items():
@@ -81,10 +149,12 @@ def material(cfg, role="teacher", device=CPU, numerics=None, data="d" * 20, **ex
 
 
 @pytest.mark.parametrize("override", [
-    "trainer.fused_optimizer=false", "trainer.compile=true", "trainer.eval_batch_size=37",
     "trainer.lr=0.001", "trainer.on_nan=skip", "split.standardize=false", "student.hidden=[9]",
+    "trainer.float64=true", "trainer.optimizer=sgd", "trainer.schedule=none",
+    "trainer.batch_size=50", "trainer.weight_decay=0.1", "trainer.grad_clip=1.0",
+    "split.labeled=100", "split.seed=1", "split.val_fraction=0.2", "dataset.n=301",
 ])
-def test_a_setting_that_can_change_numbers_changes_the_key(override):
+def test_a_setting_that_defines_the_computation_changes_the_key(override):
     base, flipped = make_config(*TINY), make_config(*TINY, override)
     role = "scratch" if override.startswith("student") else "teacher"
     assert material(base, role) != material(flipped, role)
@@ -103,29 +173,34 @@ def test_a_distilled_student_is_not_reused_across_cached_and_live_teacher_target
         "teacher": "reused", "scratch": "reused", "distilled": "trained"}
 
 
-def test_cpu_threads_and_the_torch_version_are_in_the_key(monkeypatch):
+def test_cpu_threads_stay_out_of_the_key_and_the_torch_version_is_in_it(monkeypatch):
     cfg = make_config(*TINY)
     before = material(cfg)
     threads = torch.get_num_threads()
-    try:  # two threads reduce in another order than one: other weights (measured)
+    try:  # another reduction order: the same computation up to rounding (tests above)
         torch.set_num_threads(threads + 1)
-        assert material(cfg) != before
+        assert material(cfg) == before
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert material(cfg) != before
 
 
-def test_cuda_switches_count_on_cuda_and_are_resolved_away_on_cpu(monkeypatch):
-    monkeypatch.setattr(provenance, "fused_kernel_exists", lambda optimizer, device: True)
+def test_precision_is_keyed_as_resolved_on_the_device():
     cuda = torch.device("cuda")
-    for switch in ("amp", "tf32", "cudnn_benchmark", "channels_last"):
-        on, off = make_config(*TINY), make_config(*TINY, f"trainer.{switch}=false")
-        assert material(on, device=cuda) != material(off, device=cuda), switch
-        assert material(on) == material(off), switch  # nothing of it runs on a CPU
-    cfg = make_config(*TINY)
-    assert provenance.numerics(cfg.trainer, cuda)["precision"] == "bf16-autocast"
-    assert material(cfg, device=cuda) != material(cfg)  # device type: a GPU run is another stage
+    precision = {}
+    for switches in ([], ["trainer.amp=false"], ["trainer.tf32=false"],
+                     ["trainer.amp=false", "trainer.tf32=false"], ["trainer.float64=true"]):
+        cfg = make_config(*TINY, *switches)
+        precision[tuple(switches)] = provenance.numerics(cfg.trainer, cuda)["precision"]
+        assert provenance.numerics(cfg.trainer, CPU)["precision"] == (
+            "fp64" if switches == ["trainer.float64=true"] else "fp32")
+    assert list(precision.values()) == ["bf16-autocast+tf32", "tf32", "bf16-autocast", "fp32",
+                                        "fp64"]
+    on, off = make_config(*TINY), make_config(*TINY, "trainer.amp=false")
+    assert material(on, device=cuda) != material(off, device=cuda)
+    assert material(on) == material(off)  # autocast does nothing on a CPU: resolved away
+    assert material(on, device=cuda) != material(on)  # device type: a GPU run is another stage
 
 
 def test_distilled_key_holds_teacher_loss_and_how_the_targets_were_made():

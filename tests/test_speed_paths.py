@@ -1,5 +1,6 @@
 """The fast paths must not change what is computed: batch order, on-device
-augmentation, cached teacher logits."""
+augmentation, cached teacher logits. Where a fast path only reorders the arithmetic, both
+sides run in float64 (tests.helpers.FLOAT64_WEIGHT_BOUND says why its bound holds)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from kdrun.models import build_model
 from kdrun.stages import Stages
 from kdrun.store import load_checkpoint
 from kdrun.train import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
-from tests.helpers import make_config
+from tests.helpers import FLOAT64_WEIGHT_BOUND, assert_float64_weights_agree, make_config
 
 
 def test_epoch_batches_visit_every_example_once_in_a_seeded_order():
@@ -68,26 +69,27 @@ def test_augmentation_is_off_unless_configured_and_refuses_sequences():
 
 def test_cached_teacher_logits_equal_live_teacher_logits():
     teacher = build_model(OmegaConf.create({"arch": "mlp", "hidden": [32], "dropout": 0.5}),
-                          (10,), 4)
-    x = torch.randn(50, 10)
+                          (10,), 4).double()  # a batch of 50 or of 3: another order
+    x = torch.randn(50, 10, dtype=torch.float64)
     cached = CachedLogits(predict_logits(teacher, x, 1000))
     live = LiveTeacher(teacher, lambda: torch.autocast("cpu", enabled=False))
     idx = torch.tensor([3, 17, 42])
     (cached_logits, none), (live_logits, _) = cached(idx, x[idx]), live(idx, x[idx])
-    assert none is None and torch.allclose(cached_logits, live_logits, atol=1e-6)
+    # dropout on would differ by ~1: one forward pass in float64 agrees to ~1e-15
+    assert none is None and torch.allclose(cached_logits, live_logits, rtol=0, atol=1e-12)
 
 
 def test_distillation_with_and_without_cached_logits_gives_the_same_student(tmp_path):
     def distilled(cache_logits):
         cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "repeats=1",
                           "trainer.epochs=1", "progress=false", "teacher.dropout=0.3",
-                          f"trainer.cache_teacher_logits={cache_logits}",
+                          f"trainer.cache_teacher_logits={cache_logits}", "trainer.float64=true",
                           f"cache.dir={tmp_path}/cache{cache_logits}")
         pipeline.run(cfg, tmp_path / f"run{cache_logits}")
         return load_checkpoint(tmp_path / f"run{cache_logits}" / "checkpoints" / "distilled.pt")
 
-    a, b = distilled(True)["model"], distilled(False)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the same logits, computed in other batches: the same student up to rounding
+    assert_float64_weights_agree(distilled(True)["model"], distilled(False)["model"])
 
 
 def test_augmented_images_distill_with_the_teacher_on_the_same_view(tmp_path, monkeypatch):
@@ -117,23 +119,6 @@ def test_parallel_jobs_share_the_cores():
         threads = threads_per_job(OmegaConf.create({"launcher": {"n_jobs": n_jobs}}))
         jobs = cores if n_jobs < 0 else min(n_jobs, cores)
         assert 1 <= threads and threads * jobs <= max(cores, jobs)
-
-
-@pytest.mark.slow
-def test_compiled_training_saves_plain_weights_close_to_eager(tmp_path):
-    def run(compile_):
-        cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "repeats=1",
-                          "trainer.epochs=2", "progress=false", f"trainer.compile={compile_}",
-                          f"cache.dir={tmp_path}/cache{compile_}")
-        rows = pipeline.run(cfg, tmp_path / f"run{compile_}")["rows"]
-        path = tmp_path / f"run{compile_}" / "checkpoints" / "distilled.pt"
-        return rows, load_checkpoint(path)["model"]
-
-    eager_rows, eager = run(False)
-    compiled_rows, compiled = run(True)
-    assert list(compiled) == list(eager)  # no "_orig_mod." prefixes: loadable without compile
-    assert all(torch.allclose(eager[k], compiled[k], atol=1e-4) for k in eager)
-    assert [r["role"] for r in compiled_rows] == [r["role"] for r in eager_rows]
 
 
 class NaNOnStep(DistillationLoss):
@@ -189,16 +174,17 @@ def test_fused_optimizer_is_used_on_cpu_where_torch_has_it_and_matches_the_plain
     tcfg = OmegaConf.create({"optimizer": optimizer, "lr": 0.1, "momentum": 0.9,
                              "weight_decay": 0.01, "fused_optimizer": True})
     weights = {}
-    for fused in (True, False):
+    for fused in (True, False):  # one kernel or a loop per tensor: compared in float64
         torch.manual_seed(0)
-        net = torch.nn.Linear(5, 3)
+        net = torch.nn.Linear(5, 3).double()
         opt = make_optimizer(net.parameters(), OmegaConf.merge(tcfg, {"fused_optimizer": fused}),
                              torch.device("cpu"))
         has_cpu_kernel = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
         assert opt.defaults.get("fused") is (True if fused and has_cpu_kernel else None)
         for _ in range(3):
             opt.zero_grad()
-            net(torch.ones(4, 5)).square().sum().backward()
+            net(torch.ones(4, 5, dtype=torch.float64)).square().sum().backward()
             opt.step()
         weights[fused] = net.weight.detach()
-    torch.testing.assert_close(weights[True], weights[False])
+    torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=FLOAT64_WEIGHT_BOUND)
+    assert not torch.equal(weights[True], torch.nn.Linear(5, 3).weight.double())  # it trained

@@ -48,7 +48,8 @@ def count(evts, event, stage):
 
 
 def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_path):
-    kdrun(tmp_path, "-m", "loss.T=1,4", "loss.alpha=0.5,0.9", *FAST)
+    # Hydra's basic launcher, one job after another (the default, batched, in test_batched)
+    kdrun(tmp_path, "-m", "hydra/launcher=basic", "loss.T=1,4", "loss.alpha=0.5,0.9", *FAST)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
     rest = "repeats=1,split.max_test=200,split.max_train=400,trainer.epochs=2"  # no progress=...
@@ -78,8 +79,8 @@ def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_pat
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "summary.csv"), summary)
 
     # the same sweep again into the same directory: every job is already finished
-    out = kdrun(tmp_path, "-m", "loss.T=1,4", "loss.alpha=0.5,0.9", *FAST,
-                f"hydra.sweep.dir={sweep}")
+    out = kdrun(tmp_path, "-m", "hydra/launcher=basic", "loss.T=1,4", "loss.alpha=0.5,0.9",
+                *FAST, f"hydra.sweep.dir={sweep}")
     assert out.count("this run already finished") == 4
     assert len(events(*jobs)) == len(evts)
 

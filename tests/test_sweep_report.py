@@ -119,3 +119,16 @@ def test_teachers_without_a_stage_key_are_told_apart_by_their_seed(tmp_path):
         summary.to_csv(tmp_path / f"seed={seed}" / "summary.csv", index=False)
     _, rows = report_table(tmp_path)
     assert rows[0]["teachers"] == "2" and rows[0]["interval_over"] == "2 teachers' mean gains"
+
+
+def test_jobs_that_differ_only_in_threads_are_one_setting_and_the_report_says_so(tmp_path):
+    """num_threads only reorders the arithmetic: the two jobs pool into one setting, and
+    the report names the thread counts their stages ran with."""
+    for threads, seed in ((1, 0), (2, 1)):
+        fake_job(tmp_path, f"t{threads}", [f"num_threads={threads}", f"seed={seed}"],
+                 f"t{seed}", {seed: (60.0, 62.0 + seed)})
+        path = tmp_path / f"t{threads}" / "summary.csv"
+        pd.read_csv(path).assign(threads=threads).to_csv(path, index=False)
+    text, rows = report_table(tmp_path)
+    assert len(rows) == 1 and rows[0]["teachers"] == "2" and "num_threads" not in rows[0]
+    assert "only reorder the floating-point arithmetic" in text and "`threads` (1, 2)" in text

@@ -68,11 +68,12 @@ class CRD(FeatureLoss):
         """Allocate both memory banks for ``n`` training examples, uniform in +-1 /
         sqrt(feat_dim / 3) as the reference; the normalisers are set on the first batch."""
         bound = 1.0 / math.sqrt(self.feat_dim / 3)
-        device = self.embed_student.weight.device
+        weight = self.embed_student.weight  # the bank in its dtype (float64 too), drawn alike
         for side in ("student", "teacher"):
-            bank = torch.rand(n, self.feat_dim, device=device) * 2 * bound - bound
-            self.register_buffer(f"memory_{side}", bank)
-            self.register_buffer(f"z_{side}", torch.tensor(-1.0, device=device))
+            bank = torch.rand(n, self.feat_dim, device=weight.device).to(weight.dtype)
+            self.register_buffer(f"memory_{side}", bank * 2 * bound - bound)
+            self.register_buffer(f"z_{side}", torch.tensor(-1.0, device=weight.device,
+                                                            dtype=weight.dtype))
 
     def set_batch(self, indices: torch.Tensor) -> None:
         self._indices = indices

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.losses.base import DistillationLoss, soft_kl
+from kdrun.precision import widen
 
 
 class DML(DistillationLoss):
@@ -34,5 +35,5 @@ class DML(DistillationLoss):
         total = 0.0
         for i, z in enumerate(outputs):
             peers = sum(soft_kl(z, outputs[j], self.T) for j in range(k) if j != i)
-            total = total + F.cross_entropy(z.float(), labels) + self.T**2 * peers / (k - 1)
+            total = total + F.cross_entropy(widen(z), labels) + self.T**2 * peers / (k - 1)
         return total
