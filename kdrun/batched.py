@@ -38,6 +38,7 @@ from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import build_model, eval_mode
 from kdrun.precision import widen, working_dtype
+from kdrun.progress import training
 from kdrun.summary_row import RowContext
 from kdrun.train import (
     AUGMENT_SEED_OFFSET,
@@ -191,11 +192,14 @@ def train_group(members: list[Member], data: Data, tcfg, epochs: int, device: to
     if resume is not None:
         group.restore(resume)
     every = tcfg.checkpoint_every
+    label = f"a stacked group of {len(members)} {members[0].role} stages"
     for epoch in range(group.start_epoch + 1, epochs + 1):
+        training(label, epoch - 1)
         for member, rows in group.epoch(epoch, on_failure):
             on_epoch(member, rows)
         if save_state is not None and every and epoch % every == 0 and epoch < epochs:
             save_state(group.state(epoch))
+    training(None)
     return group.results()
 
 

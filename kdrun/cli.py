@@ -9,6 +9,8 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import pipeline
 from kdrun.errors import ConfigError, UserError
+from kdrun.progress import on_terminal, where_now
 from kdrun.slurm_logs import quiet_submitit
 from kdrun.store import RunDir
 from kdrun.validate import group_options, validate
@@ -53,6 +56,11 @@ def parallel_jobs() -> int:
 
 
 OmegaConf.register_new_resolver("kdrun_parallel_jobs", parallel_jobs, replace=True)
+# configs/hydra/launcher/ refines the launcher plugins' own configs under their own names
+# (hydra/launcher=joblib stays what users type); Hydra then checks ours against the
+# plugin's schema, as intended, and warns that this check is deprecated. Set on import,
+# so that joblib's worker processes, which import this module for the task, have it too.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against")
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
@@ -61,20 +69,71 @@ def hydra_main(cfg: DictConfig) -> float:
     Hydra sweeper such as Optuna maximises)."""
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(hydra_cfg.runtime.output_dir)
-    run_dir.failed_json.unlink(missing_ok=True)  # a job run again after a failure
+    for mark in (run_dir.failed_json, run_dir.interrupted_json):  # a job run again
+        mark.unlink(missing_ok=True)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
         fit_to_launcher(cfg, hydra_cfg)
-        return pipeline.run(cfg, run_dir.root)["distilled_val_acc"]
+        with console_quiet() if sweep else contextlib.nullcontext():
+            result = pipeline.run(cfg, run_dir.root)
+        if sweep:  # the job's table is in its kdrun.log; the console gets one line
+            print(f"job {job_name(hydra_cfg)}: {result['line']} ({shown_path(run_dir.root)})",
+                  flush=True)
+        return result["distilled_val_acc"]
+    except KeyboardInterrupt:
+        run_dir.mark_interrupted(where_now(), resume_hint())
+        raise
     except UserError as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             fail(e)
         # one job of a sweep: the others go on, and the sweep report lists this one as
         # failed with its line; NaN is what Optuna takes for a failed trial
         run_dir.mark_failed(one_line_message(e))
-        print(f"kdrun: error: job {hydra_cfg.job.override_dirname or hydra_cfg.job.num}: "
-              f"{one_line_message(e)}", file=sys.stderr)
+        print(f"kdrun: error: job {job_name(hydra_cfg)}: {one_line_message(e)}",
+              file=sys.stderr)
         return float("nan")
+
+
+def resume_hint() -> str:
+    """How to go on after an interruption: the same command (the stage cache holds every
+    finished epoch), into the same sweep folder for a sweep."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return (f"run the same command with hydra.sweep.dir={HydraConfig.get().sweep.dir} "
+                f"to resume")
+    return "run the same command to resume"
+
+
+def shown_path(path) -> str:
+    """``path`` relative to the working directory when it lies under it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def job_name(hydra_cfg) -> str:
+    """A sweep job as its folder names it (its overrides), else its number."""
+    return hydra_cfg.job.override_dirname or f"#{hydra_cfg.job.num}"
+
+
+@contextlib.contextmanager
+def console_quiet():
+    """Inside: the console shows warnings and errors only, while the job's log file
+    (Hydra's kdrun.log) still gets everything: a sweep's console has one line per job."""
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in handlers]
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels):
+            handler.setLevel(level)
+
+
+# Launchers' own log line per job ("#3 : loss.T=4 ..."): kdrun prints its one line instead
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher",
+                    "hydra_plugins.hydra_joblib_launcher._core")
 
 
 def fit_to_launcher(cfg: DictConfig, hydra_cfg) -> None:
@@ -130,17 +189,24 @@ def register_batched_launcher() -> None:
 
 def main() -> None:
     register_batched_launcher()
+    for name in LAUNCHER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if "hydra/launcher=submitit_slurm" in sys.argv:
         quiet_submitit()  # one line, not one per status poll, on a Slurm without accounting
-    # configs/hydra/launcher/ refines the launcher plugins' own configs under their own
-    # names (hydra/launcher=joblib stays what users type); Hydra then checks ours against
-    # the plugin's schema, as intended, and warns that this check is deprecated.
-    warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema")
     try:
         preflight(sys.argv[1:])
     except UserError as e:
         fail(e)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the run folder is marked
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        where = where_now()
+        newline = "\n" if on_terminal() else ""  # after the ^C the terminal echoes
+        print(f"{newline}kdrun: interrupted{f' in {where}' if where else ''}; {resume_hint()}",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def fail(error: UserError):
@@ -184,6 +250,10 @@ def preflight(argv: list[str]) -> None:
             validate(cfg)
             _check_search_space(job, compose)
             _check_writable(cfg.output_root)
+            if cfg.logger.name == "mlflow" and cfg.logger.get("tracking_uri"):
+                from kdrun.mlflow_log import check_reachable
+
+                check_reachable(cfg.logger.tracking_uri)  # before anything trains
 
 
 def _reuse_composition(job: list[str], compose, composed: dict) -> DictConfig | None:

@@ -61,6 +61,25 @@ class FeatureTap:
             handle.remove()
 
 
+@torch.no_grad()
+def predict_features(model: nn.Module, split, layer: str | list[str], batch_size: int,
+                     key: str = "layer"):
+    """``layer``'s features for every example of ``split`` in order (a list of tensors
+    for a list of layers), in eval mode without gradients, as the teacher's logits are
+    computed once (kdrun/stages.py)."""
+    tap = FeatureTap(model, layer, key)
+    chunks: list[list[torch.Tensor]] = [[] for _ in tap.layers]
+    with eval_mode(model):
+        for _, xb, _ in split.batches(batch_size):
+            model(xb)
+            values = [tap.value] if tap.single else tap.value
+            for chunk, value in zip(chunks, values):
+                chunk.append(widen(value.detach()))
+    tap.remove()
+    features = [torch.cat(chunk) for chunk in chunks]
+    return features[0] if tap.single else features
+
+
 def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: str):
     """The shape (without batch) of ``layer``'s feature for one input of ``input_shape``;
     a list of shapes for a list of layers."""

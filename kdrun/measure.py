@@ -8,6 +8,7 @@ import io
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +16,14 @@ from torch import nn
 from kdrun.models import count_params
 
 BATCHES = (1, 256)  # the batch sizes timed: latency_ms_b1, latency_ms_b256
+# Timing rounds agree when the median per-round ratio is within this factor of the ratio
+# of the two models' fastest rounds (each undisturbed), and the middle half of the
+# rounds' ratios within it of each other. A busy machine breaks that (another torch
+# process made one teacher forward pass 300x slower than the student's while the
+# student's stayed fast); kdrun then times again, up to TRIES times, and otherwise
+# prints the figure as unreliable.
+AGREEMENT = 1.5
+TRIES = 3
 
 
 class AllOf(nn.Module):
@@ -60,6 +69,18 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
     return times
 
 
+def rounds_agree(teacher_ms: list[float], student_ms: list[float]) -> bool:
+    """Whether the timing rounds tell one story (see AGREEMENT)."""
+    ratios = sorted(t / s for t, s in zip(teacher_ms, student_ms))
+    median, fastest = statistics.median(ratios), min(teacher_ms) / min(student_ms)
+    if max(median, fastest) / min(median, fastest) > AGREEMENT:
+        return False
+    if len(ratios) < 4:
+        return True
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q3 / q1 <= AGREEMENT
+
+
 def speedup(teacher_ms: list[float], student_ms: list[float]) -> float:
     """Median of the per-round ratios, rounded to the digits their spread supports."""
     ratios = sorted(t / s for t, s in zip(teacher_ms, student_ms))
@@ -82,36 +103,53 @@ def _half_iqr(values: list[float]) -> float:
     return (q[2] - q[0]) / 2
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Teacher and student timed side by side: ``latency_ms[who][batch]``, the median
+    forward time of who = teacher / student; ``speedup[batch]``, the median per-round
+    teacher/student ratio; ``reliable[batch]``, whether the rounds agreed (see
+    AGREEMENT), and ``ratios[batch]``, the lowest and highest round's ratio. Without a
+    teacher, only the student's latency."""
+
+    latency_ms: dict
+    speedup: dict
+    reliable: dict
+    ratios: dict
+
+
 # side_by_side's figures in this process, by the two architectures, input, device and
 # repeats: a sweep's jobs (one process with the basic or batched launcher) time each
 # pair of architectures once. Latency depends on the architecture, not on the weights.
-_TIMED: dict[tuple, tuple[dict, dict]] = {}
+_TIMED: dict[tuple, Timing] = {}
 
 
 def side_by_side(teacher: nn.Module | None, student: nn.Module, input_shape, device,
-                 latency_cfg) -> tuple[dict, dict]:
+                 latency_cfg) -> Timing:
     """Teacher and student timed side by side in this process, at each batch size in
-    BATCHES: ``latency_ms[who][batch]``, the median forward time of who = teacher /
-    student, and ``speedup[batch]``, the median per-round teacher/student ratio (empty
-    without a teacher). Every student row of a run shares these: they share an
-    architecture."""
+    BATCHES, timed again (up to TRIES times) while the rounds disagree. Every student
+    row of a run shares this: they share an architecture."""
     key = (repr(teacher), repr(student), tuple(input_shape), str(device),
            tuple(latency_cfg[k] for k in ("repeats_b1", "repeats_b256", "warmup")))
     if key not in _TIMED:
         _TIMED[key] = _time_side_by_side(teacher, student, input_shape, device, latency_cfg)
-    latency_ms, speedup = _TIMED[key]
-    return {who: dict(ms) for who, ms in latency_ms.items()}, dict(speedup)
+    return _TIMED[key]
 
 
-def _time_side_by_side(teacher, student, input_shape, device, latency_cfg):
+def _time_side_by_side(teacher, student, input_shape, device, latency_cfg) -> Timing:
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     latency_ms = {name: {} for name in models}
-    speedups = {}
+    speedups, reliable, ratios = {}, {}, {}
     for batch in BATCHES:
-        times = interleaved_latency(models, input_shape, device, batch,
-                                    latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
+        for _ in range(TRIES):
+            times = interleaved_latency(models, input_shape, device, batch,
+                                        latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
+            if teacher is None or rounds_agree(times["teacher"], times["student"]):
+                break
         for name, t in times.items():
             latency_ms[name][batch] = round(statistics.median(t), 4)
         if teacher is not None:
             speedups[batch] = speedup(times["teacher"], times["student"])
-    return latency_ms, speedups
+            reliable[batch] = rounds_agree(times["teacher"], times["student"])
+            per_round = [t / s for t, s in zip(times["teacher"], times["student"])]
+            ratios[batch] = (min(per_round), max(per_round))
+    return Timing(latency_ms, speedups, reliable, ratios)

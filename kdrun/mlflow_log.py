@@ -16,6 +16,7 @@ again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -36,9 +37,41 @@ def client_for(logger_cfg, output_root: str):
     except ImportError as e:
         raise UserError("logger=mlflow needs mlflow: pip install 'kdrun[mlflow]'") from e
     uri = logger_cfg.get("tracking_uri") or Path(output_root, "mlruns").resolve().as_uri()
+    check_reachable(uri)
     if uri.startswith("file:"):  # MLflow 3 keeps its file store only for those who ask
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MlflowClient(tracking_uri=uri)
+
+
+CONNECT_TIMEOUT_S = 3.0  # a tracking server that does not answer this fast counts as down
+PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # any MLflow server answers it
+
+
+@functools.cache
+def check_reachable(uri: str) -> None:
+    """A tracking server (http, https) must answer MLflow's API within CONNECT_TIMEOUT_S,
+    else one ConfigError line: MLflow's own client retries for minutes before it gives
+    up. (An answer that needs credentials passes: MLflow reads them and says what is
+    wrong.)"""
+    import urllib.error
+    import urllib.request
+
+    from kdrun.errors import ConfigError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    fix = "start the tracking server, correct the URI, or use logger=csv"
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + PROBE, timeout=CONNECT_TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            raise ConfigError("logger.tracking_uri", uri, f"answers, but not as an MLflow "
+                              f"tracking server (HTTP {e.code} on {PROBE}); {fix}") from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        reason = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        raise ConfigError("logger.tracking_uri", uri, f"cannot be reached ({reason}, waited "
+                          f"at most {CONNECT_TIMEOUT_S:g} s); {fix}") from e
 
 
 def experiment_id(client, name: str) -> str:
@@ -147,6 +180,10 @@ class MlflowLog:
 
     def fail(self) -> None:
         self.client.set_terminated(self.run_id, "FAILED")
+
+    def interrupt(self) -> None:
+        """Stopped by the user: KILLED, continued when the same command runs again."""
+        self.client.set_terminated(self.run_id, "KILLED")
 
 
 def run_name(run_root: Path, sweep: Path | None) -> str:

@@ -22,7 +22,7 @@ from kdrun.measure import side_by_side
 from kdrun.models import build_model, describe, input_spec
 from kdrun.pretrained import InputSpec
 from kdrun.provenance import config_hash, distillation_loss, student_seeds
-from kdrun.report import comparison_table, write_summary
+from kdrun.report import comparison_table, one_line, write_summary
 from kdrun.schemes import SCHEMES
 from kdrun.stages import Stages, feature_shapes
 from kdrun.store import RunDir, remove_temporaries
@@ -59,6 +59,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
     try:
         rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+    except KeyboardInterrupt:
+        stages.metrics.interrupt()
+        raise
     except Exception:
         stages.metrics.fail()
         raise
@@ -117,18 +120,27 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> l
     """The rows with latency, speed-up and compression: teacher and student timed now,
     side by side, in this process."""
     student = build_model(cfg.student, data.input_shape, data.num_classes)
-    latency_ms, speedup = side_by_side(teacher, student, data.input_shape, device, cfg.latency)
+    timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency)
     teacher_params = next((row.params for row in rows if row.role == "teacher"), None)
-    return [row.with_figures(latency_ms, speedup, teacher_params) for row in rows]
+    return [row.with_figures(timing, teacher_params) for row in rows]
 
 
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
     table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
-                             teacher=_teacher_scope(cfg))
+                             teacher=_teacher_scope(cfg), draw=_label_draw(cfg))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
     distilled_val = summary[summary.role == "distilled"].val_acc_best
-    return {"rows": summary.to_dict("records"), "table": table,
+    return {"rows": summary.to_dict("records"), "table": table, "line": one_line(summary),
             "distilled_val_acc": float(statistics.mean(distilled_val))}
+
+
+def _label_draw(cfg: DictConfig) -> str | None:
+    """With a label budget, which labelled examples the run drew: the verdict holds for
+    that draw too (on real MNIST with 1,000 labels the gain moved from -1.4 to +2.2
+    points with the teacher and the draw)."""
+    if cfg.split.get("labeled") is None:
+        return None
+    return f"one draw of the labelled examples (split.seed={cfg.split.seed})"
 
 
 def _teacher_scope(cfg: DictConfig) -> str | None:
@@ -152,7 +164,8 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
                         f"choose a new output directory")
     log.info("%s: this run already finished, nothing to do", run_dir.root)
     summary = pd.read_csv(run_dir.summary_csv)
-    return _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
+    result = _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
+    return {**result, "line": f"this run already finished: {result['line']}"}
 
 
 def check_transfer_set(cfg: DictConfig, data: Data) -> None:

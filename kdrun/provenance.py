@@ -186,7 +186,8 @@ def _cpu_name() -> str:
 # trains, the precision above, and (distilled stages only) the teacher weights and
 # targets it learns from.
 RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
-                      "cache_teacher_logits", "amp", "tf32", "float64")
+                      "cache_teacher_logits", "cache_teacher_features_mb", "amp", "tf32",
+                      "float64")
 
 
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdrun.measure import BATCHES, TRIES
 from kdrun.store import atomic_write
 
 METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
@@ -73,6 +74,11 @@ class MetricLogs:
         for metric_log in self.logs:
             if hasattr(metric_log, "fail"):
                 metric_log.fail()
+
+    def interrupt(self) -> None:
+        for metric_log in self.logs:
+            if hasattr(metric_log, "interrupt"):
+                metric_log.interrupt()
 
 
 def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLogs:
@@ -164,22 +170,30 @@ def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def gain_verdict(gains: list[float], teacher: str | None) -> str:
-    """One sentence: the interval, what it is taken over, the p-value, the verdict."""
+def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = None) -> str:
+    """One sentence: the interval, what it is taken over, the p-value, the verdict, and
+    what it holds for: this teacher, and with a label budget this draw of labels."""
     over = f"{len(gains)} paired student seeds" + (f" under {teacher}" if teacher else "")
+    if draw:
+        over += f" and {draw}"
     if len(gains) < 2:
         return "one student seed, so its noise is unknown (set repeats=3 or more)"
     test = gain_test(gains)
     where = (f"95% CI [{test.ci_low:+.2f}, {test.ci_high:+.2f}] over {over}, paired t-test "
              f"{format_p(test.p)}")
-    scope = " (for this teacher: other teacher seeds may differ)" if teacher else ""
+    held = [what for what, given in (("teacher", teacher), ("draw of labelled examples", draw))
+            if given]
+    scope = (f" (for this {' and this '.join(held)}: other teacher seeds"
+             f"{' and draws (split.seed)' if draw else ''} may differ)") if held else ""
     if test.verdict in ("helps", "hurts"):
         return f"{where}: distillation {test.verdict}, beyond student-seed noise{scope}"
     return f"{where}: not significant, no evidence that distillation changes accuracy here"
 
 
-def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None) -> str:
-    """Teacher / scratch / distilled rows with params and accuracies, then the gain."""
+def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None,
+                     draw: str | None = None) -> str:
+    """Teacher / scratch / distilled rows with params and accuracies, then the gain with
+    what its verdict holds for (``teacher``, ``draw``: see gain_verdict)."""
     split = summary.eval_split.iloc[0]  # "test", or "train" when the labels are random
     selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
     chosen = "best val" if selected == "val" else "last ep."
@@ -201,17 +215,44 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     lines.append(f"{'gain':<10} {'distilled-scratch':<{w + p + 1}}  "
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
-    lines.append(f"gain ({chosen}): {gain_verdict(gains['test_acc_best_val'], teacher)}")
+    lines.append(f"gain ({chosen}): "
+                 f"{gain_verdict(gains['test_acc_best_val'], teacher, draw)}")
     lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
     if selected != "val":
         lines.append("no validation split (split.val_fraction=0): every model is taken at its "
                      "last epoch")
     if "compression" in distilled and distilled.compression.notna().all():
-        row = distilled.iloc[0]
-        lines.append(f"student vs teacher: {row.compression:.2f}x fewer parameters, "
-                     f"{row.speedup_b1:g}x faster at batch 1, {row.speedup_b256:g}x at "
-                     f"batch 256, timed side by side now ({row.size_mb:.3f} MB on disk)")
+        lines.append(_speed_line(distilled.iloc[0]))
     return "\n".join(lines)
+
+
+def _speed_line(row) -> str:
+    """Compression and the side-by-side speed-ups; a speed-up whose timing rounds
+    disagreed (a busy machine) is not printed as a figure."""
+    busy = [b for b in BATCHES if row.get(f"speedup_b{b}_reliable", True) in (False, "False")]
+    speeds = ", ".join(f"{row[f'speedup_b{b}']:g}x {'faster ' if b == 1 else ''}at batch {b}"
+                       for b in BATCHES if b not in busy)
+    text = f"student vs teacher: {row.compression:.2f}x fewer parameters"
+    if speeds:
+        text += f", {speeds}, timed side by side now"
+    if busy:
+        text += (f"; speed-up at batch {' and '.join(map(str, busy))} not measured: the "
+                 f"machine was busy (its timing rounds disagreed, {TRIES} tries); run again "
+                 f"on a quiet machine")
+    return text + f" ({row.size_mb:.3f} MB on disk)"
+
+
+def one_line(summary: pd.DataFrame) -> str:
+    """A run in one line, for a sweep's console: the distilled students' test accuracy
+    (best-validation epoch) and their paired gain with its interval and verdict."""
+    scratch, distilled = (summary[summary.role == role] for role in ("scratch", "distilled"))
+    if scratch.empty or distilled.empty:
+        return "finished"
+    gains = [d - s for d, s in zip(distilled.test_acc_best_val, scratch.test_acc_best_val)]
+    test = gain_test(gains)
+    interval = f" [{test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else ""
+    return (f"distilled {mean_std(list(distilled.test_acc_best_val))}, gain {test.mean:+.2f}"
+            f"{interval}: {test.verdict}")
 
 
 def _data_line(summary: pd.DataFrame) -> list[str]:

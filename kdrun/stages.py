@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun.augment import make_augment
 from kdrun.cache import StageEntry
 from kdrun.data import Data, fingerprint, transfer_fingerprint
-from kdrun.features import feature_shape
+from kdrun.features import feature_shape, predict_features
 from kdrun.given_teacher import WEIGHTS, evaluate_given_teacher
 from kdrun.labels import UNLABELED
 from kdrun.losses import CE
@@ -141,12 +142,18 @@ class Stages:
         return self._load(self.cfg.student, result.entry, self.tcfg.distill_from)
 
     def teacher_targets(self, teacher: StageResult, loss) -> TeacherTargets:
-        """Cached logits when the training data is not augmented and the loss reads only
-        logits (the default); else the teacher itself, run on each batch."""
+        """When the training data is not augmented (the default): the teacher's logits,
+        computed once, and for a loss that reads them its features at the loss's layer,
+        computed once too when they fit ``trainer.cache_teacher_features_mb``. Else the
+        teacher itself, run on each batch."""
         features = loss.reads_features
-        cacheable = self.data.train.in_memory and self.augment is None
-        if cacheable and self.tcfg.cache_teacher_logits and not features:
+        cacheable = (self.data.train.in_memory and self.augment is None
+                     and self.tcfg.cache_teacher_logits)
+        if cacheable and not features:
             return CachedLogits(self.teacher_logits(teacher))
+        if cacheable and self.features_fit(teacher.model, loss.teacher_layer):
+            return CachedLogits(self.teacher_logits(teacher),
+                                self.teacher_features(teacher, loss.teacher_layer))
         return LiveTeacher(teacher.model, configure_device(self.tcfg, self.device),
                            loss.teacher_layer if features else None)
 
@@ -154,6 +161,20 @@ class Stages:
         """The teacher's logits on every example a taught student trains on."""
         return training_logits(teacher.model, teacher.entry, self.taught_data, self.tcfg,
                                self.device, self.transfer_digest)
+
+    def teacher_features(self, teacher: StageResult, layer):
+        """The teacher's features at ``layer`` on every example a taught student trains on."""
+        return training_features(teacher.model, teacher.entry, self.taught_data, self.tcfg,
+                                 self.device, layer, self.transfer_digest)
+
+    def features_fit(self, teacher: torch.nn.Module, layer) -> bool:
+        """Whether the teacher's features at ``layer`` over the training set take at most
+        ``trainer.cache_teacher_features_mb``."""
+        shapes = feature_shape(teacher, layer, self.data.input_shape, "loss.teacher_layer")
+        shapes = [shapes] if isinstance(layer, str) else shapes
+        size = sum(math.prod(shape) for shape in shapes) * len(self.taught_data.train)
+        megabytes = size * torch.finfo(self.dtype).bits / 8 / 1e6
+        return megabytes <= self.tcfg.get("cache_teacher_features_mb", 0)
 
     # ------------------------------------------------------------ one stage
 
@@ -202,10 +223,12 @@ class Stages:
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
         loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
         if loss.reads_features:
-            loss.prepare(*feature_shapes(loss, model, teacher.model, self.data.input_shape))
+            loss.prepare(feature_shape(model, loss.student_layer, self.data.input_shape,
+                                       "loss.student_layer"),
+                         teacher.feature_shape(self.data.input_shape))
         result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
-                     on_epoch=on_epoch, progress=self.cfg.progress)
+                     on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
         finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
                      model_cfg=model_cfg, data=data, cfg=self.cfg,
                      context=self.row_context, trained_in="alone")
@@ -224,21 +247,47 @@ def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device,
     set, the labelled examples then the transfer set whose hash is ``transfer_digest``),
     computed once in eval mode without gradients, stored (sealed) with the teacher, and
     reused by every distillation epoch and every job that distills from this teacher."""
+    return _on_training_set(
+        "logits", entry, f"logits-{tcfg.distill_from}", teacher, data, tcfg, device,
+        transfer_digest, lambda split: predict_logits(teacher, split, tcfg.eval_batch_size))
+
+
+def training_features(teacher, entry: StageEntry, data: Data, tcfg, device, layer,
+                      transfer_digest: str | None = None):
+    """The teacher's features at ``layer`` (a list of layers: a list of tensors) on every
+    training example, computed, stored and reused as its logits are."""
+    name = "+".join([layer] if isinstance(layer, str) else list(layer))
+    return _on_training_set(
+        "features", entry, f"features-{name}-{tcfg.distill_from}", teacher, data, tcfg, device,
+        transfer_digest,
+        lambda split: predict_features(teacher, split, layer, tcfg.eval_batch_size,
+                                       "loss.teacher_layer"))
+
+
+def _on_training_set(what: str, entry: StageEntry, stem: str, teacher, data: Data, tcfg, device,
+                     transfer_digest: str | None, compute):
+    """``compute(training split)`` of the teacher, kept sealed in its cache entry as
+    ``<stem>[-transfer-<hash>].pt``; a file that fails its checksum is computed again."""
     transfer = f"-transfer-{transfer_digest}" if transfer_digest else ""
-    path = entry.dir / f"logits-{tcfg.distill_from}{transfer}.pt"
+    path = entry.dir / f"{stem}{transfer}.pt"
     with entry.lock():
-        logits = load_sealed(path)
-        if logits is not None:
-            return logits.to(device)
+        stored = load_sealed(path)
+        if stored is not None:
+            return _moved(stored, device)
         if path.exists() or path.name in entry.derived():
             log.warning("stage cache: %s is missing or does not match its checksum; "
-                        "computing the teacher's logits again", path)
+                        "computing the teacher's %s again", path, what)
         dtype = working_dtype(tcfg)
         teacher.to(device, dtype)
-        logits = predict_logits(teacher, data.train.to(device, dtype), tcfg.eval_batch_size)
-        save_sealed(path, logits.cpu())
+        result = compute(data.train.to(device, dtype))
+        save_sealed(path, _moved(result, "cpu"))
         entry.note_derived(path.name)
-        return logits
+        return result
+
+
+def _moved(value, device):
+    """A tensor, or a list of them, on ``device``."""
+    return value.to(device) if torch.is_tensor(value) else [v.to(device) for v in value]
 
 
 def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,

@@ -50,6 +50,17 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.failed_json, lambda tmp: tmp.write_text(json.dumps({"error": error})))
 
+    @property
+    def interrupted_json(self) -> Path:
+        """Written when a run is interrupted (Ctrl-C): where, and how to resume; removed
+        when the run is started again."""
+        return self.root / "interrupted.json"
+
+    def mark_interrupted(self, where: str | None, resume: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.interrupted_json, lambda tmp: tmp.write_text(json.dumps(
+            {"interrupted_at": where, "resume_with": resume})))
+
     def checkpoint(self, role: str, seed: int, first_seed: int) -> Path:
         """teacher.pt / scratch.pt / distilled.pt; extra student seeds get ``.seed<N>``."""
         suffix = "" if role == "teacher" or seed == first_seed else f".seed{seed}"

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from kdrun.cache import StageEntry
+    from kdrun.measure import Timing
 
 # The keys of a finished stage's summary (cache summary.json) that are result columns;
 # the rest of it is provenance: what the stage key holds of its arithmetic (device,
@@ -97,18 +98,18 @@ class SummaryRow:
     def with_columns(self, **scheme) -> SummaryRow:
         return dataclasses.replace(self, scheme={**self.scheme, **scheme})
 
-    def with_figures(self, latency_ms: dict, speedup: dict,
-                     teacher_params: int | None) -> SummaryRow:
-        """This row with its side-by-side timing: ``latency_ms[who][batch]`` (who =
-        teacher or student) and ``speedup[batch]`` (teacher over student, empty without
-        a teacher). An ensemble member (teacher1, ...) gets none: the ensemble as a
-        whole is timed. A student row gets the teacher's params over its own."""
+    def with_figures(self, timing: Timing, teacher_params: int | None) -> SummaryRow:
+        """This row with its side-by-side timing (kdrun/measure.py): its model's latency,
+        and for a student the speed-up over the teacher (none without a teacher), whether
+        the timing rounds agreed, and the teacher's params over its own. An ensemble
+        member (teacher1, ...) gets none: the ensemble as a whole is timed."""
         if self.is_teacher and self.role != "teacher":
             return self
         who = "teacher" if self.is_teacher else "student"
-        figures = {f"latency_ms_b{b}": ms for b, ms in latency_ms[who].items()}
+        figures = {f"latency_ms_b{b}": ms for b, ms in timing.latency_ms[who].items()}
         if not self.is_teacher:
-            figures.update({f"speedup_b{b}": ratio for b, ratio in speedup.items()})
+            figures.update({f"speedup_b{b}": ratio for b, ratio in timing.speedup.items()})
+            figures.update({f"speedup_b{b}_reliable": ok for b, ok in timing.reliable.items()})
             if teacher_params is not None:
                 figures["compression"] = round(teacher_params / self.params, 3)
         return dataclasses.replace(self, figures=figures)

@@ -33,13 +33,11 @@ from omegaconf import OmegaConf
 from kdrun.provenance import REPLICATE_KEYS, outside_the_key, rounding_columns
 from kdrun.report import format_p, gain_test, write_summary
 from kdrun.store import atomic_write
+from kdrun.sweep_plots import plot_curves, plot_gains, setting_name
 
 log = logging.getLogger("kdrun")
 # Summary columns that must match for jobs to be pooled, swept or not.
 CONDITION_KEYS = ("device", "precision", "torch", "data_sha256")
-HEATMAP_AXES = ("loss.T", "loss.alpha")  # swept keys that are the heatmap's own axes
-# swept keys that set how much data has labels: the report plots the gain against them
-BUDGET_AXES = ("split.labeled", "dataset.unlabeled")
 
 
 class NoFinishedJobs(FileNotFoundError):
@@ -104,15 +102,25 @@ def collect(jobs: Jobs, which: str) -> pd.DataFrame:
     frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(jobs.root)),
                                             **{k: setting.get(k, "-") for k in jobs.swept})
               for d, setting in jobs.settings.items()]
-    return pd.concat(frames, ignore_index=True)
+    return _as_numbers(pd.concat(frames, ignore_index=True), jobs.swept)
+
+
+def _as_numbers(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Swept keys whose values are all numbers as numbers (split.labeled=250 sorts before
+    1000); "-" (a key a job lacks) becomes empty."""
+    for key in keys:
+        values = frame[key].replace("-", None)
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() == values.notna().sum() and values.notna().any():
+            frame[key] = numbers
+    return frame
 
 
 def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     """One row per setting: distilled accuracy, paired gain over scratch (tested over
     student seeds under one teacher, or over teachers' mean gains under several),
     teacher accuracy."""
-    conditions = [c for c in CONDITION_KEYS if c in summary and summary[c].nunique() > 1]
-    keys = swept + conditions
+    keys = swept + unexplained_conditions(summary, swept)
     pair = ["job", "seed"]
     scratch = summary[summary.role == "scratch"].set_index(pair).test_acc_best_val
     teachers = summary[summary.role == "teacher"].set_index("job")
@@ -135,6 +143,18 @@ def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
         setting = setting if isinstance(setting, tuple) else (setting,)
         rows.append({**dict(zip(keys, setting)), **_setting_row(group)})
     return pd.DataFrame(rows)
+
+
+def unexplained_conditions(summary: pd.DataFrame, swept: list[str]) -> list[str]:
+    """The CONDITION_KEYS (device, precision, torch, data) that differ between jobs of
+    one combination of swept keys: they keep settings apart as swept keys do. One that
+    differs only with the swept keys (the data of a sweep over split.labeled) is named by
+    them already."""
+    varying = [c for c in CONDITION_KEYS if c in summary and summary[c].nunique() > 1]
+    if not swept:
+        return varying
+    within = summary.groupby(swept, dropna=False)
+    return [c for c in varying if (within[c].nunique() > 1).any()]
 
 
 def _setting_row(group: pd.DataFrame) -> dict:
@@ -185,12 +205,11 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
     table = gains_by_setting(summary, jobs.swept)
     best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
-    figures = [plot_gain_heatmaps(table, jobs.swept, sweep_dir / "gain_heatmap.png"),
-               plot_gain_against_budget(table, jobs.swept, sweep_dir / "gain_vs_labels.png"),
-               plot_curves(metrics, best, sweep_dir / "curves.png")]
+    figures = [*plot_gains(table, jobs.swept, sweep_dir),
+               plot_curves(metrics, best, jobs.swept, sweep_dir / "curves.png")]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
-                     len(jobs.settings), jobs.common,
-                     [f.name for f in figures if f is not None], failed_jobs(sweep_dir),
+                     len(jobs.settings), jobs.common, [f.name for f in figures],
+                     failed_jobs(sweep_dir),
                      how_trained(summary), other_orders(summary))
     if published is not None:
         from kdrun.published import published_section
@@ -198,6 +217,21 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
         text += "\n" + "\n".join(published_section(summary, metrics, Path(published)))
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md"
+
+
+def console_lines(sweep_dir: Path) -> list[str]:
+    """The report in a few lines for the console: one per setting, its distilled test
+    accuracy and gain with interval and verdict."""
+    jobs = read_jobs(sweep_dir)
+    table = gains_by_setting(collect(jobs, "summary.csv"), jobs.swept)
+    lines = []
+    for _, row in table.iterrows():
+        setting = setting_name(jobs.swept, tuple(row[k] for k in jobs.swept), " ") or "all jobs"
+        interval = ("" if math.isnan(row.gain_ci_low)
+                    else f" [{row.gain_ci_low:+.2f}, {row.gain_ci_high:+.2f}]")
+        lines.append(f"  {setting}: distilled {row.test_acc:.2f}, gain {row.gain:+.2f}"
+                     f"{interval} over {row.interval_over}: {row.verdict}")
+    return lines
 
 
 def how_trained(summary: pd.DataFrame) -> str | None:
@@ -241,6 +275,8 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     if not swept:
         keys = ["method", "T", "alpha"]
     shown = table.copy()
+    for key in keys:  # split.labeled=100, not 100.0
+        shown[key] = [f"{v:g}" if isinstance(v, float) and v == v else v for v in shown[key]]
     shown["gain"] = [f"{g:+.2f} ± {s:.2f}" for g, s in zip(table.gain, table.gain_std)]
     shown["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in
                        zip(table.gain_ci_low, table.gain_ci_high)]
@@ -280,7 +316,7 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     if best is None:
         lines += ["No validation split (`split.val_fraction=0`): no setting is selected.", ""]
     else:
-        best_name = " ".join(f"{k}={best[k]}" for k in keys)
+        best_name = setting_name(keys, tuple(best[k] for k in keys), " ")
         lines += [f"**{best_name}**: distilled validation accuracy {best.val_acc:.2f}, test "
                   f"accuracy {best.test_acc:.2f}, gain {best.gain:+.2f} ({best.verdict}).", ""]
     if table["T"].notna().any() and table.soft_target_entropy.notna().any():
@@ -307,122 +343,6 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
-# ---------------------------------------------------------------- figures
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_gain_heatmaps(table: pd.DataFrame, swept: list[str], path: Path) -> Path | None:
-    """One T x alpha panel of the mean gain for each combination of the other swept keys
-    (each panel titled by it), each cell annotated with mean ± std."""
-    others = [k for k in table.columns if (k in swept and k not in HEATMAP_AXES)
-              or k in CONDITION_KEYS]
-    panels = list(table.groupby(others, dropna=False, sort=True)) if others else [((), table)]
-    panels = [(name, t) for name, t in panels
-              if t[["T", "alpha"]].notna().all().all() and not t.duplicated(["T", "alpha"]).any()]
-    if not panels:
-        return None
-    plt = _pyplot()
-    limit = max(float(table.gain.abs().max()), 1e-9)
-    n_t, n_a = table["T"].nunique(), table.alpha.nunique()
-    fig, axes = plt.subplots(1, len(panels), squeeze=False,
-                             figsize=(max(3.4, 1.6 + 1.3 * n_a) * len(panels), 1.8 + 0.8 * n_t))
-    for i, (ax, (name, panel)) in enumerate(zip(axes[0], panels)):
-        name = name if isinstance(name, tuple) else (name,)
-        title = ", ".join(f"{k}={v}" for k, v in zip(others, name)) or "all jobs"
-        image = _heatmap_panel(ax, panel, limit, title)
-        ax.set_ylabel("T" if i == 0 else "")
-    fig.colorbar(image, ax=list(axes[0]))
-    fig.suptitle("distillation gain, test acc points (ns: not significant)", fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_gain_against_budget(table: pd.DataFrame, swept: list[str], path: Path) -> Path | None:
-    """The gain with its 95% interval against each swept label-budget key (split.labeled,
-    dataset.unlabeled), one line per combination of the other swept keys."""
-    axes_keys = [k for k in BUDGET_AXES if k in swept]
-    if not axes_keys:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(axes_keys), squeeze=False, figsize=(5 * len(axes_keys), 3.6))
-    for ax, key in zip(axes[0], axes_keys):
-        others = [k for k in swept if k != key]
-        lines = table.groupby(others, dropna=False, sort=True) if others else [((), table)]
-        for name, line in lines:
-            line = line.assign(x=pd.to_numeric(line[key], errors="coerce")).sort_values("x")
-            name = name if isinstance(name, tuple) else (name,)
-            label = ", ".join(f"{k}={v}" for k, v in zip(others, name)) or None
-            errors = [line.gain - line.gain_ci_low, line.gain_ci_high - line.gain]
-            ax.errorbar(line.x, line.gain, yerr=errors, marker="o", capsize=3, label=label)
-        ax.axhline(0, color="gray", linewidth=0.8)
-        ax.set_xlabel(key)
-        ax.set_ylabel("gain, test acc points (95% CI)")
-        if others:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle("distillation gain against the label budget", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _heatmap_panel(ax, table: pd.DataFrame, limit: float, title: str):
-    gain = table.pivot(index="T", columns="alpha", values="gain")
-    std = table.pivot(index="T", columns="alpha", values="gain_std")
-    verdict = table.pivot(index="T", columns="alpha", values="verdict")
-    image = ax.imshow(gain.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for i in range(gain.shape[0]):
-        for j in range(gain.shape[1]):
-            if pd.isna(gain.iloc[i, j]):
-                continue
-            s = std.iloc[i, j]
-            mark = "" if verdict.iloc[i, j] in ("helps", "hurts") else "\n(ns)"
-            text = f"{gain.iloc[i, j]:+.2f}" + ("" if pd.isna(s) else f"\n±{s:.2f}") + mark
-            dark = abs(gain.iloc[i, j]) > 0.6 * limit
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(gain.shape[1]), [str(a) for a in gain.columns])
-    ax.set_yticks(range(gain.shape[0]), [str(t) for t in gain.index])
-    ax.set_xlabel("alpha (teacher-term weight)")
-    ax.set_title(title, fontsize=8)
-    return image
-
-
-def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, path: Path) -> Path:
-    """Validation accuracy per epoch: teacher, scratch, and the best distilled setting
-    (the jobs of that setting; all jobs when there is no validation split to choose by)."""
-    plt = _pyplot()
-    val = metrics[metrics.split == "val"]
-    jobs = set(best["jobs"]) if best is not None else set(val.job)
-    chosen = val[val.job.isin(jobs)]
-    curves = {"teacher": chosen[chosen.stage == "teacher"],
-              "scratch": chosen[chosen.stage == "scratch"],
-              "distilled (best setting)": chosen[chosen.stage == "distilled"]}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in curves.items():
-        mean = rows.groupby("epoch").acc.mean()
-        ax.plot(mean.index, mean.values, label=label)
-    ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("validation accuracy (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------- entry points
 
 
@@ -432,7 +352,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            log.info("sweep report: %s", write_report(sweep_dir))
+            report = write_report(sweep_dir)
+            log.info("sweep report: %s\n%s", report, "\n".join(console_lines(sweep_dir)))
         except NoFinishedJobs as e:
             log.warning("no sweep report: %s", e)
         if config.logger.name == "mlflow":

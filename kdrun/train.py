@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from kdrun.data import Data, Split
 from kdrun.errors import TrainingDiverged
-from kdrun.features import FeatureTap
+from kdrun.features import FeatureTap, feature_shape
 from kdrun.labels import UNLABELED
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
 from kdrun.precision import uses_amp, uses_tf32, widen, working_dtype
+from kdrun.progress import StageProgress
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -112,16 +112,32 @@ def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, fl
 
 
 class CachedLogits:
-    """Teacher logits computed once for the whole training set, looked up by index."""
+    """Teacher logits computed once for the whole training set, looked up by index; and,
+    for a loss that reads them, the teacher's features at its layer (a tensor, or a list
+    of tensors for a list of layers), computed once alike."""
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    def __init__(self, logits: torch.Tensor, features=None):
+        self.logits, self.features = logits, features
 
     def to(self, device, dtype: torch.dtype | None = None) -> CachedLogits:
-        return CachedLogits(self.logits.to(device, dtype))
+        features = self.features
+        if features is not None:
+            features = features.to(device, dtype) if torch.is_tensor(features) else [
+                f.to(device, dtype) for f in features]
+        return CachedLogits(self.logits.to(device, dtype), features)
 
-    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.logits[idx], None
+    def feature_shape(self, input_shape=None):
+        """The shape (without batch) of the cached features; a list for a list of layers."""
+        if torch.is_tensor(self.features):
+            return tuple(self.features.shape[1:])
+        return [tuple(f.shape[1:]) for f in self.features]
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor):
+        if self.features is None:
+            return self.logits[idx], None
+        if torch.is_tensor(self.features):
+            return self.logits[idx], self.features[idx]
+        return self.logits[idx], [f[idx] for f in self.features]
 
 
 class LiveTeacher:
@@ -130,8 +146,12 @@ class LiveTeacher:
     loss reads the teacher's intermediate ``layer``."""
 
     def __init__(self, model: nn.Module, autocast, layer: str | None = None):
-        self.model, self.autocast = model.eval(), autocast
+        self.model, self.autocast, self.layer = model.eval(), autocast, layer
         self.tap = FeatureTap(model, layer, "loss.teacher_layer") if layer else None
+
+    def feature_shape(self, input_shape):
+        """The shape (without batch) of the teacher's feature at its layer."""
+        return feature_shape(self.model, self.layer, input_shape, "loss.teacher_layer")
 
     def to(self, device, dtype: torch.dtype | None = None) -> LiveTeacher:
         self.model.to(device, dtype)
@@ -220,6 +240,7 @@ def fit(
     resume: dict | None = None,
     on_epoch: Callable[[list[dict], Callable[[], dict]], None] = lambda rows, snapshot: None,
     progress: bool = True,
+    label: str | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` epochs and evaluate it after each.
 
@@ -231,7 +252,8 @@ def fit(
     After each epoch ``on_epoch(rows, snapshot)`` gets that epoch's metric rows and
     a function returning the full training state (weights, optimiser, schedule,
     RNGs, best-so-far); passing such a state back as ``resume`` continues where
-    it left off, ending exactly where an uninterrupted fit would.
+    it left off, ending exactly where an uninterrupted fit would. ``progress`` shows
+    the epochs as they pass (kdrun/progress.py), named ``label`` (default: ``stage``).
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -268,10 +290,8 @@ def fit(
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     skip_nan = tcfg.get("on_nan", "stop") == "skip"
-    bar = tqdm(range(progress_state["epoch"] + 1, epochs + 1), desc=f"{stage:<9}", unit="ep",
-               disable=not progress, leave=True, dynamic_ncols=True,
-               initial=progress_state["epoch"], total=epochs)
-    for epoch in bar:
+    bar = StageProgress(label or stage, epochs, progress_state["epoch"], progress)
+    for epoch in range(progress_state["epoch"] + 1, epochs + 1):
         model.train()
         loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
         lr = optimizer.param_groups[0]["lr"]
@@ -319,7 +339,7 @@ def fit(
         val_acc = record_epoch(progress_state, epoch, rows, seconds, lambda: {
             k: v.detach().clone() for k, v in model.state_dict().items()})
         on_epoch(rows, snapshot)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.1f}%")
+        bar.update(epoch, train_loss, val_acc)
     bar.close()
     if student_tap:
         student_tap.remove()

@@ -73,6 +73,7 @@ RULES: dict[str, Check] = {
     "trainer.distill_from": one_of("best_val", "last"),
     "trainer.checkpoint_every": number(0, integer=True),
     "trainer.on_nan": one_of("stop", "skip"),
+    "trainer.cache_teacher_features_mb": number(0),
     **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
                                               "cudnn_benchmark", "fused_optimizer",
                                               "channels_last", "compile", "float64")},

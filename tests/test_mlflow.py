@@ -87,7 +87,7 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_job_and_resumes_in_place(tmp
     assert sorted(r.data.params["loss.T"] for r in children) == ["2", "4"]
     assert sorted(r.info.run_name.split(",")[0] for r in children) == ["loss.T=2", "loss.T=4"]
     report = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "summary.csv", "gain_heatmap.png", "curves.png"} <= report
+    assert {"report.md", "summary.csv", "gain_vs_loss.T.png", "curves.png"} <= report
     assert all(r.info.status == "FINISHED" for r in found)
 
     kdrun(tmp_path, *args)  # resumed in its own folder: the same three runs
@@ -119,3 +119,60 @@ def logged_epochs(root, key: str) -> int:
     """Lines of a metric's file in the MLflow file store (one per logged step)."""
     files = list((root / "outputs" / "mlruns").glob(f"*/*/metrics/{key}"))
     return len(files[0].read_text().splitlines()) if files else 0
+
+
+def test_a_tracking_uri_that_cannot_be_reached_stops_before_training_in_one_line(tmp_path):
+    import socket
+    import subprocess
+
+    from tests.helpers import KDRUN
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    out = subprocess.run([KDRUN, "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{port}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - started < 60
+    assert out.stderr.count("\n") == 1 and "cannot be reached" in out.stderr
+    assert f"logger.tracking_uri='http://127.0.0.1:{port}'" in out.stderr
+    assert not (tmp_path / "outputs" / "runs").exists()  # nothing trained, nothing written
+
+
+def test_a_server_that_never_answers_or_is_not_mlflow_is_refused_within_the_timeout():
+    import http.server
+    import socket
+    import threading
+
+    from kdrun.errors import ConfigError
+    from kdrun.mlflow_log import CONNECT_TIMEOUT_S, check_reachable
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        check_reachable(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    assert time.monotonic() - started < CONNECT_TIMEOUT_S + 2
+    silent.close()
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path.startswith("/api/2.0/mlflow/") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    for prefix, ok in (("", True), ("/elsewhere", False)):
+        server = http.server.HTTPServer(("127.0.0.1", 0), Answers)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}{prefix}"
+        try:
+            if ok:
+                check_reachable(uri)  # an MLflow-like answer: accepted
+            else:
+                with pytest.raises(ConfigError, match="not as an MLflow tracking server"):
+                    check_reachable(uri)
+        finally:
+            server.shutdown()

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ACTIVATE = Path(sys.executable).parent / "activate"  # the venv the tests run in
 # The commands the README's blocks start with, each installed by `make run` / `make test`
 COMMANDS = ("kdrun", "kdrun-report", "kdrun-cache", "make", "tensorboard")
-# Lines that need a file of the user's, or weights this offline machine cannot have: they
-# compose, and stop at validation with the line a user would see here.
+# Lines that need a file of the user's, weights or a tracking server this offline machine
+# cannot have: they compose, and stop at validation with the line a user would see here.
 # ("Add your own loss / model" needs its example's files: tests/test_own_code.py runs it.)
 NEEDS_FILES = {".pretrained=true": "are not in the local cache", ".weights=": "no such file",
+               "logger.tracking_uri=http": "logger.tracking_uri",
                "hydra.searchpath=": "not a known option"}
 
 

@@ -46,10 +46,12 @@ def test_readme_has_the_six_recipes():
     assert len(readme_recipes()) >= 8
 
 
-# Recipes that need a file of the user's, or weights this offline machine cannot have:
-# they compose, and stop at validation with the line a user would see here.
+# Recipes that need a file of the user's, weights or a tracking server this offline
+# machine cannot have: they compose, and stop at validation with the line a user would
+# see here.
 NEEDS_FILES = {".pretrained=true": "are not in the local cache",
-               ".weights=": "no such file"}
+               ".weights=": "no such file",
+               "logger.tracking_uri=http": "logger.tracking_uri"}
 
 
 @pytest.mark.parametrize("argv", readme_recipes(), ids=lambda a: " ".join(a)[:60])
@@ -145,9 +147,11 @@ def kdrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return p
 
 
-def the_sweep(cwd: Path) -> Path:
+def the_sweep(cwd: Path, figure: str = "gain_heatmap.png") -> Path:
+    """The sweep folder, with its report, ``figure`` (the gain figure that fits its swept
+    keys) and curves."""
     (sweep,) = (cwd / "outputs" / "multirun").glob("*/*")
-    for name in ("summary.csv", "report.md", "gain_heatmap.png", "curves.png"):
+    for name in ("summary.csv", "report.md", figure, "curves.png"):
         assert (sweep / name).stat().st_size > 0, name
     return sweep
 
@@ -169,7 +173,7 @@ def test_optuna_search_runs_four_trials_into_one_report(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     kdrun(tmp_path, "-m", "hydra/launcher=submitit_local", "loss.alpha=0.5,0.9", *TINY)
-    sweep = the_sweep(tmp_path)
+    sweep = the_sweep(tmp_path, "gain_vs_loss.alpha.png")
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 * 3
     assert summary[summary.role == "teacher"].reused.sum() == 1  # one teacher for both jobs

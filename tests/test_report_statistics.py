@@ -4,7 +4,9 @@ p-value) and says what it covers; speed-ups are measured side by side."""
 from __future__ import annotations
 
 import statistics
+import time
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -63,13 +65,80 @@ def test_students_of_one_architecture_share_one_side_by_side_speedup():
 
     rows = [row("teacher", 26122, 0.1), row("teacher1", 26122, 0.1), row("scratch", 410, 0.002),
             row("distilled", 410, 0.002), row("scratch", 410, 0.002)]
-    latency_ms, speedup = side_by_side(teacher, student, (40,), torch.device("cpu"),
-                                       OmegaConf.create({"repeats_b1": 7, "repeats_b256": 5,
-                                                         "warmup": 1}))
-    rows = [r.with_figures(latency_ms, speedup, teacher_params=26122).columns() for r in rows]
+    timing = side_by_side(teacher, student, (40,), torch.device("cpu"),
+                          OmegaConf.create({"repeats_b1": 7, "repeats_b256": 5, "warmup": 1}))
+    rows = [r.with_figures(timing, teacher_params=26122).columns() for r in rows]
     students = rows[2:]
     assert len({(r["speedup_b1"], r["speedup_b256"], r["latency_ms_b1"]) for r in students}) == 1
     assert rows[2]["compression"] == pytest.approx(26122 / 410, rel=1e-3)
     assert "latency_ms_b1" not in rows[1]  # an ensemble member: the ensemble is timed
     assert "compression" not in rows[0] and "speedup_b1" not in rows[0]
     assert rows[0]["latency_ms_b256"] > rows[2]["latency_ms_b256"]
+
+
+LOAD = """
+import time, torch
+torch.set_num_threads(2)
+a = torch.randn(1000, 1000)
+end = time.time() + 120
+while time.time() < end:
+    a @ a
+"""
+
+
+def test_under_cpu_load_a_speedup_is_marked_unreliable_or_stays_within_2x_of_the_quiet_one():
+    """Another torch process on the cores made kdrun print 593x where a quiet machine
+    gives ~3x: the timing now notices that its rounds disagree."""
+    import subprocess
+    import sys
+
+    from kdrun.measure import BATCHES, _time_side_by_side
+    from kdrun.models import build_model
+    from tests.helpers import make_config
+
+    cfg = make_config()
+    teacher, student = (build_model(cfg[role], (1, 40), 10) for role in ("teacher", "student"))
+    timing = OmegaConf.create({"repeats_b1": 21, "repeats_b256": 5, "warmup": 2})
+    quiet = _time_side_by_side(teacher, student, (1, 40), torch.device("cpu"), timing)
+    load = subprocess.Popen([sys.executable, "-c", LOAD])
+    try:
+        time.sleep(1.0)  # the load is running
+        busy = _time_side_by_side(teacher, student, (1, 40), torch.device("cpu"), timing)
+    finally:
+        load.kill()
+        load.wait()
+    for batch in BATCHES:
+        if busy.reliable[batch]:
+            assert quiet.speedup[batch] / 2 <= busy.speedup[batch] <= quiet.speedup[batch] * 2
+
+
+def test_rounds_that_disagree_are_not_a_figure():
+    from kdrun.measure import rounds_agree
+    from kdrun.report import _speed_line
+
+    assert rounds_agree([0.074, 0.075, 0.08, 0.073], [0.032, 0.031, 0.033, 0.032])
+    # what a busy machine gave: most teacher passes stalled, the student's never
+    stalled = [24.6, 25.1, 0.074, 24.0, 23.8, 26.0]
+    assert not rounds_agree(stalled, [0.035] * 6)
+    assert not rounds_agree([0.07, 0.07, 0.21, 0.21], [0.03] * 4)  # quartiles 3x apart
+    row = pd.Series({"compression": 1.86, "size_mb": 0.064, "speedup_b1": 695.5,
+                     "speedup_b256": 5.2, "speedup_b1_reliable": False,
+                     "speedup_b256_reliable": True})
+    line = _speed_line(row)
+    assert "695" not in line and "5.2x at batch 256" in line
+    assert "speed-up at batch 1 not measured: the machine was busy" in line
+
+
+def test_a_verdict_under_a_label_budget_holds_for_its_draw_of_labels():
+    from kdrun.pipeline import _label_draw
+    from tests.helpers import make_config
+
+    assert _label_draw(make_config()) is None
+    draw = _label_draw(make_config("split.labeled=1000", "split.seed=3"))
+    assert draw == "one draw of the labelled examples (split.seed=3)"
+    text = gain_verdict([2.0, 2.5, 3.0], "one teacher (seed 0)", draw)  # helps
+    assert "under one teacher (seed 0) and one draw of the labelled examples (split.seed=3)" \
+        in text
+    assert text.endswith("(for this teacher and this draw of labelled examples: other teacher "
+                         "seeds and draws (split.seed) may differ)")
+    assert "draw" not in gain_verdict([1.0, 2.5, 3.0], "one teacher (seed 0)")

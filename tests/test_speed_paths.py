@@ -188,3 +188,34 @@ def test_fused_optimizer_is_used_on_cpu_where_torch_has_it_and_matches_the_plain
         weights[fused] = net.weight.detach()
     torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=FLOAT64_WEIGHT_BOUND)
     assert not torch.equal(weights[True], torch.nn.Linear(5, 3).weight.double())  # it trained
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "rkd"])
+def test_cached_teacher_features_train_the_student_the_live_teacher_trains(tmp_path, monkeypatch,
+                                                                         loss):
+    """Without augmentation a feature or relation loss reads the teacher's features
+    computed once, as its logits are; the same student up to rounding (in float64) as
+    with the teacher run on every batch (trainer.cache_teacher_features_mb=0)."""
+    seen = []
+    original = Stages.teacher_targets
+
+    def spy(self, teacher, loss_fn):
+        targets = original(self, teacher, loss_fn)
+        cached = getattr(targets, "features", None) is not None
+        seen.append("cached features" if cached else type(targets).__name__)
+        return targets
+
+    monkeypatch.setattr(Stages, "teacher_targets", spy)
+
+    def distilled(megabytes):
+        cfg = make_config("dataset=synthetic", "dataset.n=300", "teacher=mlp", "repeats=1",
+                          "trainer.epochs=2", "progress=false", f"loss={loss}",
+                          "trainer.float64=true", f"cache.dir={tmp_path}/cache{megabytes}",
+                          f"trainer.cache_teacher_features_mb={megabytes}")
+        pipeline.run(cfg, tmp_path / f"run{megabytes}")
+        return load_checkpoint(tmp_path / f"run{megabytes}" / "checkpoints" / "distilled.pt")
+
+    cached, live = distilled(1024)["model"], distilled(0)["model"]
+    assert seen == ["cached features", "LiveTeacher"]
+    assert list((tmp_path / "cache1024").glob("*/features-penultimate-best_val.pt"))
+    assert_float64_weights_agree(cached, live)

@@ -50,7 +50,7 @@ def test_trials_that_differ_only_in_a_methods_own_weight_are_reported_apart(tmp_
         fake_job(tmp_path, str(i), ["loss=dkd", f"loss.dkd_beta={beta}", "progress=false"],
                  "t0", {0: (60.0, 60.0 + i), 1: (61.0, 61.5 + i)})
     text, rows = report_table(tmp_path)
-    assert [r["loss.dkd_beta"] for r in rows] == ["1.5", "4.25", "7.0"]
+    assert [r["loss.dkd_beta"] for r in rows] == ["1.5", "4.25", "7"]  # sorted as numbers
     assert "progress" not in rows[0] and "Common to every finished job: `loss=dkd`" in text
     assert [r["gain"].split()[0] for r in rows] == ["+0.25", "+1.25", "+2.25"]
     summary = pd.read_csv(tmp_path / "summary.csv")
@@ -132,3 +132,31 @@ def test_jobs_that_differ_only_in_threads_are_one_setting_and_the_report_says_so
     text, rows = report_table(tmp_path)
     assert len(rows) == 1 and rows[0]["teachers"] == "2" and "num_threads" not in rows[0]
     assert "only reorder the floating-point arithmetic" in text and "`threads` (1, 2)" in text
+
+
+def test_the_gain_figure_fits_the_swept_keys_and_numbers_sort_as_numbers(tmp_path):
+    from kdrun.sweep_plots import _curves_title
+
+    budgets = tmp_path / "budgets"
+    for i, labeled in enumerate((2000, 250, 1000, 500)):
+        fake_job(budgets, f"b{i}", [f"split.labeled={labeled}"], "t", {0: (60, 61), 1: (60, 62)})
+    text, rows = report_table(budgets)
+    assert [r["split.labeled"] for r in rows] == ["250", "500", "1000", "2000"]
+    assert (budgets / "gain_vs_split.labeled.png").is_file()
+    assert not (budgets / "gain_heatmap.png").exists()
+
+    methods = tmp_path / "methods"
+    for i, loss in enumerate(("kd", "fitnet", "rkd", "sp", "pkt", "dkd", "dist", "at", "crd")):
+        fake_job(methods, f"m{i}", [f"loss={loss}"], "t", {0: (60, 61 + i), 1: (60, 62)})
+    _, rows = report_table(methods)
+    assert len(rows) == 9 and (methods / "gain_by_setting.png").is_file()  # every method
+
+    grid = tmp_path / "grid"
+    for i, (T, alpha) in enumerate(((1, 0.5), (1, 0.9), (4, 0.5), (4, 0.9))):
+        fake_job(grid, f"g{i}", [f"loss.T={T}", f"loss.alpha={alpha}", "student.hidden=[50]"],
+                 "t", {0: (60, 61), 1: (60, 62)})
+    report_table(grid)
+    assert (grid / "gain_heatmap.png").is_file() and not list(grid.glob("gain_vs_*.png"))
+    best = pd.Series({"split.labeled": 1000, "teachers": 1, "labelled": 1000})
+    assert _curves_title(best, ["split.labeled"]) == (
+        "best setting on validation: split.labeled=1000\n(1 teacher, 1,000 labels)")

@@ -246,7 +246,7 @@ def test_a_sweep_over_the_label_budget_reports_one_setting_per_budget(tmp_path):
     # 400 training examples: 100 or 200 labelled, the rest and the 200 extra unlabelled
     assert [(r["split.labeled"], r["labelled"], r["unlabelled"]) for r in rows] == [
         ("0.5", "200", "400"), ("100", "100", "500")]
-    assert (sweep / "gain_vs_labels.png").stat().st_size > 0
+    assert (sweep / "gain_vs_split.labeled.png").stat().st_size > 0
 
 
 def test_a_torchvision_set_takes_a_label_budget(tmp_path):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict, read_write
@@ -61,9 +61,7 @@ class BatchedLauncher(Launcher):
         log.info("batched launcher: %d stages trained in stacked groups; running the jobs",
                  trained)
         runs = []
-        for idx, (overrides, config) in enumerate(zip(job_overrides, configs),
-                                                  start=initial_job_idx):
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        for config in configs:  # each job prints its own line (kdrun/cli.py)
             runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                 config=config, job_dir_key="hydra.sweep.dir",
                                 job_subdir_key="hydra.sweep.subdir"))

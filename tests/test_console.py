@@ -1,0 +1,99 @@
+"""What kdrun prints when its output goes to a file: one plain line per stage instead of
+progress bars' carriage returns; a sweep's console gets one line per job and the report,
+each job's table going to its own kdrun.log; no deprecation warnings from Hydra."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import KDRUN
+
+FAST = ["repeats=2", "trainer.epochs=2", "split.max_train=400", "split.max_test=200",
+        "dataset.unlabeled=300", "num_threads=1"]
+
+
+def kdrun(cwd, *args) -> str:
+    """stdout and stderr together, as `kdrun ... > log.txt 2>&1` writes them."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run([KDRUN, *args], cwd=cwd, env=env, text=True, timeout=300,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout[-3000:]
+    return out.stdout
+
+
+def test_a_run_logged_to_a_file_has_one_line_per_stage_and_no_carriage_returns(tmp_path):
+    log = kdrun(tmp_path, *FAST, "progress=true")
+    assert "\r" not in log
+    stages = [line for line in log.splitlines() if ": epoch 2/2, loss " in line]
+    assert [line.split(":")[0] for line in stages] == [
+        "teacher seed 0", "scratch seed 0", "distilled seed 0", "scratch seed 1",
+        "distilled seed 1"]
+    assert "gain (best val)" in log  # the table
+    assert not [line for line in kdrun(tmp_path, *FAST, "progress=false").splitlines()
+                if ": epoch " in line]
+
+
+def test_a_sweep_prints_one_line_per_job_then_the_report(tmp_path):
+    for launcher in ("batched", "basic"):
+        (tmp_path / launcher).mkdir()
+        log = kdrun(tmp_path / launcher, "-m", f"hydra/launcher={launcher}", "loss.T=2,4", *FAST)
+        jobs = [line for line in log.splitlines() if line.startswith("job ")]
+        assert len(jobs) == 2 and all("gain" in line and "distilled" in line for line in jobs)
+        assert "role       model" not in log and "\r" not in log  # tables: in kdrun.log
+        assert "#0 :" not in log  # the launcher's own line per job
+        report = log.split("sweep report: ", 1)[1].splitlines()
+        assert [line.split(":")[0].strip() for line in report[1:3]] == ["loss.T=2", "loss.T=4"]
+        (job_log,) = (tmp_path / launcher).glob("outputs/multirun/*/*/*loss.T=2,*/kdrun.log")
+        assert "gain (best val)" in job_log.read_text()
+
+
+@pytest.mark.slow  # joblib's worker processes take a while to start
+def test_the_joblib_launcher_shows_no_hydra_deprecation_warnings(tmp_path):
+    log = kdrun(tmp_path, "-m", "hydra/launcher=joblib", "loss.T=2,4", *FAST)
+    assert "deprecated" not in log and "Warning" not in log
+    assert len([line for line in log.splitlines() if line.startswith("job ")]) == 2
+
+
+def test_ctrl_c_prints_one_line_marks_the_run_and_mlflow_and_the_same_command_resumes(tmp_path):
+    import json
+    import signal
+    import time
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    args = [KDRUN, *FAST, "repeats=1", "trainer.teacher_epochs=300", "logger=mlflow",
+            "progress=false", "hydra.run.dir=run"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # two teacher epochs done
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kdrun: interrupted in teacher seed 0, after "
+                                                   "epoch "), err
+    assert lines[0].endswith("; run the same command to resume")
+    mark = json.loads((tmp_path / "run" / "interrupted.json").read_text())
+    assert mark["interrupted_at"].startswith("teacher seed 0")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # kdrun's default store, read back here
+    client = MlflowClient(tracking_uri=(tmp_path / "outputs" / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("kdrun").experiment_id])
+    assert run.info.status == "KILLED"
+
+    subprocess.run(args, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["from_epoch"] for e in events if e["event"] == "resumed"][0] >= 2
+    assert not (tmp_path / "run" / "interrupted.json").exists()
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    epochs = pd.read_csv(metrics).query("stage == 'teacher' and split == 'train'").epoch
+    assert sorted(epochs) == list(range(1, 301))  # every epoch once
