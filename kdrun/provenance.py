@@ -100,7 +100,7 @@ def outside_the_key(dotted: str) -> bool:
     return is_no_effect(dotted) or is_rounding_only(dotted)
 
 
-def without_no_effect(settings: dict, prefix: str = "") -> dict:
+def without_unkeyed(settings: dict, prefix: str = "") -> dict:
     """A resolved config (or one of its groups, under ``prefix``) less every key outside
     the key (NO_EFFECT and ROUNDING_ONLY)."""
     kept = {}
@@ -108,7 +108,7 @@ def without_no_effect(settings: dict, prefix: str = "") -> dict:
         dotted = f"{prefix}{key}"
         if outside_the_key(dotted) or dotted in HYDRA_ONLY:
             continue
-        kept[key] = without_no_effect(value, f"{dotted}.") if isinstance(value, dict) else value
+        kept[key] = without_unkeyed(value, f"{dotted}.") if isinstance(value, dict) else value
     return kept
 
 
@@ -117,10 +117,10 @@ def digest(material) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """The run's settings that can change its numbers (a finished run directory
+    """The run's settings that define its computation (a finished run directory
     refuses a config whose hash differs)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    return digest(without_no_effect(settings))
+    return digest(without_unkeyed(settings))
 
 
 # ---------------------------------------------------------------- numerics
@@ -195,7 +195,7 @@ def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: 
     """Exactly the settings that decide a trained stage's numbers: its cache key."""
     from kdrun.models import model_identity
 
-    trainer = without_no_effect(_plain(cfg.trainer), "trainer.")
+    trainer = without_unkeyed(_plain(cfg.trainer), "trainer.")
     identity = model_identity(model_cfg)  # e.g. the hash of the pretrained weights it starts from
     return {
         "stage": role, "data": data_digest, "dataset": _dataset(cfg),
