@@ -29,7 +29,7 @@ CHILD = """
 import os, sys
 import torchvision.datasets.cifar as cifar
 cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
-from kdrun.cli import main
+from kdrun.cli.main import main
 sys.argv = ["kdrun", *sys.argv[1:]]
 main()
 """

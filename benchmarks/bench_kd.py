@@ -36,11 +36,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdrun.data import Data, Split, mnist  # noqa: E402
+from kdrun.data import Data, Split  # noqa: E402
+from kdrun.data.torchvision_sets import mnist  # noqa: E402
 from kdrun.losses import CE, KD  # noqa: E402
 from kdrun.models import build_model  # noqa: E402
-from kdrun.pipeline import pick_device  # noqa: E402
-from kdrun.train import CachedLogits, fit, predict_logits  # noqa: E402
+from kdrun.run.pipeline import pick_device  # noqa: E402
+from kdrun.train.fit import CachedLogits, fit, predict_logits  # noqa: E402
 from tests.helpers import write_idx  # noqa: E402
 
 TEACHER = {"arch": "mlp", "hidden": [1200, 1200], "dropout": 0.5}

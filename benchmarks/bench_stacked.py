@@ -1,5 +1,5 @@
-"""N models trained by kdrun as the batched launcher trains them (kdrun.batched's
-train_group: one stacked model) against the same N trained one at a time (kdrun.train's
+"""N models trained by kdrun as the batched launcher trains them (kdrun.train.stacked's
+train_group: one stacked model) against the same N trained one at a time (kdrun.train.fit's
 fit, as the basic launcher trains them), side by side in one process: whether a model
 trains faster stacked on this device. kdrun/batched.py's check_batchable keeps 2-D
 convolutions on a CPU out of stacked groups on this measurement.
@@ -26,12 +26,12 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kdrun.batched import Member, train_group  # noqa: E402
 from kdrun.data import Data, Split  # noqa: E402
 from kdrun.losses import CE  # noqa: E402
 from kdrun.models import build_model  # noqa: E402
-from kdrun.pipeline import pick_device  # noqa: E402
-from kdrun.train import fit  # noqa: E402
+from kdrun.run.pipeline import pick_device  # noqa: E402
+from kdrun.train.fit import fit  # noqa: E402
+from kdrun.train.stacked import Member, train_group  # noqa: E402
 from tests.helpers import make_config  # noqa: E402
 
 CLASSES, EXAMPLES, HELD_OUT = 10, 2000, 200

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdrun.report import gain_test
+from kdrun.report.table import gain_test
 
 KDRUN = str(Path(sys.executable).parent / "kdrun")
 # The default run (a transfer set of unlabelled MNIST-1D sequences), and the same

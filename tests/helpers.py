@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 
-import kdrun.cli  # noqa: F401  (registers kdrun's resolvers, as the command does)
+import kdrun.cli.main  # noqa: F401  (registers kdrun's resolvers, as the command does)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses: no thread oversubscription
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun import cli, pipeline
+from kdrun import cli
+from kdrun.errors import ConfigError
+from kdrun.run import pipeline
 from tests.helpers import write_mnist
 
 QUICK = ["progress=false", "repeats=1", "trainer.epochs=1", "num_threads=1"]
@@ -230,5 +232,5 @@ def test_hydra_full_error_shows_the_traceback_instead(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kdrun", "loss.T=0"])
     monkeypatch.setitem(os.environ, "HYDRA_FULL_ERROR", "1")
-    with pytest.raises(cli.ConfigError, match="loss.T"):
+    with pytest.raises(ConfigError, match="loss.T"):
         cli.main()

@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from kdrun import pipeline
-from kdrun.augment import make_augment
-from kdrun.batched import Member, StackedLosses, train_group
 from kdrun.data import load_data
-from kdrun.labels import UNLABELED
+from kdrun.data.augment import make_augment
+from kdrun.data.labels import UNLABELED
 from kdrun.losses import CE, DIST, DKD, KD
 from kdrun.losses.standardized import LogitStandardKD
 from kdrun.models import build_model
-from kdrun.store import load_checkpoint
-from kdrun.train import CachedLogits, LiveTeacher, fit
+from kdrun.run import pipeline
+from kdrun.store.files import load_checkpoint
+from kdrun.train.fit import CachedLogits, LiveTeacher, fit
+from kdrun.train.stacked import Member, StackedLosses, train_group
 from tests.helpers import (
     FLOAT64_WEIGHT_BOUND,
     KDRUN,

@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 
-from kdrun import pipeline
-from kdrun.cache import SET_ASIDE, StageEntry
-from kdrun.cache import main as kdrun_cache
-from kdrun.store import load_checkpoint
+from kdrun.run import pipeline
+from kdrun.store.cache import SET_ASIDE, StageEntry
+from kdrun.store.cache import main as kdrun_cache
+from kdrun.store.files import load_checkpoint
 from tests.helpers import make_config
 
 TINY = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",

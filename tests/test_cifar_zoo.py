@@ -6,11 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdrun import pipeline
-from kdrun.features import feature_shape
-from kdrun.given_teacher import load_given_teacher
 from kdrun.models import build_model, count_params
-from kdrun.train import make_schedule
+from kdrun.run import pipeline
+from kdrun.run.given_teacher import load_given_teacher
+from kdrun.train.features import feature_shape
+from kdrun.train.fit import make_schedule
 from tests.helpers import make_config, write_cifar
 
 NARROW, WIDE = (16, 16, 32, 64), (32, 64, 128, 256)

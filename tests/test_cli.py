@@ -7,7 +7,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from kdrun.store import load_checkpoint
+from kdrun.store.files import load_checkpoint
 from tests.helpers import KDRUN
 
 FAST = ["progress=false", "repeats=1", "trainer.epochs=1", "split.max_train=400",
@@ -86,7 +86,7 @@ def test_preflight_reuses_a_composition_exactly_as_hydra_composes_the_job(job):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from kdrun.cli import CONFIG_MODULE, _reuse_composition
+    from kdrun.cli.preflight import CONFIG_MODULE, _reuse_composition
 
     composed = {}
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
@@ -101,7 +101,7 @@ def test_preflight_reuses_a_composition_exactly_as_hydra_composes_the_job(job):
 def test_preflight_leaves_a_misspelt_key_to_hydra():
     from hydra import compose, initialize_config_module
 
-    from kdrun.cli import CONFIG_MODULE, _reuse_composition
+    from kdrun.cli.preflight import CONFIG_MODULE, _reuse_composition
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         assert _reuse_composition(["loss.Tx=3"], compose, {}) is None

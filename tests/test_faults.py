@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdrun.cache import StageEntry
-from kdrun.store import copy_file, load_checkpoint, load_sealed
+from kdrun.store.cache import StageEntry
+from kdrun.store.files import copy_file, load_checkpoint, load_sealed
 from tests.helpers import KDRUN
 
 ARGS = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -31,8 +31,8 @@ KILLER = '''
 import os, signal, sys
 point = os.environ.get("KDRUN_KILL_AT")  # "rows:<stage>:<n>" or "write:<file name>:<n>"
 if point:
-    import kdrun.pipeline  # noqa: F401  (imports every module that writes files)
-    from kdrun import cache, store
+    import kdrun.run.pipeline  # noqa: F401  (imports every module that writes files)
+    from kdrun.store import cache, files as store
 
     kind, target, nth = point.split(":")
     hits = [0]
@@ -160,9 +160,9 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 def test_a_nan_in_distillation_stops_it_and_keeps_every_file_written_before(tmp_path,
                                                                             monkeypatch):
-    from kdrun import pipeline
     from kdrun.errors import TrainingDiverged
     from kdrun.losses import KD
+    from kdrun.run import pipeline
     from tests.helpers import make_config
 
     cfg = make_config("dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",

@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kdrun import pipeline
 from kdrun.data import load_data
 from kdrun.errors import DataError
+from kdrun.run import pipeline
 from tests.helpers import make_config
 
 SPLIT = OmegaConf.create({"val_fraction": 0.25, "seed": 0, "max_train": None,
@@ -134,7 +134,7 @@ def test_seed_food11_loads_a_resnet18_teacher_file_and_distills(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_image_is_named_in_one_line(tmp_path, workers):
-    from kdrun.cli import one_line_message
+    from kdrun.cli.main import one_line_message
 
     class_folders(tmp_path, classes=2, per_class=3)
     bad = tmp_path / "train" / "class1" / "1.png"

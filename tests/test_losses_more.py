@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdrun import pipeline
 from kdrun.losses import AT, DIST, DKD, KD, LOSSES, PKT, RKD, SP, FitNet, MSELogits
 from kdrun.losses.response import dkd_parts
+from kdrun.run import pipeline
 from tests.helpers import make_config
 
 torch.manual_seed(0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kdrun import pipeline
+from kdrun.run import pipeline
 from tests.helpers import make_config
 from tests.test_sweep import FAST, kdrun
 
@@ -145,7 +145,7 @@ def test_a_server_that_never_answers_or_is_not_mlflow_is_refused_within_the_time
     import threading
 
     from kdrun.errors import ConfigError
-    from kdrun.mlflow_log import CONNECT_TIMEOUT_S, check_reachable
+    from kdrun.report.mlflow_log import CONNECT_TIMEOUT_S, check_reachable
 
     silent = socket.socket()  # accepts connections (the kernel's backlog), never answers
     silent.bind(("127.0.0.1", 0))

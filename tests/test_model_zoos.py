@@ -13,13 +13,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kdrun import pipeline
 from kdrun.data import load_data
 from kdrun.errors import ConfigError, UserError
-from kdrun.export import export_onnx
-from kdrun.features import feature_shape
 from kdrun.models import build_model, model_identity
-from kdrun.provenance import stage_material
+from kdrun.report.export import export_onnx
+from kdrun.run import pipeline
+from kdrun.run.provenance import stage_material
+from kdrun.train.features import feature_shape
 from tests.helpers import KDRUN, make_config, write_cifar
 
 timm = pytest.importorskip("timm")
@@ -292,14 +292,15 @@ def test_a_model_that_cannot_be_exported_says_so_in_one_line(tmp_path):
 
 
 def test_an_unknown_weights_tag_lists_the_models_tags():
-    from kdrun.timm_models import check
+    from kdrun.models.hubs.timm_zoo import check
 
     with pytest.raises(ConfigError, match="no weights of that tag; its tagged names: "
                                           "resnet18.a1_in1k"):
         check(OmegaConf.create({"name": "resnet18.nope", "pretrained": False}), "teacher")
 
 
-@pytest.mark.parametrize("module", ["kdrun.timm_models", "kdrun.torchvision_models"])
+@pytest.mark.parametrize("module", ["kdrun.models.hubs.timm_zoo",
+                                    "kdrun.models.hubs.torchvision_zoo"])
 def test_each_zoo_module_imports_on_its_own(module):
     import sys
 

@@ -38,7 +38,7 @@ def test_every_yaml_key_has_a_comment():
 @pytest.mark.slow  # builds a wheel
 def test_a_regular_install_lets_hydra_discover_the_batched_launcher(tmp_path):
     """In a wheel, hydra/launcher=batched is found by Hydra's own plugin scan (an
-    editable install hides it from that scan; kdrun.cli registers it there)."""
+    editable install hides it from that scan; kdrun.cli.main registers it there)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("kdrun-*.whl")

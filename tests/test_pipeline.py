@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from kdrun import pipeline
-from kdrun.cache import StageEntry
 from kdrun.errors import TrainingDiverged
 from kdrun.models import build_model
-from kdrun.provenance import student_seeds
-from kdrun.report import METRIC_COLUMNS, SUMMARY_COLUMNS, MetricsLog
-from kdrun.stages import Stages, training_logits
-from kdrun.store import RunDir, load_checkpoint
-from kdrun.train import evaluate
+from kdrun.report.table import METRIC_COLUMNS, SUMMARY_COLUMNS, MetricsLog
+from kdrun.run import pipeline
+from kdrun.run.provenance import student_seeds
+from kdrun.run.stages import Stages, training_logits
+from kdrun.store.cache import StageEntry
+from kdrun.store.files import RunDir, load_checkpoint
+from kdrun.train.fit import evaluate
 from tests.helpers import TINY, make_config, write_cifar, write_mnist
 
 SMALL = TINY + ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -221,7 +221,7 @@ def test_born_again_reports_every_generation(tmp_path):
 
 @pytest.mark.parametrize("how", ["arithmetic", "geometric"])
 def test_ensemble_targets_are_the_mean_of_the_softened_distributions(how):
-    from kdrun.schemes import combine
+    from kdrun.run.schemes import combine
 
     a, b, T = torch.randn(4, 5), torch.randn(4, 5), 3.0
     p_a, p_b = torch.softmax(a / T, 1), torch.softmax(b / T, 1)

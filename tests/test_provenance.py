@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 
-from kdrun import pipeline, provenance
-from kdrun.cache import stage_key
 from kdrun.data import fingerprint, load_data
-from kdrun.store import load_checkpoint
+from kdrun.run import pipeline, provenance
+from kdrun.store.cache import stage_key
+from kdrun.store.files import load_checkpoint
 from tests.helpers import assert_float64_weights_agree, make_config, write_mnist
 
 TINY = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",

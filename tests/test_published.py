@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from omegaconf import OmegaConf
 
-from kdrun.published import PUBLISHED_CSV, read_published
-from kdrun.sweep import main as kdrun_report
+from kdrun.sweep.published import PUBLISHED_CSV, read_published
+from kdrun.sweep.report import main as kdrun_report
 
 
 def fake_cifar_job(sweep, name, method, teacher, student, accs, curves):

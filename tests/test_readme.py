@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kdrun import cli
+from kdrun.cli.preflight import preflight
 from kdrun.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +63,10 @@ def test_every_readme_line_finds_its_command_and_every_kdrun_line_validates(tmp_
     for argv in kdrun_calls:
         expected = [message for key, message in NEEDS_FILES.items() if any(key in a for a in argv)]
         if not expected:
-            cli.preflight(argv)  # a parse error, bad key or value raises UserError here
+            preflight(argv)  # a parse error, bad key or value raises UserError here
             continue
         with pytest.raises(UserError, match=expected[0]):
-            cli.preflight(argv)
+            preflight(argv)
 
 
 def test_after_make_run_the_activated_shell_runs_kdrun(tmp_path):

@@ -16,8 +16,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from kdrun import cli
+from kdrun.cli.preflight import preflight
 from kdrun.errors import UserError
+from kdrun.sweep import launch
 from tests.helpers import KDRUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +59,10 @@ NEEDS_FILES = {".pretrained=true": "are not in the local cache",
 def test_every_readme_recipe_composes_and_validates(argv):
     expected = [message for key, message in NEEDS_FILES.items() if any(key in a for a in argv)]
     if not expected:
-        cli.preflight(argv)  # raises UserError on any bad key, value or missing plugin
+        preflight(argv)  # raises UserError on any bad key, value or missing plugin
         return
     with pytest.raises(UserError, match=expected[0]):
-        cli.preflight(argv)
+        preflight(argv)
 
 
 def hydra_config(*overrides: str):
@@ -97,7 +98,7 @@ def test_other_launcher_presets_compose_with_known_keys(preset, plugin_config):
     launcher = hydra_config(f"hydra/launcher={preset}").hydra.launcher
     assert set(launcher) <= known
     if preset == "joblib":
-        assert launcher.n_jobs == cli.parallel_jobs() >= 1
+        assert launcher.n_jobs == launch.parallel_jobs() >= 1
 
 
 def test_optuna_preset_maximises_validation_accuracy_over_t_and_alpha():
@@ -110,9 +111,9 @@ def test_optuna_preset_maximises_validation_accuracy_over_t_and_alpha():
 
 
 def test_interval_search_spaces_are_checked_at_both_ends():
-    cli.preflight(["hparams_search=kd_optuna", "loss.alpha=interval(0, 1)"])
+    preflight(["hparams_search=kd_optuna", "loss.alpha=interval(0, 1)"])
     with pytest.raises(UserError, match="loss.T=0.0"):
-        cli.preflight(["hparams_search=kd_optuna", "loss.T=interval(0, 4)"])
+        preflight(["hparams_search=kd_optuna", "loss.T=interval(0, 4)"])
 
 
 def test_a_missing_plugin_names_the_extra_to_install(monkeypatch):
@@ -122,7 +123,7 @@ def test_a_missing_plugin_names_the_extra_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if "submitit" in name else find_spec(name, *a))
     with pytest.raises(UserError, match=r"pip install 'kdrun\[slurm\]'"):
-        cli.preflight(["-m", "hydra/launcher=submitit_slurm", "loss.T=1,2"])
+        preflight(["-m", "hydra/launcher=submitit_slurm", "loss.T=1,2"])
 
 
 def test_parallel_jobs_get_one_gpu_each_from_their_job_number(monkeypatch):
@@ -130,13 +131,13 @@ def test_parallel_jobs_get_one_gpu_each_from_their_job_number(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     hydra_cfg = OmegaConf.create({"launcher": {"n_jobs": 4}, "job": {"num": 5}})
-    assert cli.device_for_job("auto", hydra_cfg) == "cuda:1"
-    assert cli.device_for_job("cpu", hydra_cfg) == "cpu"
-    assert cli.device_for_job("cuda:3", hydra_cfg) == "cuda:3"
+    assert launch.device_for_job("auto", hydra_cfg) == "cuda:1"
+    assert launch.device_for_job("cpu", hydra_cfg) == "cpu"
+    assert launch.device_for_job("cuda:3", hydra_cfg) == "cuda:3"
     single = OmegaConf.create({"launcher": {}, "job": {"num": 5}})
-    assert cli.device_for_job("auto", single) == "auto"
+    assert launch.device_for_job("auto", single) == "auto"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.device_for_job("auto", hydra_cfg) == "auto"
+    assert launch.device_for_job("auto", hydra_cfg) == "auto"
 
 
 def kdrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -185,7 +186,7 @@ def test_tensorboard_logger_writes_the_metric_rows_as_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kdrun import pipeline
+    from kdrun.run import pipeline
     from tests.helpers import make_config
 
     cfg = make_config("dataset=synthetic", "dataset.n=200", "dataset.dim=10", "teacher=mlp",

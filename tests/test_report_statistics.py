@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from scipy import stats
 
-from kdrun.measure import round_to_spread, side_by_side
-from kdrun.report import gain_test, gain_verdict
-from kdrun.summary_row import RowContext, SummaryRow
+from kdrun.report.measure import round_to_spread, side_by_side
+from kdrun.report.table import gain_test, gain_verdict
+from kdrun.run.summary_row import RowContext, SummaryRow
 
 
 @pytest.mark.parametrize("gains", [[1.0, 2.5, 0.5], [0.3, -0.2, 0.9, 1.4, 0.1], [-2.0, -1.0]])
@@ -92,8 +92,8 @@ def test_under_cpu_load_a_speedup_is_marked_unreliable_or_stays_within_2x_of_the
     import subprocess
     import sys
 
-    from kdrun.measure import BATCHES, _time_side_by_side
     from kdrun.models import build_model
+    from kdrun.report.measure import BATCHES, _time_side_by_side
     from tests.helpers import make_config
 
     cfg = make_config()
@@ -113,8 +113,8 @@ def test_under_cpu_load_a_speedup_is_marked_unreliable_or_stays_within_2x_of_the
 
 
 def test_rounds_that_disagree_are_not_a_figure():
-    from kdrun.measure import rounds_agree
-    from kdrun.report import _speed_line
+    from kdrun.report.measure import rounds_agree
+    from kdrun.report.table import _speed_line
 
     assert rounds_agree([0.074, 0.075, 0.08, 0.073], [0.032, 0.031, 0.033, 0.032])
     # what a busy machine gave: most teacher passes stalled, the student's never
@@ -130,7 +130,7 @@ def test_rounds_that_disagree_are_not_a_figure():
 
 
 def test_a_verdict_under_a_label_budget_holds_for_its_draw_of_labels():
-    from kdrun.pipeline import _label_draw
+    from kdrun.run.pipeline import _label_draw
     from tests.helpers import make_config
 
     assert _label_draw(make_config()) is None

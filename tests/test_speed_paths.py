@@ -6,15 +6,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdrun import pipeline
-from kdrun.augment import make_augment, random_crop, random_hflip, random_rotation
 from kdrun.data import epoch_batches
+from kdrun.data.augment import make_augment, random_crop, random_hflip, random_rotation
 from kdrun.errors import ConfigError
 from kdrun.losses import DistillationLoss
 from kdrun.models import build_model
-from kdrun.stages import Stages
-from kdrun.store import load_checkpoint
-from kdrun.train import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
+from kdrun.run import pipeline
+from kdrun.run.stages import Stages
+from kdrun.store.files import load_checkpoint
+from kdrun.train.fit import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
 from tests.helpers import FLOAT64_WEIGHT_BOUND, assert_float64_weights_agree, make_config
 
 
@@ -110,7 +110,7 @@ def test_augmented_images_distill_with_the_teacher_on_the_same_view(tmp_path, mo
 
 
 def test_parallel_jobs_share_the_cores():
-    from kdrun.cli import threads_per_job
+    from kdrun.sweep.launch import threads_per_job
 
     cores = __import__("os").cpu_count()
     assert threads_per_job(OmegaConf.create({"launcher": {"_target_": "basic"}})) is None
@@ -139,7 +139,7 @@ class NaNOnStep(DistillationLoss):
 @pytest.mark.parametrize("on_nan", ["stop", "skip"])
 def test_a_nan_loss_stops_with_its_step_or_is_skipped(on_nan):
     from kdrun.errors import TrainingDiverged
-    from kdrun.train import fit
+    from kdrun.train.fit import fit
 
     cfg = make_config("dataset=synthetic", "dataset.n=300", "progress=false",
                       f"trainer.on_nan={on_nan}", "trainer.batch_size=50")

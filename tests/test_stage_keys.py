@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun import pipeline
+from kdrun.run import pipeline
 from tests.helpers import make_config
 
 RECORDED = Path(__file__).parent / "stage_keys.json"

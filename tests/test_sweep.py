@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from kdrun import pipeline, provenance
-from kdrun.cache import stage_key
 from kdrun.losses import CE
-from kdrun.store import load_checkpoint
-from kdrun.sweep import main as kdrun_report
-from kdrun.train import fit
+from kdrun.run import pipeline, provenance
+from kdrun.store.cache import stage_key
+from kdrun.store.files import load_checkpoint
+from kdrun.sweep.report import main as kdrun_report
+from kdrun.train.fit import fit
 from tests.helpers import KDRUN, make_config
 
 FAST = ["progress=false", "repeats=1", "trainer.epochs=2", "split.max_train=400",

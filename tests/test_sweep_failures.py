@@ -36,7 +36,7 @@ def test_a_failed_job_is_listed_in_the_report_and_the_others_finish(tmp_path):
 QUIET = """
 import logging, sys
 from submitit.slurm.slurm import SlurmInfoWatcher
-from kdrun.slurm_logs import quiet_submitit
+from kdrun.sweep.slurm_logs import quiet_submitit
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 quiet_submitit()
 watcher = SlurmInfoWatcher(delay_s=0)

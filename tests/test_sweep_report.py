@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats
 
-from kdrun.sweep import write_report
+from kdrun.sweep.report import write_report
 from tests.test_sweep import FAST, kdrun
 
 
@@ -135,7 +135,7 @@ def test_jobs_that_differ_only_in_threads_are_one_setting_and_the_report_says_so
 
 
 def test_the_gain_figure_fits_the_swept_keys_and_numbers_sort_as_numbers(tmp_path):
-    from kdrun.sweep_plots import _curves_title
+    from kdrun.sweep.plots import _curves_title
 
     budgets = tmp_path / "budgets"
     for i, labeled in enumerate((2000, 250, 1000, 500)):

@@ -8,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdrun import data as data_module
-from kdrun import pipeline, train
-from kdrun.data import load_data, mnist1d, synthetic
-from kdrun.labels import UNLABELED, stratified_pick
+from kdrun.data import base as data_module
+from kdrun.data import load_data
+from kdrun.data.labels import UNLABELED, stratified_pick
+from kdrun.data.mnist1d import mnist1d
+from kdrun.data.synthetic import synthetic
 from kdrun.losses.base import hard_ce, kd_loss, soft_kl
 from kdrun.losses.response import dkd_parts
-from kdrun.store import load_checkpoint
+from kdrun.run import pipeline
+from kdrun.store.files import load_checkpoint
+from kdrun.train import fit as train
 from tests.helpers import TINY, make_config
 from tests.test_sweep import FAST, kdrun
 
@@ -120,7 +123,7 @@ def test_teacher_and_scratch_never_see_the_transfer_set(tmp_path, monkeypatch):
         seen.append((stage, len(data.train), int((data.train.y == UNLABELED).sum())))
         return real_fit(model, data, *args, stage=stage, **kwargs)
 
-    monkeypatch.setattr("kdrun.stages.fit", spy)
+    monkeypatch.setattr("kdrun.run.stages.fit", spy)
     cfg = small_config(tmp_path, "dataset.unlabeled=200", "split.labeled=100",
                        "all_labels_reference=true")
     rows = pd.DataFrame(pipeline.run(cfg, tmp_path / "run")["rows"])
@@ -189,7 +192,7 @@ def test_fit_masks_the_hard_label_term_only_on_a_transfer_set(tmp_path, monkeypa
         seen.append((kwargs["stage"], loss_fn.all_labelled))
         return result
 
-    monkeypatch.setattr("kdrun.stages.fit", spy)
+    monkeypatch.setattr("kdrun.run.stages.fit", spy)
     pipeline.run(small_config(tmp_path, "dataset.unlabeled=50"), tmp_path / "run")
     assert seen == [("teacher", True), ("scratch", True), ("distilled", False)]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdrun.errors import ConfigError
-from kdrun.validate import validate
+from kdrun.run.validate import validate
 from tests.helpers import make_config
 
 BAD = [

@@ -32,8 +32,8 @@ class BatchedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from kdrun.batched_sweep import train_sweep_stages
-        from kdrun.cli import fit_to_launcher
+        from kdrun.sweep.batched import train_sweep_stages
+        from kdrun.sweep.launch import fit_to_launcher
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -61,7 +61,7 @@ class BatchedLauncher(Launcher):
         log.info("batched launcher: %d stages trained in stacked groups; running the jobs",
                  trained)
         runs = []
-        for config in configs:  # each job prints its own line (kdrun/cli.py)
+        for config in configs:  # each job prints its own line (kdrun/cli/main.py)
             runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                 config=config, job_dir_key="hydra.sweep.dir",
                                 job_subdir_key="hydra.sweep.subdir"))
@@ -99,14 +99,14 @@ def compose_each_job_once(config_loader) -> None:
 def reuse_composition(master_config: DictConfig, overrides: list[str], compose,
                       composed: dict) -> DictConfig:
     """``compose(master_config, overrides)``, from the composition of the job's overrides
-    less its plain value overrides (kdrun.cli.split_plain) when one exists (else made and
+    less its plain value overrides (kdrun.sweep.compose.split_plain) when one exists (else made and
     kept), given the job's values, task overrides and folder name as Hydra gives them."""
     from hydra._internal.config_loader_impl import get_overrides_dirname  # Hydra's own; if it
 
     # moves, the ImportError sends every job to a full composition
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import split_plain, with_values
+    from kdrun.sweep.compose import split_plain, with_values
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     plain, rest = split_plain(parsed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.checks import PROBABILITY, Check, number
-from kdrun.labels import UNLABELED
+from kdrun.data.labels import UNLABELED
 from kdrun.registry import Registry
 
 

@@ -1,0 +1,329 @@
+"""Data set builders, registered by name in DATASETS, and the train/val/test split.
+
+A builder returns a ``RawData`` (tensors, already scaled to a sensible range);
+``load_data`` then carves the validation split from the training data with a
+fixed seed, optionally subsamples, and standardises with training statistics.
+All data sets here are small enough to live in memory as tensors. To add a data
+set: write its builder, add it to DATASETS, add ``configs/dataset/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from kdrun.checks import number
+from kdrun.data.labels import UNLABELED, split_labeled
+from kdrun.errors import DataError
+from kdrun.registry import Registry
+
+# name -> builder(**keys) returning something with .to_data(name, split_cfg, augment_cfg): RawData
+# here, FolderData for image folders (kdrun/imagefolder.py); a config may also name a
+# builder of your own package by its import path (name: mypackage.data.my_set)
+DATASETS = Registry("dataset")
+SEED = number(integer=True)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std
+FRACTION = number(0, 1, lo_open=True, hi_open=True)
+
+
+@dataclass
+class RawData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    random_labels: bool = False  # labels carry no signal: evaluate on the training data
+    x_unlabeled: torch.Tensor | None = None  # extra transfer-set examples (dataset.unlabeled)
+    y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
+    # only by the "scratch, all labels" reference, never by a distilled student
+
+    def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
+        """In-memory data is augmented later, batched on the device (kdrun/augment.py)."""
+        return _split_tensors(name, self, split_cfg, normalize)
+
+
+@dataclass
+class Split:
+    """A split held in memory as tensors (on the training device during training)."""
+
+    x: torch.Tensor  # float32, (N, *input_shape)
+    y: torch.Tensor  # int64, (N,)
+    in_memory = True
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def to(self, device, dtype: torch.dtype | None = None) -> Split:
+        """On ``device``; the inputs in ``dtype`` when given (trainer.float64)."""
+        return Split(self.x.to(device, dtype), self.y.to(device))
+
+    def joined(self, other: Split) -> Split:
+        """This split's examples, then ``other``'s."""
+        return Split(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """(indices, inputs, labels) per batch: in a random order fixed by ``generator``
+        (every example once), or in order when there is none."""
+        if generator is None:
+            order = torch.arange(len(self), device=self.x.device).split(batch_size)
+        else:
+            order = epoch_batches(len(self), batch_size, generator, self.x.device)
+        for idx in order:
+            yield idx, self.x[idx], self.y[idx]
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device) -> tuple:
+    """Index tensors of one epoch: a random permutation of range(n), cut into batches.
+    Every example is visited exactly once; the order is fixed by the generator."""
+    return torch.randperm(n, generator=generator).to(device).split(batch_size)
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    eval_split: str = "test"  # "train" when the labels are random: accuracy is memorisation
+    digest: str | None = None  # fingerprint(), once computed
+    # The transfer set: examples whose labels the distilled student never sees (their y
+    # is UNLABELED), from split.labeled and dataset.unlabeled; None when there are none.
+    transfer: Split | None = None
+    transfer_labels: torch.Tensor | None = None  # their true labels where known (reference row)
+    transfer_digest: str | None = None  # transfer_fingerprint(), once computed
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.train.input_shape
+
+    @property
+    def unlabeled_count(self) -> int:
+        return len(self.transfer) if self.transfer is not None else 0
+
+    def distill_train(self) -> Split:
+        """What a distilled student trains on: the labelled training split, then the
+        transfer set (labels UNLABELED). An epoch of the distill stage is one pass over
+        both."""
+        return self.train if self.transfer is None else self.train.joined(self.transfer)
+
+    def training_on(self, train: Split) -> Data:
+        """This data with ``train`` as the training split a stage learns from, and no
+        transfer set of its own."""
+        return replace(self, train=train, transfer=None, transfer_labels=None, digest=None,
+                       transfer_digest=None)
+
+    def all_labels_train(self) -> Split | None:
+        """The training split and the transfer set with its true labels (the "scratch,
+        all labels" reference), or None when the transfer set's labels are unknown."""
+        if self.transfer is None or self.transfer_labels is None:
+            return None
+        return self.train.joined(Split(self.transfer.x, self.transfer_labels))
+
+
+# ---------------------------------------------------------------- shared by builders
+
+UNLABELED_COUNT = number(0, integer=True)  # the rule of a builder's ``unlabeled`` argument
+
+
+def unlabeled_seed(seed: int) -> int:
+    """The generator seed of a data set's extra unlabelled examples: never a seed the
+    labelled data of a small seed uses."""
+    return int.from_bytes(hashlib.sha256(f"unlabeled:{seed}".encode()).digest()[:4], "big")
+
+
+def carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
+    """A test split of ``test_fraction`` of the examples, drawn with ``seed``, for a set
+    that has none of its own."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = round(len(y) * test_fraction)
+    te, tr = perm[:n_test], perm[n_test:]
+    return RawData(x[tr], y[tr], x[te], y[te], num_classes)
+
+
+# dataset config keys that are not builder arguments (normalize: kdrun/pipeline.py)
+NOT_BUILDER_KEYS = ("name", "augment", "normalize")
+
+
+# ---------------------------------------------------------------- splits
+
+
+# In-memory data already built in this process, by its settings and the state of its
+# files: the jobs of a sweep run in one process (the basic and batched launchers) build
+# each data set once. A few entries at most: each holds a whole data set.
+_LOADED: dict[str, Data] = {}
+_LOADED_MAX = 4
+
+
+def load_data(dataset_cfg, split_cfg, normalize: Stats | None = None) -> Data:
+    """Build the data set ``dataset_cfg.name`` (its other keys are the builder's
+    arguments) and split it into train / val / test as ``split_cfg`` says. The
+    validation split may be empty (``val_fraction=0``): models are then selected by
+    their last epoch. ``normalize`` (per-channel mean and std, e.g. a pretrained model's)
+    replaces the training data's own statistics when ``split.standardize`` is on. An
+    empty training or test split is a DataError. In-memory data
+    built earlier in this process with the same settings and unchanged files is reused
+    (never modify a returned Data in place)."""
+    key = _load_key(dataset_cfg, split_cfg, normalize)
+    if key in _LOADED:
+        return _LOADED[key]
+    data = _build(dataset_cfg, split_cfg, normalize)
+    if data.train.in_memory:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.clear()
+        _LOADED[key] = data
+    return data
+
+
+def _load_key(dataset_cfg, split_cfg, normalize) -> str:
+    """The settings, and the size and modification time of every file under the data
+    set's root (none for generated data): a changed file is a new key."""
+    from omegaconf import OmegaConf
+
+    settings = [OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c
+                for c in (dataset_cfg, split_cfg)]
+    files = []
+    root = dataset_cfg.get("root")
+    if root and os.path.isdir(root):
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                stat = os.stat(os.path.join(folder, name))
+                files.append((folder, name, stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(repr((settings, normalize, files)).encode()).hexdigest()
+
+
+def _build(dataset_cfg, split_cfg, normalize: Stats | None) -> Data:
+    name = dataset_cfg.name
+    params = {k: v for k, v in dict(dataset_cfg).items() if k not in NOT_BUILDER_KEYS}
+    builder = DATASETS.get(name, "dataset.name")
+    data = builder(**params).to_data(name, split_cfg, dataset_cfg.get("augment"), normalize)
+    for split in ("train", "test"):
+        if len(getattr(data, split)) == 0:
+            raise DataError(f"dataset={name}: the {split} split is empty with these settings "
+                            f"(split.max_train, split.max_test, split.val_fraction, "
+                            f"dataset.test_fraction); keep at least one {split} example")
+    return data
+
+
+def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None = None) -> Data:
+    x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
+    if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
+        if split_cfg.get("labeled") is not None:
+            raise DataError("split.labeled: random labels cannot be distilled from a transfer "
+                            "set (there is nothing to generalise); set it to null")
+        train = Split(x, y)
+        return Data(name, train, train, train, raw.num_classes, eval_split="train")
+    budget = split_labeled(y, split_cfg.get("labeled"), split_cfg.seed, raw.num_classes)
+    transfer = _transfer_set(x, y, budget, raw)
+    if budget is not None:  # the validation split is carved from the labelled part only
+        x, y = x[budget[0]], y[budget[0]]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_cfg.seed))
+    n_val = round(len(y) * split_cfg.val_fraction)
+    val, train = perm[:n_val], perm[n_val:]
+    x_test, y_test = _subsample(raw.x_test, raw.y_test, split_cfg.max_test, split_cfg.seed)
+    splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
+    if transfer is not None:
+        splits.append(transfer[0])
+    if split_cfg.standardize and len(splits[0]):  # by the labelled training split's statistics
+        mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
+        for s in splits:
+            s.x = (s.x - mean) / std
+    data = Data(name, *splits[:3], raw.num_classes)
+    if transfer is not None:
+        data.transfer, data.transfer_labels = splits[3], transfer[1]
+    return data
+
+
+def _transfer_set(x, y, budget, raw: RawData) -> tuple[Split, torch.Tensor | None] | None:
+    """The unlabelled examples (labels UNLABELED): the training examples outside the label
+    budget, then the data set's extra unlabelled ones; and their true labels where the
+    data has them all."""
+    parts_x, parts_y = [], []
+    if budget is not None:
+        parts_x.append(x[budget[1]])
+        parts_y.append(y[budget[1]])
+    if raw.x_unlabeled is not None and len(raw.x_unlabeled):
+        parts_x.append(raw.x_unlabeled)
+        parts_y.append(raw.y_unlabeled)
+    if not parts_x:
+        return None
+    inputs = torch.cat(parts_x)
+    known = all(part is not None for part in parts_y)
+    labels = torch.cat(parts_y) if known else None
+    return Split(inputs, torch.full((len(inputs),), UNLABELED, dtype=torch.int64)), labels
+
+
+def fingerprint(data: Data) -> str:
+    """A hash of the examples and labels of every split, as the models see them: the
+    stage cache keys data by content, so changed files on disk are never mistaken for
+    the data a cached stage was trained on. In-memory data is hashed once."""
+    if data.train.in_memory and data.digest is not None:
+        return data.digest
+    data.digest = _content_hash((data.train, data.val, data.test))
+    return data.digest
+
+
+def transfer_fingerprint(data: Data) -> str | None:
+    """The same hash of the transfer set (its labels are all UNLABELED: the hidden ones
+    never enter it), or None when there is none: part of the key of every stage that
+    trains on it."""
+    if data.transfer is None:
+        return None
+    if not data.transfer.in_memory or data.transfer_digest is None:
+        data.transfer_digest = _content_hash((data.transfer,))
+    return data.transfer_digest
+
+
+def _content_hash(splits) -> str:
+    digest = hashlib.sha256()
+    for split in splits:
+        if split.in_memory:
+            for tensor in (split.x, split.y):
+                digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+                digest.update(tensor.contiguous().cpu().numpy())  # hashed in place, no copy
+        else:
+            split.update_digest(digest)
+        digest.update(b"|")
+    return digest.hexdigest()[:20]
+
+
+def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """``limit`` of ``range(n)`` drawn with ``seed`` (split.max_train / max_test), or
+    None when there is nothing to drop."""
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+
+
+def _subsample(x, y, limit, seed):
+    keep = subsample_indices(len(y), limit, seed)
+    return (x, y) if keep is None else (x[keep], y[keep])
+
+
+def _given(normalize: Stats, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given per-channel statistics, shaped for (N, C, ...) inputs of ``x``'s channels."""
+    mean, std = (torch.tensor(v, dtype=x.dtype) for v in normalize)
+    if x.ndim < 3 or x.shape[1] != len(mean):
+        raise DataError(f"dataset.normalize=model: the model's statistics are for "
+                        f"{len(mean)} channels, this data's inputs have shape "
+                        f"{tuple(x.shape[1:])} (for gray images: dataset.channels=3)")
+    shape = (len(mean),) + (1,) * (x.ndim - 2)
+    return mean.view(shape), std.view(shape)
+
+
+def _stats(x: torch.Tensor):
+    """Per-channel mean/std for (N, C, ...) inputs, per-feature for flat (N, D)."""
+    dims = [0] + list(range(2, x.ndim))
+    mean = x.mean(dim=dims, keepdim=True)[0]
+    if len(x) < 2:  # one example has no spread: centre it only
+        return mean, torch.ones_like(mean)
+    std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
+    return mean, std

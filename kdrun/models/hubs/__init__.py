@@ -1,0 +1,1 @@
+"""Models of other libraries (timm, torchvision) and weights from files or their caches."""

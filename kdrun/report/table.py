@@ -1,0 +1,305 @@
+"""What one run writes and prints: metrics.csv, summary.csv, events.jsonl and the
+comparison table with its noise verdict. (Sweeps: kdrun/sweep.py.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kdrun.report.measure import BATCHES, TRIES
+from kdrun.store.files import atomic_write
+
+METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
+SUMMARY_COLUMNS = [
+    "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
+    "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
+    "selected_by", "train_seconds", "device", "precision", "torch", "data_sha256",
+    "checkpoint",
+]
+
+
+class MetricsLog:
+    """Long-form metrics.csv, appended and flushed every epoch (a killed run keeps
+    what it did). ``keys`` (dataset, method, T, alpha) are added to every row, and
+    ``reused`` says whether the row was trained by this process or taken from the
+    stage cache. The file starts afresh with each (re)start of a run: the stage
+    cache holds every finished epoch, so nothing is lost and nothing is doubled."""
+
+    def __init__(self, path: Path, keys: dict):
+        self.path, self.keys = path, keys
+        self.columns = METRIC_COLUMNS + ["reused"] + list(keys)
+        atomic_write(path, lambda tmp: tmp.write_text(",".join(self.columns) + "\n"))
+
+    def append(self, rows: list[dict], seed: int, reused: bool = False) -> None:
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            for row in rows:
+                writer.writerow({**row, "seed": seed, "reused": reused, **self.keys})
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Nothing to do: every append is already flushed to disk."""
+
+
+class MetricLogs:
+    """One stage's metric rows to every chosen log: metrics.csv, and TensorBoard's event
+    files with ``logger=tensorboard``, or an MLflow run with ``logger=mlflow``."""
+
+    def __init__(self, logs: list):
+        self.logs = logs
+
+    def append(self, rows: list[dict], seed: int, reused: bool) -> None:
+        for metric_log in self.logs:
+            metric_log.append(rows, seed, reused=reused)
+
+    def close(self) -> None:
+        for metric_log in self.logs:
+            metric_log.close()
+
+    def finish(self, run_dir, summary: pd.DataFrame, table: str) -> None:
+        """The run's end, for logs that record it (MLflow: summary, files, status)."""
+        for metric_log in self.logs:
+            if hasattr(metric_log, "finish"):
+                metric_log.finish(run_dir, summary, table)
+
+    def fail(self) -> None:
+        for metric_log in self.logs:
+            if hasattr(metric_log, "fail"):
+                metric_log.fail()
+
+    def interrupt(self) -> None:
+        for metric_log in self.logs:
+            if hasattr(metric_log, "interrupt"):
+                metric_log.interrupt()
+
+
+def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLogs:
+    """metrics.csv is rebuilt on every start (the stage cache holds what was done before)."""
+    logs = [MetricsLog(metrics_csv, keys)]
+    if cfg.logger.name == "tensorboard":
+        from kdrun.report.tensorboard_log import TensorBoardLog
+
+        logs.append(TensorBoardLog(run_root / cfg.logger.dir, cfg))
+    if cfg.logger.name == "mlflow":
+        from kdrun.report.mlflow_log import MlflowLog
+
+        logs.append(MlflowLog(cfg, run_root))
+    return MetricLogs(logs)
+
+
+class EventLog:
+    """events.jsonl: one line per stage of a run saying whether it was trained,
+    reused from the stage cache, or resumed after an interruption."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, event: str, stage: str, seed: int, key: str, **extra) -> None:
+        line = {"time": time.time(), "event": event, "stage": stage, "seed": seed, "key": key,
+                **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_summary(path: Path, rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    return df
+
+
+# ---------------------------------------------------------------- printed table
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+@dataclass
+class GainTest:
+    """A two-sided paired t-test of the mean gain against zero, at the 95% level."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    p: float
+
+    @property
+    def verdict(self) -> str:
+        if self.n < 2:
+            return f"unknown ({self.n} seed)"
+        if self.p < 1 - LEVEL:
+            return "helps" if self.mean > 0 else "hurts"
+        return "not significant"
+
+
+LEVEL = 0.95  # confidence level of every interval kdrun prints
+
+
+def gain_test(gains: list[float]) -> GainTest:
+    """Student-t interval and p-value of the mean of paired gains (n - 1 degrees of
+    freedom); the same numbers as ``scipy.stats.ttest_1samp(gains, 0)``."""
+    from scipy.stats import t
+
+    n, mean = len(gains), statistics.mean(gains)
+    if n < 2:
+        return GainTest(n, mean, float("nan"), float("nan"), float("nan"), float("nan"))
+    std = statistics.stdev(gains)
+    if std == 0:  # every replicate gained the same: no spread to test against
+        return GainTest(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else 0.0)
+    se = std / n**0.5
+    half = t.ppf((1 + LEVEL) / 2, n - 1) * se
+    p = 2 * t.sf(abs(mean) / se, n - 1)
+    return GainTest(n, mean, std, mean - half, mean + half, float(p))
+
+
+def format_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = None) -> str:
+    """One sentence: the interval, what it is taken over, the p-value, the verdict, and
+    what it holds for: this teacher, and with a label budget this draw of labels."""
+    over = f"{len(gains)} paired student seeds" + (f" under {teacher}" if teacher else "")
+    if draw:
+        over += f" and {draw}"
+    if len(gains) < 2:
+        return "one student seed, so its noise is unknown (set repeats=3 or more)"
+    test = gain_test(gains)
+    where = (f"95% CI [{test.ci_low:+.2f}, {test.ci_high:+.2f}] over {over}, paired t-test "
+             f"{format_p(test.p)}")
+    held = [what for what, given in (("teacher", teacher), ("draw of labelled examples", draw))
+            if given]
+    scope = (f" (for this {' and this '.join(held)}: other teacher seeds"
+             f"{' and draws (split.seed)' if draw else ''} may differ)") if held else ""
+    if test.verdict in ("helps", "hurts"):
+        return f"{where}: distillation {test.verdict}, beyond student-seed noise{scope}"
+    return f"{where}: not significant, no evidence that distillation changes accuracy here"
+
+
+def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None,
+                     draw: str | None = None) -> str:
+    """Teacher / scratch / distilled rows with params and accuracies, then the gain with
+    what its verdict holds for (``teacher``, ``draw``: see gain_verdict)."""
+    split = summary.eval_split.iloc[0]  # "test", or "train" when the labels are random
+    selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
+    chosen = "best val" if selected == "val" else "last ep."
+    w = max(17, *(len(a) for a in summary.arch))
+    p = max(9, *(len(f"{n:,}") for n in summary.params))  # params' width
+    lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>{p}}  "
+                     f"{split + ' acc, last':>16}  {split + ' acc, ' + chosen:>18}"]
+    by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
+    for role, rows in by_role.items():
+        if rows.empty:  # e.g. no teacher in deep mutual learning
+            continue
+        lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>{p},}  "
+                     f"{mean_std(list(rows.test_acc_last)):>16}  "
+                     f"{mean_std(list(rows.test_acc_best_val)):>18}")
+    scratch, distilled = by_role["scratch"], by_role["distilled"]
+    _check_paired(scratch, distilled)
+    gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
+             for col in ("test_acc_last", "test_acc_best_val")}
+    lines.append(f"{'gain':<10} {'distilled-scratch':<{w + p + 1}}  "
+                 f"{_signed(gains['test_acc_last']):>16}  "
+                 f"{_signed(gains['test_acc_best_val']):>18}")
+    lines.append(f"gain ({chosen}): "
+                 f"{gain_verdict(gains['test_acc_best_val'], teacher, draw)}")
+    lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
+    if selected != "val":
+        lines.append("no validation split (split.val_fraction=0): every model is taken at its "
+                     "last epoch")
+    if "compression" in distilled and distilled.compression.notna().all():
+        lines.append(_speed_line(distilled.iloc[0]))
+    return "\n".join(lines)
+
+
+def _speed_line(row) -> str:
+    """Compression and the side-by-side speed-ups; a speed-up whose timing rounds
+    disagreed (a busy machine) is not printed as a figure."""
+    busy = [b for b in BATCHES if row.get(f"speedup_b{b}_reliable", True) in (False, "False")]
+    speeds = ", ".join(f"{row[f'speedup_b{b}']:g}x {'faster ' if b == 1 else ''}at batch {b}"
+                       for b in BATCHES if b not in busy)
+    text = f"student vs teacher: {row.compression:.2f}x fewer parameters"
+    if speeds:
+        text += f", {speeds}, timed side by side now"
+    if busy:
+        text += (f"; speed-up at batch {' and '.join(map(str, busy))} not measured: the "
+                 f"machine was busy (its timing rounds disagreed, {TRIES} tries); run again "
+                 f"on a quiet machine")
+    return text + f" ({row.size_mb:.3f} MB on disk)"
+
+
+def one_line(summary: pd.DataFrame) -> str:
+    """A run in one line, for a sweep's console: the distilled students' test accuracy
+    (best-validation epoch) and their paired gain with its interval and verdict."""
+    scratch, distilled = (summary[summary.role == role] for role in ("scratch", "distilled"))
+    if scratch.empty or distilled.empty:
+        return "finished"
+    gains = [d - s for d, s in zip(distilled.test_acc_best_val, scratch.test_acc_best_val)]
+    test = gain_test(gains)
+    interval = f" [{test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else ""
+    return (f"distilled {mean_std(list(distilled.test_acc_best_val))}, gain {test.mean:+.2f}"
+            f"{interval}: {test.verdict}")
+
+
+def _data_line(summary: pd.DataFrame) -> list[str]:
+    """What each student learned from, when the distilled one had a transfer set."""
+    distilled = summary[summary.role == "distilled"]
+    if "train_unlabeled" not in distilled or not (distilled.train_unlabeled > 0).any():
+        return []
+    row = distilled.iloc[0]
+    return [f"data: labelled {row.train_labeled:,.0f} (+ {row.val_examples:,.0f} validation) · "
+            f"unlabelled {row.train_unlabeled:,.0f}: teacher and scratch student learn from "
+            f"the labelled examples, the distilled student from both (labels on the "
+            f"labelled ones only)"]
+
+
+def _all_labels_lines(reference: pd.DataFrame, scratch: pd.DataFrame, distilled: pd.DataFrame,
+                      w: int, p: int) -> list[str]:
+    """The "scratch, all labels" reference row (the student trained from scratch on the
+    transfer set's true labels too), and how much of the gap to it distillation closed."""
+    if reference.empty:
+        return []
+    arch = f"{reference.arch.iloc[0]}, all labels"
+    lines = [f"{'reference':<10} {arch:<{w}} {reference.params.iloc[0]:>{p},}  "
+             f"{mean_std(list(reference.test_acc_last)):>16}  "
+             f"{mean_std(list(reference.test_acc_best_val)):>18}"]
+    gap = statistics.mean(reference.test_acc_best_val) - statistics.mean(scratch.test_acc_best_val)
+    closed = (statistics.mean(distilled.test_acc_best_val)
+              - statistics.mean(scratch.test_acc_best_val))
+    share = f"{closed / gap:.0%}" if gap > 0 else "n/a (no gap)"
+    lines.append(f"reference: the student from scratch on every label, the transfer set's "
+                 f"included (not a contender: those labels are what distillation does without); "
+                 f"distillation closes {share} of the scratch-to-reference gap of {gap:+.2f}")
+    return lines
+
+
+PAIRED_COLUMNS = ("seed", "device", "precision", "torch", "data_sha256")
+
+
+def _check_paired(scratch: pd.DataFrame, distilled: pd.DataFrame) -> None:
+    """A gain compares a scratch and a distilled student of the same seed, data and
+    numerics; anything else is a bug, never a number to print."""
+    columns = [c for c in PAIRED_COLUMNS if c in scratch and c in distilled]
+    left = scratch[columns].reset_index(drop=True).astype(str)
+    right = distilled[columns].reset_index(drop=True).astype(str)
+    if len(left) != len(right) or not left.equals(right):
+        raise RuntimeError(f"scratch and distilled rows are not paired on {columns}")
+
+
+def _signed(values: list[float]) -> str:
+    text = mean_std(values)
+    return text if text.startswith("-") else "+" + text

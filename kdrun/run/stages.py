@@ -1,0 +1,342 @@
+"""The stage protocol: each stage of a run (the teacher, the scratch or distilled student
+of one seed) is trained, reused or resumed through the stage cache (kdrun/cache.py),
+and its files are recorded in the run directory. Schemes (kdrun/schemes.py) decide
+which stages a run has; this module only runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.data import Data, fingerprint, transfer_fingerprint
+from kdrun.data.augment import make_augment
+from kdrun.data.labels import UNLABELED
+from kdrun.losses import CE
+from kdrun.models import build_model, describe
+from kdrun.precision import working_dtype
+from kdrun.report.measure import model_figures
+from kdrun.report.table import EventLog, MetricLogs, metric_logs
+from kdrun.run.given_teacher import WEIGHTS, evaluate_given_teacher
+from kdrun.run.provenance import (
+    arithmetic_order,
+    numerics,
+    numerics_columns,
+    run_keys,
+    seed_stream,
+    stage_material,
+    student_seeds,
+)
+from kdrun.run.summary_row import RowContext, StageResult, SummaryRow
+from kdrun.store.cache import StageEntry
+from kdrun.store.files import RunDir, copy_file, load_sealed, save_sealed
+from kdrun.train.features import feature_shape, predict_features
+from kdrun.train.fit import (
+    CachedLogits,
+    LiveTeacher,
+    TeacherTargets,
+    configure_device,
+    fit,
+    predict_logits,
+)
+
+log = logging.getLogger("kdrun")
+
+class Stages:
+    """Trains (or reuses, or resumes) each stage of one run and records its files."""
+
+    def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir):
+        self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
+        self.tcfg = cfg.trainer
+        self.dtype = working_dtype(self.tcfg)  # float64 with trainer.float64
+        run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
+        self.metrics = self.open_metric_logs()
+        self.events = EventLog(run_dir.events)
+        # data read from disk is augmented by its DataLoader instead
+        self.augment = (make_augment(cfg.dataset.get("augment"), data.input_shape)
+                        if data.train.in_memory else None)
+        self.numerics = numerics(self.tcfg, device)
+        self.data_digest = fingerprint(data)
+        # a student taught by a teacher also trains on the transfer set, if there is one
+        self.transfer_digest = transfer_fingerprint(data)
+        self.taught_data = data if data.transfer is None else data.training_on(
+            data.distill_train())
+        self.student_seeds = student_seeds(cfg)
+        self.row_context = RowContext(
+            seed=cfg.seed, eval_split=data.eval_split,
+            selected_by="val" if len(data.val) else "last epoch (no validation split)",
+            provenance={**numerics_columns(self.numerics), "data_sha256": self.data_digest,
+                        **arithmetic_order(self.tcfg, device)},
+            run=run_keys(cfg))
+        self.teacher_model = None  # the teacher the students are compared with (timing)
+
+    def open_metric_logs(self) -> MetricLogs:
+        """metrics.csv, and the configured logger's records (TensorBoard, MLflow)."""
+        return metric_logs(self.cfg, self.run_dir.root, self.run_dir.metrics_csv,
+                           run_keys(self.cfg))
+
+    def teacher(self, model_cfg) -> StageResult:
+        """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
+        if model_cfg.get("checkpoint"):
+            result = evaluate_given_teacher(self, model_cfg)
+        else:
+            result = self._stage("teacher", model_cfg, CE, self.cfg.seed, self.teacher_epochs,
+                                 {}, rng=self.teacher_rng)
+            model = self._load(model_cfg, result.entry, self.tcfg.distill_from)
+            result = StageResult(result.row, result.entry, model)
+        self.teacher_model = result.model
+        return result
+
+    @property
+    def teacher_epochs(self) -> int:
+        return self.tcfg.teacher_epochs or self.tcfg.epochs
+
+    @property
+    def teacher_rng(self) -> int:
+        """The teacher's own seed stream: it never shares init or batch order with a student."""
+        return seed_stream("teacher", self.cfg.seed)
+
+    def student(self, role: str, make_loss, seed: int, teacher: TeacherTargets | None = None,
+                teacher_key: str | None = None, model_cfg=None, loss_cfg=None,
+                rng: int | None = None) -> StageResult:
+        """Scratch and distilled students of one seed share init, data order and
+        optimiser: the model is built after seeding with ``seed`` in both cases
+        (``rng``, when given, seeds a student that must not share them, e.g. an
+        intermediate born-again generation)."""
+        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        extra = {}
+        model_cfg = model_cfg if model_cfg is not None else self.cfg.student
+        if loss_cfg is None:
+            loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
+        data = self.data
+        if role != "scratch":  # a distilled student depends on its loss and its teacher
+            taught = teacher is not None
+            extra = {"loss": loss_cfg, "teacher": teacher_key if taught else None,
+                     "distill_from": self.tcfg.distill_from if taught else None,
+                     "teacher_targets": type(teacher).__name__ if taught else None}
+            if taught and self.transfer_digest:  # and on the transfer set it also learns from
+                extra["transfer"], data = self.transfer_digest, self.taught_data
+        return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
+                           rng=seed if rng is None else rng, data=data)
+
+    def all_labels_student(self, seed: int) -> StageResult | None:
+        """The reference "scratch, all labels": the student trained from scratch on the
+        labelled examples *and* the transfer set with its true labels, which no other
+        stage reads; None when the transfer set's labels are unknown."""
+        train = self.data.all_labels_train()
+        if train is None:
+            return None
+        data = self.data.training_on(train)
+        labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
+        extra = {"transfer": self.transfer_digest, "transfer_labels": labels}
+        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        return self._stage("all_labels", self.cfg.student, CE, seed, epochs, extra, rng=seed,
+                           data=data)
+
+    def load_student(self, result: StageResult) -> torch.nn.Module:
+        """A finished student, with the weights ``trainer.distill_from`` asks for."""
+        return self._load(self.cfg.student, result.entry, self.tcfg.distill_from)
+
+    def teacher_targets(self, teacher: StageResult, loss) -> TeacherTargets:
+        """When the training data is not augmented (the default): the teacher's logits,
+        computed once, and for a loss that reads them its features at the loss's layer,
+        computed once too when they fit ``trainer.cache_teacher_features_mb``. Else the
+        teacher itself, run on each batch."""
+        features = loss.reads_features
+        cacheable = (self.data.train.in_memory and self.augment is None
+                     and self.tcfg.cache_teacher_logits)
+        if cacheable and not features:
+            return CachedLogits(self.teacher_logits(teacher))
+        if cacheable and self.features_fit(teacher.model, loss.teacher_layer):
+            return CachedLogits(self.teacher_logits(teacher),
+                                self.teacher_features(teacher, loss.teacher_layer))
+        return LiveTeacher(teacher.model, configure_device(self.tcfg, self.device),
+                           loss.teacher_layer if features else None)
+
+    def teacher_logits(self, teacher: StageResult) -> torch.Tensor:
+        """The teacher's logits on every example a taught student trains on."""
+        return training_logits(teacher.model, teacher.entry, self.taught_data, self.tcfg,
+                               self.device, self.transfer_digest)
+
+    def teacher_features(self, teacher: StageResult, layer):
+        """The teacher's features at ``layer`` on every example a taught student trains on."""
+        return training_features(teacher.model, teacher.entry, self.taught_data, self.tcfg,
+                                 self.device, layer, self.transfer_digest)
+
+    def features_fit(self, teacher: torch.nn.Module, layer) -> bool:
+        """Whether the teacher's features at ``layer`` over the training set take at most
+        ``trainer.cache_teacher_features_mb``."""
+        shapes = feature_shape(teacher, layer, self.data.input_shape, "loss.teacher_layer")
+        shapes = [shapes] if isinstance(layer, str) else shapes
+        size = sum(math.prod(shape) for shape in shapes) * len(self.taught_data.train)
+        megabytes = size * torch.finfo(self.dtype).bits / 8 / 1e6
+        return megabytes <= self.tcfg.get("cache_teacher_features_mb", 0)
+
+    # ------------------------------------------------------------ one stage
+
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *,
+               rng, data: Data | None = None) -> StageResult:
+        """``seed`` names the stage in the files; ``rng`` seeds its training; ``data`` is
+        what it trains on (the run's labelled data unless given)."""
+        entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
+        checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
+        with entry.lock():
+            reused = entry.done()  # a finished entry that fails its checksums is set aside
+            if reused:
+                self.metrics.append(entry.read_rows(), seed, reused=True)
+                self.events.write("reused", role, seed, entry.key)
+            else:
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
+                            data or self.data)
+            copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
+            summary = entry.summary()
+        row = SummaryRow.from_stage(summary, seed=seed, reused=reused, cache_key=entry.key,
+                                    checkpoint=str(checkpoint), run=self.row_context.run)
+        return StageResult(row, entry)
+
+    def stage_entry(self, role: str, model_cfg, rng: int, epochs: int, extra: dict) -> StageEntry:
+        """The cache entry of a stage trained with these settings."""
+        return StageEntry(self.cache_root, stage_material(
+            self.cfg, role=role, model_cfg=model_cfg, seed=rng, epochs=epochs,
+            numerics=self.numerics, data_digest=self.data_digest, extra=extra))
+
+    def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
+               data: Data):
+        resume = entry.start()
+        if resume is not None:
+            self.metrics.append(entry.read_rows(), seed, reused=True)
+            self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
+        every = self.tcfg.checkpoint_every
+
+        def on_epoch(rows, snapshot):
+            entry.append_rows(rows)
+            self.metrics.append(rows, seed, reused=False)
+            if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
+                entry.save_state(snapshot())
+
+        torch.manual_seed(rng)
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
+        loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
+        loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
+        if loss.reads_features:
+            loss.prepare(feature_shape(model, loss.student_layer, self.data.input_shape,
+                                       "loss.student_layer"),
+                         teacher.feature_shape(self.data.input_shape))
+        result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
+                     device=self.device, teacher=teacher, augment=self.augment, resume=resume,
+                     on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
+        finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
+                     model_cfg=model_cfg, data=data, cfg=self.cfg,
+                     context=self.row_context, trained_in="alone")
+        self.events.write("trained", role, seed, entry.key)
+
+    def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
+        checkpoint = entry.result()
+        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
+        model.load_state_dict(checkpoint[WEIGHTS[weights]])
+        return model.to(self.device, self.dtype)
+
+
+def training_logits(teacher, entry: StageEntry, data: Data, tcfg, device,
+                    transfer_digest: str | None = None) -> torch.Tensor:
+    """The teacher's logits on every training example (``data.train``: with a transfer
+    set, the labelled examples then the transfer set whose hash is ``transfer_digest``),
+    computed once in eval mode without gradients, stored (sealed) with the teacher, and
+    reused by every distillation epoch and every job that distills from this teacher."""
+    return _on_training_set(
+        "logits", entry, f"logits-{tcfg.distill_from}", teacher, data, tcfg, device,
+        transfer_digest, lambda split: predict_logits(teacher, split, tcfg.eval_batch_size))
+
+
+def training_features(teacher, entry: StageEntry, data: Data, tcfg, device, layer,
+                      transfer_digest: str | None = None):
+    """The teacher's features at ``layer`` (a list of layers: a list of tensors) on every
+    training example, computed, stored and reused as its logits are."""
+    name = "+".join([layer] if isinstance(layer, str) else list(layer))
+    return _on_training_set(
+        "features", entry, f"features-{name}-{tcfg.distill_from}", teacher, data, tcfg, device,
+        transfer_digest,
+        lambda split: predict_features(teacher, split, layer, tcfg.eval_batch_size,
+                                       "loss.teacher_layer"))
+
+
+def _on_training_set(what: str, entry: StageEntry, stem: str, teacher, data: Data, tcfg, device,
+                     transfer_digest: str | None, compute):
+    """``compute(training split)`` of the teacher, kept sealed in its cache entry as
+    ``<stem>[-transfer-<hash>].pt``; a file that fails its checksum is computed again."""
+    transfer = f"-transfer-{transfer_digest}" if transfer_digest else ""
+    path = entry.dir / f"{stem}{transfer}.pt"
+    with entry.lock():
+        stored = load_sealed(path)
+        if stored is not None:
+            return _moved(stored, device)
+        if path.exists() or path.name in entry.derived():
+            log.warning("stage cache: %s is missing or does not match its checksum; "
+                        "computing the teacher's %s again", path, what)
+        dtype = working_dtype(tcfg)
+        teacher.to(device, dtype)
+        result = compute(data.train.to(device, dtype))
+        save_sealed(path, _moved(result, "cpu"))
+        entry.note_derived(path.name)
+        return result
+
+
+def _moved(value, device):
+    """A tensor, or a list of them, on ``device``."""
+    return value.to(device) if torch.is_tensor(value) else [v.to(device) for v in value]
+
+
+def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,
+                 model_cfg, data: Data, cfg: DictConfig, context: RowContext,
+                 trained_in: str) -> None:
+    """Write a trained stage's checkpoint and summary into its cache entry.
+    ``trained_in`` says how: alone, or in a batch of students trained as one."""
+    checkpoint = trained_checkpoint(model, loss, result, model_cfg, data, cfg)
+    entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
+                 summary={"role": role, "arch": describe(model_cfg),
+                          **model_figures(getattr(model, "deployed", model)),
+                          **_result_columns(result), **examples_seen(data),
+                          "eval_split": context.eval_split, "selected_by": context.selected_by,
+                          **context.provenance, "trained_in": trained_in})
+
+
+def examples_seen(data: Data) -> dict:
+    """How many labelled and unlabelled training examples a stage trained on, and how
+    many validation examples selected its epoch."""
+    unlabeled = int((data.train.y == UNLABELED).sum())
+    return {"train_labeled": len(data.train) - unlabeled, "train_unlabeled": unlabeled,
+            "val_examples": len(data.val) if data.eval_split != "train" else 0}
+
+
+def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:
+    """A finished stage's checkpoint: last and best-val weights of the model and of the
+    model it deploys (a cohort ships its first member), optimiser state, the config."""
+    deployed = getattr(model, "deployed", model)
+    prefix = next(name for name, m in model.named_modules() if m is deployed)
+    best_deployed = {k.removeprefix(f"{prefix}.") if prefix else k: v
+                     for k, v in result.best_state.items()
+                     if not prefix or k.startswith(f"{prefix}.")}
+    return {"arch": OmegaConf.to_container(model_cfg, resolve=True),
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "model": model.state_dict(), "best_model": result.best_state,
+            "deployed": deployed.state_dict(), "deployed_best": best_deployed,
+            "loss_state": loss.state_dict(), "epoch": result.epochs,
+            "best_epoch": result.best_epoch, "optimizer": result.optimizer_state,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def _result_columns(result) -> dict:
+    return {"epochs": result.epochs, "best_epoch": result.best_epoch,
+            "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
+            "test_acc_best_val": result.test_acc_best_val,
+            "train_seconds": round(result.train_seconds, 3)}
+
+
+def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape):
+    """The shapes of the layers a feature loss reads, student's and teacher's."""
+    return (feature_shape(student, loss.student_layer, input_shape, "loss.student_layer"),
+            feature_shape(teacher, loss.teacher_layer, input_shape, "loss.teacher_layer"))

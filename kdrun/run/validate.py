@@ -1,0 +1,167 @@
+"""One validation step over the composed config, before anything is trained.
+
+The settings every run has (seed, split, trainer, ...) are checked by RULES below;
+an option of a config group (a data set, a model, a loss, a scheme) declares the
+checks of its own keys where it is defined, and its keys must be its arguments. Each
+check says what would be valid; the first failure raises a ConfigError that the CLI
+prints as one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdrun import data, losses, models
+from kdrun.checks import (
+    Check,
+    boolean,
+    device,
+    increasing_epochs,
+    label_budget,
+    number,
+    one_of,
+)
+from kdrun.data.augment import AUGMENT_RULES
+from kdrun.errors import ConfigError
+from kdrun.run import schemes
+
+RULES: dict[str, Check] = {
+    "seed": number(integer=True),
+    "repeats": number(1, integer=True),
+    "device": device,
+    "num_threads": number(1, integer=True, optional=True),
+    "progress": boolean,
+    "export": one_of("none", "onnx"),
+    "latency.repeats_b1": number(4, integer=True),
+    "latency.repeats_b256": number(4, integer=True),
+    "latency.warmup": number(0, integer=True),
+    "cache.enabled": boolean,
+    "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
+    "split.val_fraction": number(0, 1, hi_open=True),
+    "split.seed": number(integer=True),
+    "split.max_train": number(1, integer=True, optional=True),
+    "split.max_test": number(1, integer=True, optional=True),
+    "split.labeled": label_budget,
+    "all_labels_reference": boolean,
+    "split.standardize": boolean,
+    "dataset.normalize": one_of("data", "model"),
+    **{f"dataset.augment.{key}": check for key, check in AUGMENT_RULES.items()},
+    "teacher.checkpoint": lambda v: None if v is None or (isinstance(v, str) and v) else (
+        "must be the path of a teacher checkpoint, or null to train one"),
+    "logger.name": one_of("csv", "tensorboard", "mlflow"),
+    "logger.tracking_uri": lambda v: None if v is None or (isinstance(v, str) and v) else (
+        "must be an MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:DIR), "
+        "or null for <output_root>/mlruns"),
+    "logger.experiment": lambda v: None if isinstance(v, str) and v else (
+        "must be an MLflow experiment name"),
+    "trainer.epochs": number(1, integer=True),
+    "trainer.teacher_epochs": number(1, integer=True, optional=True),
+    "trainer.student_epochs": number(1, integer=True, optional=True),
+    "trainer.batch_size": number(1, integer=True),
+    "trainer.eval_batch_size": number(1, integer=True),
+    "trainer.optimizer": one_of("adam", "adamw", "sgd"),
+    "trainer.lr": number(0, lo_open=True),
+    "trainer.momentum": number(0, 1, hi_open=True),
+    "trainer.weight_decay": number(0),
+    "trainer.schedule": one_of("none", "cosine", "step", "multistep"),
+    "trainer.milestones": increasing_epochs,
+    "trainer.warmup_epochs": number(0, integer=True),
+    "trainer.step_size": number(1, integer=True),
+    "trainer.gamma": number(0, 1, lo_open=True),
+    "trainer.grad_clip": number(0, lo_open=True, optional=True),
+    "trainer.distill_from": one_of("best_val", "last"),
+    "trainer.checkpoint_every": number(0, integer=True),
+    "trainer.on_nan": one_of("stop", "skip"),
+    "trainer.cache_teacher_features_mb": number(0),
+    **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
+                                              "cudnn_benchmark", "fused_optimizer",
+                                              "channels_last", "compile", "float64")},
+}
+_ABSENT = object()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid key of a composed kdrun config."""
+    for key, check in RULES.items():
+        _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
+    _check_option("dataset", cfg.dataset, data.DATASETS, "name", skip=data.NOT_BUILDER_KEYS)
+    _check_option("loss", cfg.loss, losses.LOSSES, "name")
+    for role in ("teacher", "student"):
+        _check_model(role, cfg[role])
+    _check_scheme(cfg.scheme)
+    if cfg.scheme.name == "ensemble":
+        _check_ensemble(cfg)
+
+
+def _check_model(prefix: str, node) -> None:
+    _check_option(prefix, node, models.MODELS, "arch", given=("input_shape", "num_classes"),
+                  skip=models.NOT_BUILDER_KEYS)
+    own_check = models.builder_hook(node, "check")  # e.g. a timm name, its cached weights
+    if own_check is not None:
+        own_check(node, prefix)
+
+
+def _check_option(prefix: str, node, registry, name_key: str, given=(), skip=()) -> None:
+    """An option of a config group (a loss, a model, a data set): its ``name_key`` names
+    a registered one or an import path; every other key is an argument of its class or
+    builder; none it needs is missing; each passes the check the option declares."""
+    name = node.get(name_key)
+    registry.get(str(name), f"{prefix}.{name_key}")
+    params = registry.arguments(str(name), f"{prefix}.{name_key}", given)
+    for key in node:
+        if key not in params and key not in (name_key, *skip):
+            raise ConfigError(f"{prefix}.{key}", node[key], f"not a setting of {prefix} "
+                              f"{name}; valid: {', '.join(params) or 'none'}")
+    for key, p in params.items():
+        if key not in node and p.default is inspect.Parameter.empty:
+            raise ConfigError(f"{prefix}.{key}", None, f"{prefix} {name} needs this key")
+    for key, check in registry.rules(str(name)).items():
+        _check(f"{prefix}.{key}", node.get(key, _ABSENT), check)
+
+
+def _check_scheme(node) -> None:
+    """A scheme reads its keys from the config: each must be one it declares."""
+    schemes.SCHEMES.get(str(node.get("name")), "scheme.name")
+    rules = schemes.SCHEMES.rules(node.name)
+    for key in node:
+        if key != "name" and key not in rules:
+            raise ConfigError(f"scheme.{key}", node[key], f"not a setting of scheme "
+                              f"{node.name}; valid: {', '.join(rules) or 'none'}")
+        if key != "name":
+            _check(f"scheme.{key}", node[key], rules[key])
+
+
+def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
+    """The options of a config group: the YAML files in kdrun's configs/<group>/ and in
+    <folder>/<group>/ of each ``hydra.searchpath`` folder (a user's own configs)."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    folders = [files("kdrun.configs") / group, *(Path(f) / group for f in search_path)]
+    return sorted({p.name.removesuffix(".yaml") for folder in folders if folder.is_dir()
+                   for p in folder.iterdir() if p.name.endswith(".yaml")})
+
+
+def _check_ensemble(cfg: DictConfig) -> None:
+    """Members must be known teacher options; the loss and data must allow combining
+    cached logits."""
+    options = group_options("teacher")
+    for i, spec in enumerate(cfg.scheme.teachers):
+        key = f"scheme.teachers[{i}].option"
+        _check(key, spec.get("option"), one_of(*options))
+        _check_model(f"scheme.teachers[{i}]", schemes.teacher_config(spec))
+    if losses.loss_class(cfg.loss).reads_features:
+        raise ConfigError("loss", cfg.loss.name, "scheme=ensemble combines the teachers' "
+                          "logits: use a logit-based loss (kd, dkd, dist, mse_logits, ce)")
+
+
+def _check(key: str, value, check: Check) -> None:
+    if value is _ABSENT:
+        return
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    problem = check(value)
+    if problem:
+        raise ConfigError(key, value, problem)

@@ -1,0 +1,3 @@
+"""Sweeps: the batched launcher's plan (batched.py), how jobs are composed and fitted to
+their launcher (compose.py, launch.py), the sweep report and its figures (report.py,
+plots.py), published numbers (published.py), Slurm logs (slurm_logs.py)."""

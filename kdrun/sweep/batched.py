@@ -1,0 +1,241 @@
+"""The work of ``hydra/launcher=batched`` before it runs the jobs: plan every job's
+stages and train those that can share a stacked model together (kdrun/batched.py), into
+the stage cache: first the teachers (those of a sweep over ``seed`` differ only in their
+seed), then the scratch and distilled students.
+
+The launcher then runs each job exactly as the basic launcher would: the pipeline finds
+its stages finished in the cache and only evaluates, times and reports. A job whose
+students cannot be batched (see ``check_batchable``) trains them itself then, and the
+log says why in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from kdrun.data import Data
+from kdrun.errors import UserError
+from kdrun.losses import CE
+from kdrun.models import build_model
+from kdrun.report.table import MetricLogs, MetricsLog
+from kdrun.run.pipeline import prepare, set_threads
+from kdrun.run.provenance import run_keys
+from kdrun.run.schemes import SCHEMES
+from kdrun.run.stages import Stages, finish_stage
+from kdrun.run.summary_row import StageResult, SummaryRow
+from kdrun.run.validate import validate
+from kdrun.store.files import RunDir, load_sealed, save_sealed
+from kdrun.train.fit import CachedLogits, LiveTeacher
+from kdrun.train.stacked import Member, NotBatchable, check_batchable, train_group
+
+log = logging.getLogger("kdrun")
+# Stage-key fields in which the members of one group may differ
+PER_MEMBER = ("stage", "seed", "loss", "teacher", "distill_from", "teacher_targets")
+# Members per stacked pass when hydra.launcher.max_members is null: a bound on memory
+DEFAULT_MAX_MEMBERS = {"cpu": 64, "cuda": 512}
+GROUPS = "groups"  # <cache dir>/groups/<hash of the members' keys>.pt: a pass's saved state
+
+
+class PlannedStages(Stages):
+    """A job's stages as its scheme asks for them, with the students not trained: each
+    student stage that is not in the cache yet becomes a Member for a stacked group.
+    Teachers are trained (or reused) as usual."""
+
+    def __init__(self, cfg: DictConfig, data: Data, device, run_dir: RunDir):
+        super().__init__(cfg, data, device, run_dir)
+        if not data.train.in_memory:
+            raise NotBatchable("its data is read from disk (a DataLoader per run)")
+        self.planned: list[Member] = []
+
+    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng,
+               data=None):
+        if role == "teacher":
+            return super()._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
+                                  rng=rng)
+        if role not in ("scratch", "distilled") or model_cfg.arch == "cohort":
+            raise NotBatchable(f"scheme={self.cfg.scheme.name} trains a {role} stage of its own")
+        if isinstance(teacher, LiveTeacher) and teacher.tap is not None:
+            raise NotBatchable("its loss reads the teacher's features")
+        entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
+        self.plan(entry, role, seed, rng, model_cfg, make_loss, teacher, extra.get("teacher"),
+                  data or self.data)
+        placeholder = SummaryRow.evaluated_teacher(
+            self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
+            train_seconds=0.0, reused=False).as_role(role)
+        return StageResult(placeholder, entry)
+
+    def open_metric_logs(self) -> MetricLogs:
+        """A plan's own metrics.csv only: the job's run, later, logs to TensorBoard or MLflow."""
+        return MetricLogs([MetricsLog(self.run_dir.metrics_csv, run_keys(self.cfg))])
+
+    def load_student(self, result):
+        raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
+
+    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher, teacher_key,
+             data: Data):
+        """List the stage, which trains on ``data`` (with a transfer set, a distilled
+        student's differs from a scratch one's: they group apart, as their keys do), as a
+        Member, unless the cache already holds it; NotBatchable when its model or loss
+        cannot train stacked."""
+        if entry.done():
+            return
+        loss = make_loss()
+        check_batchable(build_model(model_cfg, self.data.input_shape, self.data.num_classes,
+                                    role), loss, self.tcfg, self.device)
+        self.planned.append(Member(
+            entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
+            teacher_logits=teacher.logits if isinstance(teacher, CachedLogits) else None,
+            live_teacher=teacher if isinstance(teacher, LiveTeacher) else None,
+            teacher_key=teacher_key, cfg=self.cfg, context=self.row_context, data=data,
+            device=self.device))
+
+
+class PlannedTeachers(PlannedStages):
+    """A job's first teacher stage, not trained but listed as a Member, when it is not in
+    the cache yet: teachers that differ only in their seed train as one stacked model."""
+
+    def teacher(self, model_cfg):
+        if not model_cfg.get("checkpoint"):
+            entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
+                                     self.teacher_epochs, {})
+            self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,
+                      None, self.data)
+        raise _PlanDone
+
+    def student(self, *args, **kwargs):
+        raise _PlanDone
+
+
+class _PlanDone(Exception):
+    """Stops a scheme once what is being planned is listed."""
+
+
+def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
+                       max_members: int | None = None) -> int:
+    """Plan every job's teachers, train those that can batch in stacked groups; then plan
+    the students (the remaining teachers train as usual on the way) and train them in
+    stacked groups. Returns how many stages were trained stacked."""
+    trained = 0
+    for planner in (PlannedTeachers, PlannedStages):
+        planned = []
+        for number, cfg in enumerate(job_cfgs):
+            try:
+                planned += plan_job(cfg, work_dir / f"job{number}", planner)
+            except NotBatchable as e:
+                if planner is PlannedStages:
+                    log.info("batched launcher: job #%d trains its students on its own: %s",
+                             number, e)
+            except UserError:
+                pass  # the job stops with its own one-line message when it runs
+        shutil.rmtree(work_dir, ignore_errors=True)
+        trained += sum(train_planned_group(members, max_members)
+                       for members in group_members(planned))
+    return trained
+
+
+def plan_job(cfg: DictConfig, work_dir: Path, planner=PlannedStages) -> list[Member]:
+    """Run ``cfg``'s scheme with a planner: the stages it lists, untrained. The device,
+    threads and data are set up as the job's own run sets them up, so that the stage
+    keys are the ones the job will look for."""
+    validate(cfg)
+    device, data = prepare(cfg)
+    stages = planner(cfg, data, device, RunDir(work_dir))
+    try:
+        SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+    except _PlanDone:
+        pass
+    finally:
+        stages.metrics.close()
+    return stages.planned
+
+
+def group_members(members: list[Member]) -> list[list[Member]]:
+    """Members whose stage keys agree but for the PER_MEMBER fields: same data, split,
+    student, trainer settings, epochs and numerics. A stage two jobs share is kept once."""
+    groups: dict[str, dict[str, Member]] = defaultdict(dict)
+    live: dict[str, LiveTeacher] = {}  # each job loaded its teacher: keep one per teacher
+    for member in members:
+        if member.live_teacher is not None:
+            member.live_teacher = live.setdefault(member.teacher_key, member.live_teacher)
+        shared = {k: v for k, v in member.entry.material.items() if k not in PER_MEMBER}
+        groups[json.dumps(shared, sort_keys=True)].setdefault(member.entry.key, member)
+    return [list(group.values()) for group in groups.values()]
+
+
+def train_planned_group(members: list[Member], max_members: int | None) -> int:
+    """Train a group's members in passes of at most ``max_members`` (in stage-key order,
+    so a re-run forms the same passes and resumes them). Returns how many stages were
+    finished."""
+    members = sorted(members, key=lambda m: m.entry.key)
+    limit = max_members or DEFAULT_MAX_MEMBERS.get(members[0].device.type, 64)
+    return sum(_train_pass(members[i:i + limit]) for i in range(0, len(members), limit))
+
+
+def _train_pass(members: list[Member]) -> int:
+    """One stacked pass, every member's entry locked throughout. A member finished
+    meanwhile by another process is skipped; one that a killed sequential run left with
+    a state of its own is left to resume alone."""
+    with contextlib.ExitStack() as locks:
+        todo = []
+        for member in members:
+            locks.enter_context(member.entry.lock())
+            if member.entry.done():
+                continue
+            if load_sealed(member.entry.state_pt) is not None:
+                log.info("batched launcher: %s stage %s resumes alone from its saved state",
+                         member.role, member.entry.key)
+                continue
+            todo.append(member)
+        if not todo:
+            return 0
+        name = hashlib.sha256("+".join(m.entry.key for m in todo).encode()).hexdigest()[:20]
+        state_path = todo[0].entry.root / GROUPS / f"{name}.pt"
+        resume = load_sealed(state_path)
+        if resume is not None and resume["keys"] != [m.entry.key for m in todo]:
+            resume = None
+        for member in todo:
+            member.entry.start(group_epoch=resume["epoch"] if resume else 0)
+        return _train(todo, resume, state_path)
+
+
+def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
+    first = members[0]
+    epochs = first.entry.material["epochs"]
+    kind = "teacher" if first.role == "teacher" else "student"
+    log.info("batched launcher: training %d %s%s as one stacked model (%s, epochs %d-%d)",
+             len(members), kind, "s" if len(members) > 1 else "", first.model_cfg.arch,
+             (resume["epoch"] if resume else 0) + 1, epochs)
+
+    def on_failure(member: Member, message: str) -> None:
+        log.warning("batched launcher: %s; its job will train it alone and report it",
+                    message)
+
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    set_threads(first.cfg)  # jobs of other thread counts may share a group: the first's
+    threads = {"threads": torch.get_num_threads()}  # what each member's row records
+    results = train_group(members, first.data, first.cfg.trainer, epochs, first.device,
+                          lambda member, rows: member.entry.append_rows(rows), on_failure,
+                          resume=resume, save_state=lambda state: save_sealed(state_path, state))
+    finished = 0
+    for member, result in zip(members, results):
+        if result is None:
+            continue
+        model, fit_result = result
+        finish_stage(member.entry, model, member.loss, fit_result, role=member.role,
+                     seed=member.seed, rng=member.rng, model_cfg=member.model_cfg,
+                     data=member.data, cfg=member.cfg,
+                     context=member.context.with_provenance(threads),
+                     trained_in=f"a stacked batch of {len(members)}")
+        finished += 1
+    state_path.unlink(missing_ok=True)
+    return finished
