@@ -44,8 +44,9 @@ test-slurm: $(STAMP) ## as root: a one-node Slurm cluster on localhost (installs
 test-full: $(STAMP) ## every test
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP) ## ruff over the code and the tests
+lint: $(STAMP) ## ruff over the code and the tests; the import layers (lint-imports)
 	$(BIN)/ruff check kdrun hydra_plugins tests benchmarks
+	$(BIN)/lint-imports
 
 clean: ## delete run outputs, caches and build files (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

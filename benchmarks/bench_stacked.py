@@ -1,7 +1,7 @@
 """N models trained by kdrun as the batched launcher trains them (kdrun.train.stacked's
 train_group: one stacked model) against the same N trained one at a time (kdrun.train.fit's
 fit, as the basic launcher trains them), side by side in one process: whether a model
-trains faster stacked on this device. kdrun/batched.py's check_batchable keeps 2-D
+trains faster stacked on this device. kdrun/train/stacked.py's check_batchable keeps 2-D
 convolutions on a CPU out of stacked groups on this measurement.
 
 Each round trains the N models for ``--epochs`` epochs both ways (batch 100, random data

@@ -1,6 +1,6 @@
 """Checks of one config value: each returns what would be valid, or None when the value
 is fine. Options declare theirs next to their code (e.g. a loss's ``config_rules``);
-kdrun/validate.py runs them before anything is trained."""
+kdrun/run/validate.py runs them before anything is trained."""
 
 from __future__ import annotations
 

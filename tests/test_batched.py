@@ -2,7 +2,7 @@
 end trained alone, and a batched sweep writes what a sequential one writes.
 
 Stacked and alone are two orders of the same arithmetic (ROUNDING_ONLY in
-kdrun/provenance.py), so they are compared in float64 (trainer.float64=true), within
+kdrun/run/provenance.py), so they are compared in float64 (trainer.float64=true), within
 tests.helpers.FLOAT64_WEIGHT_BOUND, which says why it holds on any machine."""
 
 import contextlib
@@ -246,18 +246,6 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
     pipeline.run(make_config(*TINY_SWEEP, cache, "loss.T=4", "seed=1"), tmp_path / "again")
     again = events_of(tmp_path / "again")
     assert {e["event"] for e in again} == {"reused"} and len(again) == 3
-
-
-def test_kdrun_m_batches_without_naming_a_launcher_and_basic_trains_one_at_a_time(tmp_path):
-    args = [*TINY_SWEEP, "loss.T=2,4", "loss.alpha=0.5,0.9"]
-    out = kdrun(tmp_path / "default", "-m", *args)
-    # one scratch and four distilled students: one stacked model
-    assert "training 5 students as one stacked model (mlp, epochs 1-3)" in out.stdout
-    kdrun(tmp_path / "basic", "-m", "hydra/launcher=basic", *args)
-    for launcher, students in (("default", "a stacked batch of 5"), ("basic", "alone")):
-        summary = pd.read_csv(sweep_dir(tmp_path / launcher) / "summary.csv")
-        assert len(summary) == 4 * 3
-        assert (summary[summary.role != "teacher"].trained_in == students).all(), launcher
 
 
 def test_a_sweep_over_thread_counts_trains_one_teacher(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pandas as pd
 import pytest
 
 from tests.helpers import KDRUN
@@ -36,10 +37,20 @@ def test_a_run_logged_to_a_file_has_one_line_per_stage_and_no_carriage_returns(t
                 if ": epoch " in line]
 
 
-def test_a_sweep_prints_one_line_per_job_then_the_report(tmp_path):
-    for launcher in ("batched", "basic"):
+def test_kdrun_m_batches_by_default_and_prints_one_line_per_job_then_the_report(tmp_path):
+    """Without naming a launcher the students train stacked (hydra/launcher=basic: one
+    at a time), and either way the console has one line per job and the report."""
+    for launcher, students in (("default", "a stacked batch of"), ("basic", "alone")):
         (tmp_path / launcher).mkdir()
-        log = kdrun(tmp_path / launcher, "-m", f"hydra/launcher={launcher}", "loss.T=2,4", *FAST)
+        named = [] if launcher == "default" else [f"hydra/launcher={launcher}"]
+        log = kdrun(tmp_path / launcher, "-m", *named, "loss.T=2,4", *FAST)
+        (summary,) = (tmp_path / launcher).glob("outputs/multirun/*/*/summary.csv")
+        trained_in = pd.read_csv(summary).query("role != 'teacher'").trained_in
+        assert trained_in.str.startswith(students).all() and len(trained_in) == 2 * 4
+        if launcher == "default":  # 2 scratch, then 4 distilled students (with a transfer
+            # set they train on more examples: a group of their own)
+            assert "training 2 students as one stacked model" in log
+            assert "training 4 students as one stacked model" in log
         jobs = [line for line in log.splitlines() if line.startswith("job ")]
         assert len(jobs) == 2 and all("gain" in line and "distilled" in line for line in jobs)
         assert "role       model" not in log and "\r" not in log  # tables: in kdrun.log
@@ -57,12 +68,12 @@ def test_the_joblib_launcher_shows_no_hydra_deprecation_warnings(tmp_path):
     assert len([line for line in log.splitlines() if line.startswith("job ")]) == 2
 
 
+@pytest.mark.slow  # a run interrupted, then resumed to its end
 def test_ctrl_c_prints_one_line_marks_the_run_and_mlflow_and_the_same_command_resumes(tmp_path):
     import json
     import signal
     import time
 
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     args = [KDRUN, *FAST, "repeats=1", "trainer.teacher_epochs=300", "logger=mlflow",

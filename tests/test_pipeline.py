@@ -79,7 +79,8 @@ def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
     cfg = small_config(tmp_path, "trainer.epochs=3")
     pipeline.run(cfg, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert METRIC_COLUMNS + ["reused", "dataset", "method", "T", "alpha"] == list(metrics.columns)
+    assert METRIC_COLUMNS + ["reused", "dataset", "method", "T", "alpha", "metric",
+                             "higher_is_better"] == list(metrics.columns)  # what acc holds
     assert len(metrics) == 3 * 3 * 3  # (teacher, scratch, distilled) x 3 epochs x 3 splits
     assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
     summary = pd.read_csv(tmp_path / "summary.csv")
@@ -221,7 +222,7 @@ def test_born_again_reports_every_generation(tmp_path):
 
 @pytest.mark.parametrize("how", ["arithmetic", "geometric"])
 def test_ensemble_targets_are_the_mean_of_the_softened_distributions(how):
-    from kdrun.run.schemes import combine
+    from kdrun.run.schemes.ensemble import combine
 
     a, b, T = torch.randn(4, 5), torch.randn(4, 5), 3.0
     p_a, p_b = torch.softmax(a / T, 1), torch.softmax(b / T, 1)

@@ -1,4 +1,4 @@
-"""Label budgets and transfer sets (kdrun/labels.py): who sees which example and which
+"""Label budgets and transfer sets (kdrun/data/labels.py): who sees which example and which
 label, the hard-label term's scale on mixed batches, cache keys, the printed table."""
 
 from __future__ import annotations

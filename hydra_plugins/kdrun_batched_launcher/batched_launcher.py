@@ -1,5 +1,5 @@
 """hydra/launcher=batched: a sweep's students trained together as stacked models, then
-every job run as Hydra's basic launcher runs it (kdrun/batched_sweep.py). Its settings
+every job run as Hydra's basic launcher runs it (kdrun/sweep/batched.py). Its settings
 are configs/hydra/launcher/batched.yaml."""
 
 

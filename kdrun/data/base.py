@@ -17,11 +17,12 @@ import torch
 
 from kdrun.checks import number
 from kdrun.data.labels import UNLABELED, split_labeled
+from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.errors import DataError
 from kdrun.registry import Registry
 
 # name -> builder(**keys) returning something with .to_data(name, split_cfg, augment_cfg): RawData
-# here, FolderData for image folders (kdrun/imagefolder.py); a config may also name a
+# here, FolderData for image folders (kdrun/data/imagefolder.py); a config may also name a
 # builder of your own package by its import path (name: mypackage.data.my_set)
 DATASETS = Registry("dataset")
 SEED = number(integer=True)
@@ -40,9 +41,10 @@ class RawData:
     x_unlabeled: torch.Tensor | None = None  # extra transfer-set examples (dataset.unlabeled)
     y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
     # only by the "scratch, all labels" reference, never by a distilled student
+    metric: Metric = ACCURACY  # what the task is judged by (kdrun/data/metrics.py)
 
     def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
-        """In-memory data is augmented later, batched on the device (kdrun/augment.py)."""
+        """In-memory data is augmented later, batched on the device (kdrun/data/augment.py)."""
         return _split_tensors(name, self, split_cfg, normalize)
 
 
@@ -100,6 +102,7 @@ class Data:
     transfer: Split | None = None
     transfer_labels: torch.Tensor | None = None  # their true labels where known (reference row)
     transfer_digest: str | None = None  # transfer_fingerprint(), once computed
+    metric: Metric = ACCURACY  # what the task is judged by: its data set declares it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -149,7 +152,7 @@ def carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
     return RawData(x[tr], y[tr], x[te], y[te], num_classes)
 
 
-# dataset config keys that are not builder arguments (normalize: kdrun/pipeline.py)
+# dataset config keys that are not builder arguments (normalize: kdrun/run/pipeline.py)
 NOT_BUILDER_KEYS = ("name", "augment", "normalize")
 
 
@@ -220,7 +223,8 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
             raise DataError("split.labeled: random labels cannot be distilled from a transfer "
                             "set (there is nothing to generalise); set it to null")
         train = Split(x, y)
-        return Data(name, train, train, train, raw.num_classes, eval_split="train")
+        return Data(name, train, train, train, raw.num_classes, eval_split="train",
+                    metric=raw.metric)
     budget = split_labeled(y, split_cfg.get("labeled"), split_cfg.seed, raw.num_classes)
     transfer = _transfer_set(x, y, budget, raw)
     if budget is not None:  # the validation split is carved from the labelled part only
@@ -236,7 +240,7 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
         mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std
-    data = Data(name, *splits[:3], raw.num_classes)
+    data = Data(name, *splits[:3], raw.num_classes, metric=raw.metric)
     if transfer is not None:
         data.transfer, data.transfer_labels = splits[3], transfer[1]
     return data

@@ -82,7 +82,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     log_p_student = F.log_softmax(student_logits / T, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=1)
     # F.kl_div(..., "batchmean", log_target=True) written out: torch.func.vmap has no
-    # batching rule for kl_div, and batched students (kdrun/batched.py) call this
+    # batching rule for kl_div, and batched students (kdrun/train/stacked.py) call this
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / len(student_logits)
 
 

@@ -1,5 +1,5 @@
 """Feature-based distillation: the student matches the teacher's intermediate
-features, read by name with forward hooks (kdrun/features.py)."""
+features, read by name with forward hooks (kdrun/train/features.py)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ intermediate features by name. To add a model: write its builder here with
 builder in your own package and write its import path as ``arch``.
 
 A builder may also carry, as attributes, what kdrun asks of models made outside it
-(kdrun/timm_models.py, kdrun/torchvision_models.py): ``check(model_cfg, prefix)``
+(kdrun/models/hubs/timm_zoo.py, kdrun/models/hubs/torchvision_zoo.py): ``check(model_cfg, prefix)``
 (validation before anything trains), ``identity(model_cfg)`` (what a stage key holds
 besides the config: library version, weights' hash), ``input_spec(model_cfg)`` (the
 input its weights expect) and ``describe(model_cfg)`` (its name in the table).
@@ -276,7 +276,8 @@ def model_identity(model_cfg) -> dict:
 
 
 def input_spec(model_cfg):
-    """The input a zoo model's weights expect (a ``kdrun.models.hubs.pretrained.InputSpec``), or None."""
+    """The input a zoo model's weights expect (a ``kdrun.models.hubs.pretrained.InputSpec``),
+    or None."""
     spec = builder_hook(model_cfg, "input_spec")
     return spec(model_cfg) if spec is not None else None
 

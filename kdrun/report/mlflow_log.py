@@ -112,16 +112,16 @@ def sweep_dir() -> Path | None:
 class MlflowLog:
     """One kdrun run's MLflow run: created, or found and continued."""
 
-    def __init__(self, cfg: DictConfig, run_root: Path):
-        from kdrun.run.provenance import config_hash
-
+    def __init__(self, cfg: DictConfig, run_root: Path, config_hash: str):
+        """``config_hash``: the run's settings (kdrun/run/provenance.py), which name its
+        MLflow run: a re-run of the same settings continues it."""
         self.client = client_for(cfg.logger, cfg.output_root)
         self.experiment = experiment_id(self.client, cfg.logger.experiment)
         sweep = sweep_dir()
         parent = parent_run(self.client, self.experiment, sweep) if sweep else None
         # a sweep's job is its folder: two jobs may differ only in settings outside the
         # config hash (num_threads=1,2)
-        job = config_hash(cfg) + (f"@{Path(run_root).resolve()}" if sweep else "")
+        job = config_hash + (f"@{Path(run_root).resolve()}" if sweep else "")
         found = find_run(self.client, self.experiment, JOB_TAG, job)
         if found is None:
             tags = {JOB_TAG: job, "kdrun.run_dir": str(Path(run_root).resolve())}

@@ -1,5 +1,5 @@
 """What one run writes and prints: metrics.csv, summary.csv, events.jsonl and the
-comparison table with its noise verdict. (Sweeps: kdrun/sweep.py.)"""
+comparison table with its noise verdict. (Sweeps: kdrun/sweep/report.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdrun.data.metrics import ACCURACY, Metric, metric_named
 from kdrun.report.measure import BATCHES, TRIES
 from kdrun.store.files import atomic_write
 
@@ -21,7 +22,7 @@ SUMMARY_COLUMNS = [
     "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
     "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
     "selected_by", "train_seconds", "device", "precision", "torch", "data_sha256",
-    "checkpoint",
+    "checkpoint", "metric", "higher_is_better",
 ]
 
 
@@ -81,8 +82,10 @@ class MetricLogs:
                 metric_log.interrupt()
 
 
-def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLogs:
-    """metrics.csv is rebuilt on every start (the stage cache holds what was done before)."""
+def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict,
+                config_hash: str) -> MetricLogs:
+    """metrics.csv is rebuilt on every start (the stage cache holds what was done before);
+    ``config_hash`` names the run for MLflow."""
     logs = [MetricsLog(metrics_csv, keys)]
     if cfg.logger.name == "tensorboard":
         from kdrun.report.tensorboard_log import TensorBoardLog
@@ -91,7 +94,7 @@ def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict) -> MetricLog
     if cfg.logger.name == "mlflow":
         from kdrun.report.mlflow_log import MlflowLog
 
-        logs.append(MlflowLog(cfg, run_root))
+        logs.append(MlflowLog(cfg, run_root, config_hash))
     return MetricLogs(logs)
 
 
@@ -136,41 +139,46 @@ class GainTest:
     ci_low: float
     ci_high: float
     p: float
+    higher_is_better: bool = True  # the metric's direction: which sign of the gain helps
 
     @property
     def verdict(self) -> str:
         if self.n < 2:
             return f"unknown ({self.n} seed)"
         if self.p < 1 - LEVEL:
-            return "helps" if self.mean > 0 else "hurts"
+            return "helps" if (self.mean > 0) == self.higher_is_better else "hurts"
         return "not significant"
 
 
 LEVEL = 0.95  # confidence level of every interval kdrun prints
 
 
-def gain_test(gains: list[float]) -> GainTest:
+def gain_test(gains: list[float], metric: Metric = ACCURACY) -> GainTest:
     """Student-t interval and p-value of the mean of paired gains (n - 1 degrees of
-    freedom); the same numbers as ``scipy.stats.ttest_1samp(gains, 0)``."""
+    freedom); the same numbers as ``scipy.stats.ttest_1samp(gains, 0)``. Whether a
+    significant gain helps or hurts follows the ``metric``'s direction."""
     from scipy.stats import t
 
     n, mean = len(gains), statistics.mean(gains)
+    direction = metric.higher_is_better
     if n < 2:
-        return GainTest(n, mean, float("nan"), float("nan"), float("nan"), float("nan"))
+        nan = float("nan")
+        return GainTest(n, mean, nan, nan, nan, nan, direction)
     std = statistics.stdev(gains)
     if std == 0:  # every replicate gained the same: no spread to test against
-        return GainTest(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else 0.0)
+        return GainTest(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else 0.0, direction)
     se = std / n**0.5
     half = t.ppf((1 + LEVEL) / 2, n - 1) * se
     p = 2 * t.sf(abs(mean) / se, n - 1)
-    return GainTest(n, mean, std, mean - half, mean + half, float(p))
+    return GainTest(n, mean, std, mean - half, mean + half, float(p), direction)
 
 
 def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = None) -> str:
+def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = None,
+                 metric: Metric = ACCURACY) -> str:
     """One sentence: the interval, what it is taken over, the p-value, the verdict, and
     what it holds for: this teacher, and with a label budget this draw of labels."""
     over = f"{len(gains)} paired student seeds" + (f" under {teacher}" if teacher else "")
@@ -178,7 +186,7 @@ def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = Non
         over += f" and {draw}"
     if len(gains) < 2:
         return "one student seed, so its noise is unknown (set repeats=3 or more)"
-    test = gain_test(gains)
+    test = gain_test(gains, metric)
     where = (f"95% CI [{test.ci_low:+.2f}, {test.ci_high:+.2f}] over {over}, paired t-test "
              f"{format_p(test.p)}")
     held = [what for what, given in (("teacher", teacher), ("draw of labelled examples", draw))
@@ -187,7 +195,8 @@ def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = Non
              f"{' and draws (split.seed)' if draw else ''} may differ)") if held else ""
     if test.verdict in ("helps", "hurts"):
         return f"{where}: distillation {test.verdict}, beyond student-seed noise{scope}"
-    return f"{where}: not significant, no evidence that distillation changes accuracy here"
+    return (f"{where}: not significant, no evidence that distillation changes {metric.name} "
+            f"here")
 
 
 def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None,
@@ -197,10 +206,12 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     split = summary.eval_split.iloc[0]  # "test", or "train" when the labels are random
     selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
     chosen = "best val" if selected == "val" else "last ep."
+    metric = summary_metric(summary)
     w = max(17, *(len(a) for a in summary.arch))
     p = max(9, *(len(f"{n:,}") for n in summary.params))  # params' width
     lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>{p}}  "
-                     f"{split + ' acc, last':>16}  {split + ' acc, ' + chosen:>18}"]
+                     f"{f'{split} {metric.short}, last':>16}  "
+                     f"{f'{split} {metric.short}, {chosen}':>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
     for role, rows in by_role.items():
         if rows.empty:  # e.g. no teacher in deep mutual learning
@@ -216,7 +227,7 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
                  f"{_signed(gains['test_acc_last']):>16}  "
                  f"{_signed(gains['test_acc_best_val']):>18}")
     lines.append(f"gain ({chosen}): "
-                 f"{gain_verdict(gains['test_acc_best_val'], teacher, draw)}")
+                 f"{gain_verdict(gains['test_acc_best_val'], teacher, draw, metric)}")
     lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
     if selected != "val":
         lines.append("no validation split (split.val_fraction=0): every model is taken at its "
@@ -243,16 +254,31 @@ def _speed_line(row) -> str:
 
 
 def one_line(summary: pd.DataFrame) -> str:
-    """A run in one line, for a sweep's console: the distilled students' test accuracy
+    """A run in one line, for a sweep's console: the distilled students' test metric
     (best-validation epoch) and their paired gain with its interval and verdict."""
     scratch, distilled = (summary[summary.role == role] for role in ("scratch", "distilled"))
     if scratch.empty or distilled.empty:
         return "finished"
     gains = [d - s for d, s in zip(distilled.test_acc_best_val, scratch.test_acc_best_val)]
-    test = gain_test(gains)
+    test = gain_test(gains, summary_metric(summary))
     interval = f" [{test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else ""
     return (f"distilled {mean_std(list(distilled.test_acc_best_val))}, gain {test.mean:+.2f}"
             f"{interval}: {test.verdict}")
+
+
+def summary_metric(summary: pd.DataFrame) -> Metric:
+    """The metric a summary's ``acc`` columns hold (its ``metric`` column; accuracy in a
+    summary written before there was one)."""
+    if "metric" not in summary:
+        return ACCURACY
+    direction = summary.higher_is_better.iloc[0] if "higher_is_better" in summary else None
+    return metric_named(summary.metric.iloc[0], direction)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    cells = df.astype(object).where(df.notna(), "-").astype(str)  # a key a method lacks: "-"
+    rows = [list(df.columns), ["---"] * len(df.columns)] + cells.values.tolist()
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
 def _data_line(summary: pd.DataFrame) -> list[str]:

@@ -47,7 +47,8 @@ def evaluate_given_teacher(stages: Stages, model_cfg) -> StageResult:
         stages.cfg, model_cfg, sha256_file(path), weights, stages.numerics, stages.data_digest))
     with entry.lock():
         entry.record_given(str(path))  # so that files computed from it are tracked
-    val_acc, test_acc = (evaluate(model, s.to(device, stages.dtype), stages.tcfg.eval_batch_size)[1]
+    val_acc, test_acc = (evaluate(model, s.to(device, stages.dtype), stages.tcfg.eval_batch_size,
+                                  data.metric)[1]
                          if len(s) else float("nan") for s in (data.val, data.test))
     stages.events.write("given", "teacher", stages.cfg.seed, entry.key, checkpoint=str(path))
     row = SummaryRow.evaluated_teacher(

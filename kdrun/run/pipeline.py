@@ -1,5 +1,5 @@
-"""One run: load the data, let the scheme (kdrun/schemes.py) run its stages (train the
-teacher, train the student from scratch, distill the student; kdrun/stages.py), time
+"""One run: load the data, let the scheme (kdrun/run/schemes/base.py) run its stages (train the
+teacher, train the student from scratch, distill the student; kdrun/run/stages.py), time
 teacher and student side by side, write the summary and print the comparison. The
 pipeline never knows which loss it runs.
 """
@@ -22,8 +22,8 @@ from kdrun.models.hubs.pretrained import InputSpec
 from kdrun.report.export import export_distilled
 from kdrun.report.measure import side_by_side
 from kdrun.report.table import comparison_table, one_line, write_summary
-from kdrun.run.provenance import config_hash, distillation_loss, student_seeds
-from kdrun.run.schemes import SCHEMES
+from kdrun.run.provenance import config_hash, student_seeds
+from kdrun.run.schemes import SCHEMES, scheme_of
 from kdrun.run.stages import Stages, feature_shapes
 from kdrun.run.summary_row import SummaryRow
 from kdrun.store.files import RunDir, remove_temporaries
@@ -58,7 +58,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     stages = Stages(cfg, data, device, run_dir)
 
     try:
-        rows = SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+        rows = scheme_of(cfg).run(stages, cfg)
     except KeyboardInterrupt:
         stages.metrics.interrupt()
         raise
@@ -127,7 +127,7 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> l
 
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
     table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
-                             teacher=_teacher_scope(cfg), draw=_label_draw(cfg))
+                             teacher=scheme_of(cfg).verdict_scope(cfg), draw=_label_draw(cfg))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
     distilled_val = summary[summary.role == "distilled"].val_acc_best
     return {"rows": summary.to_dict("records"), "table": table, "line": one_line(summary),
@@ -141,17 +141,6 @@ def _label_draw(cfg: DictConfig) -> str | None:
     if cfg.split.get("labeled") is None:
         return None
     return f"one draw of the labelled examples (split.seed={cfg.split.seed})"
-
-
-def _teacher_scope(cfg: DictConfig) -> str | None:
-    """Which teacher the student seeds of a run share: what the verdict holds for."""
-    if cfg.scheme.name == "dml":
-        return None
-    if cfg.scheme.name == "ensemble":
-        return f"one ensemble of {len(cfg.scheme.teachers)} teachers (seed {cfg.seed})"
-    if cfg.scheme.name == "offline" and cfg.teacher.get("checkpoint"):
-        return f"one teacher ({cfg.teacher.checkpoint})"
-    return f"one teacher (seed {cfg.seed})"
 
 
 def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
@@ -169,15 +158,20 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
 
 
 def check_transfer_set(cfg: DictConfig, data: Data) -> None:
-    """Before anything trains: the "scratch, all labels" reference needs the transfer
-    set's true labels. (Deep mutual learning has no teacher to label a transfer set: its
-    cohort learns from the labelled examples only, as its rows' train_unlabeled says.)"""
-    if data.transfer is not None and cfg.scheme.name == "dml":
-        log.warning("scheme=dml: no teacher labels the %d unlabelled examples; the cohort "
-                    "trains on the labelled ones only", data.unlabeled_count)
-    if cfg.get("all_labels_reference") and cfg.scheme.name not in ("offline", "ensemble"):
-        raise ConfigError("all_labels_reference", True, f"a reference row of scheme=offline "
-                          f"and scheme=ensemble, not of scheme={cfg.scheme.name}")
+    """Before anything trains: the "scratch, all labels" reference needs a scheme that
+    offers it and the transfer set's true labels. (A scheme without a teacher, deep mutual
+    learning, has none to label a transfer set: its students learn from the labelled
+    examples only, as their rows' train_unlabeled says.)"""
+    scheme = scheme_of(cfg)
+    if data.transfer is not None and not scheme.uses_transfer_set:
+        log.warning("scheme=%s: no teacher labels the %d unlabelled examples; its students "
+                    "train on the labelled ones only", scheme.name, data.unlabeled_count)
+    if cfg.get("all_labels_reference") and not scheme.all_labels_reference:
+        offering = [n for n in SCHEMES.names()
+                    if SCHEMES.get(n, "scheme.name").all_labels_reference]
+        raise ConfigError("all_labels_reference", True, f"a reference row of "
+                          f"{' and '.join(f'scheme={n}' for n in offering)}, not of "
+                          f"scheme={scheme.name}")
     if cfg.get("all_labels_reference") and data.transfer_labels is None:
         raise ConfigError("all_labels_reference", True, "needs a transfer set whose labels "
                           "exist (split.labeled, or dataset.unlabeled of generated data); "
@@ -187,9 +181,9 @@ def check_transfer_set(cfg: DictConfig, data: Data) -> None:
 def check_feature_layers(cfg: DictConfig, data: Data) -> None:
     """Before anything trains: a feature loss can read its layers from these models
     (e.g. attention transfer needs feature maps on both sides)."""
-    if cfg.scheme.name not in ("offline", "born_again") or not loss_class(cfg.loss).reads_features:
+    teacher_cfg = scheme_of(cfg).feature_teacher(cfg)
+    if teacher_cfg is None or not loss_class(cfg.loss).reads_features:
         return
-    teacher_cfg = cfg.student if cfg.scheme.name == "born_again" else cfg.teacher
     student, teacher = (build_model(c, data.input_shape, data.num_classes, role)
                         for c, role in ((cfg.student, "student"), (teacher_cfg, "teacher")))
     loss = build_loss(cfg.loss)
@@ -197,10 +191,11 @@ def check_feature_layers(cfg: DictConfig, data: Data) -> None:
 
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
-    loss = " ".join(f"{k}={v}" for k, v in distillation_loss(cfg).items())
+    scheme = scheme_of(cfg)
+    loss = " ".join(f"{k}={v}" for k, v in scheme.distillation_loss(cfg).items())
     seeds = ",".join(map(str, student_seeds(cfg)))
     text = f"kdrun | dataset={dataset_name} | loss: {loss} | student seeds {seeds}"
-    if cfg.scheme.name != "offline":
+    if scheme.shown:
         scheme = " ".join(f"{k}={v}" for k, v in cfg.scheme.items())
         text += f" | scheme: {scheme}"
     if eval_split == "train":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.precision import resolved_precision
 from kdrun.train.fit import fused_kernel_exists
 
@@ -67,7 +68,7 @@ ROUNDING_ONLY: dict[str, tuple[str, str]] = {
                                                "(CUDA only)"),
 }
 # Where a data set's files are (or a generated set is kept), and whether to fetch them:
-# a stage key holds the content of the data instead (kdrun/data.py: fingerprint), so
+# a stage key holds the content of the data instead (kdrun/data/base.py: fingerprint), so
 # these stay out of it.
 DATA_LOCATION = ("root", "download", "cache_dir")
 # Keys whose values are replicates of one setting: a sweep report pools over them.
@@ -226,7 +227,7 @@ def seed_stream(name: str, seed: int) -> int:
 def _dataset(cfg: DictConfig) -> dict:
     """The data set's settings, less where it lives, and less ``unlabeled``: the extra
     unlabelled examples change only the stages that train on them, whose keys hold the
-    transfer set's content hash instead (kdrun/stages.py)."""
+    transfer set's content hash instead (kdrun/run/stages.py)."""
     return {k: v for k, v in _plain(cfg.dataset).items()
             if k not in DATA_LOCATION and k != "unlabeled"}
 
@@ -235,19 +236,13 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def distillation_loss(cfg: DictConfig) -> dict:
-    """The loss the distilled student is trained with: the loss group's, except in deep
-    mutual learning, whose cohort loss is the scheme's own."""
-    if cfg.scheme.name == "dml":
-        return {"name": "dml", "T": cfg.scheme.T}
-    return OmegaConf.to_container(cfg.loss, resolve=True)
-
-
-def run_keys(cfg: DictConfig) -> dict:
-    """The settings that tell runs of a sweep apart, added to every CSV row."""
-    loss = distillation_loss(cfg)
+def run_keys(cfg: DictConfig, loss: dict, metric: Metric = ACCURACY) -> dict:
+    """The settings that tell runs of a sweep apart, added to every CSV row; ``loss`` is
+    the one the distilled student trains with (its scheme's ``distillation_loss``),
+    ``metric`` what the ``acc`` columns hold (the data set's, kdrun/data/metrics.py)."""
     return {"dataset": cfg.dataset.name, "method": loss["name"],
-            "T": loss.get("T"), "alpha": loss.get("alpha")}
+            "T": loss.get("T"), "alpha": loss.get("alpha"), "metric": metric.name,
+            "higher_is_better": metric.higher_is_better}
 
 
 def student_seeds(cfg: DictConfig) -> list[int]:

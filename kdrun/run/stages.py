@@ -1,6 +1,6 @@
 """The stage protocol: each stage of a run (the teacher, the scratch or distilled student
-of one seed) is trained, reused or resumed through the stage cache (kdrun/cache.py),
-and its files are recorded in the run directory. Schemes (kdrun/schemes.py) decide
+of one seed) is trained, reused or resumed through the stage cache (kdrun/store/cache.py),
+and its files are recorded in the run directory. Schemes (kdrun/run/schemes/base.py) decide
 which stages a run has; this module only runs them."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kdrun.report.table import EventLog, MetricLogs, metric_logs
 from kdrun.run.given_teacher import WEIGHTS, evaluate_given_teacher
 from kdrun.run.provenance import (
     arithmetic_order,
+    config_hash,
     numerics,
     numerics_columns,
     run_keys,
@@ -30,6 +31,7 @@ from kdrun.run.provenance import (
     stage_material,
     student_seeds,
 )
+from kdrun.run.schemes import scheme_of
 from kdrun.run.summary_row import RowContext, StageResult, SummaryRow
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import RunDir, copy_file, load_sealed, save_sealed
@@ -54,7 +56,6 @@ class Stages:
         self.dtype = working_dtype(self.tcfg)  # float64 with trainer.float64
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
-        self.metrics = self.open_metric_logs()
         self.events = EventLog(run_dir.events)
         # data read from disk is augmented by its DataLoader instead
         self.augment = (make_augment(cfg.dataset.get("augment"), data.input_shape)
@@ -71,13 +72,14 @@ class Stages:
             selected_by="val" if len(data.val) else "last epoch (no validation split)",
             provenance={**numerics_columns(self.numerics), "data_sha256": self.data_digest,
                         **arithmetic_order(self.tcfg, device)},
-            run=run_keys(cfg))
+            run=run_keys(cfg, scheme_of(cfg).distillation_loss(cfg), data.metric))
+        self.metrics = self.open_metric_logs()
         self.teacher_model = None  # the teacher the students are compared with (timing)
 
     def open_metric_logs(self) -> MetricLogs:
         """metrics.csv, and the configured logger's records (TensorBoard, MLflow)."""
         return metric_logs(self.cfg, self.run_dir.root, self.run_dir.metrics_csv,
-                           run_keys(self.cfg))
+                           self.row_context.run, config_hash(self.cfg))
 
     def teacher(self, model_cfg) -> StageResult:
         """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""

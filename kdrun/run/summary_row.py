@@ -99,7 +99,7 @@ class SummaryRow:
         return dataclasses.replace(self, scheme={**self.scheme, **scheme})
 
     def with_figures(self, timing: Timing, teacher_params: int | None) -> SummaryRow:
-        """This row with its side-by-side timing (kdrun/measure.py): its model's latency,
+        """This row with its side-by-side timing (kdrun/report/measure.py): its model's latency,
         and for a student the speed-up over the teacher (none without a teacher), whether
         the timing rounds agreed, and the teacher's params over its own. An ensemble
         member (teacher1, ...) gets none: the ensemble as a whole is timed."""

@@ -90,9 +90,11 @@ def validate(cfg: DictConfig) -> None:
     _check_option("loss", cfg.loss, losses.LOSSES, "name")
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
-    _check_scheme(cfg.scheme)
-    if cfg.scheme.name == "ensemble":
-        _check_ensemble(cfg)
+    _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
+    scheme = schemes.scheme_of(cfg)
+    scheme.check(cfg)
+    for prefix, node in scheme.models(cfg):  # e.g. an ensemble's members
+        _check_model(prefix, node)
 
 
 def _check_model(prefix: str, node) -> None:
@@ -121,18 +123,6 @@ def _check_option(prefix: str, node, registry, name_key: str, given=(), skip=())
         _check(f"{prefix}.{key}", node.get(key, _ABSENT), check)
 
 
-def _check_scheme(node) -> None:
-    """A scheme reads its keys from the config: each must be one it declares."""
-    schemes.SCHEMES.get(str(node.get("name")), "scheme.name")
-    rules = schemes.SCHEMES.rules(node.name)
-    for key in node:
-        if key != "name" and key not in rules:
-            raise ConfigError(f"scheme.{key}", node[key], f"not a setting of scheme "
-                              f"{node.name}; valid: {', '.join(rules) or 'none'}")
-        if key != "name":
-            _check(f"scheme.{key}", node[key], rules[key])
-
-
 def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
     """The options of a config group: the YAML files in kdrun's configs/<group>/ and in
     <folder>/<group>/ of each ``hydra.searchpath`` folder (a user's own configs)."""
@@ -142,19 +132,6 @@ def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:
     folders = [files("kdrun.configs") / group, *(Path(f) / group for f in search_path)]
     return sorted({p.name.removesuffix(".yaml") for folder in folders if folder.is_dir()
                    for p in folder.iterdir() if p.name.endswith(".yaml")})
-
-
-def _check_ensemble(cfg: DictConfig) -> None:
-    """Members must be known teacher options; the loss and data must allow combining
-    cached logits."""
-    options = group_options("teacher")
-    for i, spec in enumerate(cfg.scheme.teachers):
-        key = f"scheme.teachers[{i}].option"
-        _check(key, spec.get("option"), one_of(*options))
-        _check_model(f"scheme.teachers[{i}]", schemes.teacher_config(spec))
-    if losses.loss_class(cfg.loss).reads_features:
-        raise ConfigError("loss", cfg.loss.name, "scheme=ensemble combines the teachers' "
-                          "logits: use a logit-based loss (kd, dkd, dist, mse_logits, ce)")
 
 
 def _check(key: str, value, check: Check) -> None:

@@ -3,7 +3,7 @@ sweep job that needs it, and a killed stage resumes where it stopped.
 
 A stage (the teacher, or the scratch or distilled student of one seed) lives in
 ``<root>/<key>/``, where ``key`` hashes exactly the resolved settings that decide
-its result (kdrun/provenance.py; ``key.json`` keeps them, readable). A job that needs
+its result (kdrun/run/provenance.py; ``key.json`` keeps them, readable). A job that needs
 a stage takes the OS file lock ``<root>/<key>.lock`` (released when the process dies,
 so a killed job never blocks the others), re-checks, and trains only if no one has
 finished it.
@@ -131,7 +131,7 @@ class StageEntry:
         """Prepare to train; return the state to resume from, if a killed run left an
         intact one. Rows beyond that state's epoch (written after its last checkpoint)
         are dropped. ``group_epoch``: the stage trains in a stacked group whose own state
-        (kdrun/batched.py) resumes it after that epoch (0: from the start)."""
+        (kdrun/train/stacked.py) resumes it after that epoch (0: from the start)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "key.json",
                      lambda tmp: tmp.write_text(json.dumps(self.material, indent=1)))

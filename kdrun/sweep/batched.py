@@ -1,5 +1,5 @@
 """The work of ``hydra/launcher=batched`` before it runs the jobs: plan every job's
-stages and train those that can share a stacked model together (kdrun/batched.py), into
+stages and train those that can share a stacked model together (kdrun/train/stacked.py), into
 the stage cache: first the teachers (those of a sweep over ``seed`` differ only in their
 seed), then the scratch and distilled students.
 
@@ -29,8 +29,7 @@ from kdrun.losses import CE
 from kdrun.models import build_model
 from kdrun.report.table import MetricLogs, MetricsLog
 from kdrun.run.pipeline import prepare, set_threads
-from kdrun.run.provenance import run_keys
-from kdrun.run.schemes import SCHEMES
+from kdrun.run.schemes import scheme_of
 from kdrun.run.stages import Stages, finish_stage
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.run.validate import validate
@@ -62,7 +61,7 @@ class PlannedStages(Stages):
         if role == "teacher":
             return super()._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
                                   rng=rng)
-        if role not in ("scratch", "distilled") or model_cfg.arch == "cohort":
+        if role not in ("scratch", "distilled"):
             raise NotBatchable(f"scheme={self.cfg.scheme.name} trains a {role} stage of its own")
         if isinstance(teacher, LiveTeacher) and teacher.tap is not None:
             raise NotBatchable("its loss reads the teacher's features")
@@ -76,7 +75,7 @@ class PlannedStages(Stages):
 
     def open_metric_logs(self) -> MetricLogs:
         """A plan's own metrics.csv only: the job's run, later, logs to TensorBoard or MLflow."""
-        return MetricLogs([MetricsLog(self.run_dir.metrics_csv, run_keys(self.cfg))])
+        return MetricLogs([MetricsLog(self.run_dir.metrics_csv, self.row_context.run)])
 
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
@@ -148,10 +147,13 @@ def plan_job(cfg: DictConfig, work_dir: Path, planner=PlannedStages) -> list[Mem
     threads and data are set up as the job's own run sets them up, so that the stage
     keys are the ones the job will look for."""
     validate(cfg)
+    scheme = scheme_of(cfg)
+    if planner is PlannedStages and not scheme.batchable:
+        raise NotBatchable(f"scheme={scheme.name} trains its students one after another")
     device, data = prepare(cfg)
     stages = planner(cfg, data, device, RunDir(work_dir))
     try:
-        SCHEMES.get(cfg.scheme.name, "scheme.name")(stages, cfg)
+        scheme.run(stages, cfg)
     except _PlanDone:
         pass
     finally:

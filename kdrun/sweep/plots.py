@@ -7,7 +7,7 @@
   interval against each numeric key, one line per combination of the other keys;
 - none (``loss=kd,dkd,fitnet``): ``gain_by_setting.png``, every setting's gain with its
   interval;
-- ``curves.png``: validation accuracy per epoch of the best setting's teacher, scratch
+- ``curves.png``: the validation metric per epoch of the best setting's teacher, scratch
   and distilled students, titled with that setting.
 
 Titles and legends name settings by their swept keys, never by a data hash.
@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+
+from kdrun.data.metrics import ACCURACY, Metric
 
 
 def _pyplot():
@@ -34,18 +36,20 @@ def numeric_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
     return [k for k in swept if pd.api.types.is_numeric_dtype(table[k])]
 
 
-def plot_gains(table: pd.DataFrame, swept: list[str], folder: Path) -> list[Path]:
+def plot_gains(table: pd.DataFrame, swept: list[str], folder: Path,
+               metric: Metric = ACCURACY) -> list[Path]:
     """The figure that fits the swept keys (see the module's docstring); none for a sweep
     of one setting."""
     if len(table) < 2:
         return []
     numeric = numeric_keys(table, swept)
+    label = f"gain, test {metric.name} points (95% CI)"
     if len(numeric) == 2:
-        return [plot_heatmaps(table, swept, numeric, folder / "gain_heatmap.png")]
+        return [plot_heatmaps(table, swept, numeric, folder / "gain_heatmap.png", metric)]
     if numeric:
-        return [plot_gain_against(table, swept, key, folder / f"gain_vs_{key}.png")
+        return [plot_gain_against(table, swept, key, folder / f"gain_vs_{key}.png", label)
                 for key in numeric]
-    return [plot_gain_by_setting(table, swept, folder / "gain_by_setting.png")]
+    return [plot_gain_by_setting(table, swept, folder / "gain_by_setting.png", label)]
 
 
 def setting_name(keys: list[str], values, sep: str = ", ") -> str:
@@ -64,7 +68,7 @@ def _groups(table: pd.DataFrame, keys: list[str]):
 
 
 def plot_heatmaps(table: pd.DataFrame, swept: list[str], axes_keys: list[str],
-                  path: Path) -> Path:
+                  path: Path, metric: Metric = ACCURACY) -> Path:
     """The mean gain over the two numeric keys, one panel per combination of the other
     swept keys, each cell annotated with mean ± std ("ns": not significant)."""
     rows_key, columns_key = axes_keys
@@ -77,22 +81,24 @@ def plot_heatmaps(table: pd.DataFrame, swept: list[str], axes_keys: list[str],
                              figsize=(max(3.6, 1.8 + 1.3 * n_columns) * len(panels),
                                       2.0 + 0.8 * n_rows))
     for i, (ax, (name, panel)) in enumerate(zip(axes[0], panels)):
-        image = _heatmap_panel(ax, panel, rows_key, columns_key, limit, name or "all jobs")
+        image = _heatmap_panel(ax, panel, rows_key, columns_key, limit, name or "all jobs",
+                               metric.higher_is_better)
         ax.set_ylabel(rows_key if i == 0 else "")
     fig.colorbar(image, ax=list(axes[0]))
-    fig.suptitle("distillation gain, test accuracy points (ns: not significant)", fontsize=9)
+    fig.suptitle(f"distillation gain, test {metric.name} points (ns: not significant)",
+                 fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def _heatmap_panel(ax, table: pd.DataFrame, rows_key: str, columns_key: str, limit: float,
-                   title: str):
+                   title: str, higher_is_better: bool = True):
     gain, std, verdict = (table.pivot_table(index=rows_key, columns=columns_key, values=v,
                                             aggfunc="first", dropna=False)
                           for v in ("gain", "gain_std", "verdict"))
-    image = ax.imshow(gain.values.astype(float), cmap="RdBu", vmin=-limit, vmax=limit,
-                      aspect="auto")
+    image = ax.imshow(gain.values.astype(float), cmap="RdBu" if higher_is_better else "RdBu_r",
+                      vmin=-limit, vmax=limit, aspect="auto")  # blue: distillation helps
     for i in range(gain.shape[0]):
         for j in range(gain.shape[1]):
             if pd.isna(gain.iloc[i, j]):
@@ -115,7 +121,8 @@ def _interval(rows: pd.DataFrame) -> list:
     return [(rows.gain - rows.gain_ci_low).fillna(0), (rows.gain_ci_high - rows.gain).fillna(0)]
 
 
-def plot_gain_against(table: pd.DataFrame, swept: list[str], key: str, path: Path) -> Path:
+def plot_gain_against(table: pd.DataFrame, swept: list[str], key: str, path: Path,
+                      label: str) -> Path:
     """The gain with its 95% interval against ``key``, one line per combination of the
     other swept keys."""
     plt = _pyplot()
@@ -127,7 +134,7 @@ def plot_gain_against(table: pd.DataFrame, swept: list[str], key: str, path: Pat
                     label=name or None)
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xlabel(key)
-    ax.set_ylabel("gain, test accuracy points (95% CI)")
+    ax.set_ylabel(label)
     if others:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -138,7 +145,7 @@ def plot_gain_against(table: pd.DataFrame, swept: list[str], key: str, path: Pat
     return path
 
 
-def plot_gain_by_setting(table: pd.DataFrame, swept: list[str], path: Path) -> Path:
+def plot_gain_by_setting(table: pd.DataFrame, swept: list[str], path: Path, label: str) -> Path:
     """Every setting's gain with its 95% interval, one row each, in the report's order."""
     plt = _pyplot()
     names = [setting_name(swept, tuple(row[k] for k in swept)) or f"setting {i + 1}"
@@ -148,7 +155,7 @@ def plot_gain_by_setting(table: pd.DataFrame, swept: list[str], path: Path) -> P
     ax.errorbar(table.gain, positions, xerr=_interval(table), fmt="o", capsize=3)
     ax.set_yticks(positions, names, fontsize=8)
     ax.axvline(0, color="gray", linewidth=0.8)
-    ax.set_xlabel("gain, test accuracy points (95% CI)")
+    ax.set_xlabel(label)
     ax.grid(alpha=0.3, axis="x")
     ax.set_title("distillation gain per setting", fontsize=9)
     fig.tight_layout()
@@ -158,8 +165,8 @@ def plot_gain_by_setting(table: pd.DataFrame, swept: list[str], path: Path) -> P
 
 
 def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, swept: list[str],
-                path: Path) -> Path:
-    """Validation accuracy per epoch: teacher, scratch, and the best distilled setting
+                path: Path, metric: Metric = ACCURACY) -> Path:
+    """Validation metric per epoch: teacher, scratch, and the best distilled setting
     (the jobs of that setting; all jobs when there is no validation split to choose by),
     each a mean over that setting's seeds, titled with the setting."""
     plt = _pyplot()
@@ -177,19 +184,20 @@ def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, swept: list[str],
                 if seeds > 1 else label)
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {metric.name} ({metric.unit})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax.set_title(_curves_title(best, swept), fontsize=9)
+    ax.set_title(_curves_title(best, swept, metric), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def _curves_title(best: pd.Series | None, swept: list[str]) -> str:
+def _curves_title(best: pd.Series | None, swept: list[str], metric: Metric = ACCURACY) -> str:
     if best is None:
-        return "validation accuracy per epoch, every job (no validation split to choose by)"
+        return (f"validation {metric.name} per epoch, every job (no validation split to choose "
+                f"by)")
     setting = setting_name(swept, tuple(best[k] for k in swept)) or "the sweep's one setting"
     teachers = f"{best.teachers} teacher{'s' if best.teachers > 1 else ''}"
     labels = f", {best.labelled:,.0f} labels" if "labelled" in best and pd.notna(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdrun.errors import UserError
+from kdrun.report.table import markdown_table
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")  # package data: found when installed
 COLUMNS = ("pair", "teacher", "student", "method", "teacher_acc", "student_acc",
@@ -81,8 +82,6 @@ def _pair(ours: float, theirs: float) -> str:
 
 def published_section(summary: pd.DataFrame, metrics: pd.DataFrame, path: Path) -> list[str]:
     """The report's markdown section with the comparison, or why there is none."""
-    from kdrun.sweep.report import markdown_table
-
     table = beside_published(summary, metrics, read_published(path))
     lines = ["## Beside the published numbers", "",
              f"Published figures from `{path.name}`; each cell is kdrun / published. {NOTE}",

@@ -4,7 +4,7 @@ targets were, T x alpha heatmaps and validation curves.
 
 A *setting* is what a job's overrides say, less its replicate keys (``seed``), the
 keys that cannot change results and those that only reorder the arithmetic
-(kdrun/provenance.py: NO_EFFECT, ROUNDING_ONLY): only jobs of one setting are pooled,
+(kdrun/run/provenance.py: NO_EFFECT, ROUNDING_ONLY): only jobs of one setting are pooled,
 the report says when their rows were computed in other orders, and every swept key is
 a column of its own. Students are nested in teachers:
 with several teacher seeds in a setting, the interval is taken over the teachers'
@@ -30,7 +30,14 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from kdrun.report.table import format_p, gain_test, write_summary
+from kdrun.data.metrics import ACCURACY, Metric
+from kdrun.report.table import (
+    format_p,
+    gain_test,
+    markdown_table,
+    summary_metric,
+    write_summary,
+)
 from kdrun.run.provenance import REPLICATE_KEYS, outside_the_key, rounding_columns
 from kdrun.store.files import atomic_write
 from kdrun.sweep.plots import plot_curves, plot_gains, setting_name
@@ -117,9 +124,10 @@ def _as_numbers(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
-    """One row per setting: distilled accuracy, paired gain over scratch (tested over
-    student seeds under one teacher, or over teachers' mean gains under several),
-    teacher accuracy."""
+    """One row per setting: the distilled students' metric, their paired gain over
+    scratch (tested over student seeds under one teacher, or over teachers' mean gains
+    under several, helping or hurting as the metric's direction says), the teacher's."""
+    metric = summary_metric(summary)
     keys = swept + unexplained_conditions(summary, swept)
     pair = ["job", "seed"]
     scratch = summary[summary.role == "scratch"].set_index(pair).test_acc_best_val
@@ -141,7 +149,7 @@ def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     rows = []
     for setting, group in groups:
         setting = setting if isinstance(setting, tuple) else (setting,)
-        rows.append({**dict(zip(keys, setting)), **_setting_row(group)})
+        rows.append({**dict(zip(keys, setting)), **_setting_row(group, metric)})
     return pd.DataFrame(rows)
 
 
@@ -157,11 +165,11 @@ def unexplained_conditions(summary: pd.DataFrame, swept: list[str]) -> list[str]
     return [c for c in varying if (within[c].nunique() > 1).any()]
 
 
-def _setting_row(group: pd.DataFrame) -> dict:
+def _setting_row(group: pd.DataFrame, metric: Metric) -> dict:
     per_teacher = group.groupby("teacher", sort=False).gain
     means = list(per_teacher.mean())
     nested = len(means) > 1
-    test = gain_test(means if nested else list(group.gain))
+    test = gain_test(means if nested else list(group.gain), metric)
     within = [v for v in per_teacher.var().tolist() if not math.isnan(v)]
     return {
         "method": group.method.iloc[0], "T": group["T"].iloc[0], "alpha": group.alpha.iloc[0],
@@ -197,26 +205,35 @@ def _std(values) -> float:
 def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
     """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``; with
     ``published`` (a CSV like kdrun/published.csv), report.md ends with the sweep's
-    results beside those figures (kdrun/published.py)."""
+    results beside those figures (kdrun/sweep/published.py)."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     summary = collect(jobs, "summary.csv")
     metrics = collect(jobs, "metrics.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
     table = gains_by_setting(summary, jobs.swept)
-    best = table.loc[table.val_acc.idxmax()] if table.val_acc.notna().any() else None
-    figures = [*plot_gains(table, jobs.swept, sweep_dir),
-               plot_curves(metrics, best, jobs.swept, sweep_dir / "curves.png")]
+    metric = summary_metric(summary)
+    best = best_setting(table, metric)
+    figures = [*plot_gains(table, jobs.swept, sweep_dir, metric),
+               plot_curves(metrics, best, jobs.swept, sweep_dir / "curves.png", metric)]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common, [f.name for f in figures],
-                     failed_jobs(sweep_dir),
-                     how_trained(summary), other_orders(summary))
+                     failed_jobs(sweep_dir), how_trained(summary), other_orders(summary),
+                     metric)
     if published is not None:
         from kdrun.sweep.published import published_section
 
         text += "\n" + "\n".join(published_section(summary, metrics, Path(published)))
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md"
+
+
+def best_setting(table: pd.DataFrame, metric: Metric) -> pd.Series | None:
+    """The setting whose distilled students score best on *validation*; None without a
+    validation split."""
+    if not table.val_acc.notna().any():
+        return None
+    return table.loc[table.val_acc.idxmax() if metric.higher_is_better else table.val_acc.idxmin()]
 
 
 def console_lines(sweep_dir: Path) -> list[str]:
@@ -263,14 +280,14 @@ def other_orders(summary: pd.DataFrame) -> str | None:
     if not differ:
         return None
     return ("Its stages were computed under settings that only reorder the floating-point "
-            "arithmetic, which stage keys and settings leave out (kdrun/provenance.py "
+            "arithmetic, which stage keys and settings leave out (kdrun/run/provenance.py "
             f"ROUNDING_ONLY): {', '.join(differ)}. Rows pooled across them agree to "
             "rounding, not bit for bit.")
 
 
 def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures,
               failed: dict[str, str], trained: str | None = None,
-              orders: str | None = None) -> str:
+              orders: str | None = None, metric: Metric = ACCURACY) -> str:
     keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
     if not swept:
         keys = ["method", "T", "alpha"]
@@ -301,7 +318,8 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     lines += [f"{note}\n" for note in (trained, orders) if note]
     lines += [
         "## Distillation gain per setting", "",
-        "Accuracies in percent, test accuracy at the best-validation epoch. A setting is a "
+        f"{metric.name.capitalize()} in {metric.unit}, test {metric.name} at the best-validation "
+        "epoch. A setting is a "
         "job's overrides less its seed and the settings that cannot change results or only "
         "reorder the arithmetic; only jobs of one setting are pooled. The gain is distilled "
         "minus scratch student of the same job and seed (same init, batch order, optimiser). "
@@ -312,13 +330,14 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
         "over. *helps* / *hurts*: p < 0.05.", "",
         markdown_table(shown[columns].round(2)), "",
     ]
-    lines += ["## Best setting, selected on validation accuracy (never on test)", ""]
+    lines += [f"## Best setting, selected on validation {metric.name} (never on test)", ""]
     if best is None:
         lines += ["No validation split (`split.val_fraction=0`): no setting is selected.", ""]
     else:
         best_name = setting_name(keys, tuple(best[k] for k in keys), " ")
-        lines += [f"**{best_name}**: distilled validation accuracy {best.val_acc:.2f}, test "
-                  f"accuracy {best.test_acc:.2f}, gain {best.gain:+.2f} ({best.verdict}).", ""]
+        lines += [f"**{best_name}**: distilled validation {metric.name} {best.val_acc:.2f}, "
+                  f"test {metric.name} {best.test_acc:.2f}, gain {best.gain:+.2f} "
+                  f"({best.verdict}).", ""]
     if table["T"].notna().any() and table.soft_target_entropy.notna().any():
         entropy = table.groupby("T").soft_target_entropy.mean().reset_index()
         gain = table.groupby("T").gain.mean().reset_index(drop=True)
@@ -335,12 +354,6 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
               "swept key"]
     lines += [f"- `{name}`" for name in figures]
     return "\n".join(lines) + "\n"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cells = df.astype(object).where(df.notna(), "-").astype(str)  # a key a method lacks: "-"
-    rows = [list(df.columns), ["---"] * len(df.columns)] + cells.values.tolist()
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
 # ---------------------------------------------------------------- entry points

@@ -66,7 +66,7 @@ def predict_features(model: nn.Module, split, layer: str | list[str], batch_size
                      key: str = "layer"):
     """``layer``'s features for every example of ``split`` in order (a list of tensors
     for a list of layers), in eval mode without gradients, as the teacher's logits are
-    computed once (kdrun/stages.py)."""
+    computed once (kdrun/run/stages.py)."""
     tap = FeatureTap(model, layer, key)
     chunks: list[list[torch.Tensor]] = [[] for _ in tap.layers]
     with eval_mode(model):

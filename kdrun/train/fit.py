@@ -22,6 +22,7 @@ from torch import nn
 
 from kdrun.data import Data, Split
 from kdrun.data.labels import UNLABELED
+from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.errors import TrainingDiverged
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
@@ -102,13 +103,13 @@ def predict_logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
         return torch.cat([model(xb) for xb in inputs])
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy in percent) on a split, in eval mode."""
+def evaluate(model: nn.Module, split: Split, batch_size: int,
+             metric: Metric = ACCURACY) -> tuple[float, float]:
+    """(cross-entropy loss, the task's metric) on a split, in eval mode."""
     logits = predict_logits(model, split, batch_size)
     labels = split.y.to(logits.device)
     loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item() * 100
-    return loss, acc
+    return loss, metric.compute(logits, labels)
 
 
 class CachedLogits:
@@ -253,7 +254,7 @@ def fit(
     a function returning the full training state (weights, optimiser, schedule,
     RNGs, best-so-far); passing such a state back as ``resume`` continues where
     it left off, ending exactly where an uninterrupted fit would. ``progress`` shows
-    the epochs as they pass (kdrun/progress.py), named ``label`` (default: ``stage``).
+    the epochs as they pass (kdrun/train/progress.py), named ``label`` (default: ``stage``).
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -275,7 +276,7 @@ def fit(
         if loss_fn.reads_features else None
     optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
     schedule = make_schedule(optimizer, tcfg, epochs)
-    progress_state = new_progress()
+    progress_state = new_progress(data.metric)
     if resume is not None:
         progress_state = _restore(resume, model, optimizer, schedule, order, augment_rng)
         loss_fn.load_state_dict(resume["loss"])
@@ -334,10 +335,10 @@ def fit(
                         "(trainer.on_nan=skip)", stage, epoch, skipped)
         rows = [metric_row(stage, epoch, "train", train_loss, train_acc, lr, seconds)]
         for name, split in splits.items():
-            split_loss, split_acc = evaluate(model, split, tcfg.eval_batch_size)
+            split_loss, split_acc = evaluate(model, split, tcfg.eval_batch_size, data.metric)
             rows.append(metric_row(stage, epoch, name, split_loss, split_acc, lr, seconds))
         val_acc = record_epoch(progress_state, epoch, rows, seconds, lambda: {
-            k: v.detach().clone() for k, v in model.state_dict().items()})
+            k: v.detach().clone() for k, v in model.state_dict().items()}, data.metric)
         on_epoch(rows, snapshot)
         bar.update(epoch, train_loss, val_acc)
     bar.close()
@@ -365,22 +366,22 @@ def _restore(state: dict, model, optimizer, schedule, order, augment_rng) -> dic
     return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}
 
 
-def new_progress() -> dict:
+def new_progress(metric: Metric = ACCURACY) -> dict:
     """A fit's counters before its first epoch, with its best-so-far."""
     return {"epoch": 0, "seconds": 0.0, "test_last": 0.0,
-            "best": {"epoch": 0, "val": -1.0, "test": 0.0, "state": None}}
+            "best": {"epoch": 0, "val": metric.worst, "test": 0.0, "state": None}}
 
 
 def record_epoch(progress: dict, epoch: int, rows: list[dict], seconds: float,
-                 weights: Callable[[], dict]) -> float:
+                 weights: Callable[[], dict], metric: Metric = ACCURACY) -> float:
     """Count an epoch's metric rows into ``progress``. The best epoch is the first with
-    the highest validation accuracy, or the last one when there is no validation split;
+    the best validation ``metric``, or the last one when there is no validation split;
     ``weights()`` gives the copy of the weights kept for it. Returns the epoch's
-    validation accuracy (NaN without a validation split)."""
+    validation metric (NaN without a validation split)."""
     by_split = {row["split"]: row["acc"] for row in rows}
     val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
     best = progress["best"]
-    if val_acc > best["val"] or "val" not in by_split:
+    if metric.better(val_acc, best["val"]) or "val" not in by_split:
         best.update(epoch=epoch, val=val_acc, test=test_acc, state=weights())
     progress.update(epoch=epoch, test_last=test_acc, seconds=progress["seconds"] + seconds)
     return val_acc

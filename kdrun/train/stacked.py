@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +35,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdrun.data import Data
 from kdrun.data.augment import make_augment
 from kdrun.data.labels import UNLABELED
+from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import build_model, eval_mode
 from kdrun.precision import widen, working_dtype
-from kdrun.run.summary_row import RowContext
-from kdrun.store.cache import StageEntry
 from kdrun.train.fit import (
     AUGMENT_SEED_OFFSET,
     FitResult,
@@ -51,6 +51,10 @@ from kdrun.train.fit import (
     record_epoch,
 )
 from kdrun.train.progress import training
+
+if TYPE_CHECKING:  # what a member carries for its stage's files, not used here
+    from kdrun.run.summary_row import RowContext
+    from kdrun.store.cache import StageEntry
 
 log = logging.getLogger("kdrun")
 
@@ -240,7 +244,8 @@ class _StackedGroup:
         self.teachers, self.teacher_of = _stack_teachers(members, device, dtype)
         self.live_teachers = _live_teachers(members, device, dtype)
         self.alive = [True] * len(members)
-        self.progress = [new_progress() for _ in members]
+        self.metric = data.metric  # what selects each member's best epoch
+        self.progress = [new_progress(self.metric) for _ in members]
         self.start_epoch = 0
         self.forward = vmap(self._forward_one)
         self.losses = StackedLosses([m.loss for m in members], device, dtype)
@@ -263,7 +268,7 @@ class _StackedGroup:
         seconds = (time.perf_counter() - t0) / len(self.members)  # each member's share
         with eval_mode(self.base):  # batch norm on its running statistics, as fit evaluates
             evaluated = {name: evaluate_stacked(self._forward_one, self.params, self.buffers,
-                                                split, self.tcfg.eval_batch_size)
+                                                split, self.tcfg.eval_batch_size, self.metric)
                          for name, split in (("val", self.val), ("test", self.test)) if len(split)}
         out = []
         for i, member in enumerate(self.members):
@@ -279,7 +284,8 @@ class _StackedGroup:
             rows = [metric_row(member.role, epoch, "train", sums[i] / n, accuracy, lr, seconds)]
             rows += [metric_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
                      for name, (loss, acc) in evaluated.items()]
-            record_epoch(self.progress[i], epoch, rows, seconds, lambda i=i: self.state_of(i))
+            record_epoch(self.progress[i], epoch, rows, seconds, lambda i=i: self.state_of(i),
+                         self.metric)
             out.append((member, rows))
         return out
 
@@ -395,15 +401,15 @@ def clip_each_member(params, max_norm: float) -> None:
 
 
 @torch.no_grad()
-def evaluate_stacked(forward_one, params, buffers, split, batch_size: int):
-    """Per member: (cross-entropy, accuracy %) on a split, as train.evaluate gives."""
+def evaluate_stacked(forward_one, params, buffers, split, batch_size: int,
+                     metric: Metric = ACCURACY):
+    """Per member: (cross-entropy, the task's metric) on a split, as fit's evaluate gives."""
     chunks = [vmap(forward_one, in_dims=(0, 0, None))(params, buffers, x)
               for x in split.x.split(batch_size)]
     logits = torch.cat(chunks, dim=1)  # (members, examples, classes)
     labels = split.y.expand(len(logits), -1)
     loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
-    hits = (logits.argmax(-1) == labels).float().mean(1)
-    return loss.tolist(), [h * 100 for h in hits.tolist()]
+    return loss.tolist(), [metric.compute(member, split.y) for member in logits]
 
 
 def member_optimizer_state(stacked: dict, i: int) -> dict:

@@ -3,8 +3,8 @@ library's local cache, never fetched behind the user's back) and a user's weight
 (``weights=PATH``: a PyTorch checkpoint or a safetensors file), put into a model built
 for this data; and the input a pretrained model expects (its size, mean and std).
 
-Used by the timm and torchvision builders (kdrun/timm_models.py,
-kdrun/torchvision_models.py).
+Used by the timm and torchvision builders (kdrun/models/hubs/timm_zoo.py,
+kdrun/models/hubs/torchvision_zoo.py).
 """
 
 from __future__ import annotations

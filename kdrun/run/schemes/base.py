@@ -1,0 +1,109 @@
+"""What every distillation scheme is and can do, declared once with explicit defaults.
+
+A scheme decides who teaches whom: which stages a run has, in which order. The
+pipeline, validation, provenance and the batched launcher ask a scheme what it is
+(these attributes and methods) and never switch on its name. To add one: subclass
+``Scheme`` in a module of this folder (every module here is imported with the package),
+decorate it with ``@SCHEMES.register("name")``, take its YAML keys as constructor
+arguments (``config_rules`` checks them) and add ``configs/scheme/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.checks import Check
+from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.registry import Registry
+from kdrun.run.summary_row import StageResult, SummaryRow
+from kdrun.train.fit import CachedLogits, TeacherTargets
+
+if TYPE_CHECKING:
+    from kdrun.run.stages import Stages
+
+log = logging.getLogger("kdrun")
+
+
+class Scheme:
+    """A scheme's declarations; ``run`` trains (or reuses) its stages."""
+
+    config_rules: ClassVar[dict[str, Check]] = {}  # constructor key -> its check
+    # the summary rows it makes, in order: the teacher's, then per student seed
+    roles: ClassVar[tuple[str, ...]] = ("teacher", "scratch", "distilled")
+    has_teacher: ClassVar[bool] = True  # a teacher (trained or given) makes the targets
+    uses_transfer_set: ClassVar[bool] = True  # its distilled students learn from one too
+    all_labels_reference: ClassVar[bool] = False  # can add the "scratch, all labels" row
+    batchable: ClassVar[bool] = True  # the batched launcher can plan its students
+    shown: ClassVar[bool] = True  # its settings appear in the table's header
+    name: str = ""  # the name it is registered (and configured) by, set by scheme_of
+
+    def check(self, cfg: DictConfig) -> None:
+        """Checks across config groups, before anything trains (ConfigError)."""
+
+    def models(self, cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+        """Model configs it builds besides the teacher and student groups', each with the
+        config key that names it: validated as those are."""
+        return []
+
+    def feature_teacher(self, cfg: DictConfig):
+        """The model config whose layer a feature loss's teacher side reads, or None when
+        feature losses do not apply."""
+        return cfg.teacher
+
+    def distillation_loss(self, cfg: DictConfig) -> dict:
+        """The loss the distilled student trains with: the loss group's."""
+        return OmegaConf.to_container(cfg.loss, resolve=True)
+
+    def verdict_scope(self, cfg: DictConfig) -> str | None:
+        """Which teacher the student seeds share: what the gain's verdict holds for."""
+        return f"one teacher (seed {cfg.seed})"
+
+    def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
+        raise NotImplementedError
+
+
+SCHEMES = Registry("scheme", Scheme)
+
+
+def scheme_of(cfg: DictConfig) -> Scheme:
+    """The scheme ``cfg.scheme`` names, built with its keys."""
+    node = OmegaConf.to_container(cfg.scheme, resolve=True)
+    name = node.pop("name")
+    scheme = SCHEMES.get(name, "scheme.name")(**node)
+    scheme.name = name
+    return scheme
+
+
+def taught_students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | None,
+                    teacher_key: str, extra: dict) -> list[SummaryRow]:
+    """Per student seed: the scratch row, then the row distilled from ``targets`` (and the
+    all-labels reference when asked for)."""
+    rows = []
+    for seed in stages.student_seeds:
+        rows.append(stages.student("scratch", CE, seed).row)
+        distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
+                                   teacher_key)
+        rows.append(distilled.row.with_columns(**extra))
+        if cfg.get("all_labels_reference"):  # checked beforehand: the labels exist
+            rows.append(stages.all_labels_student(seed).row)
+    return rows
+
+
+def teacher_targets(stages: Stages, cfg: DictConfig,
+                    teacher: StageResult) -> tuple[TeacherTargets | None, dict]:
+    """What the distilled student learns from, and how soft those targets are."""
+    loss = build_loss(cfg.loss)
+    if not loss.needs_teacher:
+        log.info("loss=%s uses no teacher: the distill stage repeats scratch training "
+                 "(a control; its gain should be about zero)", cfg.loss.name)
+        return None, {}
+    targets = stages.teacher_targets(teacher, loss)
+    if "T" not in cfg.loss:
+        return targets, {}
+    # on the unaugmented training set: the cached logits when they are the targets
+    logits = targets.logits if isinstance(targets, CachedLogits) else stages.teacher_logits(
+        teacher)
+    return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
