@@ -1,9 +1,10 @@
 """Model builders, each registered by name in MODELS where it is defined
 (``@MODELS.register("name")``), and what every run does with a model
 (kdrun/models/base.py: build, describe, its identity in a stage key, eval mode).
-Where each lives: ``base.py`` (mlp, cnn, dsconv, the dml cohort), ``cifar/`` (the
-CIFAR-100 KD benchmark's zoo: resnets, wide resnets, vgg, mobile nets), ``hubs/``
-(any model of timm or torchvision, weights files and pretrained weights). To add a
+Where each lives: ``base.py`` (mlp, cnn, dsconv, the dml cohort), ``linear.py``
+(logistic regression), ``cifar/`` (the CIFAR-100 KD benchmark's zoo: resnets, wide
+resnets, vgg, mobile nets), ``hubs/`` (any model of timm or torchvision, weights files
+and pretrained weights). To add a
 family: one module in this folder or a sub-folder (every module is imported with the
 package) and ``configs/teacher|student/<name>.yaml``."""
 
