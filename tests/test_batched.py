@@ -328,7 +328,7 @@ def test_the_launcher_composes_jobs_as_hydra_does():
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from hydra_plugins.kdrun_batched_launcher.batched_launcher import compose_each_job_once
+    from kdrun.sweep.compose import compose_each_job_once
 
     jobs = [["loss.T=2", "loss.alpha=0.5", "seed=0"], ["loss.T=8", "loss.alpha=0.9", "seed=0"],
             ["seed=1", "loss.T=2", "trainer.lr=0.1"], ["loss=dkd", "loss.T=2"],
