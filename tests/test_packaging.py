@@ -52,3 +52,18 @@ def test_a_regular_install_lets_hydra_discover_the_batched_launcher(tmp_path):
     out = subprocess.run([sys.executable, "-c", scan], capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(unpacked)})
     assert "BatchedLauncher" in out.stdout, out.stderr[-2000:]
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A file git ignores never reaches a clone: a .gitignore line once hid kdrun/data/."""
+    import shutil
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    sources = [str(p.relative_to(ROOT)) for folder in ("kdrun", "configs", "tests", "docs",
+                                                       "benchmarks", "hydra_plugins")
+               for p in (ROOT / folder).rglob("*") if p.is_file()
+               and p.suffix in (".py", ".yaml", ".md", ".csv", ".json", ".sh")]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, ignored

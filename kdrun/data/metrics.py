@@ -1,0 +1,64 @@
+"""The task metric a data set is judged by: its name, which direction is better, and how
+it is computed from a model's outputs and the targets. Model selection (the best
+validation epoch), the table, the gain's verdict, the sweep report and its figures read
+it from here; a data set declares its own (``RawData.metric``, accuracy by default).
+Summary and metric files keep their ``acc`` column names for whatever the metric is,
+with its name and direction in the ``metric`` and ``higher_is_better`` columns: a
+report reads a metric of a user's own package back from those."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # e.g. "accuracy": what reports call it
+    short: str  # e.g. "acc": what the printed table calls it
+    unit: str  # e.g. "%"; a gain is in "points" of it
+    higher_is_better: bool
+    compute: Callable[[torch.Tensor, torch.Tensor], float]  # (outputs, targets) -> value
+
+    def better(self, value: float, than: float) -> bool:
+        """Whether ``value`` is strictly better than ``than`` (NaN is never better)."""
+        return value > than if self.higher_is_better else value < than
+
+    @property
+    def worst(self) -> float:
+        """A value every real one beats: where a best-so-far starts."""
+        return -math.inf if self.higher_is_better else math.inf
+
+    def improvement(self, gain: float) -> float:
+        """``gain`` (distilled minus scratch) signed so that above 0 is better."""
+        return gain if self.higher_is_better else -gain
+
+    def __post_init__(self):
+        METRICS[self.name] = self  # found by name when a report reads a summary back
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of examples whose top class is the label."""
+    return (logits.argmax(-1) == labels).float().mean().item() * 100
+
+
+METRICS: dict[str, Metric] = {}  # every metric defined so far, by name
+ACCURACY = Metric("accuracy", "acc", "%", higher_is_better=True, compute=_accuracy)
+
+
+def metric_named(name, higher_is_better=None) -> Metric:
+    """The metric a summary names in its ``metric`` column, with the direction of its
+    ``higher_is_better`` column (accuracy for a summary without them)."""
+    if not isinstance(name, str):
+        return ACCURACY
+    if name in METRICS:
+        return METRICS[name]
+    return Metric(name, name, "", higher_is_better=str(higher_is_better) != "False",
+                  compute=_not_here)
+
+
+def _not_here(logits, labels) -> float:
+    raise RuntimeError("a metric read back from a summary reports; it does not compute")
