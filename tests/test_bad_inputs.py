@@ -128,7 +128,7 @@ CASES = [
     ("val fraction 1", args("split.val_fraction=1"), ["split.val_fraction=1", "< 1"]),
     ("unknown optimizer", args("trainer.optimizer=adagrad"), ["adagrad", "adam, adamw, sgd"]),
     ("unknown on_nan", args("trainer.on_nan=ignore"), ["trainer.on_nan='ignore'", "stop, skip"]),
-    ("unknown architecture", args("teacher.arch=vit"), ["teacher.arch='vit'", "cnn, dsconv, mlp",
+    ("unknown architecture", args("teacher.arch=vit"), ["teacher.arch='vit'", "cnn, dsconv, linear, mlp",
                                                          "import path"]),
     ("seed not an integer", args("seed=abc"), ["seed='abc'", "integer"]),
     ("repeats zero", args("repeats=0"), ["repeats=0", ">= 1"]),
