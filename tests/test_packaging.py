@@ -45,7 +45,10 @@ def test_a_regular_install_lets_hydra_discover_the_batched_launcher(tmp_path):
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     assert (unpacked / "hydra_plugins" / "kdrun_batched_launcher" / "batched_launcher.py").is_file()
-    assert (unpacked / "kdrun" / "published.csv").is_file()  # kdrun-report --published's default
+    assert (unpacked / "kdrun" / "sweep" / "published.csv").is_file()  # kdrun-report --published
+    source = {str(p.relative_to(ROOT)) for p in (ROOT / "kdrun").rglob("*.py")}
+    wheel_modules = {str(p.relative_to(unpacked)) for p in (unpacked / "kdrun").rglob("*.py")}
+    assert source <= wheel_modules, source - wheel_modules  # every sub-package is listed
     assert not (unpacked / "hydra_plugins" / "__init__.py").exists()  # a namespace package
     scan = ("from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
             "print(sorted(c.__name__ for c in Plugins.instance().discover(Launcher)))")
