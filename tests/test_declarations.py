@@ -44,11 +44,11 @@ def test_every_scheme_makes_the_rows_it_declares(tmp_path):
         assert ("teacher" in roles) == scheme.has_teacher, name
 
 
-def error_rate(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100 - (logits.argmax(-1) == labels).float().mean().item() * 100
+def error_rate(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return 100 - (logits.argmax(-1) == labels).float().mean(-1) * 100
 
 
-ERROR = Metric("error rate", "err", "%", higher_is_better=False, compute=error_rate)
+ERROR = Metric("error rate", "err", "%", higher_is_better=False, score=error_rate)
 
 
 def synthetic_by_error(**keys):

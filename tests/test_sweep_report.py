@@ -160,3 +160,22 @@ def test_the_gain_figure_fits_the_swept_keys_and_numbers_sort_as_numbers(tmp_pat
     best = pd.Series({"split.labeled": 1000, "teachers": 1, "labelled": 1000})
     assert _curves_title(best, ["split.labeled"]) == (
         "best setting on validation: split.labeled=1000\n(1 teacher, 1,000 labels)")
+
+
+def test_jobs_of_one_setting_under_two_torch_versions_stay_apart_in_table_and_figures(tmp_path):
+    from kdrun.sweep.report import _write_report
+
+    for i, (T, torch_version) in enumerate(((2, "2.x"), (4, "2.x"), (2, "3.x"), (4, "3.x"))):
+        fake_job(tmp_path, f"j{i}", [f"loss.T={T}", f"trainer.lr={0.1 if i < 2 else 0.2}"],
+                 f"t{i // 2}", {0: (60.0, 61.0 + i), 1: (61.0, 62.5 + i)})
+        path = tmp_path / f"j{i}" / "summary.csv"
+        pd.read_csv(path).assign(torch=torch_version).to_csv(path, index=False)
+    _, lines = _write_report(tmp_path)
+    assert len(lines) == 4
+    assert all("torch=" not in line for line in lines)  # the versions follow trainer.lr here
+    for i in (2, 3):  # now the same trainer.lr under another torch: kept apart, and named
+        overrides = tmp_path / f"j{i}" / ".hydra" / "overrides.yaml"
+        overrides.write_text(overrides.read_text().replace("0.2", "0.1"))
+    _, lines = _write_report(tmp_path)
+    assert len(lines) == 4 and sum("torch=3.x" in line for line in lines) == 2
+    assert (tmp_path / "gain_vs_loss.T.png").is_file()  # a line per torch version

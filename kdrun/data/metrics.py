@@ -21,7 +21,13 @@ class Metric:
     short: str  # e.g. "acc": what the printed table calls it
     unit: str  # e.g. "%"; a gain is in "points" of it
     higher_is_better: bool
-    compute: Callable[[torch.Tensor, torch.Tensor], float]  # (outputs, targets) -> value
+    # outputs (..., examples, classes) and targets (examples,) -> the metric over the
+    # examples, one value per leading index: a stacked group scores all its members at once
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def compute(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The metric of one model's outputs."""
+        return float(self.score(outputs, targets))
 
     def better(self, value: float, than: float) -> bool:
         """Whether ``value`` is strictly better than ``than`` (NaN is never better)."""
@@ -40,13 +46,14 @@ class Metric:
         METRICS[self.name] = self  # found by name when a report reads a summary back
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percent of examples whose top class is the label."""
-    return (logits.argmax(-1) == labels).float().mean().item() * 100
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Percent of examples whose top class is the label (the share in float32, as it always
+    was, times 100 in float64)."""
+    return (logits.argmax(-1) == labels).float().mean(-1).double() * 100
 
 
 METRICS: dict[str, Metric] = {}  # every metric defined so far, by name
-ACCURACY = Metric("accuracy", "acc", "%", higher_is_better=True, compute=_accuracy)
+ACCURACY = Metric("accuracy", "acc", "%", higher_is_better=True, score=_accuracy)
 
 
 def metric_named(name, higher_is_better=None) -> Metric:
@@ -57,8 +64,8 @@ def metric_named(name, higher_is_better=None) -> Metric:
     if name in METRICS:
         return METRICS[name]
     return Metric(name, name, "", higher_is_better=str(higher_is_better) != "False",
-                  compute=_not_here)
+                  score=_not_here)
 
 
-def _not_here(logits, labels) -> float:
+def _not_here(logits, labels) -> torch.Tensor:
     raise RuntimeError("a metric read back from a summary reports; it does not compute")

@@ -10,23 +10,20 @@ register) with ``@LOSSES.register("name")``, and add ``configs/loss/<name>.yaml`
 class in your own package needs no edit here: name it by import path in your YAML.
 """
 
-import importlib
-import pkgutil
-
 from kdrun.losses.base import LOSSES, DistillationLoss, kd_loss, soft_kl
 from kdrun.losses.feature import AT, FitNet
 from kdrun.losses.kd import CE, KD, soft_target_entropy
 from kdrun.losses.mutual import DML
 from kdrun.losses.relation import PKT, RKD, SP
 from kdrun.losses.response import DIST, DKD, MSELogits
+from kdrun.packages import import_every_module
 
 __all__ = ["LOSSES", "DistillationLoss", "build_loss", "loss_class", "kd_loss", "soft_kl",
            "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT", "RKD", "SP",
            "FitNet", "MSELogits"]
 
 
-for _module in pkgutil.iter_modules(__path__):  # every module here registers its losses
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_every_module(__name__, __path__)  # every module here registers its losses
 
 
 def loss_class(loss_cfg) -> type[DistillationLoss]:

@@ -143,13 +143,14 @@ def _time_side_by_side(teacher, student, input_shape, device, latency_cfg) -> Ti
         for _ in range(TRIES):
             times = interleaved_latency(models, input_shape, device, batch,
                                         latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
-            if teacher is None or rounds_agree(times["teacher"], times["student"]):
+            agree = teacher is None or rounds_agree(times["teacher"], times["student"])
+            if agree:
                 break
         for name, t in times.items():
             latency_ms[name][batch] = round(statistics.median(t), 4)
         if teacher is not None:
             speedups[batch] = speedup(times["teacher"], times["student"])
-            reliable[batch] = rounds_agree(times["teacher"], times["student"])
+            reliable[batch] = agree
             per_round = [t / s for t, s in zip(times["teacher"], times["student"])]
             ratios[batch] = (min(per_round), max(per_round))
     return Timing(latency_ms, speedups, reliable, ratios)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.precision import resolved_precision
-from kdrun.train.fit import fused_kernel_exists
+from kdrun.train.fit import uses_fused
 
 # Settings that cannot change a trained weight or an accuracy: left out of stage keys,
 # of a run's config hash and of sweep job folder names, and never a "setting" in a
@@ -149,8 +149,7 @@ def arithmetic_order(tcfg, device: torch.device) -> dict:
     return {
         "threads": torch.get_num_threads(),
         "processor": processor_name(device),
-        "fused_optimizer": bool(tcfg.fused_optimizer)
-        and fused_kernel_exists(tcfg.optimizer, device.type),
+        "fused_optimizer": uses_fused(tcfg, device),
         "eval_batch_size": int(tcfg.eval_batch_size),
         "compile": bool(tcfg.compile),
         "cudnn_benchmark": cuda and bool(tcfg.cudnn_benchmark),

@@ -35,7 +35,7 @@ from kdrun.run.schemes import scheme_of
 from kdrun.run.summary_row import RowContext, StageResult, SummaryRow
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import RunDir, copy_file, load_sealed, save_sealed
-from kdrun.train.features import feature_shape, predict_features
+from kdrun.train.features import each_feature, feature_shape, predict_features
 from kdrun.train.fit import (
     CachedLogits,
     LiveTeacher,
@@ -275,21 +275,17 @@ def _on_training_set(what: str, entry: StageEntry, stem: str, teacher, data: Dat
     with entry.lock():
         stored = load_sealed(path)
         if stored is not None:
-            return _moved(stored, device)
+            return each_feature(lambda value: value.to(device), stored)
         if path.exists() or path.name in entry.derived():
             log.warning("stage cache: %s is missing or does not match its checksum; "
                         "computing the teacher's %s again", path, what)
         dtype = working_dtype(tcfg)
         teacher.to(device, dtype)
         result = compute(data.train.to(device, dtype))
-        save_sealed(path, _moved(result, "cpu"))
+        save_sealed(path, each_feature(lambda value: value.cpu(), result))
         entry.note_derived(path.name)
         return result
 
-
-def _moved(value, device):
-    """A tensor, or a list of them, on ``device``."""
-    return value.to(device) if torch.is_tensor(value) else [v.to(device) for v in value]
 
 
 def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,

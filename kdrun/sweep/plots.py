@@ -39,7 +39,8 @@ def numeric_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
 def plot_gains(table: pd.DataFrame, swept: list[str], folder: Path,
                metric: Metric = ACCURACY) -> list[Path]:
     """The figure that fits the swept keys (see the module's docstring); none for a sweep
-    of one setting."""
+    of one setting. ``swept``: the keys that tell the table's settings apart (with any
+    condition, such as the torch version, that differs within a combination of them)."""
     if len(table) < 2:
         return []
     numeric = numeric_keys(table, swept)
@@ -52,11 +53,15 @@ def plot_gains(table: pd.DataFrame, swept: list[str], folder: Path,
     return [plot_gain_by_setting(table, swept, folder / "gain_by_setting.png", label)]
 
 
+def short_value(value):
+    """A swept value as typed: 100.0 -> "100", 0.5 -> "0.5"; anything else unchanged."""
+    return f"{value:g}" if isinstance(value, float) and value == value else value
+
+
 def setting_name(keys: list[str], values, sep: str = ", ") -> str:
     """``loss.T=4, loss.alpha=0.9``: numbers as short as they go, nothing for no keys."""
     values = values if isinstance(values, tuple) else (values,)
-    return sep.join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in zip(keys, values))
+    return sep.join(f"{k}={short_value(v)}" for k, v in zip(keys, values))
 
 
 def _groups(table: pd.DataFrame, keys: list[str]):

@@ -40,7 +40,7 @@ from kdrun.report.table import (
 )
 from kdrun.run.provenance import REPLICATE_KEYS, outside_the_key, rounding_columns
 from kdrun.store.files import atomic_write
-from kdrun.sweep.plots import plot_curves, plot_gains, setting_name
+from kdrun.sweep.plots import plot_curves, plot_gains, setting_name, short_value
 
 log = logging.getLogger("kdrun")
 # Summary columns that must match for jobs to be pooled, swept or not.
@@ -203,19 +203,25 @@ def _std(values) -> float:
 
 
 def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
-    """summary.csv, report.md, gain_heatmap.png and curves.png in ``sweep_dir``; with
-    ``published`` (a CSV like kdrun/published.csv), report.md ends with the sweep's
+    """summary.csv, report.md, the gain figure and curves.png in ``sweep_dir``; with
+    ``published`` (a CSV like kdrun/sweep/published.csv), report.md ends with the sweep's
     results beside those figures (kdrun/sweep/published.py)."""
+    return _write_report(sweep_dir, published)[0]
+
+
+def _write_report(sweep_dir: Path, published: Path | None = None) -> tuple[Path, list[str]]:
+    """write_report's files, and the report's lines for the console (console_lines)."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     summary = collect(jobs, "summary.csv")
     metrics = collect(jobs, "metrics.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
     table = gains_by_setting(summary, jobs.swept)
+    keys = setting_keys(table, jobs.swept)
     metric = summary_metric(summary)
     best = best_setting(table, metric)
-    figures = [*plot_gains(table, jobs.swept, sweep_dir, metric),
-               plot_curves(metrics, best, jobs.swept, sweep_dir / "curves.png", metric)]
+    figures = [*plot_gains(table, keys, sweep_dir, metric),
+               plot_curves(metrics, best, keys, sweep_dir / "curves.png", metric)]
     text = _markdown(sweep_dir, table, jobs.swept, best, len(jobs.started),
                      len(jobs.settings), jobs.common, [f.name for f in figures],
                      failed_jobs(sweep_dir), how_trained(summary), other_orders(summary),
@@ -225,7 +231,13 @@ def write_report(sweep_dir: Path, published: Path | None = None) -> Path:
 
         text += "\n" + "\n".join(published_section(summary, metrics, Path(published)))
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
-    return sweep_dir / "report.md"
+    return sweep_dir / "report.md", console_lines(table, keys)
+
+
+def setting_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
+    """The columns of a gains_by_setting table that name its settings: the swept keys,
+    then any condition that keeps settings apart."""
+    return [k for k in table.columns if k in swept or k in CONDITION_KEYS]
 
 
 def best_setting(table: pd.DataFrame, metric: Metric) -> pd.Series | None:
@@ -236,14 +248,12 @@ def best_setting(table: pd.DataFrame, metric: Metric) -> pd.Series | None:
     return table.loc[table.val_acc.idxmax() if metric.higher_is_better else table.val_acc.idxmin()]
 
 
-def console_lines(sweep_dir: Path) -> list[str]:
-    """The report in a few lines for the console: one per setting, its distilled test
-    accuracy and gain with interval and verdict."""
-    jobs = read_jobs(sweep_dir)
-    table = gains_by_setting(collect(jobs, "summary.csv"), jobs.swept)
+def console_lines(table: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The report in a few lines for the console: one per setting (named by ``keys``), its
+    distilled test metric and gain with interval and verdict."""
     lines = []
     for _, row in table.iterrows():
-        setting = setting_name(jobs.swept, tuple(row[k] for k in jobs.swept), " ") or "all jobs"
+        setting = setting_name(keys, tuple(row[k] for k in keys), " ") or "all jobs"
         interval = ("" if math.isnan(row.gain_ci_low)
                     else f" [{row.gain_ci_low:+.2f}, {row.gain_ci_high:+.2f}]")
         lines.append(f"  {setting}: distilled {row.test_acc:.2f}, gain {row.gain:+.2f}"
@@ -288,12 +298,10 @@ def other_orders(summary: pd.DataFrame) -> str | None:
 def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figures,
               failed: dict[str, str], trained: str | None = None,
               orders: str | None = None, metric: Metric = ACCURACY) -> str:
-    keys = [k for k in table.columns if k in swept or k in CONDITION_KEYS]
-    if not swept:
-        keys = ["method", "T", "alpha"]
+    keys = setting_keys(table, swept) if swept else ["method", "T", "alpha"]
     shown = table.copy()
     for key in keys:  # split.labeled=100, not 100.0
-        shown[key] = [f"{v:g}" if isinstance(v, float) and v == v else v for v in shown[key]]
+        shown[key] = [short_value(v) for v in shown[key]]
     shown["gain"] = [f"{g:+.2f} ± {s:.2f}" for g, s in zip(table.gain, table.gain_std)]
     shown["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in
                        zip(table.gain_ci_low, table.gain_ci_high)]
@@ -365,8 +373,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            report = write_report(sweep_dir)
-            log.info("sweep report: %s\n%s", report, "\n".join(console_lines(sweep_dir)))
+            report, lines = _write_report(sweep_dir)
+            log.info("sweep report: %s\n%s", report, "\n".join(lines))
         except NoFinishedJobs as e:
             log.warning("no sweep report: %s", e)
         if config.logger.name == "mlflow":

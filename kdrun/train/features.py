@@ -54,7 +54,7 @@ class FeatureTap:
 
     def read_float(self):
         """``value`` in at least float32 (under autocast a feature may be bf16)."""
-        return widen(self._values[0]) if self.single else [widen(v) for v in self._values]
+        return each_feature(widen, self.value)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -68,16 +68,20 @@ def predict_features(model: nn.Module, split, layer: str | list[str], batch_size
     for a list of layers), in eval mode without gradients, as the teacher's logits are
     computed once (kdrun/run/stages.py)."""
     tap = FeatureTap(model, layer, key)
-    chunks: list[list[torch.Tensor]] = [[] for _ in tap.layers]
+    chunks = []
     with eval_mode(model):
         for _, xb, _ in split.batches(batch_size):
             model(xb)
-            values = [tap.value] if tap.single else tap.value
-            for chunk, value in zip(chunks, values):
-                chunk.append(widen(value.detach()))
+            chunks.append(tap.read_float())
     tap.remove()
-    features = [torch.cat(chunk) for chunk in chunks]
-    return features[0] if tap.single else features
+    if tap.single:
+        return torch.cat(chunks)
+    return [torch.cat(layer_chunks) for layer_chunks in zip(*chunks)]
+
+
+def each_feature(fn, features):
+    """``fn`` applied to a feature, or to each of a list of features (a list of layers)."""
+    return fn(features) if torch.is_tensor(features) else [fn(f) for f in features]
 
 
 def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: str):
@@ -88,6 +92,4 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
         weight = next(model.parameters())
         model(torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
     tap.remove()
-    if tap.single:
-        return tuple(tap.value.shape[1:])
-    return [tuple(v.shape[1:]) for v in tap.value]
+    return each_feature(lambda value: tuple(value.shape[1:]), tap.value)

@@ -27,7 +27,7 @@ from kdrun.errors import TrainingDiverged
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import eval_mode
 from kdrun.precision import uses_amp, uses_tf32, widen, working_dtype
-from kdrun.train.features import FeatureTap, feature_shape
+from kdrun.train.features import FeatureTap, each_feature, feature_shape
 from kdrun.train.progress import StageProgress
 
 log = logging.getLogger("kdrun")
@@ -61,8 +61,12 @@ def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:
     else:
         cls, kwargs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer], {}
     kwargs.update(lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    fused = bool(tcfg.get("fused_optimizer")) and fused_kernel_exists(tcfg.optimizer, device.type)
-    return cls(params, fused=True, **kwargs) if fused else cls(params, **kwargs)
+    return cls(params, fused=True, **kwargs) if uses_fused(tcfg, device) else cls(params, **kwargs)
+
+
+def uses_fused(tcfg, device: torch.device) -> bool:
+    """Whether a stage's optimiser runs fused kernels: asked for, and this build has them."""
+    return bool(tcfg.get("fused_optimizer")) and fused_kernel_exists(tcfg.optimizer, device.type)
 
 
 @functools.cache
@@ -123,22 +127,17 @@ class CachedLogits:
     def to(self, device, dtype: torch.dtype | None = None) -> CachedLogits:
         features = self.features
         if features is not None:
-            features = features.to(device, dtype) if torch.is_tensor(features) else [
-                f.to(device, dtype) for f in features]
+            features = each_feature(lambda f: f.to(device, dtype), features)
         return CachedLogits(self.logits.to(device, dtype), features)
 
     def feature_shape(self, input_shape=None):
         """The shape (without batch) of the cached features; a list for a list of layers."""
-        if torch.is_tensor(self.features):
-            return tuple(self.features.shape[1:])
-        return [tuple(f.shape[1:]) for f in self.features]
+        return each_feature(lambda f: tuple(f.shape[1:]), self.features)
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor):
         if self.features is None:
             return self.logits[idx], None
-        if torch.is_tensor(self.features):
-            return self.logits[idx], self.features[idx]
-        return self.logits[idx], [f[idx] for f in self.features]
+        return self.logits[idx], each_feature(lambda f: f[idx], self.features)
 
 
 class LiveTeacher:

@@ -409,7 +409,7 @@ def evaluate_stacked(forward_one, params, buffers, split, batch_size: int,
     logits = torch.cat(chunks, dim=1)  # (members, examples, classes)
     labels = split.y.expand(len(logits), -1)
     loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
-    return loss.tolist(), [metric.compute(member, split.y) for member in logits]
+    return loss.tolist(), metric.score(logits, split.y).tolist()
 
 
 def member_optimizer_state(stacked: dict, i: int) -> dict:
