@@ -192,7 +192,7 @@ def test_gradient_reaches_student_and_regressor_never_teacher(name):
         s_list = t_list = False
         loss.prepare(tuple(s_feat.shape[1:]), tuple(t_feat.shape[1:]))
     if loss.reads_indices:  # e.g. CRD's memory bank, one entry per training example
-        loss.set_examples(6)
+        loss.set_examples(torch.arange(6) % 3)
         loss.set_batch(torch.arange(6))
     loss(s_logits, t_logits, Y, s_feat, t_feat).backward()
     assert s_logits.grad is not None and torch.isfinite(s_logits.grad).all()
@@ -277,7 +277,7 @@ def test_crd_by_numpy(monkeypatch):
     loss = CRD(beta=0.8, feat_dim=3, nce_k=4, nce_t=0.5, momentum=0.5)
     loss.prepare((6,), (5,))
     n = 10
-    loss.set_examples(n)
+    loss.set_examples(torch.arange(n) % 3)
     idx, contrast = torch.tensor([3, 7]), torch.tensor([[3, 1, 2, 3, 9], [7, 0, 0, 5, 8]])
     monkeypatch.setattr(loss, "contrast_indices", lambda indices, size: contrast)
     fs, ft, z, y = torch.randn(2, 6), torch.randn(2, 5), torch.randn(2, 4), torch.tensor([1, 2])

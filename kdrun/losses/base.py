@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.checks import PROBABILITY, Check, number
+from kdrun.checks import Check, number
 from kdrun.data.labels import UNLABELED
 from kdrun.registry import Registry
 
@@ -51,9 +51,9 @@ class DistillationLoss(nn.Module):
     def attach(self, model: nn.Module) -> None:
         """Called once with the model being trained (a mutual loss reads its cohort)."""
 
-    def set_examples(self, n: int) -> None:
-        """Called once before training (and before a resume) with the number of training
-        examples, when ``reads_indices``."""
+    def set_examples(self, labels: torch.Tensor) -> None:
+        """Called once before training (and before a resume) with the label of every
+        training example (UNLABELED where it has none), when ``reads_indices``."""
 
     def set_batch(self, indices: torch.Tensor) -> None:
         """Called before each training step with its examples' indices, when
@@ -61,6 +61,11 @@ class DistillationLoss(nn.Module):
 
     def start_epoch(self, epoch: int) -> None:
         """Called at the start of every training epoch (e.g. a warm-up ramp)."""
+
+    @classmethod
+    def check_config(cls, settings: dict) -> None:
+        """Checks across keys, before anything trains (one key at a time: config_rules);
+        raises ConfigError."""
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None) -> torch.Tensor:
@@ -70,7 +75,36 @@ class DistillationLoss(nn.Module):
 LOSSES = Registry("loss", DistillationLoss)
 TEMPERATURE = number(0, lo_open=True)
 WEIGHT = number(0)  # a loss term's weight: any non-negative number
-KD_RULES: dict[str, Check] = {"T": TEMPERATURE, "alpha": PROBABILITY}
+OPTIONAL_WEIGHT = number(0, optional=True)
+# Hinton's KD term and the hard-label term, weighted by alpha (a convex mix) or by two
+# term weights (the references' CE_WEIGHT and KD_WEIGHT): hard_soft_check says which.
+KD_RULES: dict[str, Check] = {"T": TEMPERATURE, "alpha": number(0, 1, optional=True),
+                              "ce_weight": OPTIONAL_WEIGHT, "kd_weight": OPTIONAL_WEIGHT}
+
+
+def optional_floats(*values) -> tuple:
+    """Each value as a float, None kept (a term weight that is not set)."""
+    return tuple(None if v is None else float(v) for v in values)
+
+
+def hard_soft_check(settings: dict) -> None:
+    """alpha, or ce_weight and kd_weight: exactly one of the two ways to weight the
+    hard-label and KD terms (a ConfigError naming the key otherwise)."""
+    from kdrun.errors import ConfigError
+
+    alpha = settings.get("alpha")
+    weights = {k: settings.get(k) for k in ("ce_weight", "kd_weight")}
+    given = [k for k, v in weights.items() if v is not None]
+    if alpha is not None and given:
+        raise ConfigError(f"loss.{given[0]}", weights[given[0]],
+                          f"loss.alpha={alpha} already weights the terms; set loss.alpha=null "
+                          "to weight them by loss.ce_weight and loss.kd_weight, or leave "
+                          "those null")
+    if alpha is None and len(given) < 2:
+        missing = next(k for k in weights if k not in given)
+        raise ConfigError(f"loss.{missing}", None,
+                          "with loss.alpha=null, set both loss.ce_weight and loss.kd_weight "
+                          "(or set loss.alpha, in [0, 1])")
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -108,17 +142,24 @@ def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
     return torch.where(labels == UNLABELED, teacher_logits.argmax(1), labels)
 
 
-def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float,
-            t2_scale: bool = True, soft_view=None, masked: bool = True) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s);
-    with alpha = 0, CE alone (the teacher is not read). ``soft_view``, when given,
-    transforms both sides' logits for the soft term only (e.g. a per-sample z-score).
-    ``masked``: CE over the labelled examples only (``hard_ce``), safe on a transfer set;
-    kdrun's losses pass ``masked=not self.all_labelled`` to skip the mask's cost."""
+def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float | None,
+            t2_scale: bool = True, soft_view=None, masked: bool = True,
+            ce_weight: float | None = None, kd_weight: float | None = None) -> torch.Tensor:
+    """Hinton et al. 2015: kd_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(y, s).
+
+    ``alpha`` is the convex shorthand, kd_weight = alpha and ce_weight = 1 - alpha; with
+    ``alpha=None`` the two term weights are given as such (e.g. logit standardisation's
+    CE 0.1 + KD 9). A KD weight of 0 gives CE alone (the teacher is not read).
+    ``soft_view``, when given, transforms both sides' logits for the soft term only
+    (e.g. a per-sample z-score). ``masked``: CE over the labelled examples only
+    (``hard_ce``), safe on a transfer set; kdrun's losses pass ``masked=not
+    self.all_labelled`` to skip the mask's cost."""
+    if alpha is not None:  # 1 - alpha here, in alpha's type: a tensor when batched
+        ce_weight, kd_weight = 1 - alpha, alpha
     hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits, labels)
-    if isinstance(alpha, (int, float)) and alpha == 0:  # (a tensor alpha: students batched)
-        return hard
+    if isinstance(kd_weight, (int, float)) and kd_weight == 0:  # (a tensor: students batched)
+        return hard if ce_weight == 1 else ce_weight * hard
     if soft_view is not None:
         student_logits, teacher_logits = soft_view(student_logits), soft_view(teacher_logits)
-    soft_weight = alpha * (T**2 if t2_scale else 1.0)  # one multiply a step
-    return soft_weight * soft_kl(student_logits, teacher_logits, T) + (1 - alpha) * hard
+    soft_weight = kd_weight * (T**2 if t2_scale else 1.0)  # one multiply a step
+    return soft_weight * soft_kl(student_logits, teacher_logits, T) + ce_weight * hard

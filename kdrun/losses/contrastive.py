@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.checks import PROBABILITY, number
+from kdrun.checks import PROBABILITY, number, one_of
+from kdrun.data.labels import UNLABELED
+from kdrun.errors import ConfigError
 from kdrun.losses.base import LOSSES, TEMPERATURE, WEIGHT
 from kdrun.losses.feature import FeatureLoss
 
@@ -28,6 +30,26 @@ def nce_loss(scores: torch.Tensor, n_examples: int) -> torch.Tensor:
     return -(positive.sum() + negative.sum()) / len(scores)
 
 
+def other_class_draws(labels: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
+    """(len(anchors), k) indices of examples that are neither the anchor nor of its class
+    (an UNLABELED anchor or example is of no class), each row drawn uniformly: without
+    replacement where the anchor has at least k such examples (the top k of random
+    keys), with replacement where it has fewer (RepDistiller's np.random.choice rule)."""
+    n = len(labels)
+    own = labels[anchors]
+    excluded = (labels[None, :] == own[:, None]) & (own[:, None] != UNLABELED)
+    excluded[torch.arange(len(anchors), device=anchors.device), anchors] = True
+    keys = torch.rand(len(anchors), n, device=labels.device).masked_fill_(excluded, -1.0)
+    enough = (n - excluded.sum(1)) >= k
+    if k <= n:
+        distinct = keys.topk(k, dim=1).indices  # the allowed ones rank first
+        if bool(enough.all()):
+            return distinct
+    # an anchor with fewer than k allowed examples: k draws among them, with replacement
+    draws = torch.multinomial((~excluded).to(keys.dtype), k, replacement=True)
+    return draws if k > n else torch.where(enough[:, None], distinct, draws)
+
+
 @LOSSES.register("crd")
 class CRD(FeatureLoss):
     """CRD, Tian et al. 2020 (ICLR), "Contrastive Representation Distillation".
@@ -36,9 +58,15 @@ class CRD(FeatureLoss):
     the paper) are embedded by learned linear maps into ``feat_dim`` dimensions and
     L2-normalised. A memory bank holds, per training example, a momentum average of
     each side's embedding. Each example's student embedding is scored against the
-    teacher bank's entry of the same example and ``nce_k`` entries drawn uniformly, and
-    the other way round: s = exp(<v, m> / nce_t) / Z, Z fixed on the first batch
-    (mean score x number of examples); each side's scores go through the NCE loss.
+    teacher bank's entry of the same example and ``nce_k`` negatives, and the other way
+    round. ``negatives=other_classes`` (the references' "exact" mode: RepDistiller's and
+    mdistiller's ``dataset/cifar100.py``) draws them among the examples of the other
+    classes, without replacement where there are enough (with, where there are not, as
+    they do); an example without a label (a transfer set) is of no class: any other
+    example may be its negative. ``uniform`` draws them over all examples, with
+    replacement (its own and same-class examples included). Scores: s = exp(<v, m> /
+    nce_t) / Z, Z fixed on the first batch (mean score x number of examples); each
+    side's scores go through the NCE loss.
 
     L = (1 - alpha) * CE + alpha * T^2 * KD + beta * (NCE_student + NCE_teacher).
     The paper's CIFAR-100 setting: beta 0.8, feat_dim 128, nce_k 16 384, nce_t 0.07,
@@ -48,15 +76,19 @@ class CRD(FeatureLoss):
     reads_indices = True
     config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT,
                     "feat_dim": number(1, integer=True), "nce_k": number(1, integer=True),
-                    "nce_t": TEMPERATURE, "momentum": PROBABILITY}
+                    "nce_t": TEMPERATURE, "momentum": PROBABILITY,
+                    "negatives": one_of("other_classes", "uniform")}
 
     def __init__(self, beta: float = 0.8, feat_dim: int = 128, nce_k: int = 16384,
                  nce_t: float = 0.07, momentum: float = 0.5,
                  student_layer: str = "penultimate", teacher_layer: str = "penultimate",
-                 alpha: float = 0.0, T: float = 4.0):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 alpha: float | None = 0.0, T: float = 4.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None,
+                 negatives: str = "other_classes"):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.beta, self.feat_dim, self.nce_k = float(beta), int(feat_dim), int(nce_k)
-        self.nce_t, self.momentum = float(nce_t), float(momentum)
+        self.nce_t, self.momentum, self.negatives = float(nce_t), float(momentum), negatives
+        self._labels: torch.Tensor | None = None
         self._indices: torch.Tensor | None = None
         self._normalised: set[str] = set()  # sides whose normaliser Z is known
 
@@ -64,9 +96,16 @@ class CRD(FeatureLoss):
         self.embed_student = nn.Linear(math.prod(student_shape), self.feat_dim)
         self.embed_teacher = nn.Linear(math.prod(teacher_shape), self.feat_dim)
 
-    def set_examples(self, n: int) -> None:
-        """Allocate both memory banks for ``n`` training examples, uniform in +-1 /
-        sqrt(feat_dim / 3) as the reference; the normalisers are set on the first batch."""
+    def set_examples(self, labels: torch.Tensor) -> None:
+        """Allocate both memory banks for the training examples, uniform in +-1 /
+        sqrt(feat_dim / 3) as the reference; the normalisers are set on the first batch.
+        ``labels`` (UNLABELED where none) decide which examples are another's negatives."""
+        n, self._labels = len(labels), labels
+        known = labels[labels != UNLABELED]
+        one_class = len(known) == n and bool((known == known[0]).all())
+        if self.negatives == "other_classes" and one_class:
+            raise ConfigError("loss.negatives", self.negatives, "every training example is of "
+                              "one class, so none has a negative of another: use uniform")
         bound = 1.0 / math.sqrt(self.feat_dim / 3)
         weight = self.embed_student.weight  # the bank in its dtype (float64 too), drawn alike
         for side in ("student", "teacher"):
@@ -79,10 +118,13 @@ class CRD(FeatureLoss):
         self._indices = indices
 
     def contrast_indices(self, indices: torch.Tensor, n: int) -> torch.Tensor:
-        """(batch, 1 + nce_k): each example's own index, then nce_k uniform draws."""
-        drawn = torch.randint(0, n, (len(indices), self.nce_k + 1), device=indices.device)
-        drawn[:, 0] = indices
-        return drawn
+        """(batch, 1 + nce_k): each example's own index, then its nce_k negatives."""
+        if self.negatives == "uniform":
+            drawn = torch.randint(0, n, (len(indices), self.nce_k + 1), device=indices.device)
+            drawn[:, 0] = indices
+            return drawn
+        return torch.cat([indices[:, None], other_class_draws(self._labels, indices,
+                                                               self.nce_k)], 1)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):

@@ -11,26 +11,43 @@ from torch import nn
 
 from kdrun.checks import layer_name
 from kdrun.errors import ConfigError
-from kdrun.losses.base import KD_RULES, LOSSES, WEIGHT, DistillationLoss, kd_loss
+from kdrun.losses.base import (
+    KD_RULES,
+    LOSSES,
+    WEIGHT,
+    DistillationLoss,
+    hard_soft_check,
+    kd_loss,
+    optional_floats,
+)
 
 
 class FeatureLoss(DistillationLoss):
     """A method that reads ``student_layer`` of the student and ``teacher_layer`` of
-    the teacher (the teacher then runs on every batch: its features are not cached),
-    plus, optionally, Hinton's KD: L = kd_loss(alpha, T) + its own term. With alpha=0
-    (their papers' setting unless stated) that is CE + its own term."""
+    the teacher, plus, optionally, Hinton's KD: L = kd_loss(alpha, T) + its own term.
+    With alpha=0 (their papers' setting unless stated) that is CE + its own term; with
+    alpha=null, ce_weight * CE + kd_weight * T^2 * KD + its own term (RepDistiller's
+    -r, -a: e.g. CRD+KD is CE 1 + KD 1 + CRD 0.8)."""
 
     reads_features = True
     config_rules = {"student_layer": layer_name, "teacher_layer": layer_name, **KD_RULES}
 
-    def __init__(self, student_layer: str, teacher_layer: str, alpha: float, T: float):
+    def __init__(self, student_layer: str, teacher_layer: str, alpha: float | None, T: float,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
         super().__init__()
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.alpha, self.T = float(alpha), float(T)
+        self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
+        self.T = float(T)
+
+    @classmethod
+    def check_config(cls, settings: dict) -> None:
+        if "alpha" in cls.config_rules:  # (not ReviewKD: CE + its own term only)
+            hard_soft_check(settings)
 
     def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
-                       masked=not self.all_labelled)
+                       masked=not self.all_labelled, ce_weight=self.ce_weight,
+                       kd_weight=self.kd_weight)
 
 
 def regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
@@ -57,8 +74,9 @@ class FitNet(FeatureLoss):
     config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT}
 
     def __init__(self, beta: float = 100.0, student_layer: str = "penultimate",
-                 teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 teacher_layer: str = "penultimate", alpha: float | None = 0.0, T: float = 4.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.beta = float(beta)
         self.regressor: nn.Module | None = None
 
@@ -90,8 +108,9 @@ class AT(FeatureLoss):
     config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT}
 
     def __init__(self, beta: float = 1000.0, student_layer: str = "features",
-                 teacher_layer: str = "features", alpha: float = 0.0, T: float = 4.0):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 teacher_layer: str = "features", alpha: float | None = 0.0, T: float = 4.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.beta = float(beta)
 
     def prepare(self, student_shape, teacher_shape) -> None:

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.checks import boolean
-from kdrun.losses.base import KD_RULES, LOSSES, DistillationLoss, kd_loss, zscore
+from kdrun.losses.base import (
+    KD_RULES,
+    LOSSES,
+    DistillationLoss,
+    hard_soft_check,
+    kd_loss,
+    optional_floats,
+    zscore,
+)
 
 
 @torch.no_grad()
@@ -25,7 +33,9 @@ class KD(DistillationLoss):
     L = alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(y, s)
 
     ``alpha`` weights the *teacher* (soft) term, as in the paper. Keras' KD example
-    and torchdistill's KDLoss put alpha on the hard-label term instead. The T^2
+    and torchdistill's KDLoss put alpha on the hard-label term instead. With
+    ``alpha=None``, ``ce_weight`` and ``kd_weight`` weight the two terms freely
+    (mdistiller's CE_WEIGHT and KD_WEIGHT): L = kd_weight * T^2 * KL + ce_weight * CE. The T^2
     factor (``t2_scale``) keeps the soft term's gradients on the hard term's scale
     as T changes. ``logit_std`` z-scores both sides' logits per sample before the
     temperature softmax of the soft term (Sun et al. 2024, CVPR; ``loss=kd_ls``).
@@ -33,17 +43,23 @@ class KD(DistillationLoss):
 
     config_rules = {**KD_RULES, "t2_scale": boolean, "logit_std": boolean}
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9, t2_scale: bool = True,
-                 logit_std: bool = False):
+    def __init__(self, T: float = 4.0, alpha: float | None = 0.9, t2_scale: bool = True,
+                 logit_std: bool = False, ce_weight: float | None = None,
+                 kd_weight: float | None = None):
         super().__init__()
-        self.T, self.alpha, self.t2_scale = float(T), float(alpha), bool(t2_scale)
-        self.logit_std = bool(logit_std)
+        self.T, self.t2_scale, self.logit_std = float(T), bool(t2_scale), bool(logit_std)
+        self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
         self.soft_view = zscore if self.logit_std else None  # both sides, soft term only
+
+    @classmethod
+    def check_config(cls, settings: dict) -> None:
+        hard_soft_check(settings)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
-                       self.t2_scale, self.soft_view, masked=not self.all_labelled)
+                       self.t2_scale, self.soft_view, masked=not self.all_labelled,
+                       ce_weight=self.ce_weight, kd_weight=self.kd_weight)
 
 
 @LOSSES.register("ce")

@@ -37,8 +37,9 @@ class RKD(FeatureLoss):
 
     def __init__(self, w_dist: float = 25.0, w_angle: float = 50.0,
                  student_layer: str = "penultimate", teacher_layer: str = "penultimate",
-                 alpha: float = 0.0, T: float = 4.0):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 alpha: float | None = 0.0, T: float = 4.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.w_dist, self.w_angle = float(w_dist), float(w_angle)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
@@ -71,8 +72,9 @@ class SP(FeatureLoss):
     config_rules = {**FeatureLoss.config_rules, "gamma": WEIGHT}
 
     def __init__(self, gamma: float = 3000.0, student_layer: str = "penultimate",
-                 teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 teacher_layer: str = "penultimate", alpha: float | None = 0.0, T: float = 4.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.gamma = float(gamma)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
@@ -102,9 +104,10 @@ class PKT(FeatureLoss):
                     "eps": number(0, lo_open=True)}
 
     def __init__(self, beta: float = 30000.0, student_layer: str = "penultimate",
-                 teacher_layer: str = "penultimate", alpha: float = 0.0, T: float = 4.0,
-                 eps: float = 1e-7):
-        super().__init__(student_layer, teacher_layer, alpha, T)
+                 teacher_layer: str = "penultimate", alpha: float | None = 0.0, T: float = 4.0,
+                 eps: float = 1e-7,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
         self.beta, self.eps = float(beta), eps
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,

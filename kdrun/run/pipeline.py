@@ -192,7 +192,8 @@ def check_feature_layers(cfg: DictConfig, data: Data) -> None:
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:
     scheme = scheme_of(cfg)
-    loss = " ".join(f"{k}={v}" for k, v in scheme.distillation_loss(cfg).items())
+    loss = " ".join(f"{k}={v}" for k, v in scheme.distillation_loss(cfg).items()
+                    if v is not None)  # an unset term weight says nothing
     seeds = ",".join(map(str, student_seeds(cfg)))
     text = f"kdrun | dataset={dataset_name} | loss: {loss} | student seeds {seeds}"
     if scheme.shown:

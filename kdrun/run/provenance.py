@@ -206,6 +206,13 @@ def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: 
     }
 
 
+def loss_key(loss_cfg: dict) -> dict:
+    """A loss's settings as a stage key holds them: a key set to null is unset (e.g. the
+    term weights ce_weight and kd_weight where alpha weights the terms), as if absent,
+    so adding an optional key to a loss leaves the keys of existing stages as they were."""
+    return {k: v for k, v in loss_cfg.items() if v is not None}
+
+
 def given_teacher_material(cfg: DictConfig, model_cfg, file_sha256: str, weights: str,
                            numerics: dict, data_digest: str) -> dict:
     """The key of a user's teacher checkpoint: the file's content, the architecture that

@@ -24,6 +24,7 @@ from kdrun.run.given_teacher import WEIGHTS, evaluate_given_teacher
 from kdrun.run.provenance import (
     arithmetic_order,
     config_hash,
+    loss_key,
     numerics,
     numerics_columns,
     run_keys,
@@ -117,7 +118,7 @@ class Stages:
         data = self.data
         if role != "scratch":  # a distilled student depends on its loss and its teacher
             taught = teacher is not None
-            extra = {"loss": loss_cfg, "teacher": teacher_key if taught else None,
+            extra = {"loss": loss_key(loss_cfg), "teacher": teacher_key if taught else None,
                      "distill_from": self.tcfg.distill_from if taught else None,
                      "teacher_targets": type(teacher).__name__ if taught else None}
             if taught and self.transfer_digest:  # and on the transfer set it also learns from

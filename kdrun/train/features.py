@@ -3,8 +3,11 @@ never changes for a feature- or relation-based loss.
 
 A layer is named as in ``model.named_modules()`` (``conv1``, ``fc0``, ...);
 ``penultimate`` means the input of the class head, the model's last linear layer
-(the embedding the head sees). A list of names taps each (a loss that reads several
-stages, e.g. ReviewKD), and gives a list of features in that order.
+(the embedding the head sees); a model may also name taps of its own in a
+``preact_taps`` dict, e.g. the CIFAR zoo's ``layer1.preact``: the stage's output before
+its final ReLU, as the references' ``preact=True`` reads it. A list of names taps each
+(a loss that reads several stages, e.g. ReviewKD), and gives a list of features in that
+order.
 """
 
 from __future__ import annotations
@@ -25,16 +28,22 @@ class FeatureTap:
         self.single = isinstance(layer, str)
         self.layers = [layer] if self.single else [str(name) for name in layer]
         self._values: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._versions: list[int | None] = [None] * len(self.layers)
+        self._key = key
         names = dict(model.named_modules())
+        aliases = getattr(model, "preact_taps", {})
         self._handles = []
         for i, name in enumerate(self.layers):
+            module = aliases.get(name, name)
             if name == "penultimate":
                 head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
                 hook = head.register_forward_pre_hook(self._keeper(i, "input"))
-            elif name in names and name:
-                hook = names[name].register_forward_hook(self._keeper(i, "output"))
+            elif module in names and module:
+                # a model's own tap may be a batch norm whose ReLU works in place: a copy
+                keeper = self._keeper(i, "copy" if name in aliases else "output")
+                hook = names[module].register_forward_hook(keeper)
             else:
-                valid = ", ".join(["penultimate"] + [n for n in names if n])
+                valid = ", ".join(["penultimate", *aliases] + [n for n in names if n])
                 raise ConfigError(key, name, f"not a layer of this model; valid: {valid}")
             self._handles.append(hook)
 
@@ -44,12 +53,21 @@ class FeatureTap:
 
         def keep_output(module, inputs, output):
             self._values[i] = output
+            self._versions[i] = output._version
 
-        return keep_input if which == "input" else keep_output
+        def keep_copy(module, inputs, output):
+            self._values[i] = output.clone()
+
+        return {"input": keep_input, "output": keep_output, "copy": keep_copy}[which]
 
     @property
     def value(self):
         """The latest feature, or the list of them for a list of layers."""
+        for name, kept, version in zip(self.layers, self._values, self._versions):
+            if version is not None and kept._version != version:
+                raise ConfigError(self._key, name, "this layer's output is overwritten in place "
+                                  "by the next one (an in-place ReLU) before it can be read: "
+                                  "tap the layer after it, or the stage it belongs to")
         return self._values[0] if self.single else list(self._values)
 
     def read_float(self):

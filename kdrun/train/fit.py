@@ -270,7 +270,7 @@ def fit(
     loss_fn.to(device, dtype)  # learned parts of a loss (a FitNet regressor) train with the model
     loss_fn.all_labelled = labelled_only  # else its hard-label term is masked
     if loss_fn.reads_indices:
-        loss_fn.set_examples(len(train))
+        loss_fn.set_examples(train.y)
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
         if loss_fn.reads_features else None
     optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)

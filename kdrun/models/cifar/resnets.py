@@ -12,7 +12,11 @@ Module names follow those projects (``conv1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0``, ``block1.layer.0.convShortcut``, ``layer1.0.shortcut.0``,
 ``fc``, ``linear``, ...), so a state dict saved by them loads strictly
 (``teacher.checkpoint=``). Feature taps by name: each stage (``layer1``..``layer3`` or
-``layer4``, or ``block1``..``block3``) and ``penultimate``.
+``layer4``, or ``block1``..``block3``), ``penultimate``, and each stage's pre-activation
+``<stage>.preact`` (``preact_taps``), as the references' ``preact=True`` reads it:
+the ResNets' last block before its final ReLU (every block has a ``preact`` tap); the
+wide ResNets' stage output after the next batch norm, before its ReLU (mdistiller's
+``wrn.py``: ``block2.layer[0].bn1(f1)``, ..., ``bn1(f3)``).
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ class BasicBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                             nn.BatchNorm2d(c_out))
+        self.preact = nn.Identity()  # a tap: the sum before the final ReLU
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return F.relu(self.preact(out + shortcut))
 
 
 class CifarResNet(nn.Module):
@@ -65,6 +70,7 @@ class CifarResNet(nn.Module):
                       for i in range(blocks)]
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
             c_in = c_out
+        self.preact_taps = {f"layer{i}.preact": f"layer{i}.{blocks - 1}.preact" for i in (1, 2, 3)}
         _add_head(self, widths[3], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +131,9 @@ class WideResNet(nn.Module):
         self.block3 = WideStage(blocks, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU(inplace=True)
+        # each stage's output as the next batch norm gives it to its ReLU
+        self.preact_taps = {"block1.preact": "block2.layer.0.bn1",
+                            "block2.preact": "block3.layer.0.bn1", "block3.preact": "bn1"}
         _add_head(self, widths[3], num_classes)
         nn.init.zeros_(self.fc.bias)  # as the reference initialises it
 
@@ -150,11 +159,12 @@ class Bottleneck(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
                                           nn.BatchNorm2d(c_out))
+        self.preact = nn.Identity()  # a tap: the sum before the final ReLU
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class CifarResNet50(nn.Module):
@@ -169,6 +179,8 @@ class CifarResNet50(nn.Module):
                       for i in range(n)]
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
             c_in = 4 * planes
+        self.preact_taps = {f"layer{i}.preact": f"layer{i}.{n - 1}.preact"
+                            for i, n in enumerate(blocks, start=1)}
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.penultimate = nn.Flatten()
         self.linear = nn.Linear(c_in, num_classes)
