@@ -366,3 +366,24 @@ def test_a_tap_that_an_in_place_relu_overwrites_is_refused_not_read_wrong():
         model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
     with pytest.raises(ConfigError, match="loss.student_layer.*overwritten in place"):
         _ = tap.value
+
+
+@pytest.mark.slow  # two CIFAR-format pipelines through the recipes
+@pytest.mark.parametrize("loss", ["reviewkd", "crd"])
+def test_the_feature_recipes_train_end_to_end_on_tiny_cifar100_files(tmp_path, skip_cifar_md5,
+                                                                     loss):
+    """ReviewKD (the teacher's pre-activation stages, cached) and CRD (negatives of other
+    classes, drawn with replacement: 16,384 exceed this set) through the pipeline, with a
+    resnet56 -> resnet20 recipe on smaller models of the same stage names."""
+    from kdrun.run import pipeline
+    from tests.helpers import write_cifar
+
+    write_cifar(tmp_path / "data", classes=100, n_per_batch=8)
+    cfg = make_config("experiment=cifar100_resnet56_resnet20", "teacher=resnet14",
+                      "student=resnet8", f"loss={loss}", f"dataset.root={tmp_path}/data",
+                      "trainer.epochs=2", "trainer.batch_size=8", "progress=false",
+                      "repeats=1", "latency.repeats_b1=2", "latency.repeats_b256=2",
+                      "latency.warmup=0", f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+    assert rows[2]["method"] == loss and 0 <= rows[2]["test_acc_best_val"] <= 100
