@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_sweep import TIMED_CHILD
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.bench_sweep import TIMED_CHILD  # noqa: E402
 
 SWEEP = ["-m", "loss.T=2,4", "loss.alpha=0.5,0.9"]
 COMMANDS = {"single run": [], "sweep, default launcher": SWEEP,

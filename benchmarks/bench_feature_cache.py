@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.bench_default_sweep import timed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from benchmarks.bench_default_sweep import timed  # noqa: E402
 
 LOAD = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1000, 1000)\n"
         "while True:\n    a @ a\n")

@@ -52,8 +52,8 @@ class RawData:
 class Split:
     """A split held in memory as tensors (on the training device during training)."""
 
-    x: torch.Tensor  # float32, (N, *input_shape)
-    y: torch.Tensor  # int64, (N,)
+    x: torch.Tensor  # float32, (N, *input_shape); int64 token ids for text (N, positions)
+    y: torch.Tensor  # int64, (N,); for text the next tokens, (N, positions)
     in_memory = True
 
     def __len__(self) -> int:
@@ -65,6 +65,7 @@ class Split:
 
     def to(self, device, dtype: torch.dtype | None = None) -> Split:
         """On ``device``; the inputs in ``dtype`` when given (trainer.float64)."""
+        dtype = dtype if self.x.is_floating_point() else None  # token ids stay integers
         return Split(self.x.to(device, dtype), self.y.to(device))
 
     def joined(self, other: Split) -> Split:
@@ -236,7 +237,8 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
     splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
     if transfer is not None:
         splits.append(transfer[0])
-    if split_cfg.standardize and len(splits[0]):  # by the labelled training split's statistics
+    floats = splits[0].x.is_floating_point()  # not token ids
+    if split_cfg.standardize and floats and len(splits[0]):  # by the labelled train split
         mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std

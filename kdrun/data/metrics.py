@@ -52,8 +52,18 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(-1).double() * 100
 
 
+def _perplexity(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """exp of the mean cross-entropy (nats) of the targets: a language model's next-token
+    perplexity when each row is a position (kdrun/train/tokens.py); the vocabulary size
+    for a uniform guess, 1 for a certain and right one."""
+    log_p = torch.log_softmax(logits.double(), -1)
+    picked = log_p.gather(-1, targets.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (-picked).mean(-1).exp()
+
+
 METRICS: dict[str, Metric] = {}  # every metric defined so far, by name
 ACCURACY = Metric("accuracy", "acc", "%", higher_is_better=True, score=_accuracy)
+PERPLEXITY = Metric("perplexity", "ppl", "", higher_is_better=False, score=_perplexity)
 
 
 def metric_named(name, higher_is_better=None) -> Metric:

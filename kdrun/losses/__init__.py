@@ -3,7 +3,8 @@ what every loss is and can do), each registered by name in LOSSES where it is de
 
 Where each lives: kd.py (KD, CE), response.py (logit-based: mse_logits, dkd, dist),
 standardized.py (kd_ls), feature.py (fitnet, at), relation.py (rkd, sp, pkt),
-contrastive.py (crd), review.py (reviewkd); mutual.py holds DML, the loss of
+contrastive.py (crd), review.py (reviewkd), divergence.py (reverse_kl, jsd, skew_kl,
+tv: token-level divergences for language models); mutual.py holds DML, the loss of
 scheme=dml (not a loss option: the scheme builds it). To add a method: write its
 class in a module of this folder (every module here is imported, so its classes
 register) with ``@LOSSES.register("name")``, and add ``configs/loss/<name>.yaml``. A

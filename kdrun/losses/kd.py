@@ -21,8 +21,8 @@ from kdrun.losses.base import (
 def soft_target_entropy(teacher_logits: torch.Tensor, T: float) -> float:
     """Mean entropy (nats) of the teacher's softened distributions softmax(t / T):
     how soft the targets really are at this temperature (max: log of the class count)."""
-    log_p = F.log_softmax(teacher_logits.float() / T, dim=1)
-    return float(-(log_p.exp() * log_p).sum(1).mean())
+    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return float(-(log_p.exp() * log_p).sum(-1).mean())
 
 
 @LOSSES.register("kd")

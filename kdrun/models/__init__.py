@@ -17,6 +17,7 @@ from kdrun.models.base import (
     count_params,
     describe,
     eval_mode,
+    example_inputs,
     he_init,
     image_builder,
     input_spec,
@@ -26,7 +27,7 @@ from kdrun.models.base import (
 from kdrun.packages import import_every_module
 
 __all__ = ["MODELS", "NOT_BUILDER_KEYS", "Cohort", "build_model", "builder_hook",
-           "count_params", "describe", "eval_mode", "he_init", "image_builder", "input_spec",
-           "model_identity", "need_images"]
+           "count_params", "describe", "eval_mode", "example_inputs", "he_init",
+           "image_builder", "input_spec", "model_identity", "need_images"]
 
 import_every_module(__name__, __path__)

@@ -32,6 +32,20 @@ from kdrun.registry import Registry
 MODELS = Registry("model", hidden=("cohort",))  # a cohort is built by scheme=dml
 
 
+def example_inputs(model: nn.Module, batch: int, input_shape, device=None, dtype=None,
+                   fill: float | None = None):
+    """Inputs to time, trace or probe ``model`` with: its own ``example_inputs(batch,
+    device)`` where it has one (a language model's token ids, drawn from no generator),
+    else random floats, or ``fill`` everywhere (a probe that must leave the global random
+    state as it found it: it decides the next model's initialisation)."""
+    own = getattr(model, "example_inputs", None)
+    if own is not None:
+        return own(batch, device)
+    if fill is not None:
+        return torch.full((batch, *input_shape), fill, device=device, dtype=dtype)
+    return torch.randn(batch, *input_shape, device=device, dtype=dtype)
+
+
 def _as_list(value, n: int) -> list:
     """An int (used for every layer) or a list with one entry per layer."""
     if isinstance(value, int | str) or value is None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import UserError
-from kdrun.models import build_model
+from kdrun.models import build_model, example_inputs
 from kdrun.store.files import load_checkpoint
 
 log = logging.getLogger("kdrun")
@@ -46,7 +46,7 @@ def export_onnx(model: nn.Module, input_shape, path: Path, batch: int = 4) -> fl
                         "pip install 'kdrun[onnx]'") from e
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per merged constant
     model = model.eval().cpu()
-    x = torch.randn(batch, *input_shape)
+    x = example_inputs(model, batch, input_shape)
     try:
         torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
                           input_names=["input"], output_names=["logits"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdrun.models import count_params
+from kdrun.models import count_params, example_inputs
 
 BATCHES = (1, 256)  # the batch sizes timed: latency_ms_b1, latency_ms_b256
 # Timing rounds agree when the median per-round ratio is within this factor of the ratio
@@ -53,7 +53,7 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
     """Per model, ``repeats`` wall times (ms) of one eval-mode forward pass on ``batch``
     inputs. Each round times every model once, in turn, so the machine's drift (other
     processes, clock changes) hits them alike; the first ``warmup`` rounds are dropped."""
-    x = torch.randn(batch, *input_shape, device=device)
+    x = example_inputs(next(iter(models.values())), batch, input_shape, device)
     times = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # timed as deployed: float32, whatever it trained in

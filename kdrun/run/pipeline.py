@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.losses import build_loss, loss_class
-from kdrun.models import build_model, describe, input_spec
+from kdrun.models import build_model, builder_hook, describe, input_spec
 from kdrun.models.hubs.pretrained import InputSpec
 from kdrun.report.export import export_distilled
 from kdrun.report.measure import side_by_side
@@ -55,6 +55,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     report_inputs(cfg, data)
     check_feature_layers(cfg, data)
     check_transfer_set(cfg, data)
+    check_token_models(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
     try:
@@ -155,6 +156,19 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
     summary = pd.read_csv(run_dir.summary_csv)
     result = _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
     return {**result, "line": f"this run already finished: {result['line']}"}
+
+
+def check_token_models(cfg: DictConfig, data: Data) -> None:
+    """Text (token ids) needs a language model for every role: one line, not a traceback
+    from a linear layer given integers."""
+    if not getattr(data.train, "in_memory", False) or data.train.x.is_floating_point():
+        return
+    scheme = scheme_of(cfg)
+    roles = [("teacher", cfg.teacher)] if scheme.has_teacher else []
+    for prefix, node in (*roles, ("student", cfg.student), *scheme.models(cfg)):
+        if not builder_hook(node, "reads_tokens"):
+            raise ConfigError(f"{prefix}.arch", node.get("arch"), f"dataset={data.name} gives "
+                              "token ids, which only a language model reads: use hf_lm")
 
 
 def check_transfer_set(cfg: DictConfig, data: Data) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models import eval_mode
+from kdrun.models import eval_mode, example_inputs
 from kdrun.precision import widen
 
 
@@ -108,6 +108,6 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
     tap = FeatureTap(model, layer, key)
     with eval_mode(model):
         weight = next(model.parameters())
-        model(torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
+        model(example_inputs(model, 1, input_shape, weight.device, weight.dtype, fill=0.0))
     tap.remove()
     return each_feature(lambda value: tuple(value.shape[1:]), tap.value)

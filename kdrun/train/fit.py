@@ -29,6 +29,7 @@ from kdrun.models import eval_mode
 from kdrun.precision import uses_amp, uses_tf32, widen, working_dtype
 from kdrun.train.features import FeatureTap, each_feature, feature_shape
 from kdrun.train.progress import StageProgress
+from kdrun.train.tokens import token_rows
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -111,7 +112,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
              metric: Metric = ACCURACY) -> tuple[float, float]:
     """(cross-entropy loss, the task's metric) on a split, in eval mode."""
     logits = predict_logits(model, split, batch_size)
-    labels = split.y.to(logits.device)
+    logits, labels = token_rows(logits, split.y.to(logits.device))
     loss = F.cross_entropy(logits, labels).item()
     return loss, metric.compute(logits, labels)
 
@@ -290,7 +291,7 @@ def fit(
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     skip_nan = tcfg.get("on_nan", "stop") == "skip"
-    bar = StageProgress(label or stage, epochs, progress_state["epoch"], progress)
+    bar = StageProgress(label or stage, epochs, progress_state["epoch"], progress, data.metric)
     for epoch in range(progress_state["epoch"] + 1, epochs + 1):
         model.train()
         loss_fn.start_epoch(epoch)  # e.g. DKD's warm-up
@@ -307,7 +308,9 @@ def fit(
             with autocast():
                 logits = forward(xb)
             s_feature = student_tap.read_float() if student_tap else None
-            loss = loss_fn(widen(logits), t_logits, yb, s_feature, t_feature)
+            logits, yb_rows = token_rows(logits, yb)  # a language model's positions as rows
+            t_logits = token_rows(t_logits, yb)[0]
+            loss = loss_fn(widen(logits), t_logits, yb_rows, s_feature, t_feature)
             if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
                 skipped += 1
                 continue
@@ -316,7 +319,7 @@ def fit(
             if tcfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
-            meter.add(step, loss, logits, yb)
+            meter.add(step, loss, logits, yb_rows)
         if schedule is not None:
             schedule.step()
         if device.type == "cuda":

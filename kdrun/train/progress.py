@@ -10,6 +10,8 @@ import time
 
 from tqdm.auto import tqdm
 
+from kdrun.data.metrics import ACCURACY, Metric
+
 log = logging.getLogger("kdrun")
 LINE_EVERY_S = 30.0  # in a file: at most one line per this many seconds while a stage trains
 # Where this process is: the stage training now and its last finished epoch (what an
@@ -37,8 +39,9 @@ def on_terminal() -> bool:
 class StageProgress:
     """``update(epoch, loss, val)`` after each epoch, ``close()`` at the end."""
 
-    def __init__(self, stage: str, epochs: int, done: int, enabled: bool):
-        self.stage, self.epochs = stage, epochs
+    def __init__(self, stage: str, epochs: int, done: int, enabled: bool,
+                 metric: Metric = ACCURACY):
+        self.stage, self.epochs, self.metric = stage, epochs, metric
         self.bar = None
         self.lines = enabled and not on_terminal()
         if enabled and not self.lines:
@@ -50,10 +53,12 @@ class StageProgress:
 
     def update(self, epoch: int, loss: float, val_acc: float) -> None:
         training(self.stage, epoch)
-        self.state = f"epoch {epoch}/{self.epochs}, loss {loss:.3f}, val {val_acc:.1f}%"
+        val = f"{val_acc:.1f}{self.metric.unit}" if self.metric.unit == "%" else \
+            f"{self.metric.short} {val_acc:.2f}"
+        self.state = f"epoch {epoch}/{self.epochs}, loss {loss:.3f}, val {val}"
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.1f}%")
+            self.bar.set_postfix(loss=f"{loss:.3f}", val=val)
         elif self.lines and time.monotonic() - self.last_line >= LINE_EVERY_S \
                 and epoch < self.epochs:
             self.last_line = time.monotonic()

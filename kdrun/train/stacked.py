@@ -86,6 +86,8 @@ class Member:
 def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> None:
     """Raise NotBatchable when a model cannot train in a stacked group (or would train
     slower stacked than alone)."""
+    if getattr(model, "outputs_per_token", False):
+        raise NotBatchable("it is a language model (not stacked yet)")
     for module in model.modules():
         if device.type == "cpu" and isinstance(module, (nn.Conv2d, nn.Conv3d)):
             raise NotBatchable("it has 2-D convolutions, which train slower stacked than "

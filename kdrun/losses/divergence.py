@@ -1,0 +1,155 @@
+"""Divergences between the teacher's and the student's softened distributions beyond
+Hinton's forward KL, as language-model distillation uses them token by token (each row
+of logits is one position: kdrun/train/tokens.py), and as any classifier can:
+
+- ``reverse_kl``: KL(p_s || p_t), mode-seeking (MiniLLM, Gu et al. 2024);
+- ``jsd``: the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024), with
+  TRL's convention: beta = 0 is the forward KL(p_t || p_s), beta = 1 the reverse KL;
+- ``skew_kl``: DistiLLM's skew KL (Ko et al. 2024), KL(p_t || a p_t + (1 - a) p_s), or
+  its reverse KL(p_s || a p_s + (1 - a) p_t);
+- ``tv``: the total variation distance, half the L1 distance of the distributions.
+
+Each is L = kd_weight * T^2 * D + ce_weight * CE, weighted by ``alpha`` (kd_weight =
+alpha, ce_weight = 1 - alpha) or by the two term weights, as ``kd``; p = softmax(z / T);
+every divergence summed over the vocabulary and averaged over the rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdrun.checks import PROBABILITY, boolean
+from kdrun.losses.base import (
+    KD_RULES,
+    LOSSES,
+    DistillationLoss,
+    hard_soft_check,
+    optional_floats,
+)
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, summed over the last dimension and averaged over
+    the rows (0 log 0 = 0)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1).mean(-1)
+
+
+def log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight) -> torch.Tensor:
+    """log(weight * p + (1 - weight) * q), computed in log space; weight in (0, 1) (a
+    number, or a tensor when students are batched)."""
+    w = torch.as_tensor(weight, dtype=log_p.dtype, device=log_p.device)
+    return torch.logaddexp(log_p + torch.log(w), log_q + torch.log1p(-w))
+
+
+def reverse_kl(log_s, log_t, beta=None, skew=None, reverse=False):
+    return kl_rows(log_s, log_t)
+
+
+def jsd(log_s, log_t, beta=0.5, skew=None, reverse=False):
+    """TRL's GKD convention: beta 0 = KL(p_t || p_s), 1 = KL(p_s || p_t), between them
+    beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta p_t + (1 - beta) p_s."""
+    if beta == 0:
+        return kl_rows(log_t, log_s)
+    if beta == 1:
+        return kl_rows(log_s, log_t)
+    log_m = log_mix(log_t, log_s, beta)
+    return beta * kl_rows(log_t, log_m) + (1 - beta) * kl_rows(log_s, log_m)
+
+
+def skew_kl(log_s, log_t, beta=None, skew=0.1, reverse=False):
+    """DistiLLM: KL(p_t || skew p_t + (1 - skew) p_s); reversed, KL(p_s || skew p_s +
+    (1 - skew) p_t). skew = 0 is the plain (forward or reverse) KL."""
+    first, second = (log_s, log_t) if reverse else (log_t, log_s)
+    if skew == 0:
+        return kl_rows(first, second)
+    return kl_rows(first, log_mix(first, second, skew))
+
+
+def total_variation(log_s, log_t, beta=None, skew=None, reverse=False):
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean(-1)
+
+
+class Divergence(DistillationLoss):
+    """kd_weight * T^2 * divergence(p_s, p_t) + ce_weight * CE (see the module's doc)."""
+
+    divergence = staticmethod(reverse_kl)
+    config_rules = {**KD_RULES, "t2_scale": boolean}
+
+    def __init__(self, T: float = 1.0, alpha: float | None = 0.5, t2_scale: bool = True,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__()
+        self.T, self.t2_scale = float(T), bool(t2_scale)
+        self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
+
+    @classmethod
+    def check_config(cls, settings: dict) -> None:
+        hard_soft_check(settings)
+
+    def options(self) -> dict:
+        return {}
+
+    def forward(self, student_logits, teacher_logits, labels, student_feature=None,
+                teacher_feature=None):
+        ce_weight, kd_weight = ((1 - self.alpha, self.alpha) if self.alpha is not None
+                                else (self.ce_weight, self.kd_weight))
+        hard = self.hard(student_logits, labels)
+        log_s = F.log_softmax(student_logits / self.T, -1)
+        log_t = F.log_softmax(teacher_logits.detach() / self.T, -1)
+        term = type(self).divergence(log_s, log_t, **self.options())
+        scale = self.T**2 if self.t2_scale else 1.0
+        return kd_weight * scale * term + ce_weight * hard
+
+
+@LOSSES.register("reverse_kl")
+class ReverseKL(Divergence):
+    """Reverse KL, KL(p_s || p_t): the student puts its mass where the teacher's is, and
+    need not cover all of it (MiniLLM, Gu et al. 2024, ICLR)."""
+
+    divergence = staticmethod(reverse_kl)
+
+
+@LOSSES.register("jsd")
+class JSD(Divergence):
+    """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, ICLR), TRL's
+    convention: ``beta`` 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t)."""
+
+    divergence = staticmethod(jsd)
+    config_rules = {**Divergence.config_rules, "beta": PROBABILITY}
+
+    def __init__(self, beta: float = 0.5, T: float = 1.0, alpha: float | None = 0.5,
+                 t2_scale: bool = True, ce_weight: float | None = None,
+                 kd_weight: float | None = None):
+        super().__init__(T, alpha, t2_scale, ce_weight, kd_weight)
+        self.beta = float(beta)
+
+    def options(self) -> dict:
+        return {"beta": self.beta}
+
+
+@LOSSES.register("skew_kl")
+class SkewKL(Divergence):
+    """DistiLLM's skew KL (Ko et al. 2024, ICML): the student's distribution mixed with a
+    ``skew`` share of the teacher's keeps the divergence finite and its gradients tame;
+    ``reverse`` gives the skew reverse KL."""
+
+    divergence = staticmethod(skew_kl)
+    config_rules = {**Divergence.config_rules, "skew": PROBABILITY, "reverse": boolean}
+
+    def __init__(self, skew: float = 0.1, reverse: bool = False, T: float = 1.0,
+                 alpha: float | None = 0.5, t2_scale: bool = True,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(T, alpha, t2_scale, ce_weight, kd_weight)
+        self.skew, self.reverse = float(skew), bool(reverse)
+
+    def options(self) -> dict:
+        return {"skew": self.skew, "reverse": self.reverse}
+
+
+@LOSSES.register("tv")
+class TotalVariation(Divergence):
+    """Total variation distance, 0.5 * sum |p_t - p_s|: bounded in [0, 1] (Wen et al.
+    2023, "f-Divergence Minimization for Sequence-Level KD")."""
+
+    divergence = staticmethod(total_variation)

@@ -1,0 +1,22 @@
+"""A sequence model's outputs as rows, one per token: what the losses, the meters and the
+metrics read.
+
+A language model gives (batch, positions, vocabulary) logits for (batch, positions)
+targets (kdrun/data/text.py); every position is one next-token prediction. Flattened to
+(batch * positions, vocabulary) and (batch * positions,), they are what a classifier's
+(examples, classes) and (examples,) are, so every loss, the training meter, the
+perplexity and the accuracy apply token by token unchanged. Leading dimensions (a stacked
+group's members) are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor):
+    """(outputs, targets) with each position a row; a classifier's unchanged."""
+    if targets.ndim < 2:
+        return outputs, targets
+    rows = None if outputs is None else outputs.flatten(-3, -2)
+    return rows, targets.flatten(-2)

@@ -1,0 +1,22 @@
+"""Every benchmark script starts as its docstring and the README say to run it,
+`python benchmarks/<script>.py`, from any folder (two of them once needed the repository
+root on the import path, and failed as documented)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("[a-z]*.py"))
+
+
+@pytest.mark.slow  # a torch import per script
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_a_benchmark_script_starts_as_documented(script, tmp_path):
+    out = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout

@@ -1,0 +1,168 @@
+"""Language models, token by token (issue 27): generated and file text as next-token
+windows, perplexity, the token-level divergences against numpy, and a GPT-2 built from
+its config distilled end to end through the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdrun.data.metrics import PERPLEXITY
+from kdrun.data.text import BYTE_VOCAB, grammar_text, text_lm, windows
+from kdrun.errors import DataError
+from kdrun.losses import build_loss
+from kdrun.train.tokens import token_rows
+from tests.helpers import make_config
+
+# ------------------------------------------------------------------------ data
+
+
+def test_generated_text_is_the_grammars_and_fixed_by_its_seed():
+    text = grammar_text(50, seed=3)
+    assert text == grammar_text(50, seed=3) and text != grammar_text(50, seed=4)
+    sentences = [s.split() for s in text.split(".") if s.strip()]
+    assert len(sentences) == 50
+    assert all(s[0] in {"the", "a", "every", "some"} for s in sentences)
+
+
+def test_windows_predict_the_next_token():
+    tokens = torch.arange(23)
+    x, y = windows(tokens, 5)
+    assert x.shape == y.shape == (4, 5)
+    assert torch.equal(y, x + 1)  # every target is the token after its input
+    assert torch.equal(x.flatten(), tokens[:20])
+    with pytest.raises(DataError, match="seq_len=30"):
+        windows(tokens, 30)
+
+
+def test_text_files_are_read_as_bytes_and_bad_files_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo wörld. " * 40, encoding="utf-8")
+    raw = text_lm(files=str(tmp_path), seq_len=8)
+    assert raw.num_classes == BYTE_VOCAB and raw.metric is PERPLEXITY
+    assert raw.x_train.dtype == torch.long and raw.x_train.max() < 256
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe latin-1 \xe9")
+    with pytest.raises(DataError, match="b.txt is not UTF-8"):
+        text_lm(files=str(tmp_path))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        text_lm(files=str(empty))
+    with pytest.raises(DataError, match="no such file"):
+        text_lm(files=str(tmp_path / "missing.txt"))
+
+
+# ----------------------------------------------------------------------- metric
+
+
+def test_perplexity_is_the_exponentiated_cross_entropy():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(40, 7), torch.randint(0, 7, (40,))
+    expected = np.exp(F.cross_entropy(logits.double(), targets).item())
+    assert PERPLEXITY.compute(logits, targets) == pytest.approx(expected, rel=1e-12)
+    assert PERPLEXITY.compute(torch.zeros(5, 256), torch.arange(5)) == pytest.approx(256)
+    stacked = PERPLEXITY.score(torch.stack([logits, logits * 2]), targets)  # per member
+    assert stacked[0].item() == pytest.approx(expected, rel=1e-12)
+    assert PERPLEXITY.better(2.0, than=3.0) and not PERPLEXITY.higher_is_better
+
+
+def test_token_rows_flatten_positions_and_keep_members():
+    logits, targets = torch.randn(3, 4, 5, 6), torch.randint(0, 6, (4, 5))
+    rows, flat = token_rows(logits, targets)
+    assert rows.shape == (3, 20, 6) and torch.equal(flat, targets.flatten())
+    assert torch.equal(rows[1, 7], logits[1, 1, 2])  # sequence 1, position 2
+    same = torch.randn(4, 6)
+    assert token_rows(same, torch.arange(4))[0] is same  # a classifier's, unchanged
+
+
+# --------------------------------------------------------------- the divergences
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _kl(p, q):
+    return (p * np.log(p / q)).sum(-1).mean()
+
+
+def _setup():
+    torch.manual_seed(1)
+    s, t = torch.randn(12, 9, dtype=torch.float64), torch.randn(12, 9, dtype=torch.float64) * 2
+    y = torch.randint(0, 9, (12,))
+    ce = F.cross_entropy(s, y).item()
+    return s, t, y, ce
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_each_divergence_equals_its_formula(T):
+    s, t, y, ce = _setup()
+    p_s, p_t = _softmax(s.numpy() / T), _softmax(t.numpy() / T)
+    beta, skew = 0.3, 0.2
+    m = beta * p_t + (1 - beta) * p_s
+    expected = {
+        "reverse_kl": _kl(p_s, p_t),
+        "tv": 0.5 * np.abs(p_t - p_s).sum(-1).mean(),
+        "skew_kl": _kl(p_t, skew * p_t + (1 - skew) * p_s),
+        "skew_kl reverse": _kl(p_s, skew * p_s + (1 - skew) * p_t),
+        "jsd": beta * _kl(p_t, m) + (1 - beta) * _kl(p_s, m),
+        "jsd 0": _kl(p_t, p_s),  # TRL's convention: beta 0 is the forward KL
+        "jsd 1": _kl(p_s, p_t),  # and beta 1 the reverse KL
+    }
+    overrides = {"reverse_kl": [], "tv": [], "skew_kl": [f"loss.skew={skew}"],
+                 "skew_kl reverse": [f"loss.skew={skew}", "loss.reverse=true"],
+                 "jsd": [f"loss.beta={beta}"], "jsd 0": ["loss.beta=0"], "jsd 1": ["loss.beta=1"]}
+    for case, term in expected.items():
+        name = case.split()[0]
+        loss = build_loss(make_config(f"loss={name}", f"loss.T={T}", "loss.alpha=0.25",
+                                      *overrides[case]).loss)
+        assert loss(s, t, y).item() == pytest.approx(0.25 * T**2 * term + 0.75 * ce,
+                                                    rel=1e-9), case
+
+
+def test_divergence_term_weights_and_the_forward_kl_end_of_jsd_is_kd():
+    s, t, y, ce = _setup()
+    jsd = build_loss(make_config("loss=jsd", "loss.beta=0", "loss.T=2", "loss.alpha=null",
+                                 "loss.ce_weight=0.1", "loss.kd_weight=9").loss)
+    kd = build_loss(make_config("loss=kd", "loss.T=2", "loss.alpha=null", "loss.ce_weight=0.1",
+                                "loss.kd_weight=9").loss)
+    assert jsd(s, t, y).item() == pytest.approx(kd(s, t, y).item(), rel=1e-12)
+
+
+# --------------------------------------------------------------- end to end
+
+TINY_LM = ["dataset=text_lm", "dataset.sentences=300", "dataset.seq_len=16",
+           "teacher=hf_lm", "teacher.width=16", "teacher.heads=2", "student=hf_lm",
+           "student.width=8", "student.heads=2", "trainer.epochs=2", "trainer.batch_size=16",
+           "repeats=2", "progress=false", "latency.repeats_b1=2", "latency.repeats_b256=2",
+           "latency.warmup=0"]
+
+
+@pytest.mark.parametrize("family,loss", [("gpt2", "kd"), ("llama", "jsd")])
+def test_a_config_built_language_model_distils_end_to_end(tmp_path, family, loss):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+
+    cfg = make_config(*TINY_LM, f"teacher.family={family}", f"student.family={family}",
+                      f"loss={loss}", f"cache.dir={tmp_path}/cache")
+    result = pipeline.run(cfg, tmp_path / "run")
+    rows = result["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled", "scratch",
+                                         "distilled"]
+    assert all(r["metric"] == "perplexity" and r["higher_is_better"] is False for r in rows)
+    assert all(1 < r["test_acc_best_val"] < 2 * BYTE_VOCAB for r in rows)
+    # the stage cache reuses every stage of a rerun
+    again = pipeline.run(cfg, tmp_path / "run2")["rows"]
+    assert all(r["reused"] for r in again)
+
+
+def test_text_with_a_model_that_cannot_read_tokens_is_one_line(tmp_path):
+    from kdrun.errors import ConfigError
+    from kdrun.run import pipeline
+
+    keep = [o for o in TINY_LM if not o.startswith("student")]
+    cfg = make_config(*keep, "student=mlp", f"cache.dir={tmp_path}/cache")
+    with pytest.raises(ConfigError, match="student.arch='mlp'.*only a language model"):
+        pipeline.run(cfg, tmp_path / "run")
