@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep bench bench-sweep test test-slow test-full test-slurm lint clean
+.PHONY: help install run sweep bench bench-sweep bench-lm test test-slow test-full test-slurm lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 s
 
 bench: $(STAMP) ## kdrun's epochs vs the seed notebook's loop, side by side (a few minutes on CPU)
 	$(BIN)/python benchmarks/bench_kd.py
+
+bench-lm: $(STAMP) ## token-level distillation of a GPT-2: kdrun's step vs a plain PyTorch loop, speed and memory (about a minute on CPU)
+	$(BIN)/python benchmarks/bench_lm.py
 
 bench-sweep: $(STAMP) ## the 24-job T x alpha x seed sweep, basic vs batched launcher, cold cache (a few minutes on CPU)
 	$(BIN)/python benchmarks/bench_sweep.py

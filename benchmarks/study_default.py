@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdrun.data.metrics import metric_named
 from kdrun.report.table import gain_test
 
 KDRUN = str(Path(sys.executable).parent / "kdrun")
@@ -48,13 +49,14 @@ def run_group(setting: str, seed: int, root: Path, split_seed: int | None = None
                for role in ("teacher", "scratch", "distilled")}
     gains = list(by_role["distilled"].test_acc_best_val.values
                  - by_role["scratch"].test_acc_best_val.values)
-    test = gain_test(gains)
+    metric = metric_named(summary.metric.iloc[0], summary.higher_is_better.iloc[0])
+    test = gain_test(gains, metric)  # "helps" in the metric's direction (perplexity: lower)
     return {"setting": setting or "(default)", "teacher seed": seed, "split seed": split_seed,
             "teacher": by_role["teacher"].test_acc_best_val.iloc[0],
             "scratch": by_role["scratch"].test_acc_best_val.mean(),
             "distilled": by_role["distilled"].test_acc_best_val.mean(),
             "gain": test.mean, "ci_low": test.ci_low, "ci_high": test.ci_high,
-            "verdict": test.verdict, "wall_s": wall}
+            "verdict": test.verdict, "wall_s": wall, "metric": metric.short}
 
 
 def main() -> None:
@@ -76,8 +78,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     print()
-    print("| setting | teacher seed | split seed | teacher | scratch | distilled | gain [95% CI] "
-          "| verdict | wall s |")
+    metric = table.metric.iloc[0]  # test accuracy, or perplexity for a language model
+    print(f"| setting | teacher seed | split seed | teacher {metric} | scratch | distilled "
+          "| gain [95% CI] | verdict | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in table.itertuples():
         draw = "-" if pd.isna(r[3]) else int(r[3])

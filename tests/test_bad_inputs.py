@@ -135,7 +135,7 @@ CASES = [
     ("unknown optimizer", args("trainer.optimizer=adagrad"), ["adagrad", "adam, adamw, sgd"]),
     ("unknown on_nan", args("trainer.on_nan=ignore"), ["trainer.on_nan='ignore'", "stop, skip"]),
     ("unknown architecture", args("teacher.arch=vit"),
-     ["teacher.arch='vit'", "cnn, dsconv, hf_lm, linear, mlp", "import path"]),
+     ["teacher.arch='vit'", "cnn, dsconv, hf_cls, hf_lm, linear, mlp", "import path"]),
     ("seed not an integer", args("seed=abc"), ["seed='abc'", "integer"]),
     ("repeats zero", args("repeats=0"), ["repeats=0", ">= 1"]),
     ("unknown device", args("device=tpu"), ["device='tpu'", "auto, cpu, cuda"]),

@@ -136,7 +136,7 @@ def test_divergence_term_weights_and_the_forward_kl_end_of_jsd_is_kd():
 TINY_LM = ["dataset=text_lm", "dataset.sentences=300", "dataset.seq_len=16",
            "teacher=hf_lm", "teacher.width=16", "teacher.heads=2", "student=hf_lm",
            "student.width=8", "student.heads=2", "trainer.epochs=2", "trainer.batch_size=16",
-           "repeats=2", "progress=false", "latency.repeats_b1=2", "latency.repeats_b256=2",
+           "repeats=2", "progress=false", "latency.repeats_b1=4", "latency.repeats_b256=4",
            "latency.warmup=0"]
 
 
@@ -166,3 +166,92 @@ def test_text_with_a_model_that_cannot_read_tokens_is_one_line(tmp_path):
     cfg = make_config(*keep, "student=mlp", f"cache.dir={tmp_path}/cache")
     with pytest.raises(ConfigError, match="student.arch='mlp'.*only a language model"):
         pipeline.run(cfg, tmp_path / "run")
+
+
+# ------------------------------------------------------- pretrained, offline only
+
+
+def test_a_pretrained_name_not_on_this_machine_is_refused_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from kdrun.errors import UserError
+    from kdrun.run.validate import validate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_config(*TINY_LM, "teacher.name=gpt2-not-here/nowhere")
+    with pytest.raises(UserError, match=r"teacher.name=gpt2-not-here/nowhere: not a local "
+                                        r"folder, and not in the Hugging Face cache.*never "
+                                        r"downloads"):
+        validate(cfg)
+
+
+def test_a_pretrained_folder_starts_the_teacher_and_its_weights_key_the_stage(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from kdrun.models import model_identity
+    from kdrun.run import pipeline
+
+    folder = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=BYTE_VOCAB, n_positions=32, n_embd=16,
+                                     n_layer=1, n_head=2, bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    cfg = make_config(*TINY_LM, f"teacher.name={folder}", f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert rows[0]["arch"] == str(folder) and rows[0]["params"] == sum(
+        p.numel() for p in transformers.GPT2LMHeadModel(config).parameters())
+    before = model_identity(cfg.teacher)["weights_sha256"]
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)  # other weights, same name
+    assert model_identity(cfg.teacher)["weights_sha256"] != before
+    wrong = tmp_path / "wide-vocab"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(wrong)
+    with pytest.raises(DataError, match="its vocabulary has 300 tokens, the data's tokenizer 256"):
+        pipeline.run(make_config(*TINY_LM, f"teacher.name={wrong}",
+                                 f"cache.dir={tmp_path}/cache2"), tmp_path / "run2")
+
+
+# ------------------------------------------------------------ text classification
+
+
+def test_generated_sentences_are_labelled_by_their_subject():
+    from kdrun.data.text import grammar_sentences
+
+    texts, labels = grammar_sentences(200, seed=0)
+    assert len(texts) == len(labels) == 200
+    for text, label in zip(texts, labels):
+        subject = next(w for w in text.split() if w.strip(".") in
+                       {"cat", "dog", "bird", "child", "teacher", "student", "garden", "window"})
+        group = {"cat": 0, "dog": 0, "bird": 0, "child": 1, "teacher": 1, "student": 1}
+        assert label == group.get(subject.strip("."), 2)
+    assert set(labels) == {0, 1, 2}
+
+
+def test_labelled_files_and_their_one_line_errors(tmp_path):
+    from kdrun.data.text import CLS, PAD, text_cls
+
+    table = tmp_path / "reviews.csv"
+    table.write_text("review,stars\n" + "\n".join(f"good {i},5\nbad {i},1" for i in range(20)))
+    raw = text_cls(files=str(table), text_column="review", label_column="stars", seq_len=12)
+    assert raw.num_classes == 2 and len(raw.y_train) + len(raw.y_test) == 40
+    row = raw.x_train[0]
+    assert row[0] == CLS and row[-1] == PAD  # the class token, then bytes, then padding
+    with pytest.raises(DataError, match="dataset.label_column=label: no such column in "
+                                        "reviews.csv; its columns: review, stars"):
+        text_cls(files=str(table), text_column="review")
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n' * 5)
+    assert text_cls(files=str(lines), seq_len=8).num_classes == 2
+
+
+def test_a_config_built_text_classifier_distils_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+
+    cfg = make_config("dataset=text_cls", "dataset.sentences=200", "dataset.seq_len=24",
+                      "teacher=hf_cls", "teacher.width=16", "teacher.heads=2", "student=hf_cls",
+                      "student.width=8", "student.heads=2", "trainer.epochs=2", "repeats=1",
+                      "progress=false", "latency.repeats_b1=4", "latency.repeats_b256=4",
+                      "latency.warmup=0", f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+    assert all(r["metric"] == "accuracy" and 0 <= r["test_acc_best_val"] <= 100 for r in rows)

@@ -2,7 +2,9 @@
 
 ``text_lm`` reads UTF-8 text files (``files``: a file, or a folder of ``*.txt``), or, with
 no files, generates text of known structure from a small probabilistic grammar, offline.
-Text becomes bytes (a byte-level tokenizer: 256 tokens, no vocabulary file), the byte
+Text becomes tokens: bytes by default (a byte-level tokenizer: 256 tokens, no vocabulary
+file), or a Hugging Face tokenizer from a local folder or the HF cache (``tokenizer``, never
+downloaded: a pretrained model's own, so that model and data share a vocabulary). The token
 stream is cut into windows of ``seq_len + 1`` tokens, and each window gives an input
 (its first ``seq_len`` tokens) and its targets (its last ``seq_len``): every position is
 a next-token prediction, a "token row" (kdrun/train/tokens.py). Windows are disjoint,
@@ -18,9 +20,10 @@ from pathlib import Path
 import torch
 
 from kdrun.checks import number
-from kdrun.data.base import DATASETS, FRACTION, SEED, RawData
+from kdrun.data.base import DATASETS, FRACTION, SEED, RawData, carve_test
 from kdrun.data.metrics import PERPLEXITY
 from kdrun.errors import DataError
+from kdrun.store.hf_local import local_snapshot
 
 BYTE_VOCAB = 256
 
@@ -87,18 +90,100 @@ def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return stream[:-1].view(n, seq_len), stream[1:].view(n, seq_len)
 
 
+def tokenize(text: str, tokenizer: str) -> tuple[torch.Tensor, int]:
+    """(token ids, vocabulary size): bytes, or the Hugging Face tokenizer ``tokenizer``
+    found on this machine (kdrun/store/hf_local.py)."""
+    if tokenizer == "bytes":
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), BYTE_VOCAB
+    from transformers import AutoTokenizer
+
+    folder = local_snapshot(tokenizer, "dataset.tokenizer")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return torch.tensor(tok(text)["input_ids"], dtype=torch.long), len(tok)
+
+
 @DATASETS.register("text_lm", rules={
     "seq_len": number(2, integer=True), "sentences": number(10, integer=True),
-    "test_fraction": FRACTION, "seed": SEED})
+    "test_fraction": FRACTION, "seed": SEED,
+    "tokenizer": lambda v: None if isinstance(v, str) and v else
+    "must be bytes, or a Hugging Face tokenizer's name or folder"})
 def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
-            test_fraction: float = 0.1, seed: int = 0) -> RawData:
+            test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes") -> RawData:
     """Next-token prediction on ``files`` or on generated text (``sentences`` of GRAMMAR),
-    byte-level, judged by perplexity."""
+    tokenized by ``tokenizer``, judged by perplexity."""
     text = grammar_text(sentences, seed) if files is None else read_text(files)
     if not text.strip():
         raise DataError(f"dataset.files={files}: the text is empty")
-    tokens = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    tokens, vocab = tokenize(text, tokenizer)
     cut = int(len(tokens) * (1 - test_fraction))
     x_train, y_train = windows(tokens[:cut], seq_len)
     x_test, y_test = windows(tokens[cut:], seq_len)
-    return RawData(x_train, y_train, x_test, y_test, BYTE_VOCAB, metric=PERPLEXITY)
+    return RawData(x_train, y_train, x_test, y_test, vocab, metric=PERPLEXITY)
+
+
+# ------------------------------------------------------------ text classification
+
+PAD, CLS = BYTE_VOCAB, BYTE_VOCAB + 1  # byte-level ids past the bytes: padding, the class token
+CLS_VOCAB = BYTE_VOCAB + 2
+SUBJECT_GROUPS = {"cat": 0, "dog": 0, "bird": 0, "child": 1, "teacher": 1, "student": 1,
+                  "garden": 2, "window": 2}  # what a sentence is about: animal, person, thing
+
+
+def grammar_sentences(sentences: int, seed: int) -> tuple[list[str], list[int]]:
+    """``sentences`` sentences of GRAMMAR, each labelled by its subject's group (the noun of
+    its first noun phrase: 0 animal, 1 person, 2 thing)."""
+    text = grammar_text(sentences, seed)
+    out = [s.strip() + "." for s in text.split(".") if s.strip()]
+    labels = [next(SUBJECT_GROUPS[w] for w in s.split() if w.strip(".") in SUBJECT_GROUPS)
+              for s in out]
+    return out, labels
+
+
+def read_labelled(files: str, text_column: str, label_column: str) -> tuple[list[str], list]:
+    """The text and label columns of a CSV or JSON-lines file (by its extension)."""
+    import pandas as pd
+
+    path = Path(files).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset.files={files}: no such file; give a .csv or .jsonl file "
+                        "with a text and a label column, or null for generated text")
+    try:
+        table = (pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json")
+                 else pd.read_csv(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"dataset.files={files}: not a readable CSV or JSON-lines file "
+                        f"({e})") from None
+    for key, column in (("text_column", text_column), ("label_column", label_column)):
+        if column not in table.columns:
+            raise DataError(f"dataset.{key}={column}: no such column in {path.name}; its "
+                            f"columns: {', '.join(map(str, table.columns))}")
+    return table[text_column].astype(str).tolist(), table[label_column].tolist()
+
+
+def encode_padded(texts: list[str], seq_len: int) -> torch.Tensor:
+    """(texts, seq_len) byte ids: the class token, then the text's bytes, cut or padded."""
+    rows = torch.full((len(texts), seq_len), PAD, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [CLS, *text.encode("utf-8")][:seq_len]
+        rows[i, : len(ids)] = torch.tensor(ids)
+    return rows
+
+
+@DATASETS.register("text_cls", rules={
+    "seq_len": number(2, integer=True), "sentences": number(10, integer=True),
+    "test_fraction": FRACTION, "seed": SEED})
+def text_cls(files: str | None = None, text_column: str = "text", label_column: str = "label",
+             seq_len: int = 64, sentences: int = 3000, test_fraction: float = 0.2,
+             seed: int = 0) -> RawData:
+    """Sequence classification of ``files``' text column by its label column, or of
+    generated sentences by their subject's group; byte-level ids with a class token in
+    front (vocabulary CLS_VOCAB), judged by accuracy."""
+    if files is None:
+        texts, labels = grammar_sentences(sentences, seed)
+    else:
+        texts, labels = read_labelled(files, text_column, label_column)
+    if not texts:
+        raise DataError(f"dataset.files={files}: no rows")
+    classes = sorted(set(labels), key=str)
+    y = torch.tensor([classes.index(label) for label in labels])
+    return carve_test(encode_padded(texts, seq_len), y, test_fraction, seed, len(classes))

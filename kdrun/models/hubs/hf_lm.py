@@ -1,7 +1,10 @@
 """``arch: hf_lm``: a causal language model of Hugging Face transformers, built from its
 config (GPT-2 or Llama style: layers, width, heads) and randomly initialised, so that it
-needs no weights and no network. Its vocabulary and context length come from the data
-(kdrun/data/text.py). transformers is an optional extra: ``pip install 'kdrun[lm]'``.
+needs no weights and no network; or, with ``name``, a pretrained one loaded from a local
+folder or the Hugging Face cache (never downloaded: kdrun/store/hf_local.py), whose
+weights' hash the stage key holds. Its vocabulary must be the data's (kdrun/data/text.py:
+``tokenizer``), its context at least the data's windows. transformers is an optional
+extra: ``pip install 'kdrun[lm]'``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from torch import nn
 from kdrun.checks import number, one_of
 from kdrun.errors import DataError, UserError
 from kdrun.models.base import DROPOUT, MODELS
+from kdrun.store.hf_local import local_snapshot, weights_sha256
 
 RULES = {"family": one_of("gpt2", "llama"), "layers": number(1, integer=True),
          "width": number(1, integer=True), "heads": number(1, integer=True),
-         "dropout": DROPOUT}
+         "dropout": DROPOUT,
+         "name": lambda v: None if v is None or (isinstance(v, str) and v) else
+         "must be a Hugging Face model name or a local folder, or null (built from config)"}
 
 
 def _transformers():
@@ -66,25 +72,53 @@ def hf_config(family: str, vocab: int, positions: int, layers: int, width: int, 
 
 @MODELS.register("hf_lm", rules=RULES)
 def hf_lm(input_shape, num_classes, family: str = "gpt2", layers: int = 2, width: int = 64,
-          heads: int = 4, dropout: float = 0.0):
-    """A randomly initialised ``family`` causal LM of ``layers`` x ``width``."""
+          heads: int = 4, dropout: float = 0.0, name: str | None = None):
+    """A randomly initialised ``family`` causal LM of ``layers`` x ``width``, or the
+    pretrained model ``name`` (its own architecture: the other keys are unused)."""
     if len(input_shape) != 1:
         raise DataError(f"hf_lm reads token sequences; this data set has inputs of shape "
                         f"{tuple(input_shape)}: use dataset=text_lm")
+    if name is not None:
+        return pretrained(name, num_classes, input_shape[0])
     config, model_class = hf_config(family, num_classes, input_shape[0], layers, width, heads,
                                     dropout)
     return CausalLM(model_class(config), num_classes, input_shape[0])
 
 
+def pretrained(name: str, vocab: int, positions: int) -> CausalLM:
+    """``name``'s weights from this machine, checked against the data's vocabulary: token-
+    level losses compare distributions over one vocabulary."""
+    folder = local_snapshot(name, "name")
+    model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    own = model.config.vocab_size
+    if own != vocab:
+        raise DataError(f"hf_lm name={name}: its vocabulary has {own} tokens, the data's "
+                        f"tokenizer {vocab}; tokenize with the model's own "
+                        f"(dataset.tokenizer={name}) so that teacher, student and data share one")
+    return CausalLM(model, vocab, positions)
+
+
+def check(model_cfg, prefix: str) -> None:
+    """A pretrained name must be on this machine: one line before anything trains."""
+    if model_cfg.get("name") is not None:
+        local_snapshot(str(model_cfg.name), f"{prefix}.name")
+
+
 def identity(model_cfg) -> dict:
-    """The transformers version: its model code defines the computation."""
-    return {"transformers": _transformers().__version__}
+    """The transformers version (its model code defines the computation) and, for a
+    pretrained model, the hash of its weights."""
+    found = {"transformers": _transformers().__version__}
+    if model_cfg.get("name") is not None:
+        found["weights_sha256"] = weights_sha256(local_snapshot(str(model_cfg.name), "name"))
+    return found
 
 
 def describe(model_cfg) -> str:
+    if model_cfg.get("name") is not None:
+        return str(model_cfg.name)
     return (f"{model_cfg.get('family', 'gpt2')} {model_cfg.get('layers', 2)}x"
             f"{model_cfg.get('width', 64)}")
 
 
-hf_lm.identity, hf_lm.describe = identity, describe
+hf_lm.check, hf_lm.identity, hf_lm.describe = check, identity, describe
 hf_lm.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)
