@@ -141,14 +141,21 @@ def kdrun_data(root: Path) -> Data:
 
 
 def kdrun_stage(data: Data, net, device, epochs: int, teacher=None) -> list[float]:
+    loss = KD(T=T, alpha=ALPHA) if teacher is not None else CE()
+    return kdrun_epochs(data, net, loss, device, epochs, teacher, BATCH, LR, 4096)
+
+
+def kdrun_epochs(data: Data, net, loss, device, epochs: int, teacher, batch: int, lr: float,
+                 eval_batch_size: int) -> list[float]:
+    """kdrun's fit() with Adam at ``lr``, no schedule: the training seconds of each epoch."""
     trainer = OmegaConf.create({
-        "optimizer": "adam", "lr": LR, "weight_decay": 0.0, "schedule": "none",
-        "batch_size": BATCH, "eval_batch_size": 4096, "grad_clip": None, "amp": True,
-        "tf32": True, "cudnn_benchmark": True, "fused_optimizer": True, "channels_last": True,
-        "compile": False})
+        "optimizer": "adam", "lr": lr, "weight_decay": 0.0, "schedule": "none",
+        "batch_size": batch, "eval_batch_size": eval_batch_size, "grad_clip": None,
+        "amp": True, "tf32": True, "cudnn_benchmark": True, "fused_optimizer": True,
+        "channels_last": True, "compile": False})
     seconds = []
-    fit(net, data, KD(T=T, alpha=ALPHA) if teacher is not None else CE(), trainer,
-        stage="bench", epochs=epochs, seed=0, device=device, teacher=teacher, progress=False,
+    fit(net, data, loss, trainer, stage="bench", epochs=epochs, seed=0, device=device,
+        teacher=teacher, progress=False,
         on_epoch=lambda rows, snapshot: seconds.append(rows[0]["seconds"]))
     return seconds
 

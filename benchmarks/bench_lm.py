@@ -30,14 +30,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
-from benchmarks.bench_kd import PeakMemory  # noqa: E402
+from benchmarks.bench_kd import PeakMemory, kdrun_epochs  # noqa: E402
 from kdrun.data import Data, Split  # noqa: E402
 from kdrun.data.metrics import PERPLEXITY  # noqa: E402
 from kdrun.data.text import text_lm  # noqa: E402
 from kdrun.losses import KD  # noqa: E402
 from kdrun.models import build_model  # noqa: E402
 from kdrun.run.pipeline import pick_device  # noqa: E402
-from kdrun.train.fit import CachedLogits, fit, predict_logits  # noqa: E402
+from kdrun.train.fit import CachedLogits, predict_logits  # noqa: E402
 
 TEACHER = {"arch": "hf_lm", "family": "gpt2", "layers": 2, "width": 64, "heads": 4}
 STUDENT = {"arch": "hf_lm", "family": "gpt2", "layers": 1, "width": 32, "heads": 4}
@@ -76,19 +76,6 @@ def reference_stage(data: Data, net, teacher, device, epochs: int) -> list[float
     return seconds
 
 
-def kdrun_stage(data: Data, net, targets: CachedLogits, device, epochs: int) -> list[float]:
-    trainer = OmegaConf.create({
-        "optimizer": "adam", "lr": LR, "weight_decay": 0.0, "schedule": "none",
-        "batch_size": BATCH, "eval_batch_size": 256, "grad_clip": None, "amp": True,
-        "tf32": True, "cudnn_benchmark": True, "fused_optimizer": True, "channels_last": True,
-        "compile": False})
-    seconds = []
-    fit(net, data, KD(T=T, alpha=ALPHA), trainer, stage="bench", epochs=epochs, seed=0,
-        device=device, teacher=targets, progress=False,
-        on_epoch=lambda rows, snapshot: seconds.append(rows[0]["seconds"]))
-    return seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per stage (median taken)")
@@ -114,7 +101,8 @@ def main() -> None:
         t0 = time.perf_counter()
         targets = CachedLogits(predict_logits(teacher, data.train.x.to(device), 256))
         logits_s = time.perf_counter() - t0
-        ours = kdrun_stage(data, model(STUDENT, data, device), targets, device, args.epochs)
+        ours = kdrun_epochs(data, model(STUDENT, data, device), KD(T=T, alpha=ALPHA), device,
+                            args.epochs, targets, BATCH, LR, 256)
     ref_s, our_s = statistics.median(ref), statistics.median(ours)
     cache_mb = targets.logits.numel() * targets.logits.element_size() / 1e6
     print(f"reference loop  {ref_s:7.2f} s/epoch  {tokens / ref_s:9.0f} tokens/s  "
