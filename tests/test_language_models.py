@@ -4,6 +4,8 @@ its config distilled end to end through the pipeline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,80 @@ def test_a_config_built_text_classifier_distils_end_to_end(tmp_path):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
     assert all(r["metric"] == "accuracy" and 0 <= r["test_acc_best_val"] <= 100 for r in rows)
+
+
+# ------------------------------------------------------------ hidden-state cosine
+
+
+def test_hidden_cosine_equals_its_formula_on_token_rows():
+    """DistilBERT's cosine term on (batch, positions, width) features made rows: the mean
+    over every position of 1 - cos(P h_s, h_t), P the learned map between widths."""
+    from kdrun.losses.feature import HiddenCosine
+    from kdrun.train.tokens import feature_rows
+
+    torch.manual_seed(4)
+    s_logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    t_logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 3))
+    h_s, h_t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    loss = HiddenCosine(beta=2.0, alpha=0.0)
+    loss.prepare((3, 4), (3, 6))
+    loss.double()
+    rows, labels = token_rows(s_logits, y)
+    ours = loss(rows, token_rows(t_logits, y)[0], labels, feature_rows(h_s, y),
+                feature_rows(h_t, y)).item()
+    w = loss.project.weight.detach().numpy()
+    ps, pt = h_s.numpy().reshape(6, 4) @ w.T, h_t.numpy().reshape(6, 6)
+    cos = (ps * pt).sum(1) / np.linalg.norm(ps, axis=1) / np.linalg.norm(pt, axis=1)
+    ce = F.cross_entropy(rows, labels).item()
+    assert ours == pytest.approx(ce + 2.0 * (1 - cos).mean(), rel=1e-9)
+    same = HiddenCosine()
+    same.prepare((3, 6), (3, 6))
+    assert isinstance(same.project, torch.nn.Identity)  # equal widths: no map, as DistilBERT
+
+
+def test_hidden_cosine_distils_a_language_model_from_cached_hidden_states(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+
+    cfg = make_config(*TINY_LM, "loss=hidden_cosine", f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert rows[2]["method"] == "hidden_cosine" and rows[2]["test_acc_best_val"] > 1
+    assert list((tmp_path / "cache").glob("*/features-penultimate-best_val.pt"))
+
+
+@pytest.mark.slow  # three kdrun processes, transformers imported in each
+def test_a_killed_language_model_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    """kill -9 after the distilled LM's first epoch (tests/test_faults.py's killer), then
+    the same command: the run finishes with the weights of a run never killed."""
+    import os
+    import subprocess
+
+    from kdrun.store.files import load_checkpoint
+    from tests.helpers import KDRUN
+    from tests.test_faults import KILLER
+
+    pytest.importorskip("transformers")
+    (tmp_path / "killer").mkdir()
+    (tmp_path / "killer" / "sitecustomize.py").write_text(KILLER)
+    args = [a for a in TINY_LM if not a.startswith(("repeats", "trainer.epochs"))]
+    args += ["repeats=1", "trainer.epochs=3", "num_threads=1", "hydra.run.dir=run"]
+
+    def kdrun(folder: Path, kill_at: str | None = None):
+        folder.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "KDRUN_KILL_AT"}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+            filter(None, [str(tmp_path / "killer"), env.get("PYTHONPATH")])))
+        if kill_at:
+            env["KDRUN_KILL_AT"] = kill_at
+        return subprocess.run([KDRUN, *args, f"cache.dir={folder}/cache"], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    assert kdrun(tmp_path / "clean").returncode == 0
+    killed = kdrun(tmp_path / "killed", "rows:distilled:1")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert kdrun(tmp_path / "killed").returncode == 0
+    ours = load_checkpoint(tmp_path / "killed" / "run" / "checkpoints" / "distilled.pt")["model"]
+    theirs = load_checkpoint(tmp_path / "clean" / "run" / "checkpoints" / "distilled.pt")["model"]
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0)

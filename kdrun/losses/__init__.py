@@ -2,7 +2,7 @@
 what every loss is and can do), each registered by name in LOSSES where it is defined.
 
 Where each lives: kd.py (KD, CE), response.py (logit-based: mse_logits, dkd, dist),
-standardized.py (kd_ls), feature.py (fitnet, at), relation.py (rkd, sp, pkt),
+standardized.py (kd_ls), feature.py (fitnet, at, hidden_cosine), relation.py (rkd, sp, pkt),
 contrastive.py (crd), review.py (reviewkd), divergence.py (reverse_kl, jsd, skew_kl,
 tv: token-level divergences for language models); mutual.py holds DML, the loss of
 scheme=dml (not a loss option: the scheme builds it). To add a method: write its

@@ -129,3 +129,38 @@ class AT(FeatureLoss):
         s, t = (pool(f, size) if f.shape[2:] != size else f for f in (s, t))
         term = (attention_map(s) - attention_map(t)).pow(2).mean()
         return self.base(student_logits, teacher_logits, labels) + self.beta / 2 * term
+
+
+@LOSSES.register("hidden_cosine")
+class HiddenCosine(FeatureLoss):
+    """The cosine embedding loss of DistilBERT (Sanh et al. 2019): the student's hidden
+    states point where the teacher's do, position by position for a language model (the
+    rows of kdrun/train/tokens.py), example by example otherwise.
+
+    L = (1 - alpha) * CE + alpha * T^2 * KD + beta * mean(1 - cos(P h_s, h_t)), with P a
+    learned linear map when the widths differ (DistilBERT's student shares the teacher's
+    width, and P is then the identity). The default layers, ``penultimate``, are the
+    final hidden states (the input of the LM head).
+    """
+
+    config_rules = {**FeatureLoss.config_rules, "beta": WEIGHT}
+
+    def __init__(self, beta: float = 1.0, student_layer: str = "penultimate",
+                 teacher_layer: str = "penultimate", alpha: float | None = 0.5, T: float = 2.0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(student_layer, teacher_layer, alpha, T, ce_weight, kd_weight)
+        self.beta = float(beta)
+        self.project: nn.Module | None = None
+
+    def prepare(self, student_shape, teacher_shape) -> None:
+        s, t = student_shape[-1], teacher_shape[-1]  # the width of each row
+        self.project = nn.Identity() if s == t else nn.Linear(s, t, bias=False)
+
+    def forward(self, student_logits, teacher_logits, labels, student_feature=None,
+                teacher_feature=None):
+        s = self.project(student_feature.flatten(1) if student_feature.ndim > 2
+                         else student_feature)
+        t = teacher_feature.detach()
+        t = t.flatten(1) if t.ndim > 2 else t
+        term = (1 - F.cosine_similarity(s, t, dim=1)).mean()
+        return self.base(student_logits, teacher_logits, labels) + self.beta * term

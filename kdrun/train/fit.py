@@ -29,7 +29,7 @@ from kdrun.models import eval_mode
 from kdrun.precision import uses_amp, uses_tf32, widen, working_dtype
 from kdrun.train.features import FeatureTap, each_feature, feature_shape
 from kdrun.train.progress import StageProgress
-from kdrun.train.tokens import token_rows
+from kdrun.train.tokens import feature_rows, token_rows
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -310,6 +310,7 @@ def fit(
             s_feature = student_tap.read_float() if student_tap else None
             logits, yb_rows = token_rows(logits, yb)  # a language model's positions as rows
             t_logits = token_rows(t_logits, yb)[0]
+            s_feature, t_feature = feature_rows(s_feature, yb), feature_rows(t_feature, yb)
             loss = loss_fn(widen(logits), t_logits, yb_rows, s_feature, t_feature)
             if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
                 skipped += 1

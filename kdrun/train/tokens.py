@@ -20,3 +20,12 @@ def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor):
         return outputs, targets
     rows = None if outputs is None else outputs.flatten(-3, -2)
     return rows, targets.flatten(-2)
+
+
+def feature_rows(features, targets: torch.Tensor):
+    """A tapped feature (batch, positions, width), or a list of them, as one row per
+    position, when the targets are per position; otherwise unchanged."""
+    if features is None or targets.ndim < 2:
+        return features
+    flat = lambda f: f.flatten(0, 1) if f.shape[:2] == targets.shape else f  # noqa: E731
+    return flat(features) if torch.is_tensor(features) else [flat(f) for f in features]
