@@ -334,3 +334,41 @@ def test_a_killed_language_model_stage_resumes_to_the_uninterrupted_weights(tmp_
     theirs = load_checkpoint(tmp_path / "clean" / "run" / "checkpoints" / "distilled.pt")["model"]
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- top-k teacher cache
+
+
+def test_top_k_logits_keep_the_teachers_top_probabilities_and_spread_the_rest():
+    from kdrun.data import Split
+    from kdrun.train.fit import TopKLogits, predict_topk
+
+    torch.manual_seed(5)
+    teacher = torch.nn.Linear(6, 50).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    values, indices, rest = predict_topk(teacher, Split(x, torch.zeros(10, dtype=torch.long)),
+                                         k=5, batch_size=4)
+    assert values.shape == indices.shape == (10, 5) and indices.dtype == torch.int32
+    rebuilt = TopKLogits(values, indices, rest, 50).dense(torch.arange(10))
+    p_true, p_ours = F.softmax(teacher(x), -1), F.softmax(rebuilt, -1)
+    top = p_true.topk(5, -1)
+    torch.testing.assert_close(p_ours.gather(-1, top.indices), top.values, rtol=1e-12, atol=0)
+    others = torch.ones_like(p_true, dtype=torch.bool).scatter_(-1, top.indices, False)
+    tail = p_ours[others].view(10, 45)
+    torch.testing.assert_close(tail, (1 - top.values.sum(-1, keepdim=True)).expand(10, 45) / 45,
+                               rtol=1e-10, atol=0)  # the rest, evenly
+
+
+def test_top_k_caching_distils_a_language_model_and_keys_only_the_distilled_stage(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+
+    full = pipeline.run(make_config(*TINY_LM, f"cache.dir={tmp_path}/cache"),
+                        tmp_path / "full")["rows"]
+    topk = pipeline.run(make_config(*TINY_LM, "trainer.teacher_topk=4",
+                                    f"cache.dir={tmp_path}/cache"), tmp_path / "topk")["rows"]
+    keys = lambda rows: {(r["role"], r["seed"]): r["cache_key"] for r in rows}  # noqa: E731
+    same = {k for k in keys(full) if keys(full)[k] == keys(topk)[k]}
+    assert same == {("teacher", 0), ("scratch", 0), ("scratch", 1)}  # reused, not retrained
+    assert all(r["reused"] for r in topk if r["role"] != "distilled")
+    assert list((tmp_path / "cache").glob("*/logits-top4-best_val.pt"))

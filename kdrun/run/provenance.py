@@ -187,7 +187,7 @@ def _cpu_name() -> str:
 # targets it learns from.
 RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
                       "cache_teacher_logits", "cache_teacher_features_mb", "amp", "tf32",
-                      "float64")
+                      "float64", "teacher_topk")
 
 
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,

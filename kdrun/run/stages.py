@@ -41,9 +41,11 @@ from kdrun.train.fit import (
     CachedLogits,
     LiveTeacher,
     TeacherTargets,
+    TopKLogits,
     configure_device,
     fit,
     predict_logits,
+    predict_topk,
 )
 
 log = logging.getLogger("kdrun")
@@ -121,6 +123,8 @@ class Stages:
             extra = {"loss": loss_key(loss_cfg), "teacher": teacher_key if taught else None,
                      "distill_from": self.tcfg.distill_from if taught else None,
                      "teacher_targets": type(teacher).__name__ if taught else None}
+            if taught and isinstance(teacher, TopKLogits):  # only then: other keys unchanged
+                extra["teacher_topk"] = self.tcfg.teacher_topk
             if taught and self.transfer_digest:  # and on the transfer set it also learns from
                 extra["transfer"], data = self.transfer_digest, self.taught_data
         return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
@@ -152,6 +156,9 @@ class Stages:
         features = loss.reads_features
         cacheable = (self.data.train.in_memory and self.augment is None
                      and self.tcfg.cache_teacher_logits)
+        topk = self.tcfg.get("teacher_topk")
+        if cacheable and not features and topk and topk < self.data.num_classes:
+            return TopKLogits(*self.teacher_topk(teacher, topk), self.data.num_classes)
         if cacheable and not features:
             return CachedLogits(self.teacher_logits(teacher))
         if cacheable and self.features_fit(teacher.model, loss.teacher_layer):
@@ -164,6 +171,14 @@ class Stages:
         """The teacher's logits on every example a taught student trains on."""
         return training_logits(teacher.model, teacher.entry, self.taught_data, self.tcfg,
                                self.device, self.transfer_digest)
+
+    def teacher_topk(self, teacher: StageResult, k: int) -> list[torch.Tensor]:
+        """The teacher's top-k logits (TopKLogits) on every example a taught student
+        trains on, stored with the teacher as its full logits are."""
+        return _on_training_set(
+            "top-k logits", teacher.entry, f"logits-top{k}-{self.tcfg.distill_from}",
+            teacher.model, self.taught_data, self.tcfg, self.device, self.transfer_digest,
+            lambda split: predict_topk(teacher.model, split, k, self.tcfg.eval_batch_size))
 
     def teacher_features(self, teacher: StageResult, layer):
         """The teacher's features at ``layer`` on every example a taught student trains on."""

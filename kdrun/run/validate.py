@@ -75,6 +75,7 @@ RULES: dict[str, Check] = {
     "trainer.checkpoint_every": number(0, integer=True),
     "trainer.on_nan": one_of("stop", "skip"),
     "trainer.cache_teacher_features_mb": number(0),
+    "trainer.teacher_topk": number(1, integer=True, optional=True),
     **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
                                               "cudnn_benchmark", "fused_optimizer",
                                               "channels_last", "compile", "float64")},

@@ -19,7 +19,7 @@ from kdrun.checks import Check
 from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.registry import Registry
 from kdrun.run.summary_row import StageResult, SummaryRow
-from kdrun.train.fit import CachedLogits, TeacherTargets
+from kdrun.train.fit import CachedLogits, TeacherTargets, TopKLogits
 
 if TYPE_CHECKING:
     from kdrun.run.stages import Stages
@@ -103,6 +103,8 @@ def teacher_targets(stages: Stages, cfg: DictConfig,
     targets = stages.teacher_targets(teacher, loss)
     if "T" not in cfg.loss:
         return targets, {}
+    if isinstance(targets, TopKLogits):  # never all the logits at once
+        return targets, {"soft_target_entropy": targets.soft_target_entropy(cfg.loss.T)}
     # on the unaugmented training set: the cached logits when they are the targets
     logits = targets.logits if isinstance(targets, CachedLogits) else stages.teacher_logits(
         teacher)
