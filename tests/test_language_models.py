@@ -372,3 +372,48 @@ def test_top_k_caching_distils_a_language_model_and_keys_only_the_distilled_stag
     assert same == {("teacher", 0), ("scratch", 0), ("scratch", 1)}  # reused, not retrained
     assert all(r["reused"] for r in topk if r["role"] != "distilled")
     assert list((tmp_path / "cache").glob("*/logits-top4-best_val.pt"))
+
+
+# ------------------------------------------------------------ sequence-level KD
+
+
+def test_sequence_kd_continues_training_prompts_the_same_way_every_time():
+    pytest.importorskip("transformers")
+    from omegaconf import OmegaConf
+
+    from kdrun.data import Split
+    from kdrun.models import build_model
+    from kdrun.run.schemes.sequence import SequenceKD
+
+    raw = text_lm(sentences=100, seq_len=12)
+    torch.manual_seed(0)
+    teacher = build_model(OmegaConf.create({"arch": "hf_lm", "layers": 1, "width": 16,
+                                            "heads": 2}), (12,), BYTE_VOCAB)
+    scheme = SequenceKD(samples=7, prompt=4, temperature=1.0)
+    train = Split(raw.x_train, raw.y_train)
+    written = scheme.write(teacher, train, torch.device("cpu"), seed=3)
+    assert written.shape == (7, 12) and written.dtype == torch.long
+    assert torch.equal(written, scheme.write(teacher, train, torch.device("cpu"), seed=3))
+    prefixes = {tuple(row[:4].tolist()) for row in raw.x_train}
+    assert all(tuple(row[:4].tolist()) in prefixes for row in written)  # training prompts
+
+
+def test_sequence_kd_distils_on_the_teachers_text_and_refuses_other_data(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.errors import ConfigError
+    from kdrun.run import pipeline
+
+    cfg = make_config(*TINY_LM, "scheme=sequence_kd", "scheme.samples=20", "scheme.prompt=4",
+                      f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    distilled = [r for r in rows if r["role"] == "distilled"]
+    scratch = [r for r in rows if r["role"] == "scratch"]
+    assert all(r["train_unlabeled"] == 20 for r in distilled)  # the windows it wrote
+    assert all(r["train_unlabeled"] == 0 for r in scratch)
+    again = pipeline.run(cfg, tmp_path / "run2")["rows"]  # the same text: every stage reused
+    assert all(r["reused"] for r in again)
+    with pytest.raises(ConfigError, match="scheme.name='sequence_kd'.*language model"):
+        pipeline.run(make_config("dataset=synthetic", "dataset.n=200", "teacher=mlp",
+                                 "repeats=1", "trainer.epochs=1", "progress=false",
+                                 "scheme=sequence_kd", f"cache.dir={tmp_path}/c2"),
+                     tmp_path / "run3")

@@ -5,6 +5,7 @@ which stages a run has; this module only runs them."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -12,7 +13,7 @@ import math
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.data import Data, fingerprint, transfer_fingerprint
+from kdrun.data import Data, Split, fingerprint, transfer_fingerprint
 from kdrun.data.augment import make_augment
 from kdrun.data.labels import UNLABELED
 from kdrun.losses import CE
@@ -147,6 +148,16 @@ class Stages:
     def load_student(self, result: StageResult) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
         return self._load(self.cfg.student, result.entry, self.tcfg.distill_from)
+
+    def add_transfer(self, extra: Split) -> None:
+        """More unlabelled examples for the distilled students (e.g. text the teacher
+        wrote: scheme=sequence_kd), after the transfer set there is; their content is
+        part of the distilled stages' keys, as the transfer set's is."""
+        transfer = extra if self.data.transfer is None else self.data.transfer.joined(extra)
+        self.data = dataclasses.replace(self.data, transfer=transfer, transfer_labels=None,
+                            transfer_digest=None)
+        self.transfer_digest = transfer_fingerprint(self.data)
+        self.taught_data = self.data.training_on(self.data.distill_train())
 
     def teacher_targets(self, teacher: StageResult, loss) -> TeacherTargets:
         """When the training data is not augmented (the default): the teacher's logits,
@@ -321,7 +332,8 @@ def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int
 def examples_seen(data: Data) -> dict:
     """How many labelled and unlabelled training examples a stage trained on, and how
     many validation examples selected its epoch."""
-    unlabeled = int((data.train.y == UNLABELED).sum())
+    no_label = (data.train.y == UNLABELED).reshape(len(data.train), -1)  # per position: text
+    unlabeled = int(no_label.all(1).sum())
     return {"train_labeled": len(data.train) - unlabeled, "train_unlabeled": unlabeled,
             "val_examples": len(data.val) if data.eval_split != "train" else 0}
 

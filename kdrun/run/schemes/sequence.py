@@ -1,0 +1,70 @@
+"""Sequence-level distillation for language models: the teacher writes text, and the
+student learns from it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig
+
+from kdrun.checks import number
+from kdrun.data import Split
+from kdrun.data.labels import UNLABELED
+from kdrun.errors import ConfigError
+from kdrun.losses.base import TEMPERATURE
+from kdrun.models import eval_mode
+from kdrun.run.provenance import seed_stream
+from kdrun.run.schemes.base import SCHEMES, Scheme, taught_students, teacher_targets
+from kdrun.run.summary_row import SummaryRow
+
+if TYPE_CHECKING:
+    from kdrun.run.stages import Stages
+
+
+@SCHEMES.register("sequence_kd")
+class SequenceKD(Scheme):
+    """Sequence-level KD, Kim & Rush 2016 (EMNLP), as GKD's off-policy "teacher-generated"
+    data: the trained teacher continues the first ``prompt`` tokens of ``samples``
+    training windows, sampling each next token at ``temperature``, to full windows. Those
+    windows join the distilled student's transfer set (no labels: it learns the
+    teacher's token distributions on them, with the loss's soft term); the scratch
+    student never sees them. The draws come from a generator of their own, so the text,
+    and with it the distilled stage's key, is the same on every run."""
+
+    config_rules = {"samples": number(1, integer=True), "prompt": number(1, integer=True),
+                    "temperature": TEMPERATURE}
+    batchable = False  # its transfer set exists only once the teacher is trained
+
+    def __init__(self, samples: int = 1000, prompt: int = 8, temperature: float = 1.0):
+        self.samples, self.prompt, self.temperature = int(samples), int(prompt), float(
+            temperature)
+
+    def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
+        if stages.data.train.y.ndim < 2:
+            raise ConfigError("scheme.name", "sequence_kd", "needs a language model's data "
+                              "(targets per position, e.g. dataset=text_lm)")
+        teacher = stages.teacher(cfg.teacher)
+        written = self.write(teacher.model, stages.data.train, stages.device, cfg.seed)
+        stages.add_transfer(Split(written, torch.full_like(written, UNLABELED)))
+        targets, extra = teacher_targets(stages, cfg, teacher)
+        return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, extra)]
+
+    @torch.no_grad()
+    def write(self, teacher, train: Split, device, seed: int) -> torch.Tensor:
+        """(samples, positions) token windows: prompts from training windows, continued
+        by the teacher one sampled token at a time."""
+        draw = torch.Generator().manual_seed(seed_stream("sequence_kd", seed))
+        positions = train.x.shape[1]
+        if self.prompt >= positions:
+            raise ConfigError("scheme.prompt", self.prompt, f"must be shorter than the "
+                              f"windows ({positions} tokens)")
+        rows = torch.randint(0, len(train), (self.samples,), generator=draw)
+        tokens = train.x[rows, : self.prompt].to(device)
+        with eval_mode(teacher):
+            while tokens.shape[1] < positions:
+                logits = teacher.to(device)(tokens)[:, -1].float().cpu()
+                probs = torch.softmax(logits / self.temperature, -1)
+                step = torch.multinomial(probs, 1, generator=draw).to(device)
+                tokens = torch.cat([tokens, step], 1)
+        return tokens.cpu()
