@@ -32,11 +32,15 @@ def test_no_code_outside_the_scheme_and_model_modules_switches_on_their_names():
 
 
 def test_every_scheme_makes_the_rows_it_declares(tmp_path):
-    overrides = {"offline": [], "born_again": ["scheme.generations=2"], "dml": [],
-                 "ensemble": ["scheme.teachers=[{option: mlp, hidden: [8]},{option: mlp}]"]}
+    from tests.test_language_models import TINY_LM
+
+    overrides = {"offline": TINY, "born_again": [*TINY, "scheme.generations=2"], "dml": TINY,
+                 "ensemble": [*TINY, "scheme.teachers=[{option: mlp, hidden: [8]},"
+                                     "{option: mlp}]"],
+                 "sequence_kd": [*TINY_LM, "scheme.samples=8"]}  # a language model's scheme
     assert set(overrides) == set(SCHEMES.names())
     for name, extra in overrides.items():
-        cfg = make_config(*TINY, f"scheme={name}", *extra, f"cache.dir={tmp_path}/cache")
+        cfg = make_config(*extra, f"scheme={name}", f"cache.dir={tmp_path}/cache")
         scheme = scheme_of(cfg)
         rows = pipeline.run(cfg, tmp_path / name)["rows"]
         roles = [row["role"] for row in rows]

@@ -274,7 +274,7 @@ def test_hidden_cosine_equals_its_formula_on_token_rows():
     y = torch.randint(0, 7, (2, 3))
     h_s, h_t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
     loss = HiddenCosine(beta=2.0, alpha=0.0)
-    loss.prepare((3, 4), (3, 6))
+    loss.prepare((4,), (6,))  # a row's shapes (kdrun/train/tokens.py: row_shapes)
     loss.double()
     rows, labels = token_rows(s_logits, y)
     ours = loss(rows, token_rows(t_logits, y)[0], labels, feature_rows(h_s, y),
@@ -285,7 +285,7 @@ def test_hidden_cosine_equals_its_formula_on_token_rows():
     ce = F.cross_entropy(rows, labels).item()
     assert ours == pytest.approx(ce + 2.0 * (1 - cos).mean(), rel=1e-9)
     same = HiddenCosine()
-    same.prepare((3, 6), (3, 6))
+    same.prepare((6,), (6,))
     assert isinstance(same.project, torch.nn.Identity)  # equal widths: no map, as DistilBERT
 
 

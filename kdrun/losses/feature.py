@@ -153,14 +153,11 @@ class HiddenCosine(FeatureLoss):
         self.project: nn.Module | None = None
 
     def prepare(self, student_shape, teacher_shape) -> None:
-        s, t = student_shape[-1], teacher_shape[-1]  # the width of each row
+        s, t = math.prod(student_shape), math.prod(teacher_shape)  # a row's (or an example's)
         self.project = nn.Identity() if s == t else nn.Linear(s, t, bias=False)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        s = self.project(student_feature.flatten(1) if student_feature.ndim > 2
-                         else student_feature)
-        t = teacher_feature.detach()
-        t = t.flatten(1) if t.ndim > 2 else t
-        term = (1 - F.cosine_similarity(s, t, dim=1)).mean()
+        s = self.project(student_feature.flatten(1))
+        term = (1 - F.cosine_similarity(s, teacher_feature.detach().flatten(1), dim=1)).mean()
         return self.base(student_logits, teacher_logits, labels) + self.beta * term

@@ -48,6 +48,7 @@ from kdrun.train.fit import (
     predict_logits,
     predict_topk,
 )
+from kdrun.train.tokens import row_shapes
 
 log = logging.getLogger("kdrun")
 
@@ -251,10 +252,12 @@ class Stages:
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
         loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
-        if loss.reads_features:
-            loss.prepare(feature_shape(model, loss.student_layer, self.data.input_shape,
-                                       "loss.student_layer"),
-                         teacher.feature_shape(self.data.input_shape))
+        if loss.reads_features:  # the shapes of a row's features (kdrun/train/tokens.py)
+            per_position = self.data.train.y.ndim > 1
+            loss.prepare(row_shapes(feature_shape(model, loss.student_layer,
+                                                  self.data.input_shape, "loss.student_layer"),
+                                    per_position),
+                         row_shapes(teacher.feature_shape(self.data.input_shape), per_position))
         result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
@@ -362,7 +365,11 @@ def _result_columns(result) -> dict:
             "train_seconds": round(result.train_seconds, 3)}
 
 
-def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape):
-    """The shapes of the layers a feature loss reads, student's and teacher's."""
-    return (feature_shape(student, loss.student_layer, input_shape, "loss.student_layer"),
-            feature_shape(teacher, loss.teacher_layer, input_shape, "loss.teacher_layer"))
+def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape,
+                   per_position: bool = False):
+    """The shapes of the layers a feature loss reads, student's and teacher's: of one
+    row's when the targets are per position (a language model)."""
+    return (row_shapes(feature_shape(student, loss.student_layer, input_shape,
+                                     "loss.student_layer"), per_position),
+            row_shapes(feature_shape(teacher, loss.teacher_layer, input_shape,
+                                     "loss.teacher_layer"), per_position))

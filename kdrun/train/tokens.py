@@ -22,6 +22,14 @@ def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor):
     return rows, targets.flatten(-2)
 
 
+def row_shapes(shapes, per_position: bool):
+    """A tapped feature's shape per example, (positions, width), as the shape of one row,
+    (width,), when the targets are per position (a list of shapes: each)."""
+    if not per_position:
+        return shapes
+    return shapes[1:] if isinstance(shapes, tuple) else [s[1:] for s in shapes]
+
+
 def feature_rows(features, targets: torch.Tensor):
     """A tapped feature (batch, positions, width), or a list of them, as one row per
     position, when the targets are per position; otherwise unchanged."""
