@@ -142,7 +142,8 @@ TINY_LM = ["dataset=text_lm", "dataset.sentences=300", "dataset.seq_len=16",
            "latency.warmup=0"]
 
 
-@pytest.mark.parametrize("family,loss", [("gpt2", "kd"), ("llama", "jsd")])
+@pytest.mark.parametrize("family,loss", [
+    ("gpt2", "kd"), pytest.param("llama", "jsd", marks=pytest.mark.slow)])  # (make test < 5 min)
 def test_a_config_built_language_model_distils_end_to_end(tmp_path, family, loss):
     pytest.importorskip("transformers")
     from kdrun.run import pipeline
@@ -359,6 +360,7 @@ def test_top_k_logits_keep_the_teachers_top_probabilities_and_spread_the_rest():
                                rtol=1e-10, atol=0)  # the rest, evenly
 
 
+@pytest.mark.slow  # two runs
 def test_top_k_caching_distils_a_language_model_and_keys_only_the_distilled_stage(tmp_path):
     pytest.importorskip("transformers")
     from kdrun.run import pipeline
@@ -398,6 +400,7 @@ def test_sequence_kd_continues_training_prompts_the_same_way_every_time():
     assert all(tuple(row[:4].tolist()) in prefixes for row in written)  # training prompts
 
 
+@pytest.mark.slow  # three runs
 def test_sequence_kd_distils_on_the_teachers_text_and_refuses_other_data(tmp_path):
     pytest.importorskip("transformers")
     from kdrun.errors import ConfigError
