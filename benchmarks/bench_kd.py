@@ -163,6 +163,13 @@ def kdrun_epochs(data: Data, net, loss, device, epochs: int, teacher, batch: int
 # ---------------------------------------------------------------- main
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its thread count: what the figures ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per stage (median taken)")
@@ -171,8 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.csv")
     args = parser.parse_args()
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     print(f"device: {name}; torch {torch.__version__}; {args.train} images, batch {BATCH}, "
           f"{args.epochs} epochs per stage, medians")
 

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
-from benchmarks.bench_kd import PeakMemory, kdrun_epochs  # noqa: E402
+from benchmarks.bench_kd import PeakMemory, device_name, kdrun_epochs  # noqa: E402
 from kdrun.data import Data, Split  # noqa: E402
 from kdrun.data.metrics import PERPLEXITY  # noqa: E402
 from kdrun.data.text import text_lm  # noqa: E402
@@ -84,8 +84,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     args = parser.parse_args()
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     raw = text_lm(sentences=args.sentences, seq_len=args.seq_len)
     half = len(raw.y_test) // 2
     data = Data("text_lm", Split(raw.x_train, raw.y_train),
