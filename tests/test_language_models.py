@@ -55,6 +55,14 @@ def test_text_files_are_read_as_bytes_and_bad_files_refused(tmp_path):
         text_lm(files=str(tmp_path / "missing.txt"))
 
 
+def test_a_label_budget_on_text_is_one_line():
+    from kdrun.data import load_data
+
+    cfg = make_config("dataset=text_lm", "dataset.sentences=50", "split.labeled=100")
+    with pytest.raises(DataError, match="split.labeled: dataset=text_lm is text"):
+        load_data(cfg.dataset, cfg.split)
+
+
 # ----------------------------------------------------------------------- metric
 
 

@@ -226,6 +226,9 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
         train = Split(x, y)
         return Data(name, train, train, train, raw.num_classes, eval_split="train",
                     metric=raw.metric)
+    if split_cfg.get("labeled") is not None and y.ndim > 1:
+        raise DataError(f"split.labeled: dataset={name} is text whose every token is its own "
+                        "label; a label budget applies to labelled examples: set it to null")
     budget = split_labeled(y, split_cfg.get("labeled"), split_cfg.seed, raw.num_classes)
     transfer = _transfer_set(x, y, budget, raw)
     if budget is not None:  # the validation split is carved from the labelled part only
