@@ -55,6 +55,27 @@ def test_text_files_are_read_as_bytes_and_bad_files_refused(tmp_path):
         text_lm(files=str(tmp_path / "missing.txt"))
 
 
+def test_text_from_a_tables_column_and_parquet_without_its_engine(tmp_path):
+    lines = tmp_path / "corpus.jsonl"
+    lines.write_text("".join(f'{{"body": "line {i} of text", "n": {i}}}\n' for i in range(60)))
+    raw = text_lm(files=str(lines), text_column="body", seq_len=8)
+    stream = torch.cat([raw.x_train.flatten(), raw.x_test.flatten()])
+    assert bytes(stream[:16].tolist()).decode() == "line 0 of text\nl"  # rows joined by newlines
+    table = tmp_path / "corpus.csv"
+    table.write_text("text\n" + "\n".join(f"row {i}" for i in range(80)))
+    assert text_lm(files=str(table), seq_len=8).num_classes == BYTE_VOCAB
+    with pytest.raises(DataError, match="dataset.text_column=text: no such column in "
+                                        "corpus.jsonl; its columns: body, n"):
+        text_lm(files=str(lines))
+    fake = tmp_path / "corpus.parquet"
+    fake.write_bytes(b"PAR1 not really")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
+            text_lm(files=str(fake))
+
+
 def test_a_label_budget_on_text_is_one_line():
     from kdrun.data import load_data
 

@@ -108,10 +108,18 @@ def tokenize(text: str, tokenizer: str) -> tuple[torch.Tensor, int]:
     "tokenizer": lambda v: None if isinstance(v, str) and v else
     "must be bytes, or a Hugging Face tokenizer's name or folder"})
 def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
-            test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes") -> RawData:
-    """Next-token prediction on ``files`` or on generated text (``sentences`` of GRAMMAR),
-    tokenized by ``tokenizer``, judged by perplexity."""
-    text = grammar_text(sentences, seed) if files is None else read_text(files)
+            test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes",
+            text_column: str = "text") -> RawData:
+    """Next-token prediction on ``files`` (text files, or a table's ``text_column``, its
+    rows joined by newlines) or on generated text (``sentences`` of GRAMMAR), tokenized by
+    ``tokenizer``, judged by perplexity."""
+    if files is None:
+        text = grammar_text(sentences, seed)
+    elif Path(files).suffix in TABLES:
+        rows = read_table(files, {"text_column": text_column})[text_column]
+        text = "\n".join(rows.astype(str))
+    else:
+        text = read_text(files)
     if not text.strip():
         raise DataError(f"dataset.files={files}: the text is empty")
     tokens, vocab = tokenize(text, tokenizer)
@@ -139,24 +147,41 @@ def grammar_sentences(sentences: int, seed: int) -> tuple[list[str], list[int]]:
     return out, labels
 
 
-def read_labelled(files: str, text_column: str, label_column: str) -> tuple[list[str], list]:
-    """The text and label columns of a CSV or JSON-lines file (by its extension)."""
+TABLES = (".csv", ".jsonl", ".json", ".parquet")  # files read as tables of columns
+
+
+def read_table(files: str, columns: dict[str, str]):
+    """A CSV, JSON-lines or Parquet file (by its extension) with the ``columns`` named
+    (config key -> column name), as a pandas DataFrame; one line for what is wrong."""
     import pandas as pd
 
     path = Path(files).expanduser()
     if not path.is_file():
-        raise DataError(f"dataset.files={files}: no such file; give a .csv or .jsonl file "
-                        "with a text and a label column, or null for generated text")
+        raise DataError(f"dataset.files={files}: no such file; give a .csv, .jsonl or "
+                        ".parquet file, or null for generated text")
     try:
-        table = (pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json")
-                 else pd.read_csv(path))
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        elif path.suffix in (".jsonl", ".json"):
+            table = pd.read_json(path, lines=True)
+        else:
+            table = pd.read_csv(path)
+    except ImportError as e:  # Parquet needs pyarrow (or fastparquet)
+        raise DataError(f"dataset.files={files}: reading Parquet needs pyarrow: pip install "
+                        f"pyarrow ({e})") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"dataset.files={files}: not a readable CSV or JSON-lines file "
-                        f"({e})") from None
-    for key, column in (("text_column", text_column), ("label_column", label_column)):
+        raise DataError(f"dataset.files={files}: not a readable {path.suffix} file ({e})") \
+            from None
+    for key, column in columns.items():
         if column not in table.columns:
             raise DataError(f"dataset.{key}={column}: no such column in {path.name}; its "
                             f"columns: {', '.join(map(str, table.columns))}")
+    return table
+
+
+def read_labelled(files: str, text_column: str, label_column: str) -> tuple[list[str], list]:
+    """The text and label columns of a table file."""
+    table = read_table(files, {"text_column": text_column, "label_column": label_column})
     return table[text_column].astype(str).tolist(), table[label_column].tolist()
 
 
