@@ -110,6 +110,12 @@ class Data:
         return self.train.input_shape
 
     @property
+    def per_position(self) -> bool:
+        """Whether the targets are one per position of each example (text for a language
+        model, kdrun/data/text.py), not one per example."""
+        return self.train.in_memory and self.train.y.ndim > 1
+
+    @property
     def unlabeled_count(self) -> int:
         return len(self.transfer) if self.transfer is not None else 0
 

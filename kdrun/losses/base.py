@@ -65,7 +65,10 @@ class DistillationLoss(nn.Module):
     @classmethod
     def check_config(cls, settings: dict) -> None:
         """Checks across keys, before anything trains (one key at a time: config_rules);
-        raises ConfigError."""
+        raises ConfigError. A loss that takes both ways of weighting its hard-label and
+        soft terms (KD_RULES) must be given exactly one."""
+        if {"alpha", "ce_weight", "kd_weight"} <= cls.config_rules.keys():
+            hard_soft_check(settings)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None) -> torch.Tensor:
@@ -80,6 +83,12 @@ OPTIONAL_WEIGHT = number(0, optional=True)
 # term weights (the references' CE_WEIGHT and KD_WEIGHT): hard_soft_check says which.
 KD_RULES: dict[str, Check] = {"T": TEMPERATURE, "alpha": number(0, 1, optional=True),
                               "ce_weight": OPTIONAL_WEIGHT, "kd_weight": OPTIONAL_WEIGHT}
+
+
+def term_weights(alpha, ce_weight, kd_weight) -> tuple:
+    """(ce_weight, kd_weight): from ``alpha``, the convex shorthand (1 - alpha, alpha),
+    computed in alpha's type (a tensor when students are batched); else as given."""
+    return (1 - alpha, alpha) if alpha is not None else (ce_weight, kd_weight)
 
 
 def optional_floats(*values) -> tuple:
@@ -154,8 +163,7 @@ def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float | Non
     (e.g. a per-sample z-score). ``masked``: CE over the labelled examples only
     (``hard_ce``), safe on a transfer set; kdrun's losses pass ``masked=not
     self.all_labelled`` to skip the mask's cost."""
-    if alpha is not None:  # 1 - alpha here, in alpha's type: a tensor when batched
-        ce_weight, kd_weight = 1 - alpha, alpha
+    ce_weight, kd_weight = term_weights(alpha, ce_weight, kd_weight)
     hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits, labels)
     if isinstance(kd_weight, (int, float)) and kd_weight == 0:  # (a tensor: students batched)
         return hard if ce_weight == 1 else ce_weight * hard

@@ -24,8 +24,8 @@ from kdrun.losses.base import (
     KD_RULES,
     LOSSES,
     DistillationLoss,
-    hard_soft_check,
     optional_floats,
+    term_weights,
 )
 
 
@@ -43,11 +43,7 @@ def log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight) -> torch.Tensor:
     return torch.logaddexp(log_p + torch.log(w), log_q + torch.log1p(-w))
 
 
-def reverse_kl(log_s, log_t, beta=None, skew=None, reverse=False):
-    return kl_rows(log_s, log_t)
-
-
-def jsd(log_s, log_t, beta=0.5, skew=None, reverse=False):
+def jsd(log_s, log_t, beta):
     """TRL's GKD convention: beta 0 = KL(p_t || p_s), 1 = KL(p_s || p_t), between them
     beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta p_t + (1 - beta) p_s."""
     if beta == 0:
@@ -58,7 +54,7 @@ def jsd(log_s, log_t, beta=0.5, skew=None, reverse=False):
     return beta * kl_rows(log_t, log_m) + (1 - beta) * kl_rows(log_s, log_m)
 
 
-def skew_kl(log_s, log_t, beta=None, skew=0.1, reverse=False):
+def skew_kl(log_s, log_t, skew, reverse: bool):
     """DistiLLM: KL(p_t || skew p_t + (1 - skew) p_s); reversed, KL(p_s || skew p_s +
     (1 - skew) p_t). skew = 0 is the plain (forward or reverse) KL."""
     first, second = (log_s, log_t) if reverse else (log_t, log_s)
@@ -67,14 +63,10 @@ def skew_kl(log_s, log_t, beta=None, skew=0.1, reverse=False):
     return kl_rows(first, log_mix(first, second, skew))
 
 
-def total_variation(log_s, log_t, beta=None, skew=None, reverse=False):
-    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean(-1)
-
-
 class Divergence(DistillationLoss):
-    """kd_weight * T^2 * divergence(p_s, p_t) + ce_weight * CE (see the module's doc)."""
+    """kd_weight * T^2 * divergence(p_s, p_t) + ce_weight * CE (see the module's doc);
+    a subclass says which divergence in ``term``."""
 
-    divergence = staticmethod(reverse_kl)
     config_rules = {**KD_RULES, "t2_scale": boolean}
 
     def __init__(self, T: float = 1.0, alpha: float | None = 0.5, t2_scale: bool = True,
@@ -83,23 +75,17 @@ class Divergence(DistillationLoss):
         self.T, self.t2_scale = float(T), bool(t2_scale)
         self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
 
-    @classmethod
-    def check_config(cls, settings: dict) -> None:
-        hard_soft_check(settings)
-
-    def options(self) -> dict:
-        return {}
+    def term(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
-        ce_weight, kd_weight = ((1 - self.alpha, self.alpha) if self.alpha is not None
-                                else (self.ce_weight, self.kd_weight))
-        hard = self.hard(student_logits, labels)
+        ce_weight, kd_weight = term_weights(self.alpha, self.ce_weight, self.kd_weight)
         log_s = F.log_softmax(student_logits / self.T, -1)
         log_t = F.log_softmax(teacher_logits.detach() / self.T, -1)
-        term = type(self).divergence(log_s, log_t, **self.options())
         scale = self.T**2 if self.t2_scale else 1.0
-        return kd_weight * scale * term + ce_weight * hard
+        return (kd_weight * scale * self.term(log_s, log_t)
+                + ce_weight * self.hard(student_logits, labels))
 
 
 @LOSSES.register("reverse_kl")
@@ -107,7 +93,8 @@ class ReverseKL(Divergence):
     """Reverse KL, KL(p_s || p_t): the student puts its mass where the teacher's is, and
     need not cover all of it (MiniLLM, Gu et al. 2024, ICLR)."""
 
-    divergence = staticmethod(reverse_kl)
+    def term(self, log_s, log_t):
+        return kl_rows(log_s, log_t)
 
 
 @LOSSES.register("jsd")
@@ -115,7 +102,6 @@ class JSD(Divergence):
     """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, ICLR), TRL's
     convention: ``beta`` 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t)."""
 
-    divergence = staticmethod(jsd)
     config_rules = {**Divergence.config_rules, "beta": PROBABILITY}
 
     def __init__(self, beta: float = 0.5, T: float = 1.0, alpha: float | None = 0.5,
@@ -124,8 +110,8 @@ class JSD(Divergence):
         super().__init__(T, alpha, t2_scale, ce_weight, kd_weight)
         self.beta = float(beta)
 
-    def options(self) -> dict:
-        return {"beta": self.beta}
+    def term(self, log_s, log_t):
+        return jsd(log_s, log_t, self.beta)
 
 
 @LOSSES.register("skew_kl")
@@ -134,7 +120,6 @@ class SkewKL(Divergence):
     ``skew`` share of the teacher's keeps the divergence finite and its gradients tame;
     ``reverse`` gives the skew reverse KL."""
 
-    divergence = staticmethod(skew_kl)
     config_rules = {**Divergence.config_rules, "skew": PROBABILITY, "reverse": boolean}
 
     def __init__(self, skew: float = 0.1, reverse: bool = False, T: float = 1.0,
@@ -143,8 +128,8 @@ class SkewKL(Divergence):
         super().__init__(T, alpha, t2_scale, ce_weight, kd_weight)
         self.skew, self.reverse = float(skew), bool(reverse)
 
-    def options(self) -> dict:
-        return {"skew": self.skew, "reverse": self.reverse}
+    def term(self, log_s, log_t):
+        return skew_kl(log_s, log_t, self.skew, self.reverse)
 
 
 @LOSSES.register("tv")
@@ -152,4 +137,5 @@ class TotalVariation(Divergence):
     """Total variation distance, 0.5 * sum |p_t - p_s|: bounded in [0, 1] (Wen et al.
     2023, "f-Divergence Minimization for Sequence-Level KD")."""
 
-    divergence = staticmethod(total_variation)
+    def term(self, log_s, log_t):
+        return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean(-1)

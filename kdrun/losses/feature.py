@@ -16,7 +16,6 @@ from kdrun.losses.base import (
     LOSSES,
     WEIGHT,
     DistillationLoss,
-    hard_soft_check,
     kd_loss,
     optional_floats,
 )
@@ -38,11 +37,6 @@ class FeatureLoss(DistillationLoss):
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
         self.T = float(T)
-
-    @classmethod
-    def check_config(cls, settings: dict) -> None:
-        if "alpha" in cls.config_rules:  # (not ReviewKD: CE + its own term only)
-            hard_soft_check(settings)
 
     def base(self, student_logits, teacher_logits, labels) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,

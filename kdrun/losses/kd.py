@@ -10,7 +10,6 @@ from kdrun.losses.base import (
     KD_RULES,
     LOSSES,
     DistillationLoss,
-    hard_soft_check,
     kd_loss,
     optional_floats,
     zscore,
@@ -50,10 +49,6 @@ class KD(DistillationLoss):
         self.T, self.t2_scale, self.logit_std = float(T), bool(t2_scale), bool(logit_std)
         self.alpha, self.ce_weight, self.kd_weight = optional_floats(alpha, ce_weight, kd_weight)
         self.soft_view = zscore if self.logit_std else None  # both sides, soft term only
-
-    @classmethod
-    def check_config(cls, settings: dict) -> None:
-        hard_soft_check(settings)
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):

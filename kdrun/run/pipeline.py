@@ -201,9 +201,7 @@ def check_feature_layers(cfg: DictConfig, data: Data) -> None:
     student, teacher = (build_model(c, data.input_shape, data.num_classes, role)
                         for c, role in ((cfg.student, "student"), (teacher_cfg, "teacher")))
     loss = build_loss(cfg.loss)
-    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape,
-                                 per_position=getattr(data.train, "y", None) is not None
-                                 and data.train.y.ndim > 1))
+    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape, data.per_position))
 
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:

@@ -67,10 +67,7 @@ class Stages:
                         if data.train.in_memory else None)
         self.numerics = numerics(self.tcfg, device)
         self.data_digest = fingerprint(data)
-        # a student taught by a teacher also trains on the transfer set, if there is one
-        self.transfer_digest = transfer_fingerprint(data)
-        self.taught_data = data if data.transfer is None else data.training_on(
-            data.distill_train())
+        self.use_data(data)
         self.student_seeds = student_seeds(cfg)
         self.row_context = RowContext(
             seed=cfg.seed, eval_split=data.eval_split,
@@ -155,10 +152,16 @@ class Stages:
         wrote: scheme=sequence_kd), after the transfer set there is; their content is
         part of the distilled stages' keys, as the transfer set's is."""
         transfer = extra if self.data.transfer is None else self.data.transfer.joined(extra)
-        self.data = dataclasses.replace(self.data, transfer=transfer, transfer_labels=None,
-                            transfer_digest=None)
-        self.transfer_digest = transfer_fingerprint(self.data)
-        self.taught_data = self.data.training_on(self.data.distill_train())
+        self.use_data(dataclasses.replace(self.data, transfer=transfer, transfer_labels=None,
+                                          transfer_digest=None))
+
+    def use_data(self, data: Data) -> None:
+        """The run's data, and what a student taught by a teacher trains on: the transfer
+        set too, if there is one, whose hash is part of its key."""
+        self.data = data
+        self.transfer_digest = transfer_fingerprint(data)
+        self.taught_data = data if data.transfer is None else data.training_on(
+            data.distill_train())
 
     def teacher_targets(self, teacher: StageResult, loss) -> TeacherTargets:
         """When the training data is not augmented (the default): the teacher's logits,
@@ -253,7 +256,7 @@ class Stages:
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
         loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
         if loss.reads_features:  # the shapes of a row's features (kdrun/train/tokens.py)
-            per_position = self.data.train.y.ndim > 1
+            per_position = self.data.per_position
             loss.prepare(row_shapes(feature_shape(model, loss.student_layer,
                                                   self.data.input_shape, "loss.student_layer"),
                                     per_position),

@@ -89,9 +89,11 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key, default=_ABSENT), check)
     _check_option("dataset", cfg.dataset, data.DATASETS, "name", skip=data.NOT_BUILDER_KEYS)
     _check_option("loss", cfg.loss, losses.LOSSES, "name")
-    loss_class = losses.loss_class(cfg.loss)
-    loss_class.check_config({**defaults_of(loss_class),
-                             **OmegaConf.to_container(cfg.loss, resolve=True)})
+    params = losses.LOSSES.arguments(str(cfg.loss.name), "loss.name")  # their defaults,
+    defaults = {k: p.default for k, p in params.items()  # then the config's values
+                if p.default is not inspect.Parameter.empty}
+    losses.loss_class(cfg.loss).check_config(
+        {**defaults, **OmegaConf.to_container(cfg.loss, resolve=True)})
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
@@ -125,12 +127,6 @@ def _check_option(prefix: str, node, registry, name_key: str, given=(), skip=())
             raise ConfigError(f"{prefix}.{key}", None, f"{prefix} {name} needs this key")
     for key, check in registry.rules(str(name)).items():
         _check(f"{prefix}.{key}", node.get(key, _ABSENT), check)
-
-
-def defaults_of(cls) -> dict:
-    """The default value of each constructor argument of ``cls`` that has one."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def group_options(group: str, search_path: tuple[str, ...] = ()) -> list[str]:

@@ -6,6 +6,7 @@ and by ``text_lm``'s ``tokenizer`` (kdrun/data/text.py)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -35,9 +36,18 @@ def local_snapshot(name: str, key: str) -> Path:
 
 
 def weights_sha256(folder: Path) -> str:
-    """One hash of every weights file of a snapshot (what a stage key holds)."""
+    """One hash of every weights file of a snapshot (what a stage key holds); hashed once
+    per process while the files are unchanged (every stage of a run asks for it)."""
+    paths = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                             for p in paths))
+
+
+@functools.cache
+def _hash_files(files: tuple) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+    for name, _, _ in files:
+        path = Path(name)
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from kdrun.checks import number
-from kdrun.errors import DataError, UserError
+from kdrun.errors import DataError
 from kdrun.models.base import DROPOUT, MODELS
-from kdrun.models.hubs.hf_lm import _transformers
+from kdrun.models.hubs.hf_lm import _transformers, check_heads, fixed_token_ids, identity
 
 RULES = {"layers": number(1, integer=True), "width": number(1, integer=True),
          "heads": number(1, integer=True), "dropout": DROPOUT,
@@ -31,9 +31,7 @@ class SequenceClassifier(nn.Module):
         return self.model(input_ids=tokens, attention_mask=(tokens != self.pad_id).long()).logits
 
     def example_inputs(self, batch: int, device=None) -> torch.Tensor:
-        """Fixed token ids (a probe draws nothing from the global generator)."""
-        ids = torch.arange(batch * self.positions, device=device) % self.pad_id
-        return ids.view(batch, self.positions)
+        return fixed_token_ids(batch, self.positions, self.pad_id, device)  # no padding
 
 
 @MODELS.register("hf_cls", rules=RULES)
@@ -43,8 +41,7 @@ def hf_cls(input_shape, num_classes, layers: int = 2, width: int = 64, heads: in
     if len(input_shape) != 1:
         raise DataError(f"hf_cls reads token sequences; this data set has inputs of shape "
                         f"{tuple(input_shape)}: use dataset=text_cls")
-    if width % heads:
-        raise UserError(f"hf_cls: width {width} must be a multiple of heads {heads}")
+    check_heads("hf_cls", width, heads)
     t = _transformers()
     config = t.DistilBertConfig(vocab_size=vocab, max_position_embeddings=input_shape[0],
                                 dim=width, n_layers=layers, n_heads=heads, hidden_dim=4 * width,
@@ -55,13 +52,9 @@ def hf_cls(input_shape, num_classes, layers: int = 2, width: int = 64, heads: in
     return SequenceClassifier(model, pad_id, vocab, input_shape[0])
 
 
-def identity(model_cfg) -> dict:
-    return {"transformers": _transformers().__version__}
-
-
 def describe(model_cfg) -> str:
     return f"distilbert {model_cfg.get('layers', 2)}x{model_cfg.get('width', 64)}"
 
 
-hf_cls.identity, hf_cls.describe = identity, describe
+hf_cls.identity, hf_cls.describe = identity, describe  # identity: the transformers version
 hf_cls.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)

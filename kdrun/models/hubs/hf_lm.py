@@ -46,17 +46,24 @@ class CausalLM(nn.Module):
         return self.lm(input_ids=tokens, use_cache=False).logits
 
     def example_inputs(self, batch: int, device=None) -> torch.Tensor:
-        """Token ids to time, trace or probe the model with (not floats: an embedding's
-        input); fixed ones, so that a probe draws nothing from the global generator."""
-        ids = torch.arange(batch * self.positions, device=device) % self.vocab
-        return ids.view(batch, self.positions)
+        return fixed_token_ids(batch, self.positions, self.vocab, device)
+
+
+def fixed_token_ids(batch: int, positions: int, vocab: int, device=None) -> torch.Tensor:
+    """Token ids to time, trace or probe a model with (not floats: an embedding's input);
+    fixed ones, so that a probe draws nothing from the global generator."""
+    return (torch.arange(batch * positions, device=device) % vocab).view(batch, positions)
+
+
+def check_heads(arch: str, width: int, heads: int) -> None:
+    if width % heads:
+        raise UserError(f"{arch}: width {width} must be a multiple of heads {heads}")
 
 
 def hf_config(family: str, vocab: int, positions: int, layers: int, width: int, heads: int,
               dropout: float):
     t = _transformers()
-    if width % heads:
-        raise UserError(f"hf_lm: width {width} must be a multiple of heads {heads}")
+    check_heads("hf_lm", width, heads)
     if family == "gpt2":
         return t.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width,
                             n_layer=layers, n_head=heads, resid_pdrop=dropout,

@@ -41,7 +41,7 @@ class SequenceKD(Scheme):
             temperature)
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        if stages.data.train.y.ndim < 2:
+        if not stages.data.per_position:
             raise ConfigError("scheme.name", "sequence_kd", "needs a language model's data "
                               "(targets per position, e.g. dataset=text_lm)")
         teacher = stages.teacher(cfg.teacher)
