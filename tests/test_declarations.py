@@ -37,7 +37,8 @@ def test_every_scheme_makes_the_rows_it_declares(tmp_path):
     overrides = {"offline": TINY, "born_again": [*TINY, "scheme.generations=2"], "dml": TINY,
                  "ensemble": [*TINY, "scheme.teachers=[{option: mlp, hidden: [8]},"
                                      "{option: mlp}]"],
-                 "sequence_kd": [*TINY_LM, "scheme.samples=8"]}  # a language model's scheme
+                 "sequence_kd": [*TINY_LM, "scheme.samples=8"],  # language models' schemes
+                 "on_policy": [*TINY_LM, "scheme.prompt=12", "dataset.sentences=100"]}
     assert set(overrides) == set(SCHEMES.names())
     for name, extra in overrides.items():
         cfg = make_config(*extra, f"scheme={name}", f"cache.dir={tmp_path}/cache")

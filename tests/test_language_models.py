@@ -74,6 +74,42 @@ def test_text_from_a_tables_column_and_parquet_without_its_engine(tmp_path):
     except ImportError:
         with pytest.raises(DataError, match="reading Parquet needs pyarrow"):
             text_lm(files=str(fake))
+    else:
+        with pytest.raises(DataError, match="corpus.parquet: not a readable .parquet file"):
+            text_lm(files=str(fake))
+
+
+def test_a_hugging_face_dataset_is_read_offline_as_its_files_would_be(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from kdrun.data.text import text_cls
+
+    body = [f"row {i} of the corpus" for i in range(80)]
+    (tmp_path / "corpus.csv").write_text("body\n" + "\n".join(body))
+    from_file = text_lm(files=str(tmp_path / "corpus.csv"), text_column="body", seq_len=8)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": body}),
+                          "extra": datasets.Dataset.from_dict({"body": body[:5]})}
+                         ).save_to_disk(str(saved))
+    from_hf = text_lm(hf_dataset=str(saved), text_column="body", seq_len=8)
+    assert torch.equal(from_hf.x_train, from_file.x_train)
+    assert torch.equal(from_hf.x_test, from_file.x_test)
+    shorter = text_lm(hf_dataset=str(saved), hf_split="extra", text_column="body", seq_len=8)
+    assert len(shorter.x_train) < len(from_hf.x_train)
+    with pytest.raises(DataError, match="dataset.hf_split=validation: no such split in .*; "
+                                        "its splits: train, extra"):
+        text_lm(hf_dataset=str(saved), hf_split="validation", text_column="body")
+    with pytest.raises(DataError, match="dataset.text_column=text: no such column in .*; its "
+                                        "columns: body"):
+        text_lm(hf_dataset=str(saved))
+    with pytest.raises(DataError, match="dataset.hf_dataset=no-such/corpus: not on this "
+                                        "machine.*never downloads"):
+        text_lm(hf_dataset="no-such/corpus")
+    with pytest.raises(DataError, match="give one of them"):
+        text_lm(hf_dataset=str(saved), files=str(tmp_path / "corpus.csv"))
+    labelled = tmp_path / "labelled"
+    datasets.Dataset.from_dict({"text": body, "label": [i % 3 for i in range(80)]}
+                               ).save_to_disk(str(labelled))
+    assert text_cls(hf_dataset=str(labelled), seq_len=16).num_classes == 3
 
 
 def test_a_label_budget_on_text_is_one_line():
@@ -185,6 +221,12 @@ def test_a_config_built_language_model_distils_end_to_end(tmp_path, family, loss
                                          "distilled"]
     assert all(r["metric"] == "perplexity" and r["higher_is_better"] is False for r in rows)
     assert all(1 < r["test_acc_best_val"] < 2 * BYTE_VOCAB for r in rows)
+    tokens = rows[0]["train_tokens"]  # every position of every training window, per epoch
+    assert tokens == rows[0]["train_labeled"] * 16  # dataset.seq_len
+    for r in rows:
+        assert r["train_tokens_per_s"] == pytest.approx(
+            tokens * r["epochs"] / r["train_seconds"], rel=0.01)
+    assert "training tokens per second (median over seeds): teacher " in result["table"]
     # the stage cache reuses every stage of a rerun
     again = pipeline.run(cfg, tmp_path / "run2")["rows"]
     assert all(r["reused"] for r in again)
@@ -449,3 +491,73 @@ def test_sequence_kd_distils_on_the_teachers_text_and_refuses_other_data(tmp_pat
                                  "repeats=1", "trainer.epochs=1", "progress=false",
                                  "scheme=sequence_kd", f"cache.dir={tmp_path}/c2"),
                      tmp_path / "run3")
+
+
+# ------------------------------------------------------------ on-policy (GKD)
+
+
+def tiny_lm_model(width: int, seed: int, positions: int = 12):
+    from omegaconf import OmegaConf
+
+    from kdrun.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(OmegaConf.create({"arch": "hf_lm", "layers": 1, "width": width,
+                                         "heads": 2}), (positions,), BYTE_VOCAB)
+
+
+def test_on_policy_batches_are_the_students_own_text_without_labels():
+    pytest.importorskip("transformers")
+    from contextlib import nullcontext
+
+    from kdrun.data.labels import UNLABELED
+    from kdrun.train.on_policy import OnPolicyTeacher
+
+    raw = text_lm(sentences=60, seq_len=12)
+    x, y = raw.x_train[:5], raw.y_train[:5]
+    student = tiny_lm_model(8, seed=1)
+    always = OnPolicyTeacher(tiny_lm_model(16, seed=0), nullcontext, 1.0, 4, 1.0)
+    text, labels = always.rewrite(student, x, y, torch.Generator().manual_seed(7))
+    assert text.shape == x.shape and torch.equal(text[:, :4], x[:, :4])  # its prompts
+    assert not torch.equal(text, x) and (labels == UNLABELED).all()
+    again, _ = always.rewrite(student, x, y, torch.Generator().manual_seed(7))
+    assert torch.equal(text, again)  # the stage's generator decides: a resume writes the same
+    never = OnPolicyTeacher(always.model, nullcontext, 0.0, 4, 1.0)
+    assert never.rewrite(student, x, y, torch.Generator()) == (x, y)
+    assert always.stage_key == {"on_policy": {"fraction": 1.0, "prompt": 4, "temperature": 1.0}}
+
+
+@pytest.mark.slow  # four runs in float64
+def test_on_policy_at_fraction_0_is_offline_kd_to_rounding_and_its_keys_hold_it(tmp_path):
+    """Fraction 0 never rewrites a batch: the live teacher's logits on each batch are the
+    cached ones in another order, so the distilled weights agree with offline KD's within
+    the float64 bound (tests/helpers.py); a fraction of 0.5 is another stage."""
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+    from kdrun.store.files import load_checkpoint
+    from tests.helpers import assert_float64_weights_agree
+
+    common = [*TINY_LM, "repeats=1", "trainer.float64=true", f"cache.dir={tmp_path}/cache"]
+    runs = {name: pipeline.run(make_config(*common, *extra), tmp_path / name)["rows"]
+            for name, extra in {"offline": [], "zero": ["scheme=on_policy", "scheme.fraction=0"],
+                                "half": ["scheme=on_policy", "scheme.prompt=4"]}.items()}
+    weights = {name: load_checkpoint(tmp_path / name / "checkpoints" / "distilled.pt")["model"]
+               for name in runs}
+    assert_float64_weights_agree(weights["zero"], weights["offline"], "fraction 0 vs offline")
+    keys = {name: next(r["cache_key"] for r in rows if r["role"] == "distilled")
+            for name, rows in runs.items()}
+    assert len(set(keys.values())) == 3  # the targets' kind and the fraction are keyed
+    assert all(r["reused"] for r in runs["zero"] if r["role"] in ("teacher", "scratch"))
+    difference = max(float((weights["half"][k] - weights["offline"][k]).abs().max())
+                     for k in weights["offline"])
+    assert difference > 1e-3  # the student's own text changed what it learned
+
+
+def test_on_policy_refuses_data_that_is_not_text(tmp_path):
+    from kdrun.errors import ConfigError
+    from kdrun.run import pipeline
+
+    with pytest.raises(ConfigError, match="scheme.name='on_policy'.*language model"):
+        pipeline.run(make_config("dataset=synthetic", "dataset.n=200", "teacher=mlp",
+                                 "repeats=1", "trainer.epochs=1", "progress=false",
+                                 "scheme=on_policy", f"cache.dir={tmp_path}/c"), tmp_path / "r")

@@ -65,6 +65,8 @@ ROUNDING_FLIPS = {
     "processor": None,  # the machine: no flip on one machine; recorded (test below)
     "hydra/launcher": None,  # stacked vs alone: tests/test_batched.py, in float64 too
     "num_threads": "num_threads=2",
+    "one_thread_below_mflop": None,  # num_threads=auto's count: tests/test_threads.py
+    "trainer.loss_chunk_rows": "trainer.loss_chunk_rows=7",
     "trainer.fused_optimizer": "trainer.fused_optimizer=false",
     "trainer.eval_batch_size": "trainer.eval_batch_size=37",
     "trainer.compile": None,  # slow: test_compiled_training_... below

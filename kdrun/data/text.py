@@ -15,6 +15,7 @@ rest training text.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,19 +110,22 @@ def tokenize(text: str, tokenizer: str) -> tuple[torch.Tensor, int]:
     "must be bytes, or a Hugging Face tokenizer's name or folder"})
 def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
             test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes",
-            text_column: str = "text") -> RawData:
+            text_column: str = "text", hf_dataset: str | None = None,
+            hf_split: str = "train") -> RawData:
     """Next-token prediction on ``files`` (text files, or a table's ``text_column``, its
-    rows joined by newlines) or on generated text (``sentences`` of GRAMMAR), tokenized by
-    ``tokenizer``, judged by perplexity."""
-    if files is None:
-        text = grammar_text(sentences, seed)
-    elif Path(files).suffix in TABLES:
-        rows = read_table(files, {"text_column": text_column})[text_column]
-        text = "\n".join(rows.astype(str))
-    else:
+    rows joined by newlines), on a Hugging Face dataset's ``text_column`` alike, or on
+    generated text (``sentences`` of GRAMMAR), tokenized by ``tokenizer``, judged by
+    perplexity."""
+    table = read_rows(files, hf_dataset, hf_split, {"text_column": text_column})
+    if table is not None:
+        text = "\n".join(table[text_column].astype(str))
+    elif files is not None:
         text = read_text(files)
+    else:
+        text = grammar_text(sentences, seed)
     if not text.strip():
-        raise DataError(f"dataset.files={files}: the text is empty")
+        raise DataError(f"dataset.{'hf_dataset' if hf_dataset else 'files'}="
+                        f"{hf_dataset or files}: the text is empty")
     tokens, vocab = tokenize(text, tokenizer)
     cut = int(len(tokens) * (1 - test_fraction))
     x_train, y_train = windows(tokens[:cut], seq_len)
@@ -179,9 +183,76 @@ def read_table(files: str, columns: dict[str, str]):
     return table
 
 
-def read_labelled(files: str, text_column: str, label_column: str) -> tuple[list[str], list]:
-    """The text and label columns of a table file."""
-    table = read_table(files, {"text_column": text_column, "label_column": label_column})
+def read_rows(files: str | None, hf_dataset: str | None, hf_split: str, columns: dict):
+    """The table a text data set reads: a Hugging Face dataset, or a table file (by its
+    extension); None for plain text files or generated text."""
+    if hf_dataset is not None and files is not None:
+        raise DataError(f"dataset.hf_dataset={hf_dataset} and dataset.files={files}: give "
+                        "one of them")
+    if hf_dataset is not None:
+        return read_hf_dataset(hf_dataset, hf_split, columns)
+    if files is not None and Path(files).suffix in TABLES:
+        return read_table(files, columns)
+    return None
+
+
+def read_hf_dataset(name: str, split: str, columns: dict[str, str]):
+    """A split of a Hugging Face ``datasets`` dataset with the ``columns`` named, as a
+    pandas DataFrame: a folder ``save_to_disk`` wrote, a folder of data files, or a
+    dataset name in the library's local cache. Offline: never downloaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("dataset.hf_dataset: reading a Hugging Face dataset needs its "
+                        "library: pip install 'kdrun[lm]'") from None
+    path = Path(name).expanduser()
+    saved = path.is_dir() and any((path / f).exists() for f in (
+        "dataset_dict.json", "dataset_info.json", "state.json"))
+    try:
+        with hub_offline(datasets):
+            found = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(name)
+    except Exception as e:  # the library raises many kinds for "not here"
+        raise DataError(f"dataset.hf_dataset={name}: not on this machine, neither a folder "
+                        f"save_to_disk wrote or of data files, nor a dataset in the local "
+                        f"Hugging Face cache (kdrun never downloads: load it once where there "
+                        f"is a network, then dataset.save_to_disk(FOLDER)) ({type(e).__name__})"
+                        ) from None
+    if isinstance(found, datasets.DatasetDict):
+        if split not in found:
+            raise DataError(f"dataset.hf_split={split}: no such split in {name}; its splits: "
+                            f"{', '.join(found)}")
+        found = found[split]
+    for key, column in columns.items():
+        if column not in found.column_names:
+            raise DataError(f"dataset.{key}={column}: no such column in {name}; its columns: "
+                            f"{', '.join(found.column_names)}")
+    return found.to_pandas()
+
+
+@contextmanager
+def hub_offline(datasets):
+    """The datasets library offline (its flags as HF_DATASETS_OFFLINE=1 would set them at
+    import; an offline library fails at once where it would retry a network for half a
+    minute), restored afterwards."""
+    from huggingface_hub import constants
+
+    flags = [(datasets.config, "HF_DATASETS_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (constants, "HF_HUB_OFFLINE")]
+    before = [getattr(owner, flag) for owner, flag in flags]
+    for owner, flag in flags:
+        setattr(owner, flag, True)
+    try:
+        yield
+    finally:
+        for (owner, flag), value in zip(flags, before):
+            setattr(owner, flag, value)
+
+
+def read_labelled(files: str | None, text_column: str, label_column: str,
+                  hf_dataset: str | None = None, hf_split: str = "train"):
+    """The text and label columns of a table file or a Hugging Face dataset."""
+    table = read_rows(files, hf_dataset, hf_split,
+                      {"text_column": text_column, "label_column": label_column})
     return table[text_column].astype(str).tolist(), table[label_column].tolist()
 
 
@@ -199,16 +270,17 @@ def encode_padded(texts: list[str], seq_len: int) -> torch.Tensor:
     "test_fraction": FRACTION, "seed": SEED})
 def text_cls(files: str | None = None, text_column: str = "text", label_column: str = "label",
              seq_len: int = 64, sentences: int = 3000, test_fraction: float = 0.2,
-             seed: int = 0) -> RawData:
+             seed: int = 0, hf_dataset: str | None = None, hf_split: str = "train") -> RawData:
     """Sequence classification of ``files``' text column by its label column, or of
     generated sentences by their subject's group; byte-level ids with a class token in
     front (vocabulary CLS_VOCAB), judged by accuracy."""
-    if files is None:
+    if files is None and hf_dataset is None:
         texts, labels = grammar_sentences(sentences, seed)
     else:
-        texts, labels = read_labelled(files, text_column, label_column)
+        texts, labels = read_labelled(files, text_column, label_column, hf_dataset, hf_split)
     if not texts:
-        raise DataError(f"dataset.files={files}: no rows")
+        raise DataError(f"dataset.{'hf_dataset' if hf_dataset else 'files'}="
+                        f"{hf_dataset or files}: no rows")
     classes = sorted(set(labels), key=str)
     y = torch.tensor([classes.index(label) for label in labels])
     return carve_test(encode_padded(texts, seq_len), y, test_fraction, seed, len(classes))

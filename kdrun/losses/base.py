@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kdrun.checks import Check, number
 from kdrun.data.labels import UNLABELED
@@ -29,13 +30,21 @@ class DistillationLoss(nn.Module):
     config_rules: ClassVar[dict[str, Check]] = {}  # constructor key -> its check
     student_layer: str | None = None
     teacher_layer: str | None = None
+    # True: the loss is a sum of per-row terms over the vocabulary-wide rows of logits,
+    # and computes them ``chunk_rows`` rows at a time when the trainer sets that
+    # (trainer.loss_chunk_rows, for a language model's many positions: row_chunk_sum)
+    chunks_rows: ClassVar[bool] = False
+    chunk_rows: int | None = None
     # False while training on a transfer set (set by the trainer): some labels are
     # UNLABELED, and the hard-label term must be masked (hard_ce). True: plain CE.
     all_labelled: bool = True
 
     def hard(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The hard-label cross-entropy: masked to the labelled examples (``hard_ce``)
-        on a transfer set, plain ``F.cross_entropy`` (cheaper per step) otherwise."""
+        on a transfer set, plain ``F.cross_entropy`` (cheaper per step) otherwise; in
+        chunks of rows when ``chunk_rows`` is set."""
+        if self.chunk_rows:
+            return chunked_hard_ce(student_logits, labels, self.chunk_rows)
         if self.all_labelled:
             return F.cross_entropy(student_logits, labels)
         return hard_ce(student_logits, labels)
@@ -116,17 +125,55 @@ def hard_soft_check(settings: dict) -> None:
                           "(or set loss.alpha, in [0, 1])")
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(p_t^T || p_s^T), summed over classes and averaged over the batch ("batchmean").
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+            chunk_rows: int | None = None) -> torch.Tensor:
+    """KL(p_t^T || p_s^T), summed over classes and averaged over the batch ("batchmean");
+    ``chunk_rows`` rows at a time when given (``row_chunk_sum``).
 
     Both sides are given as log-probabilities (``log_target=True``): no softmax is
     taken twice, and the teacher side cannot underflow to log(0).
     """
-    log_p_student = F.log_softmax(student_logits / T, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / T, dim=1)
-    # F.kl_div(..., "batchmean", log_target=True) written out: torch.func.vmap has no
-    # batching rule for kl_div, and batched students (kdrun/train/stacked.py) call this
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / len(student_logits)
+    def kl_sum(s, t):
+        log_p_student = F.log_softmax(s / T, dim=1)
+        log_p_teacher = F.log_softmax(t.detach() / T, dim=1)
+        # F.kl_div(..., "sum", log_target=True) written out: torch.func.vmap has no
+        # batching rule for kl_div, and batched students (kdrun/train/stacked.py) call this
+        return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+
+    return row_chunk_sum(kl_sum, chunk_rows, student_logits, teacher_logits) / len(student_logits)
+
+
+def row_chunk_sum(sum_fn, chunk_rows: int | None, *rows: torch.Tensor) -> torch.Tensor:
+    """``sum_fn(*rows)``, a sum of per-row terms, computed ``chunk_rows`` rows at a time
+    when there are more: each chunk's intermediates (a language model's softmaxes over
+    its vocabulary, several tensors of rows x vocabulary) are recomputed in the backward
+    pass instead of kept (activation checkpointing), so the loss's memory holds one
+    chunk's. The same sum up to rounding; null chunk_rows: all rows at once."""
+    n = len(rows[0])
+    if not chunk_rows or n <= chunk_rows:
+        return sum_fn(*rows)
+    parts = [checkpoint(sum_fn, *(r[i:i + chunk_rows] for r in rows), use_reentrant=False)
+             for i in range(0, n, chunk_rows)]
+    return torch.stack(parts).sum()
+
+
+def row_chunk_mean(mean_fn, chunk_rows: int | None, *rows: torch.Tensor) -> torch.Tensor:
+    """``mean_fn(*rows)``, a mean of per-row terms, as ``row_chunk_sum`` computes a sum:
+    each chunk's mean weighted by its rows."""
+    n = len(rows[0])
+    if not chunk_rows or n <= chunk_rows:
+        return mean_fn(*rows)
+    return row_chunk_sum(lambda *part: mean_fn(*part) * len(part[0]), chunk_rows, *rows) / n
+
+
+def chunked_hard_ce(student_logits: torch.Tensor, labels: torch.Tensor,
+                    chunk_rows: int) -> torch.Tensor:
+    """``hard_ce`` computed ``chunk_rows`` rows at a time: the cross-entropy summed per
+    chunk, over the labelled rows of the whole batch (0 for a batch without any)."""
+    total = row_chunk_sum(lambda s, y: F.cross_entropy(s, y, reduction="sum"), chunk_rows,
+                          student_logits, labels)
+    labelled = (labels != UNLABELED).sum()
+    return torch.where(labelled > 0, total / labelled.clamp_min(1), torch.zeros_like(total))
 
 
 def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -153,7 +200,8 @@ def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 
 def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float | None,
             t2_scale: bool = True, soft_view=None, masked: bool = True,
-            ce_weight: float | None = None, kd_weight: float | None = None) -> torch.Tensor:
+            ce_weight: float | None = None, kd_weight: float | None = None,
+            chunk_rows: int | None = None) -> torch.Tensor:
     """Hinton et al. 2015: kd_weight * T^2 * KL(p_t^T || p_s^T) + ce_weight * CE(y, s).
 
     ``alpha`` is the convex shorthand, kd_weight = alpha and ce_weight = 1 - alpha; with
@@ -162,12 +210,17 @@ def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float | Non
     ``soft_view``, when given, transforms both sides' logits for the soft term only
     (e.g. a per-sample z-score). ``masked``: CE over the labelled examples only
     (``hard_ce``), safe on a transfer set; kdrun's losses pass ``masked=not
-    self.all_labelled`` to skip the mask's cost."""
+    self.all_labelled`` to skip the mask's cost. ``chunk_rows``: both terms computed that
+    many rows at a time (``row_chunk_sum``)."""
     ce_weight, kd_weight = term_weights(alpha, ce_weight, kd_weight)
-    hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits, labels)
+    if chunk_rows:
+        hard = chunked_hard_ce(student_logits, labels, chunk_rows)
+    else:
+        hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits,
+                                                                                labels)
     if isinstance(kd_weight, (int, float)) and kd_weight == 0:  # (a tensor: students batched)
         return hard if ce_weight == 1 else ce_weight * hard
     if soft_view is not None:
         student_logits, teacher_logits = soft_view(student_logits), soft_view(teacher_logits)
     soft_weight = kd_weight * (T**2 if t2_scale else 1.0)  # one multiply a step
-    return soft_weight * soft_kl(student_logits, teacher_logits, T) + ce_weight * hard
+    return soft_weight * soft_kl(student_logits, teacher_logits, T, chunk_rows) + ce_weight * hard

@@ -25,6 +25,7 @@ from kdrun.losses.base import (
     LOSSES,
     DistillationLoss,
     optional_floats,
+    row_chunk_mean,
     term_weights,
 )
 
@@ -68,6 +69,7 @@ class Divergence(DistillationLoss):
     a subclass says which divergence in ``term``."""
 
     config_rules = {**KD_RULES, "t2_scale": boolean}
+    chunks_rows = True
 
     def __init__(self, T: float = 1.0, alpha: float | None = 0.5, t2_scale: bool = True,
                  ce_weight: float | None = None, kd_weight: float | None = None):
@@ -81,11 +83,13 @@ class Divergence(DistillationLoss):
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
         ce_weight, kd_weight = term_weights(self.alpha, self.ce_weight, self.kd_weight)
-        log_s = F.log_softmax(student_logits / self.T, -1)
-        log_t = F.log_softmax(teacher_logits.detach() / self.T, -1)
+
+        def soft_term(s, t):  # the divergence at T, averaged over the rows
+            return self.term(F.log_softmax(s / self.T, -1), F.log_softmax(t.detach() / self.T, -1))
+
+        soft = row_chunk_mean(soft_term, self.chunk_rows, student_logits, teacher_logits)
         scale = self.T**2 if self.t2_scale else 1.0
-        return (kd_weight * scale * self.term(log_s, log_t)
-                + ce_weight * self.hard(student_logits, labels))
+        return kd_weight * scale * soft + ce_weight * self.hard(student_logits, labels)
 
 
 @LOSSES.register("reverse_kl")

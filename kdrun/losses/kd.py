@@ -41,6 +41,7 @@ class KD(DistillationLoss):
     """
 
     config_rules = {**KD_RULES, "t2_scale": boolean, "logit_std": boolean}
+    chunks_rows = True
 
     def __init__(self, T: float = 4.0, alpha: float | None = 0.9, t2_scale: bool = True,
                  logit_std: bool = False, ce_weight: float | None = None,
@@ -54,7 +55,8 @@ class KD(DistillationLoss):
                 teacher_feature=None):
         return kd_loss(student_logits, teacher_logits, labels, self.T, self.alpha,
                        self.t2_scale, self.soft_view, masked=not self.all_labelled,
-                       ce_weight=self.ce_weight, kd_weight=self.kd_weight)
+                       ce_weight=self.ce_weight, kd_weight=self.kd_weight,
+                       chunk_rows=self.chunk_rows)
 
 
 @LOSSES.register("ce")
@@ -63,6 +65,7 @@ class CE(DistillationLoss):
     the student exactly as the scratch stage does (a control run)."""
 
     needs_teacher = False
+    chunks_rows = True
 
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):

@@ -18,6 +18,7 @@ from kdrun.models.base import (
     describe,
     eval_mode,
     example_inputs,
+    forward_mflop,
     he_init,
     image_builder,
     input_spec,
@@ -27,7 +28,7 @@ from kdrun.models.base import (
 from kdrun.packages import import_every_module
 
 __all__ = ["MODELS", "NOT_BUILDER_KEYS", "Cohort", "build_model", "builder_hook",
-           "count_params", "describe", "eval_mode", "example_inputs", "he_init",
+           "count_params", "describe", "eval_mode", "example_inputs", "forward_mflop", "he_init",
            "image_builder", "input_spec", "model_identity", "need_images"]
 
 import_every_module(__name__, __path__)

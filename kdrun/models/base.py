@@ -16,12 +16,14 @@ input its weights expect) and ``describe(model_cfg)`` (its name in the table).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kdrun.checks import boolean, int_or_ints, number, one_of, positive_ints
 from kdrun.errors import ConfigError, DataError
@@ -63,7 +65,7 @@ DROPOUT = number(0, 1, hi_open=True)
 def mlp(input_shape, num_classes, hidden: Sequence[int] = (100, 100), dropout: float = 0.0):
     """Fully connected ReLU network on the flattened input."""
     layers = OrderedDict(flatten=nn.Flatten())
-    width = int(torch.tensor(input_shape).prod())
+    width = math.prod(input_shape)
     for i, h in enumerate(hidden):
         layers[f"fc{i}"] = nn.Linear(width, h)
         layers[f"relu{i}"] = nn.ReLU()
@@ -256,6 +258,34 @@ def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -
             f"{role}", model_cfg.arch,
             f"cannot be built for input shape {tuple(input_shape)} ({str(e).splitlines()[0]})",
         ) from e
+
+
+def loads_weights(model_cfg) -> bool:
+    """Whether building ``model_cfg`` reads weights: a zoo's pretrained ones, a weights
+    file, or a builder's own (its ``loads_weights`` hook, e.g. hf_lm's ``name``)."""
+    own = builder_hook(model_cfg, "loads_weights")
+    if own is not None:
+        return bool(own(model_cfg))
+    return bool(model_cfg.get("pretrained") or model_cfg.get("weights"))
+
+
+def forward_mflop(model_cfg, input_shape, num_classes: int, batch: int) -> float | None:
+    """MFLOP of one forward pass on ``batch`` examples (the matrix products, convolutions
+    and attention torch's FlopCounterMode counts) of the model built on the meta device:
+    no memory, no random draws, nothing read. None when it cannot be known that way: a
+    model that starts from weights, or whose forward needs real values."""
+    if loads_weights(model_cfg):
+        return None
+    meta = torch.device("meta")
+    try:
+        with meta:
+            model = build_model(model_cfg, input_shape, num_classes)
+        inputs = example_inputs(model, batch, input_shape, meta, torch.float32)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(inputs)
+    except (RuntimeError, NotImplementedError, ValueError, ConfigError):
+        return None  # the real build, later, says what is wrong with a config
+    return counter.get_total_flops() / 1e6
 
 
 @contextmanager

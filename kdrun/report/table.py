@@ -234,7 +234,16 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
                      "last epoch")
     if "compression" in distilled and distilled.compression.notna().all():
         lines.append(_speed_line(distilled.iloc[0]))
+    if "train_tokens_per_s" in summary and summary.train_tokens_per_s.notna().any():
+        lines.append(_token_speed_line(by_role))
     return "\n".join(lines)
+
+
+def _token_speed_line(by_role: dict[str, pd.DataFrame]) -> str:
+    """A language model's stages: training tokens per second, the median over seeds."""
+    speeds = [f"{role} {rows.train_tokens_per_s.median():,.0f}" for role, rows in by_role.items()
+              if not rows.empty and rows.train_tokens_per_s.notna().any()]
+    return f"training tokens per second (median over seeds): {', '.join(speeds)}"
 
 
 def _speed_line(row) -> str:

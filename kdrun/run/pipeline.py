@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.losses import build_loss, loss_class
-from kdrun.models import build_model, builder_hook, describe, input_spec
+from kdrun.models import build_model, builder_hook, describe, forward_mflop, input_spec
 from kdrun.models.hubs.pretrained import InputSpec
 from kdrun.report.export import export_distilled
 from kdrun.report.measure import side_by_side
@@ -79,17 +79,40 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 
 
 def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
-    """The run's device, its CPU thread count (recorded in every row), and its data."""
+    """The run's device, its data, and its CPU thread count (recorded in every row)."""
     device = pick_device(cfg.device)
     set_threads(cfg)
     spec = model_input_spec(cfg) if cfg.dataset.get("normalize") == "model" else None
-    return device, load_data(cfg.dataset, cfg.split, spec and (spec.mean, spec.std))
+    data = load_data(cfg.dataset, cfg.split, spec and (spec.mean, spec.std))
+    set_threads(cfg, data, device)
+    return device, data
 
 
-def set_threads(cfg: DictConfig) -> None:
-    """``num_threads`` CPU threads for torch (at most the cores); torch's default when null."""
-    if cfg.num_threads:
-        torch.set_num_threads(min(cfg.num_threads, os.cpu_count() or 1))
+TORCH_THREADS = torch.get_num_threads()  # torch's default: one per core
+
+
+def set_threads(cfg: DictConfig, data: Data | None = None,
+                device: torch.device | None = None) -> None:
+    """``num_threads`` CPU threads for torch, at most the cores. null: torch's default;
+    auto: one thread on a CPU where the models are small (``small_models``), else
+    torch's default, decided once the data (the models' input) is known; the data is
+    loaded on one thread, so that auto is exactly num_threads=1 for small models."""
+    threads = cfg.num_threads
+    if threads == "auto":
+        threads = 1 if data is None or (device.type == "cpu" and small_models(cfg, data)) \
+            else None
+    torch.set_num_threads(min(threads, os.cpu_count() or 1) if threads else TORCH_THREADS)
+
+
+def small_models(cfg: DictConfig, data: Data) -> bool:
+    """Whether the teacher's and the student's forward pass on a training batch each
+    cost under ``one_thread_below_mflop``: ops that small gain little from more threads
+    on an idle machine and lose several times over when another process shares the
+    cores (benchmarks/bench_threads.py). A model whose cost cannot be counted without
+    building it for real (pretrained weights, a language model) counts as large."""
+    costs = [forward_mflop(cfg[role], data.input_shape, data.num_classes,
+                           cfg.trainer.batch_size) for role in ("teacher", "student")]
+    return all(cost is not None and cost < cfg.one_thread_below_mflop for cost in costs)
 
 
 def model_input_spec(cfg: DictConfig) -> InputSpec:

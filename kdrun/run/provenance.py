@@ -57,10 +57,13 @@ ROUNDING_ONLY: dict[str, tuple[str, str]] = {
     "hydra/launcher": ("trained_in", "alone or in a stacked group (hydra/launcher=batched): "
                                      "the stacked matrix products sum in another order"),
     "num_threads": ("threads", "CPU threads split each reduction into other partial sums"),
+    "one_thread_below_mflop": ("threads", "decides how many threads num_threads=auto gives"),
     "trainer.fused_optimizer": ("fused_optimizer", "one fused kernel or a loop per tensor: "
                                                    "the same elementwise update"),
     "trainer.eval_batch_size": ("eval_batch_size", "evaluation and the teacher's logits in "
                                                    "other chunks: per example the same maths"),
+    "trainer.loss_chunk_rows": ("loss_chunk_rows", "the loss's per-row terms summed chunk by "
+                                                   "chunk: the same terms in another order"),
     "trainer.compile": ("compile", "torch.compile fuses the same operations into other kernels"),
     "trainer.cudnn_benchmark": ("cudnn_benchmark", "cuDNN picks among algorithms for the same "
                                                    "convolution (CUDA only)"),
@@ -151,6 +154,7 @@ def arithmetic_order(tcfg, device: torch.device) -> dict:
         "processor": processor_name(device),
         "fused_optimizer": uses_fused(tcfg, device),
         "eval_batch_size": int(tcfg.eval_batch_size),
+        "loss_chunk_rows": int(tcfg.get("loss_chunk_rows") or 0),  # 0: the batch at once
         "compile": bool(tcfg.compile),
         "cudnn_benchmark": cuda and bool(tcfg.cudnn_benchmark),
         "channels_last": cuda and bool(tcfg.channels_last),

@@ -124,6 +124,8 @@ class Stages:
                      "teacher_targets": type(teacher).__name__ if taught else None}
             if taught and isinstance(teacher, TopKLogits):  # only then: other keys unchanged
                 extra["teacher_topk"] = self.tcfg.teacher_topk
+            if taught:  # e.g. on-policy targets' settings
+                extra.update(getattr(teacher, "stage_key", {}))
             if taught and self.transfer_digest:  # and on the transfer set it also learns from
                 extra["transfer"], data = self.transfer_digest, self.taught_data
         return self._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
@@ -331,6 +333,7 @@ def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int
                  summary={"role": role, "arch": describe(model_cfg),
                           **model_figures(getattr(model, "deployed", model)),
                           **_result_columns(result), **examples_seen(data),
+                          **token_speed(data, result),
                           "eval_split": context.eval_split, "selected_by": context.selected_by,
                           **context.provenance, "trained_in": trained_in})
 
@@ -342,6 +345,16 @@ def examples_seen(data: Data) -> dict:
     unlabeled = int(no_label.all(1).sum())
     return {"train_labeled": len(data.train) - unlabeled, "train_unlabeled": unlabeled,
             "val_examples": len(data.val) if data.eval_split != "train" else 0}
+
+
+def token_speed(data: Data, result) -> dict:
+    """A language model's stage: the positions it predicts per epoch (every one is a
+    token trained on) and the tokens per second of its training epochs."""
+    if not data.per_position:
+        return {}
+    tokens = data.train.y.numel()
+    rate = tokens * result.epochs / result.train_seconds if result.train_seconds else None
+    return {"train_tokens": tokens, "train_tokens_per_s": rate and round(rate)}
 
 
 def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConfig) -> dict:

@@ -31,7 +31,9 @@ RULES: dict[str, Check] = {
     "seed": number(integer=True),
     "repeats": number(1, integer=True),
     "device": device,
-    "num_threads": number(1, integer=True, optional=True),
+    "num_threads": lambda v: None if v == "auto" or not number(1, integer=True, optional=True)(v)
+    else "must be auto, null or an integer >= 1",
+    "one_thread_below_mflop": number(0),
     "progress": boolean,
     "export": one_of("none", "onnx"),
     "latency.repeats_b1": number(4, integer=True),
@@ -76,6 +78,7 @@ RULES: dict[str, Check] = {
     "trainer.on_nan": one_of("stop", "skip"),
     "trainer.cache_teacher_features_mb": number(0),
     "trainer.teacher_topk": number(1, integer=True, optional=True),
+    "trainer.loss_chunk_rows": number(1, integer=True, optional=True),
     **{f"trainer.{key}": boolean for key in ("cache_teacher_logits", "amp", "tf32",
                                               "cudnn_benchmark", "fused_optimizer",
                                               "channels_last", "compile", "float64")},
@@ -92,8 +95,14 @@ def validate(cfg: DictConfig) -> None:
     params = losses.LOSSES.arguments(str(cfg.loss.name), "loss.name")  # their defaults,
     defaults = {k: p.default for k, p in params.items()  # then the config's values
                 if p.default is not inspect.Parameter.empty}
-    losses.loss_class(cfg.loss).check_config(
-        {**defaults, **OmegaConf.to_container(cfg.loss, resolve=True)})
+    loss_class = losses.loss_class(cfg.loss)
+    loss_class.check_config({**defaults, **OmegaConf.to_container(cfg.loss, resolve=True)})
+    if cfg.trainer.get("loss_chunk_rows") and not loss_class.chunks_rows:
+        chunked = ", ".join(name for name in losses.LOSSES.names()
+                            if losses.LOSSES.get(name, "loss.name").chunks_rows)
+        raise ConfigError("trainer.loss_chunk_rows", cfg.trainer.loss_chunk_rows,
+                          f"loss={cfg.loss.name} is not computed row by row; chunks apply to "
+                          f"{chunked} (or set it to null)")
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")

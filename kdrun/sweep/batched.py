@@ -223,7 +223,8 @@ def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
                     message)
 
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    set_threads(first.cfg)  # jobs of other thread counts may share a group: the first's
+    # jobs of other thread counts may share a group: the first's
+    set_threads(first.cfg, first.data, first.device)
     threads = {"threads": torch.get_num_threads()}  # what each member's row records
     results = train_group(members, first.data, first.cfg.trainer, epochs, first.device,
                           lambda member, rows: member.entry.append_rows(rows), on_failure,

@@ -22,8 +22,9 @@ OmegaConf.register_new_resolver("kdrun_parallel_jobs", parallel_jobs, replace=Tr
 def fit_to_launcher(cfg: DictConfig, hydra_cfg) -> None:
     """The job's CPU threads and device, as its launcher runs it (the batched launcher's
     planning applies this too: the device is in every stage key)."""
-    if cfg.num_threads is None:
-        cfg.num_threads = threads_per_job(hydra_cfg)
+    share = threads_per_job(hydra_cfg)
+    if cfg.num_threads in (None, "auto") and share is not None:
+        cfg.num_threads = share
     cfg.device = device_for_job(cfg.device, hydra_cfg)
 
 

@@ -316,7 +316,8 @@ def fit(
     autocast = configure_device(tcfg, device)
     dtype = working_dtype(tcfg)
     train = data.train.to(device, dtype)
-    labelled_only = not bool((train.y == UNLABELED).any())  # False: a transfer set
+    rewrites = getattr(teacher, "rewrites", False)  # on-policy: unlabelled text of the student's
+    labelled_only = not (rewrites or bool((train.y == UNLABELED).any()))  # False: a transfer set
     teacher = teacher.to(device, dtype) if teacher is not None else None
     splits = {"val": data.val.to(device, dtype), "test": data.test.to(device, dtype)}
     if not len(splits["val"]):  # no validation split: the last epoch is the selected one
@@ -324,6 +325,7 @@ def fit(
     forward = prepare_model(model, tcfg, device)
     loss_fn.to(device, dtype)  # learned parts of a loss (a FitNet regressor) train with the model
     loss_fn.all_labelled = labelled_only  # else its hard-label term is masked
+    loss_fn.chunk_rows = tcfg.get("loss_chunk_rows") if loss_fn.chunks_rows else None
     if loss_fn.reads_indices:
         loss_fn.set_examples(train.y)
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
@@ -356,6 +358,8 @@ def fit(
         for step, (idx, xb, yb) in enumerate(train.batches(tcfg.batch_size, order), start=1):
             if augment is not None:
                 xb = augment(xb, augment_rng)
+            if rewrites:
+                xb, yb = teacher.rewrite(model, xb, yb, augment_rng)
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
             if loss_fn.reads_indices:
                 loss_fn.set_batch(idx)

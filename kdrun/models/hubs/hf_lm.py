@@ -128,4 +128,5 @@ def describe(model_cfg) -> str:
 
 
 hf_lm.check, hf_lm.identity, hf_lm.describe = check, identity, describe
+hf_lm.loads_weights = lambda model_cfg: model_cfg.get("name") is not None
 hf_lm.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)

@@ -13,10 +13,10 @@ from kdrun.data import Split
 from kdrun.data.labels import UNLABELED
 from kdrun.errors import ConfigError
 from kdrun.losses.base import TEMPERATURE
-from kdrun.models import eval_mode
 from kdrun.run.provenance import seed_stream
 from kdrun.run.schemes.base import SCHEMES, Scheme, taught_students, teacher_targets
 from kdrun.run.summary_row import SummaryRow
+from kdrun.train.generate import continue_text
 
 if TYPE_CHECKING:
     from kdrun.run.stages import Stages
@@ -50,7 +50,6 @@ class SequenceKD(Scheme):
         targets, extra = teacher_targets(stages, cfg, teacher)
         return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, extra)]
 
-    @torch.no_grad()
     def write(self, teacher, train: Split, device, seed: int) -> torch.Tensor:
         """(samples, positions) token windows: prompts from training windows, continued
         by the teacher one sampled token at a time."""
@@ -60,11 +59,6 @@ class SequenceKD(Scheme):
             raise ConfigError("scheme.prompt", self.prompt, f"must be shorter than the "
                               f"windows ({positions} tokens)")
         rows = torch.randint(0, len(train), (self.samples,), generator=draw)
-        tokens = train.x[rows, : self.prompt].to(device)
-        with eval_mode(teacher):
-            while tokens.shape[1] < positions:
-                logits = teacher.to(device)(tokens)[:, -1].float().cpu()
-                probs = torch.softmax(logits / self.temperature, -1)
-                step = torch.multinomial(probs, 1, generator=draw).to(device)
-                tokens = torch.cat([tokens, step], 1)
-        return tokens.cpu()
+        prompts = train.x[rows, : self.prompt].to(device)
+        return continue_text(teacher.to(device), prompts, positions, self.temperature,
+                             draw).cpu()
