@@ -49,12 +49,17 @@ def one_run(command: list[str]) -> tuple[float, float]:
         return wall, float(rows[rows.role == "distilled"].train_seconds.sum())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """--runs, --loss and --load, as this script and bench_threads.py take them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--loss", default="fitnet")
     parser.add_argument("--load", action="store_true", help="another torch process meanwhile")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__)
     commands = {"features cached": [f"loss={args.loss}"],
                 "teacher on every batch": [f"loss={args.loss}",
                                            "trainer.cache_teacher_features_mb=0"]}

@@ -13,21 +13,16 @@ operation.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
-from benchmarks.bench_feature_cache import cpu_load, one_run  # noqa: E402
+from benchmarks.bench_feature_cache import arguments, cpu_load, one_run  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--loss", default="fitnet")
-    parser.add_argument("--load", action="store_true", help="another torch process meanwhile")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     loss = f"loss={args.loss}"
     commands = {"now (auto threads)": [loss],
                 "torch's threads": [loss, "num_threads=null"],

@@ -37,6 +37,7 @@ def test_a_run_logged_to_a_file_has_one_line_per_stage_and_no_carriage_returns(t
                 if ": epoch " in line]
 
 
+@pytest.mark.slow  # a sweep's console, ~14 s (make test < 5 min)
 def test_kdrun_m_batches_by_default_and_prints_one_line_per_job_then_the_report(tmp_path):
     """Without naming a launcher the students train stacked (hydra/launcher=basic: one
     at a time), and either way the console has one line per job and the report."""

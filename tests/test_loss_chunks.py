@@ -76,3 +76,14 @@ def test_chunks_keep_one_chunks_softmaxes_for_the_backward_pass():
     whole, chunked = saved_elements(None), saved_elements(64)
     assert whole >= 4 * rows * vocab, whole
     assert chunked <= 2 * rows * vocab + 64 * vocab, chunked  # student's and teacher's logits
+
+
+def test_a_sweep_trains_students_with_a_chunked_loss_one_at_a_time():
+    from kdrun.models import build_model
+    from kdrun.train.stacked import NotBatchable, check_batchable
+
+    cfg = make_config("trainer.loss_chunk_rows=64")
+    model = build_model(cfg.student, (1, 40), 10)
+    with pytest.raises(NotBatchable, match="trainer.loss_chunk_rows"):
+        check_batchable(model, build_loss(cfg.loss), cfg.trainer, torch.device("cpu"))
+    check_batchable(model, build_loss(cfg.loss), make_config().trainer, torch.device("cpu"))

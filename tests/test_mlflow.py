@@ -74,6 +74,7 @@ def pipeline_metric(run_dir, stage, seed):
     return rows.acc.iloc[-1]
 
 
+@pytest.mark.slow  # a sweep and its resume, ~16 s (make test < 5 min)
 def test_a_sweep_is_a_parent_run_with_one_child_per_job_and_resumes_in_place(tmp_path):
     sweep = "hydra.sweep.dir=outputs/sweep"
     args = ["-m", "logger=mlflow", "loss.T=2,4", *FAST, sweep]

@@ -106,6 +106,9 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
         raise NotBatchable(f"{type(loss).__name__} reads features")
     if tcfg.compile:
         raise NotBatchable("trainer.compile=true")
+    if tcfg.get("loss_chunk_rows"):
+        raise NotBatchable("trainer.loss_chunk_rows (a loss in chunks of rows is computed for "
+                           "one student at a time)")
     if tcfg.on_nan != "stop":
         raise NotBatchable("trainer.on_nan=skip (a skipped step is per student)")
     if any(True for _ in loss.parameters()):
