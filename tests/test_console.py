@@ -80,8 +80,12 @@ def test_ctrl_c_prints_one_line_marks_the_run_and_mlflow_and_the_same_command_re
     args = [KDRUN, *FAST, "repeats=1", "trainer.teacher_epochs=300", "logger=mlflow",
             "progress=false", "hydra.run.dir=run"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # Ctrl-C's default action in the child, whatever this process inherited: a background
+    # job without job control (`make test-slow &` in a script) ignores SIGINT, and a Python
+    # started with SIGINT ignored keeps ignoring it (the run then ends as if never stopped)
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "run" / "metrics.csv"
     deadline = time.monotonic() + 120
     # an epoch's rows are written before its state is saved, so the rows of epoch 3 (3 rows
