@@ -176,11 +176,16 @@ def read_table(files: str, columns: dict[str, str]):
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"dataset.files={files}: not a readable {path.suffix} file ({e})") \
             from None
-    for key, column in columns.items():
-        if column not in table.columns:
-            raise DataError(f"dataset.{key}={column}: no such column in {path.name}; its "
-                            f"columns: {', '.join(map(str, table.columns))}")
+    check_columns(columns, list(map(str, table.columns)), path.name)
     return table
+
+
+def check_columns(columns: dict[str, str], found: list[str], source: str) -> None:
+    """Each column named (config key -> column name) is one of ``found``, else one line."""
+    for key, column in columns.items():
+        if column not in found:
+            raise DataError(f"dataset.{key}={column}: no such column in {source}; its "
+                            f"columns: {', '.join(found)}")
 
 
 def read_rows(files: str | None, hf_dataset: str | None, hf_split: str, columns: dict):
@@ -222,10 +227,7 @@ def read_hf_dataset(name: str, split: str, columns: dict[str, str]):
             raise DataError(f"dataset.hf_split={split}: no such split in {name}; its splits: "
                             f"{', '.join(found)}")
         found = found[split]
-    for key, column in columns.items():
-        if column not in found.column_names:
-            raise DataError(f"dataset.{key}={column}: no such column in {name}; its columns: "
-                            f"{', '.join(found.column_names)}")
+    check_columns(columns, found.column_names, name)
     return found.to_pandas()
 
 

@@ -43,11 +43,7 @@ class DistillationLoss(nn.Module):
         """The hard-label cross-entropy: masked to the labelled examples (``hard_ce``)
         on a transfer set, plain ``F.cross_entropy`` (cheaper per step) otherwise; in
         chunks of rows when ``chunk_rows`` is set."""
-        if self.chunk_rows:
-            return chunked_hard_ce(student_logits, labels, self.chunk_rows)
-        if self.all_labelled:
-            return F.cross_entropy(student_logits, labels)
-        return hard_ce(student_logits, labels)
+        return hard_term(student_logits, labels, not self.all_labelled, self.chunk_rows)
 
     def targets(self, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The true class of each example; on a transfer set, the teacher's top class
@@ -192,6 +188,16 @@ def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where((labels != UNLABELED).any(), ce, torch.zeros_like(ce))
 
 
+def hard_term(student_logits: torch.Tensor, labels: torch.Tensor, masked: bool,
+              chunk_rows: int | None = None) -> torch.Tensor:
+    """The hard-label cross-entropy: in chunks of rows when ``chunk_rows`` is set, masked
+    to the labelled examples (``hard_ce``) when ``masked``, else plain ``F.cross_entropy``
+    (cheaper per step)."""
+    if chunk_rows:
+        return chunked_hard_ce(student_logits, labels, chunk_rows)
+    return hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits, labels)
+
+
 def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """The label, or the teacher's top class where there is none: for losses whose
     teacher term itself splits on the true class (DKD)."""
@@ -213,11 +219,7 @@ def kd_loss(student_logits, teacher_logits, labels, T: float, alpha: float | Non
     self.all_labelled`` to skip the mask's cost. ``chunk_rows``: both terms computed that
     many rows at a time (``row_chunk_sum``)."""
     ce_weight, kd_weight = term_weights(alpha, ce_weight, kd_weight)
-    if chunk_rows:
-        hard = chunked_hard_ce(student_logits, labels, chunk_rows)
-    else:
-        hard = hard_ce(student_logits, labels) if masked else F.cross_entropy(student_logits,
-                                                                                labels)
+    hard = hard_term(student_logits, labels, masked, chunk_rows)
     if isinstance(kd_weight, (int, float)) and kd_weight == 0:  # (a tensor: students batched)
         return hard if ce_weight == 1 else ce_weight * hard
     if soft_view is not None:

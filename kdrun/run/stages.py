@@ -122,9 +122,7 @@ class Stages:
             extra = {"loss": loss_key(loss_cfg), "teacher": teacher_key if taught else None,
                      "distill_from": self.tcfg.distill_from if taught else None,
                      "teacher_targets": type(teacher).__name__ if taught else None}
-            if taught and isinstance(teacher, TopKLogits):  # only then: other keys unchanged
-                extra["teacher_topk"] = self.tcfg.teacher_topk
-            if taught:  # e.g. on-policy targets' settings
+            if taught:  # what top-k or on-policy targets add (only they: other keys unchanged)
                 extra.update(getattr(teacher, "stage_key", {}))
             if taught and self.transfer_digest:  # and on the transfer set it also learns from
                 extra["transfer"], data = self.transfer_digest, self.taught_data

@@ -7,6 +7,7 @@ containers and are loaded with ``weights_only=True``, so loading one never runs 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -105,6 +106,18 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """``sha256_file``, hashed once per process while the file is unchanged (its size and
+    modification time): every stage of a run asks for its weights' hash."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def seal(data: dict) -> dict:

@@ -6,11 +6,11 @@ and by ``text_lm``'s ``tokenizer`` (kdrun/data/text.py)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
 from kdrun.errors import UserError
+from kdrun.store.files import cached_sha256
 
 
 def local_snapshot(name: str, key: str) -> Path:
@@ -36,20 +36,8 @@ def local_snapshot(name: str, key: str) -> Path:
 
 
 def weights_sha256(folder: Path) -> str:
-    """One hash of every weights file of a snapshot (what a stage key holds); hashed once
-    per process while the files are unchanged (every stage of a run asks for it)."""
+    """One hash of every weights file of a snapshot (what a stage key holds): of their
+    names and contents' hashes, each file hashed once per process while unchanged."""
     paths = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                             for p in paths))
-
-
-@functools.cache
-def _hash_files(files: tuple) -> str:
-    digest = hashlib.sha256()
-    for name, _, _ in files:
-        path = Path(name)
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{p.name}:{cached_sha256(p)}\n" for p in paths)
+                          .encode()).hexdigest()

@@ -192,6 +192,11 @@ class TopKLogits:
     def __call__(self, idx: torch.Tensor, x: torch.Tensor):
         return self.dense(idx), None
 
+    @property
+    def stage_key(self) -> dict:
+        """What a distilled stage's key holds about these targets besides the teacher."""
+        return {"teacher_topk": self.values.shape[-1]}
+
     def soft_target_entropy(self, T: float, chunk: int = 256) -> float:
         """The mean entropy of the rebuilt distributions at T, a chunk of rows at a time."""
         from kdrun.losses.kd import soft_target_entropy

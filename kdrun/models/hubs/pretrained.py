@@ -9,7 +9,6 @@ kdrun/models/hubs/torchvision_zoo.py).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pickle
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from kdrun.errors import ConfigError, UserError
-from kdrun.store.files import load_checkpoint, sha256_file
+from kdrun.store.files import cached_sha256, load_checkpoint
 
 log = logging.getLogger("kdrun")
 
@@ -71,19 +70,12 @@ def check_weights_file(value, key: str) -> None:
         raise ConfigError(key, value, problem)
 
 
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
-
 def file_identity(value) -> str | None:
     """The SHA-256 of a weights file (what a stage key holds: a file replaced under the
     same name is new weights); hashed once per process while the file is unchanged."""
     if value is None:
         return None
-    path = Path(str(value)).expanduser()
-    stat = path.stat()
-    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return cached_sha256(Path(str(value)).expanduser())
 
 
 def read_state_dict(value, source: str, entries=STATE_KEYS) -> dict[str, torch.Tensor]:

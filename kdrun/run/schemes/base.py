@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.checks import Check
+from kdrun.errors import ConfigError
 from kdrun.losses import CE, build_loss, soft_target_entropy
 from kdrun.registry import Registry
 from kdrun.run.summary_row import StageResult, SummaryRow
@@ -109,3 +110,15 @@ def teacher_targets(stages: Stages, cfg: DictConfig,
     logits = targets.logits if isinstance(targets, CachedLogits) else stages.teacher_logits(
         teacher)
     return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
+
+
+def check_text_windows(stages: Stages, scheme: str, prompt: int) -> None:
+    """A language model's scheme (it continues prompts of the training windows): the data
+    must be text, its windows longer than ``prompt``; one line before anything trains."""
+    if not stages.data.per_position:
+        raise ConfigError("scheme.name", scheme, "needs a language model's data (targets per "
+                          "position, e.g. dataset=text_lm)")
+    positions = stages.data.input_shape[0]
+    if prompt >= positions:
+        raise ConfigError("scheme.prompt", prompt, f"must be shorter than the windows "
+                          f"({positions} tokens)")

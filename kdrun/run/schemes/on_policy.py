@@ -10,7 +10,7 @@ from kdrun.checks import PROBABILITY, number
 from kdrun.errors import ConfigError
 from kdrun.losses import build_loss
 from kdrun.losses.base import TEMPERATURE
-from kdrun.run.schemes.base import SCHEMES, Scheme, taught_students
+from kdrun.run.schemes.base import SCHEMES, Scheme, check_text_windows, taught_students
 from kdrun.run.summary_row import SummaryRow
 from kdrun.train.fit import configure_device
 from kdrun.train.on_policy import OnPolicyTeacher
@@ -35,13 +35,7 @@ class OnPolicy(Scheme):
         self.temperature = float(temperature)
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        if not stages.data.per_position:
-            raise ConfigError("scheme.name", "on_policy", "needs a language model's data "
-                              "(targets per position, e.g. dataset=text_lm)")
-        positions = stages.data.input_shape[0]
-        if self.prompt >= positions:
-            raise ConfigError("scheme.prompt", self.prompt, f"must be shorter than the "
-                              f"windows ({positions} tokens)")
+        check_text_windows(stages, "on_policy", self.prompt)
         loss = build_loss(cfg.loss)
         if not loss.needs_teacher:
             raise ConfigError("loss.name", cfg.loss.name, "on-policy distillation needs a "

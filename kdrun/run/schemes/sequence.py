@@ -11,10 +11,15 @@ from omegaconf import DictConfig
 from kdrun.checks import number
 from kdrun.data import Split
 from kdrun.data.labels import UNLABELED
-from kdrun.errors import ConfigError
 from kdrun.losses.base import TEMPERATURE
 from kdrun.run.provenance import seed_stream
-from kdrun.run.schemes.base import SCHEMES, Scheme, taught_students, teacher_targets
+from kdrun.run.schemes.base import (
+    SCHEMES,
+    Scheme,
+    check_text_windows,
+    taught_students,
+    teacher_targets,
+)
 from kdrun.run.summary_row import SummaryRow
 from kdrun.train.generate import continue_text
 
@@ -41,9 +46,7 @@ class SequenceKD(Scheme):
             temperature)
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        if not stages.data.per_position:
-            raise ConfigError("scheme.name", "sequence_kd", "needs a language model's data "
-                              "(targets per position, e.g. dataset=text_lm)")
+        check_text_windows(stages, "sequence_kd", self.prompt)
         teacher = stages.teacher(cfg.teacher)
         written = self.write(teacher.model, stages.data.train, stages.device, cfg.seed)
         stages.add_transfer(Split(written, torch.full_like(written, UNLABELED)))
@@ -55,9 +58,6 @@ class SequenceKD(Scheme):
         by the teacher one sampled token at a time."""
         draw = torch.Generator().manual_seed(seed_stream("sequence_kd", seed))
         positions = train.x.shape[1]
-        if self.prompt >= positions:
-            raise ConfigError("scheme.prompt", self.prompt, f"must be shorter than the "
-                              f"windows ({positions} tokens)")
         rows = torch.randint(0, len(train), (self.samples,), generator=draw)
         prompts = train.x[rows, : self.prompt].to(device)
         return continue_text(teacher.to(device), prompts, positions, self.temperature,
