@@ -39,6 +39,7 @@ FLIPS = {
     "latency.warmup": "latency.warmup=0",
     "hparams_search": None,  # selects the sweeper: compared as composed configs below
     "trainer.checkpoint_every": "trainer.checkpoint_every=0",
+    "distributed.timeout_min": "distributed.timeout_min=5",
 }
 
 
@@ -64,6 +65,8 @@ def base(tmp_path_factory):
 ROUNDING_FLIPS = {
     "processor": None,  # the machine: no flip on one machine; recorded (test below)
     "hydra/launcher": None,  # stacked vs alone: tests/test_batched.py, in float64 too
+    "processes": None,  # torchrun's processes: tests/test_distributed.py, in float64 too
+    "distributed.backend": None,  # acts with several processes only: tests/test_distributed.py
     "num_threads": "num_threads=2",
     "one_thread_below_mflop": None,  # num_threads=auto's count: tests/test_threads.py
     "trainer.loss_chunk_rows": "trainer.loss_chunk_rows=7",

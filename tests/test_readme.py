@@ -19,7 +19,7 @@ from kdrun.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVATE = Path(sys.executable).parent / "activate"  # the venv the tests run in
 # The commands the README's blocks start with, each installed by `make run` / `make test`
-COMMANDS = ("kdrun", "kdrun-report", "kdrun-cache", "make", "tensorboard")
+COMMANDS = ("kdrun", "kdrun-report", "kdrun-cache", "make", "tensorboard", "torchrun")
 # Lines that need a file of the user's, weights or a tracking server this offline machine
 # cannot have: they compose, and stop at validation with the line a user would see here.
 # ("Add your own loss / model" needs its example's files: tests/test_own_code.py runs it.)
@@ -58,8 +58,9 @@ def test_every_readme_line_finds_its_command_and_every_kdrun_line_validates(tmp_
     calls = pasted(tmp_path)
     assert len(calls) == len(readme_lines())  # each line ran its one command
     assert calls[0] == ["make", "run"] and calls[1] == ["make", "test"]
-    kdrun_calls = [argv[1:] for argv in calls if argv[0] == "kdrun"]
+    kdrun_calls = [kdrun_arguments(argv) for argv in calls if kdrun_arguments(argv) is not None]
     assert len(kdrun_calls) >= 40
+    assert any(argv[0] == "torchrun" for argv in calls)
     for argv in kdrun_calls:
         expected = [message for key, message in NEEDS_FILES.items() if any(key in a for a in argv)]
         if not expected:
@@ -67,6 +68,18 @@ def test_every_readme_line_finds_its_command_and_every_kdrun_line_validates(tmp_
             continue
         with pytest.raises(UserError, match=expected[0]):
             preflight(argv)
+
+
+def kdrun_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments kdrun gets from a README line: ``kdrun ARGS``, or ``torchrun ...
+    -m kdrun ARGS``; None for another command."""
+    if argv[0] == "kdrun":
+        return argv[1:]
+    if argv[0] == "torchrun":
+        start = argv.index("-m")
+        assert argv[start + 1] == "kdrun", argv
+        return argv[start + 2:]
+    return None
 
 
 def test_after_make_run_the_activated_shell_runs_kdrun(tmp_path):

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.cli.preflight import CONFIG_MODULE, preflight
+from kdrun.cli.processes import follow, follower, processes_joined, torchrun_arguments
 from kdrun.errors import UserError
 from kdrun.run import pipeline
 from kdrun.run.validate import validate
@@ -48,17 +49,21 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
         fit_to_launcher(cfg, hydra_cfg)
-        with console_quiet() if sweep else contextlib.nullcontext():
-            result = pipeline.run(cfg, run_dir.root)
+        with processes_joined(cfg) as world:
+            if not world.writer:  # it writes nothing: its run folder is a temporary one
+                return follow(cfg)
+            with console_quiet() if sweep else contextlib.nullcontext():
+                result = pipeline.run(cfg, run_dir.root)
         if sweep:  # the job's table is in its kdrun.log; the console gets one line
             print(f"job {job_name(hydra_cfg)}: {result['line']} ({shown_path(run_dir.root)})",
                   flush=True)
         return result["distilled_val_acc"]
     except KeyboardInterrupt:
-        run_dir.mark_interrupted(where_now(), resume_hint())
+        if not follower():
+            run_dir.mark_interrupted(where_now(), resume_hint())
         raise
     except UserError as e:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if hydra_cfg.mode != RunMode.MULTIRUN or follower():
             fail(e)
         # one job of a sweep: the others go on, and the sweep report lists this one as
         # failed with its line; NaN is what Optuna takes for a failed trial
@@ -127,6 +132,7 @@ def main() -> None:
     if "hydra/launcher=submitit_slurm" in sys.argv:
         quiet_submitit()  # one line, not one per status poll, on a Slurm without accounting
     try:
+        sys.argv = [sys.argv[0], *torchrun_arguments(sys.argv[1:])]
         preflight(sys.argv[1:])
     except UserError as e:
         fail(e)
@@ -135,6 +141,8 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the run folder is marked
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if follower():  # rank 0 says it, once
+            sys.exit(130)
         where = where_now()
         newline = "\n" if on_terminal() else ""  # after the ^C the terminal echoes
         print(f"{newline}kdrun: interrupted{f' in {where}' if where else ''}; {resume_hint()}",
@@ -145,6 +153,8 @@ def main() -> None:
 def fail(error: UserError):
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
+    if follower():  # rank 0 says it, once
+        sys.exit(2)
     print(f"kdrun: error: {one_line_message(error)}", file=sys.stderr)
     sys.exit(2)
 

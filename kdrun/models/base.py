@@ -269,17 +269,29 @@ def loads_weights(model_cfg) -> bool:
     return bool(model_cfg.get("pretrained") or model_cfg.get("weights"))
 
 
+def meta_model(model_cfg, input_shape, num_classes: int) -> nn.Module | None:
+    """The model built on the meta device, to look at (its layers, its cost): no memory,
+    no random draws, nothing read; None for a model that starts from weights or cannot
+    be built that way."""
+    if loads_weights(model_cfg):
+        return None
+    try:
+        with torch.device("meta"):
+            return build_model(model_cfg, input_shape, num_classes)
+    except (RuntimeError, NotImplementedError, ValueError, ConfigError):
+        return None  # the real build, later, says what is wrong with a config
+
+
 def forward_mflop(model_cfg, input_shape, num_classes: int, batch: int) -> float | None:
     """MFLOP of one forward pass on ``batch`` examples (the matrix products, convolutions
     and attention torch's FlopCounterMode counts) of the model built on the meta device:
     no memory, no random draws, nothing read. None when it cannot be known that way: a
     model that starts from weights, or whose forward needs real values."""
-    if loads_weights(model_cfg):
+    model = meta_model(model_cfg, input_shape, num_classes)
+    if model is None:
         return None
     meta = torch.device("meta")
     try:
-        with meta:
-            model = build_model(model_cfg, input_shape, num_classes)
         inputs = example_inputs(model, batch, input_shape, meta, torch.float32)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(inputs)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from kdrun import distributed
 from kdrun.models import build_model, describe
 from kdrun.models.hubs.pretrained import load_weights, read_state_dict
 from kdrun.report.measure import model_figures
@@ -45,8 +46,9 @@ def evaluate_given_teacher(stages: Stages, model_cfg) -> StageResult:
         device, stages.dtype)
     entry = StageEntry(stages.cache_root, given_teacher_material(
         stages.cfg, model_cfg, sha256_file(path), weights, stages.numerics, stages.data_digest))
-    with entry.lock():
-        entry.record_given(str(path))  # so that files computed from it are tracked
+    if distributed.world().writer:
+        with entry.lock():
+            entry.record_given(str(path))  # so that files computed from it are tracked
     val_acc, test_acc = (evaluate(model, s.to(device, stages.dtype), stages.tcfg.eval_batch_size,
                                   data.metric)[1]
                          if len(s) else float("nan") for s in (data.val, data.test))

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from kdrun import distributed
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.losses import build_loss, loss_class
@@ -32,10 +33,16 @@ log = logging.getLogger("kdrun")
 
 
 def pick_device(name: str) -> torch.device:
+    """The device named; with several processes on a machine, ``cuda`` and ``auto`` give
+    each process its own GPU (its local rank)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", name, "CUDA is not available on this machine; use cpu or auto")
+    world = distributed.world()
+    if name == "cuda" and world.parallel:
+        name = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(name)
     return torch.device(name)
 
 
@@ -43,9 +50,10 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     """Run the whole pipeline into ``out_dir``; return the summary rows and the table.
     A run directory that already holds this finished run is not run again."""
     run_dir = RunDir(out_dir)
-    finished = _finished_run(cfg, run_dir)
-    if finished is not None:
-        return finished
+    writer = distributed.world().writer
+    finished = _finished_run(cfg, run_dir) if writer else None
+    if distributed.from_writer(finished is not None):
+        return finished or FOLLOWER_RESULT
     for folder in (run_dir.root, run_dir.checkpoints):
         remove_temporaries(folder)  # left by a run killed mid-write
     device, data = prepare(cfg)
@@ -67,6 +75,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         stages.metrics.fail()
         raise
     stages.metrics.close()
+    if not writer:  # rank 0 times the models, writes the summary and reports
+        distributed.barrier()
+        return FOLLOWER_RESULT
     rows = _with_figures(rows, stages.teacher_model, cfg, data, device)
     summary = write_summary(run_dir.summary_csv, [row.columns() for row in rows])
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
@@ -75,7 +86,12 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         export_distilled(cfg, data, run_dir, stages.student_seeds[0])
     run_dir.mark_done({"config_hash": config_hash(cfg),
                        "distilled_val_acc": result["distilled_val_acc"]})
+    distributed.barrier()
     return result
+
+
+# What a process other than rank 0 returns: rank 0's result is the run's.
+FOLLOWER_RESULT = {"rows": [], "table": "", "line": "", "distilled_val_acc": float("nan")}
 
 
 def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
@@ -83,7 +99,12 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
     device = pick_device(cfg.device)
     set_threads(cfg)
     spec = model_input_spec(cfg) if cfg.dataset.get("normalize") == "model" else None
+    writer = distributed.world().writer
+    if not writer:
+        distributed.barrier()  # after rank 0, which writes what a generated set keeps on disk
     data = load_data(cfg.dataset, cfg.split, spec and (spec.mean, spec.std))
+    if writer:
+        distributed.barrier()
     set_threads(cfg, data, device)
     return device, data
 
@@ -101,7 +122,10 @@ def set_threads(cfg: DictConfig, data: Data | None = None,
     if threads == "auto":
         threads = 1 if data is None or (device.type == "cpu" and small_models(cfg, data)) \
             else None
-    torch.set_num_threads(min(threads, os.cpu_count() or 1) if threads else TORCH_THREADS)
+    threads = min(threads, os.cpu_count() or 1) if threads else TORCH_THREADS
+    processes = distributed.world().local_size  # on this machine: they share its cores
+    torch.set_num_threads(min(threads, max(1, (os.cpu_count() or 1) // processes))
+                          if processes > 1 else threads)
 
 
 def small_models(cfg: DictConfig, data: Data) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import distributed
 from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.precision import resolved_precision
 from kdrun.train.fit import uses_fused
@@ -45,17 +46,24 @@ NO_EFFECT: dict[str, str] = {
     "latency.warmup": "how compression figures are timed, afresh at every report",
     "hparams_search": "picks the sweeper; each trial's values are its own overrides",
     "trainer.checkpoint_every": "how often the resumable state is saved; a resume is exact",
+    "distributed.timeout_min": "how long a process waits for the others before failing",
 }
 # Settings that change only the order in which floating-point operations run: the same
 # computation up to rounding. Left out of stage keys (a stage trained under one value is
 # reused under another) and of a sweep report's settings (jobs differing only in them
 # are pooled, and the report says so); recorded in every summary row under the column
-# named here. The first two are no config keys: the machine, and the batched launcher.
+# named here. The first three are no config keys: the machine, the batched launcher, and
+# the number of processes that torchrun or Slurm starts.
 # tests/test_provenance.py and tests/test_batched.py flip each one in float64.
 ROUNDING_ONLY: dict[str, tuple[str, str]] = {
     "processor": ("processor", "another CPU or GPU model: other vector widths and kernels"),
     "hydra/launcher": ("trained_in", "alone or in a stacked group (hydra/launcher=batched): "
                                      "the stacked matrix products sum in another order"),
+    "processes": ("processes", "the global batch split among processes (torchrun, Slurm "
+                               "tasks), its gradients summed across them; a stage whose maths "
+                               "the shards change keys their number (kdrun/train/shards.py)"),
+    "distributed.backend": ("backend", "gloo or NCCL sums the processes' gradients in its "
+                                       "own order"),
     "num_threads": ("threads", "CPU threads split each reduction into other partial sums"),
     "one_thread_below_mflop": ("threads", "decides how many threads num_threads=auto gives"),
     "trainer.fused_optimizer": ("fused_optimizer", "one fused kernel or a loop per tensor: "
@@ -151,6 +159,8 @@ def arithmetic_order(tcfg, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
         "threads": torch.get_num_threads(),
+        "processes": distributed.world().size,
+        "backend": distributed.backend() or "none",
         "processor": processor_name(device),
         "fused_optimizer": uses_fused(tcfg, device),
         "eval_batch_size": int(tcfg.eval_batch_size),

@@ -5,19 +5,22 @@ which stages a run has; this module only runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun import distributed
 from kdrun.data import Data, Split, fingerprint, transfer_fingerprint
 from kdrun.data.augment import make_augment
 from kdrun.data.labels import UNLABELED
 from kdrun.losses import CE
-from kdrun.models import build_model, describe
+from kdrun.models import build_model, describe, meta_model
 from kdrun.precision import working_dtype
 from kdrun.report.measure import model_figures
 from kdrun.report.table import EventLog, MetricLogs, metric_logs
@@ -48,6 +51,7 @@ from kdrun.train.fit import (
     predict_logits,
     predict_topk,
 )
+from kdrun.train.shards import shard_changes_math
 from kdrun.train.tokens import row_shapes
 
 log = logging.getLogger("kdrun")
@@ -61,6 +65,8 @@ class Stages:
         self.dtype = working_dtype(self.tcfg)  # float64 with trainer.float64
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
+        if distributed.world().parallel:  # rank 0's: the others read it, never write to it
+            self.cache_root = distributed.from_writer(Path(self.cache_root).resolve())
         self.events = EventLog(run_dir.events)
         # data read from disk is augmented by its DataLoader instead
         self.augment = (make_augment(cfg.dataset.get("augment"), data.input_shape)
@@ -215,21 +221,43 @@ class Stages:
                rng, data: Data | None = None) -> StageResult:
         """``seed`` names the stage in the files; ``rng`` seeds its training; ``data`` is
         what it trains on (the run's labelled data unless given)."""
+        data = data or self.data
+        extra = {**extra, **self.processes_key(model_cfg, make_loss, data, teacher)}
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
         checkpoint = self.run_dir.checkpoint(role, seed, self.student_seeds[0])
-        with entry.lock():
-            reused = entry.done()  # a finished entry that fails its checksums is set aside
+        with entry.lock() if distributed.world().writer else contextlib.nullcontext():
+            # a finished entry that fails its checksums is set aside (by rank 0)
+            reused = distributed.from_writer(entry.done() if distributed.world().writer else None)
             if reused:
                 self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
-                            data or self.data)
-            copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng, data)
+            distributed.barrier()  # rank 0 has written the stage: every process reads it
+            if distributed.world().writer:
+                copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
             summary = entry.summary()
         row = SummaryRow.from_stage(summary, seed=seed, reused=reused, cache_key=entry.key,
                                     checkpoint=str(checkpoint), run=self.row_context.run)
         return StageResult(row, entry)
+
+    def processes_key(self, model_cfg, make_loss, data: Data, teacher) -> dict:
+        """With several processes, ``{"processes": N}`` for a stage whose maths the shards
+        change (kdrun/train/shards.py), else nothing: the shards of a plain stage give the
+        single process's result up to rounding, and share its cache entry."""
+        world = distributed.world()
+        if not world.parallel:
+            return {}
+        with torch.random.fork_rng(devices=[]):  # a probe: the stage's draws stay its own
+            loss = make_loss()
+        model = meta_model(model_cfg, data.input_shape, data.num_classes)
+        labelled = not (bool((data.train.y == UNLABELED).any())
+                        or getattr(teacher, "rewrites", False))  # as fit() decides
+        reason = shard_changes_math(model, loss, labelled)
+        if reason is None:
+            return {}
+        log.info("%d processes: the stage key holds their number, since %s", world.size, reason)
+        return {"processes": world.size}
 
     def stage_entry(self, role: str, model_cfg, rng: int, epochs: int, extra: dict) -> StageEntry:
         """The cache entry of a stage trained with these settings."""
@@ -239,16 +267,17 @@ class Stages:
 
     def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
                data: Data):
-        resume = entry.start()
+        resume = self._resume_state(entry)
         if resume is not None:
             self.metrics.append(entry.read_rows(), seed, reused=True)
             self.events.write("resumed", role, seed, entry.key, from_epoch=resume["epoch"])
-        every = self.tcfg.checkpoint_every
+        every, writer = self.tcfg.checkpoint_every, distributed.world().writer
 
         def on_epoch(rows, snapshot):
-            entry.append_rows(rows)
+            if writer:  # the others train alike, and write nothing
+                entry.append_rows(rows)
             self.metrics.append(rows, seed, reused=False)
-            if every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
+            if writer and every and rows[0]["epoch"] % every == 0 and rows[0]["epoch"] < epochs:
                 entry.save_state(snapshot())
 
         torch.manual_seed(rng)
@@ -264,10 +293,24 @@ class Stages:
         result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
-        finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
-                     model_cfg=model_cfg, data=data, cfg=self.cfg,
-                     context=self.row_context, trained_in="alone")
+        if writer:
+            finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
+                         model_cfg=model_cfg, data=data, cfg=self.cfg,
+                         context=self.row_context, trained_in="alone")
         self.events.write("trained", role, seed, entry.key)
+
+    @staticmethod
+    def _resume_state(entry: StageEntry) -> dict | None:
+        """The state a stage resumes from (None: from the start), prepared by rank 0 and
+        read by every process."""
+        epoch = distributed.from_writer((entry.start() or {}).get("epoch") if
+                                        distributed.world().writer else None)
+        if epoch is None:
+            return None
+        state = load_sealed(entry.state_pt)
+        if state is None or state["epoch"] != epoch:
+            raise RuntimeError(f"{entry.state_pt} changed while the processes read it")
+        return state
 
     def _load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
         checkpoint = entry.result()
@@ -305,19 +348,33 @@ def _on_training_set(what: str, entry: StageEntry, stem: str, teacher, data: Dat
     ``<stem>[-transfer-<hash>].pt``; a file that fails its checksum is computed again."""
     transfer = f"-transfer-{transfer_digest}" if transfer_digest else ""
     path = entry.dir / f"{stem}{transfer}.pt"
-    with entry.lock():
-        stored = load_sealed(path)
-        if stored is not None:
+    writer = distributed.world().writer
+    with entry.lock() if writer else contextlib.nullcontext():
+        stored = load_sealed(path) if writer else None
+        if distributed.from_writer(stored is not None):
+            stored = stored if writer else load_sealed(path)
             return each_feature(lambda value: value.to(device), stored)
-        if path.exists() or path.name in entry.derived():
+        if writer and (path.exists() or path.name in entry.derived()):
             log.warning("stage cache: %s is missing or does not match its checksum; "
                         "computing the teacher's %s again", path, what)
         dtype = working_dtype(tcfg)
         teacher.to(device, dtype)
-        result = compute(data.train.to(device, dtype))
-        save_sealed(path, each_feature(lambda value: value.cpu(), result))
-        entry.note_derived(path.name)
+        result = on_shards(compute, data.train.to(device, dtype))
+        if writer:
+            save_sealed(path, each_feature(lambda value: value.cpu(), result))
+            entry.note_derived(path.name)
         return result
+
+
+def on_shards(compute, split: Split):
+    """``compute(split)``, each process computing its shard of the rows (a tensor, or a
+    list of tensors, per row of the split), put back together on every process."""
+    world = distributed.world()
+    if not world.parallel:
+        return compute(split)
+    here = world.shard(len(split))
+    part = compute(Split(split.x[here], split.y[here]))
+    return each_feature(lambda rows: distributed.gather_rows(rows, len(split)), part)
 
 
 

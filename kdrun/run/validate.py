@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun import data, losses, models
@@ -24,6 +25,7 @@ from kdrun.checks import (
     one_of,
 )
 from kdrun.data.augment import AUGMENT_RULES
+from kdrun.distributed import World
 from kdrun.errors import ConfigError
 from kdrun.run import schemes
 
@@ -36,6 +38,8 @@ RULES: dict[str, Check] = {
     "one_thread_below_mflop": number(0),
     "progress": boolean,
     "export": one_of("none", "onnx"),
+    "distributed.backend": one_of("auto", "gloo", "nccl"),
+    "distributed.timeout_min": number(0, lo_open=True),
     "latency.repeats_b1": number(4, integer=True),
     "latency.repeats_b256": number(4, integer=True),
     "latency.warmup": number(0, integer=True),
@@ -157,3 +161,33 @@ def _check(key: str, value, check: Check) -> None:
     problem = check(value)
     if problem:
         raise ConfigError(key, value, problem)
+
+
+def check_processes(cfg: DictConfig, world: World) -> str:
+    """Before the processes meet: the settings that several of them (torchrun, Slurm
+    tasks) cannot run, each a ConfigError; returns the backend they will talk through."""
+    size, batch = world.size, cfg.trainer.batch_size
+    if batch < size:
+        raise ConfigError("trainer.batch_size", batch, f"is smaller than the {size} "
+                          f"processes: each needs rows of every batch; use at least {size}, "
+                          "or fewer processes")
+    if batch % size:
+        raise ConfigError("trainer.batch_size", batch, f"must be divisible by the {size} "
+                          f"processes, so that each takes an equal shard; use a multiple of {size}")
+    loss = losses.loss_class(cfg.loss)
+    if loss.reads_indices:
+        raise ConfigError("loss.name", cfg.loss.name, "keeps a memory of every training example, "
+                          "which processes do not share; run it in one process")
+    wanted, gpus = cfg.distributed.backend, str(cfg.device) != "cpu" and torch.cuda.is_available()
+    backend = ("nccl" if gpus else "gloo") if wanted == "auto" else wanted
+    if not torch.distributed.is_available():
+        raise ConfigError("distributed.backend", wanted, "this torch build has no "
+                          "torch.distributed; run in one process")
+    available = {"gloo": torch.distributed.is_gloo_available(),
+                 "nccl": gpus and torch.distributed.is_nccl_available()}
+    if not available[backend]:
+        valid = " or ".join(name for name, ok in available.items() if ok) or "one process"
+        why = "NCCL needs CUDA GPUs" if backend == "nccl" else "not in this torch build"
+        raise ConfigError("distributed.backend", wanted, f"{backend} is not available here "
+                          f"({why}); use {valid}")
+    return backend

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import distributed
 from kdrun.data import Data, Split
 from kdrun.data.labels import UNLABELED
 from kdrun.data.metrics import ACCURACY, Metric
@@ -110,11 +111,21 @@ def predict_logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
 
 def evaluate(model: nn.Module, split: Split, batch_size: int,
              metric: Metric = ACCURACY) -> tuple[float, float]:
-    """(cross-entropy loss, the task's metric) on a split, in eval mode."""
-    logits = predict_logits(model, split, batch_size)
+    """(cross-entropy loss, the task's metric) on a split, in eval mode; with several
+    processes each predicts its shard of the split (every process must call it)."""
+    logits = predict_sharded(model, split, batch_size)
     logits, labels = token_rows(logits, split.y.to(logits.device))
     loss = F.cross_entropy(logits, labels).item()
     return loss, metric.compute(logits, labels)
+
+
+def predict_sharded(model: nn.Module, split, batch_size: int) -> torch.Tensor:
+    """predict_logits, each process predicting its shard of an in-memory split."""
+    world = distributed.world()
+    if not world.parallel or not getattr(split, "in_memory", False):
+        return predict_logits(model, split, batch_size)
+    here = world.shard(len(split))
+    return distributed.gather_rows(predict_logits(model, split.x[here], batch_size), len(split))
 
 
 class CachedLogits:
@@ -232,8 +243,9 @@ class EpochMeter:
     buffers allocated once per epoch: no read from the device, and no small tensor
     kept per step (thousands of those fragment the CPU heap and inflate memory)."""
 
-    def __init__(self, steps: int, device, count_labels: bool = False):
-        self.losses = torch.zeros(steps, device=device)
+    def __init__(self, steps: int, device, count_labels: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.losses = torch.zeros(steps, device=device, dtype=dtype)  # float64 with the model
         self.sizes = [0] * steps  # examples per step; 0 for a skipped step
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         # labelled examples seen, counted only when some are UNLABELED (a transfer set)
@@ -249,16 +261,25 @@ class EpochMeter:
 
     def result(self) -> tuple[float, float, int]:
         """(mean loss per example, accuracy in percent on the labelled examples, first
-        step whose loss was NaN or infinite; 0 when none was)."""
-        total = sum(self.sizes)
-        if total == 0:
-            return math.nan, 0.0, 0
+        step whose loss was NaN or infinite; 0 when none was), over every process's
+        shards when there are several."""
         sizes = torch.tensor(self.sizes, dtype=self.losses.dtype, device=self.losses.device)
         bad = (~torch.isfinite(self.losses)).nonzero()
-        loss = (self.losses * sizes).sum().item() / total
-        labeled = total if self.labeled is None else self.labeled.item()
-        acc = self.correct.item() / labeled * 100 if labeled else math.nan
-        return loss, acc, int(bad[0]) + 1 if len(bad) else 0
+        first_bad = int(bad[0]) + 1 if len(bad) else 0
+        total = self.correct.new_tensor(sum(self.sizes))  # exact: a count of token rows too
+        labeled = total if self.labeled is None else self.labeled
+        sums = torch.stack([(self.losses * sizes).sum().double(), total.double(),
+                            self.correct.double(), labeled.double()])
+        if distributed.world().parallel:  # the first bad step of any process
+            sums = distributed.over_processes(sums)
+            never = len(self.sizes) + 1
+            first_bad = int(distributed.over_processes(
+                self.correct.new_tensor(first_bad or never), op="min")) % never
+        loss_sum, total, correct, labeled = sums.tolist()
+        if total == 0:
+            return math.nan, 0.0, 0
+        acc = correct / labeled * 100 if labeled else math.nan
+        return loss_sum / total, acc, first_bad
 
 
 def configure_device(tcfg, device: torch.device):
@@ -335,7 +356,9 @@ def fit(
         loss_fn.set_examples(train.y)
     student_tap = FeatureTap(model, loss_fn.student_layer, "loss.student_layer") \
         if loss_fn.reads_features else None
-    optimizer = make_optimizer([*model.parameters(), *loss_fn.parameters()], tcfg, device)
+    params = [*model.parameters(), *loss_fn.parameters()]
+    optimizer = make_optimizer(params, tcfg, device)
+    world = distributed.world()
     schedule = make_schedule(optimizer, tcfg, epochs)
     progress_state = new_progress(data.metric)
     if resume is not None:
@@ -359,12 +382,20 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         steps = math.ceil(len(train) / tcfg.batch_size)
-        meter, skipped = EpochMeter(steps, device, count_labels=not labelled_only), 0
+        meter, skipped = EpochMeter(steps, device, not labelled_only, dtype), 0
         for step, (idx, xb, yb) in enumerate(train.batches(tcfg.batch_size, order), start=1):
             if augment is not None:
                 xb = augment(xb, augment_rng)
             if rewrites:
                 xb, yb = teacher.rewrite(model, xb, yb, augment_rng)
+            if world.parallel:  # every process drew the same global batch: take this one's shard
+                batch_rows, here = len(idx), world.shard(len(idx))
+                idx, xb, yb = idx[here], xb[here], yb[here]
+                if not len(idx):  # a last batch shorter than the processes: none here
+                    if not (skip_nan and not finite_everywhere(torch.zeros((), device=device))):
+                        optimizer.zero_grad(set_to_none=True)
+                        shared_step(optimizer, params, batch_rows, tcfg, model)
+                    continue
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
             if loss_fn.reads_indices:
                 loss_fn.set_batch(idx)
@@ -375,17 +406,20 @@ def fit(
             t_logits = token_rows(t_logits, yb)[0]
             s_feature, t_feature = feature_rows(s_feature, yb), feature_rows(t_feature, yb)
             loss = loss_fn(widen(logits), t_logits, yb_rows, s_feature, t_feature)
-            if skip_nan and not torch.isfinite(loss):  # reading the flag syncs: only on request
+            if skip_nan and not finite_everywhere(loss):  # reading the flag syncs: on request
                 skipped += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
+            if world.parallel:  # each shard's mean loss weighted by its share of the batch
+                (loss * (len(idx) / batch_rows)).backward()
+                shared_step(optimizer, params, batch_rows, tcfg, model)
+            else:
+                loss.backward()
+                clipped_step(optimizer, tcfg, model)
             meter.add(step, loss, logits, yb_rows)
         if schedule is not None:
             schedule.step()
+        distributed.share_buffers(model)  # rank 0's batch-norm statistics, as DDP keeps them
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
         train_loss, train_acc, first_bad = meter.result()
@@ -416,6 +450,24 @@ def fit(
         train_seconds=progress_state["seconds"], best_state=best["state"],
         optimizer_state=optimizer.state_dict(),
     )
+
+
+def clipped_step(optimizer, tcfg, model: nn.Module) -> None:
+    if tcfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    optimizer.step()
+
+
+def shared_step(optimizer, params, batch_rows: int, tcfg, model: nn.Module) -> None:
+    """The optimiser's step on the gradients summed over the processes."""
+    distributed.sum_gradients(params, batch_rows)
+    clipped_step(optimizer, tcfg, model)
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all skip a batch, or none does)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32)
+    return not int(distributed.over_processes(bad, op="max"))
 
 
 def _restore(state: dict, model, optimizer, schedule, order, augment_rng) -> dict:

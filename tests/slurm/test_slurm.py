@@ -99,3 +99,23 @@ def test_a_failed_job_is_reported_and_the_others_finish(tmp_path):
     assert "1 of 2 started jobs finished, 1 failed" in report
     assert "## Failed jobs" in report and "teacher stage diverged" in report
     assert len(list(sweep.rglob("done.json"))) == 1
+
+
+def test_a_job_of_two_tasks_trains_each_stage_on_two_processes(tmp_path):
+    # hydra.launcher.tasks_per_node=2: Slurm starts the job twice; kdrun's processes meet
+    # through gloo (submitit gives them the address), split every batch, and rank 0 writes
+    sweep, cache = tmp_path / "sweep", f"cache.dir={tmp_path}/cache"
+    two = [*SLURM, *SMALL, "hydra.launcher.tasks_per_node=2", "dataset.unlabeled=0",
+           "trainer.float64=true"]
+    kdrun(tmp_path, *two, "seed=0", f"hydra.sweep.dir={sweep}", cache)
+    (run,) = [p.parent for p in sweep.rglob("done.json")]
+    summary = pd.read_csv(run / "summary.csv")
+    assert set(summary.processes) == {2} and set(summary.backend) == {"gloo"}
+    assert len(list(sweep.rglob("summary.csv"))) == 2  # the job's, and the sweep's report
+    log = (run / "kdrun.log").read_text()
+    assert log.count("kdrun | dataset=") == 1  # rank 0's table only
+    # one process then reuses every stage: the default pair's shards are the same maths
+    kdrun(tmp_path, *SMALL, "dataset.unlabeled=0", "trainer.float64=true", "device=cpu",
+          "num_threads=1", "progress=false", f"hydra.run.dir={tmp_path}/alone", cache)
+    alone = pd.read_csv(tmp_path / "alone" / "summary.csv")
+    assert alone.reused.all() and list(alone.cache_key) == list(summary.cache_key)

@@ -1,0 +1,32 @@
+"""When one stage's global batch is split among several processes (kdrun/distributed.py),
+is it still the same computation? Each shard's mean loss, weighted by its share of the
+batch and summed over the processes, equals the loss of the whole batch when the loss is
+a mean of per-row terms. It is not, beyond rounding, when the shards change what a row
+sees: the stage key then holds the number of processes (kdrun/run/stages.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdrun.losses.base import DistillationLoss
+
+BATCH_NORM = (nn.modules.batchnorm._BatchNorm,)
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+           nn.FeatureAlphaDropout)
+
+
+def shard_changes_math(model: nn.Module | None, loss: DistillationLoss,
+                       all_labelled: bool) -> str | None:
+    """Why training on shards of each batch is not the same maths as on the whole batch
+    (``model`` built on the meta device; None when it could not be), or None."""
+    if model is None:
+        return "the model starts from weights and is not inspected"
+    if any(isinstance(m, BATCH_NORM) for m in model.modules()):
+        return "batch norm normalises each shard by its own statistics"
+    if any(isinstance(m, DROPOUT) and m.p > 0 for m in model.modules()):
+        return "each process draws its own dropout masks"
+    if not loss.chunks_rows:
+        return f"loss={type(loss).__name__} is not a mean of per-row terms"
+    if not all_labelled:
+        return "the hard-label term averages over each shard's labelled examples"
+    return None
