@@ -20,7 +20,8 @@ def shard_changes_math(model: nn.Module | None, loss: DistillationLoss,
     """Why training on shards of each batch is not the same maths as on the whole batch
     (``model`` built on the meta device; None when it could not be), or None."""
     if model is None:
-        return "the model starts from weights and is not inspected"
+        return ("the model could not be looked at (it starts from weights, or cannot be "
+                "built on the meta device)")
     if any(isinstance(m, BATCH_NORM) for m in model.modules()):
         return "batch norm normalises each shard by its own statistics"
     if any(isinstance(m, DROPOUT) and m.p > 0 for m in model.modules()):
