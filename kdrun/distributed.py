@@ -81,6 +81,8 @@ def join(backend: str, timeout_min: float) -> World:
     global _world
     launched = launched_world()
     if launched.parallel and not dist.is_initialized():
+        if backend == "nccl":  # before the first collective: each process its own GPU
+            torch.cuda.set_device(launched.local_rank)
         dist.init_process_group(backend, rank=launched.rank, world_size=launched.size,
                                 timeout=datetime.timedelta(minutes=timeout_min))
     _world = launched

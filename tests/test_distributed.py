@@ -124,6 +124,7 @@ def test_a_stage_whose_maths_the_shards_change_says_why(overrides, reason):
     (("trainer.batch_size=2",), "trainer.batch_size", "use at least 3"),
     (("trainer.batch_size=64",), "trainer.batch_size", "multiple of 3"),
     (("loss=crd", "trainer.batch_size=99"), "loss.name", "run it in one process"),
+    (("device=cuda:1", "trainer.batch_size=99"), "device", "use device=cuda or auto"),
     (("distributed.backend=nccl", "device=cpu", "trainer.batch_size=99"), "distributed.backend",
      "use gloo"),
 ])

@@ -174,6 +174,9 @@ def check_processes(cfg: DictConfig, world: World) -> str:
     if batch % size:
         raise ConfigError("trainer.batch_size", batch, f"must be divisible by the {size} "
                           f"processes, so that each takes an equal shard; use a multiple of {size}")
+    if str(cfg.device).startswith("cuda:"):
+        raise ConfigError("device", cfg.device, "names one GPU, but each process takes the GPU "
+                          "of its local rank; use device=cuda or auto")
     loss = losses.loss_class(cfg.loss)
     if loss.reads_indices:
         raise ConfigError("loss.name", cfg.loss.name, "keeps a memory of every training example, "
