@@ -97,3 +97,24 @@ def write_cifar(root: Path, classes: int = 10, n_per_batch: int = 20, seed: int 
     meta = {cls.meta["key"]: [f"class{i}" for i in range(classes)]}
     (folder / cls.meta["filename"]).write_bytes(pickle.dumps(meta))
     return batches
+
+
+def fit_or_snapshot(model, data, loss, tcfg, *, stage: str, epochs: int, resume=None,
+                    stop_at: int | None = None):
+    """``fit()`` ``model`` on the CPU with seed 0: its FitResult, or, with ``stop_at``, the
+    training state snapshot() gives at the end of that epoch (what a kill then leaves)."""
+    from kdrun.train.fit import fit
+
+    saved = {}
+
+    def on_epoch(rows, snapshot):
+        if rows[0]["epoch"] == stop_at:
+            saved["state"] = snapshot()
+            raise KeyboardInterrupt
+
+    try:
+        return fit(model, data, loss, tcfg, stage=stage, epochs=epochs, seed=0,
+                   device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
+                   progress=False)
+    except KeyboardInterrupt:
+        return saved["state"]

@@ -16,8 +16,7 @@ from kdrun.run import pipeline, provenance
 from kdrun.store.cache import stage_key
 from kdrun.store.files import load_checkpoint
 from kdrun.sweep.report import main as kdrun_report
-from kdrun.train.fit import fit
-from tests.helpers import KDRUN, make_config
+from tests.helpers import KDRUN, fit_or_snapshot, make_config
 
 FAST = ["progress=false", "repeats=1", "trainer.epochs=2", "split.max_train=400",
         "split.max_test=200", "num_threads=1"]
@@ -170,20 +169,9 @@ def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
     def train(resume=None, stop_at=None):
         torch.manual_seed(0)
         model = pipeline.build_model(cfg.student, data.input_shape, data.num_classes)
-        saved = {}
-
-        def on_epoch(rows, snapshot):
-            if rows[0]["epoch"] == stop_at:
-                saved["state"] = snapshot()
-                raise KeyboardInterrupt
-
-        try:
-            result = fit(model, data, CE(), cfg.trainer, stage="scratch", epochs=6,
-                         seed=0, device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
-                         progress=False)
-        except KeyboardInterrupt:
-            return saved["state"]
-        return model, result
+        state = fit_or_snapshot(model, data, CE(), cfg.trainer, stage="scratch", epochs=6,
+                                resume=resume, stop_at=stop_at)
+        return state if stop_at else (model, state)
 
     full_model, full = train()
     state = train(stop_at=3)

@@ -240,7 +240,7 @@ def cohort(input_shape, num_classes, size: int = 2, member=None):
 
 
 
-NOT_BUILDER_KEYS = ("arch", "checkpoint")  # config keys that are not builder arguments
+NOT_BUILDER_KEYS = ("arch", "checkpoint", "quantize")  # config keys that are not builder arguments
 
 
 def model_builder(arch: str, key: str = "arch"):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdrun.models import count_params, example_inputs
+from kdrun.models.quantize import is_int8
 
 BATCHES = (1, 256)  # the batch sizes timed: latency_ms_b1, latency_ms_b256
 # Timing rounds agree when the median per-round ratio is within this factor of the ratio
@@ -57,7 +58,9 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
     times = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # timed as deployed: float32, whatever it trained in
-            model.to(device, torch.float32).eval()
+            if not is_int8(model):  # an int8 model is what it is, on the CPU
+                model.to(device, torch.float32)
+            model.eval()
         for i in range(warmup + repeats):
             for name, model in models.items():
                 t0 = time.perf_counter()
@@ -124,19 +127,23 @@ _TIMED: dict[tuple, Timing] = {}
 
 
 def side_by_side(teacher: nn.Module | None, student: nn.Module, input_shape, device,
-                 latency_cfg) -> Timing:
-    """Teacher and student timed side by side in this process, at each batch size in
-    BATCHES, timed again (up to TRIES times) while the rounds disagree. Every student
-    row of a run shares this: they share an architecture."""
-    key = (repr(teacher), repr(student), tuple(input_shape), str(device),
+                 latency_cfg, int8: nn.Module | None = None) -> Timing:
+    """Teacher and student (and the student's ``int8`` model, when the run has one) timed
+    side by side in this process, at each batch size in BATCHES, timed again (up to TRIES
+    times) while the teacher's and the student's rounds disagree. Every student row of a
+    run shares this: they share an architecture."""
+    key = (repr(teacher), repr(student), repr(int8), tuple(input_shape), str(device),
            tuple(latency_cfg[k] for k in ("repeats_b1", "repeats_b256", "warmup")))
     if key not in _TIMED:
-        _TIMED[key] = _time_side_by_side(teacher, student, input_shape, device, latency_cfg)
+        _TIMED[key] = _time_side_by_side(teacher, student, input_shape, device, latency_cfg,
+                                         int8)
     return _TIMED[key]
 
 
-def _time_side_by_side(teacher, student, input_shape, device, latency_cfg) -> Timing:
+def _time_side_by_side(teacher, student, input_shape, device, latency_cfg, int8=None) -> Timing:
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    if int8 is not None:
+        models["int8"] = int8
     latency_ms = {name: {} for name in models}
     speedups, reliable, ratios = {}, {}, {}
     for batch in BATCHES:

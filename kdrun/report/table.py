@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdrun.data.metrics import ACCURACY, Metric, metric_named
+from kdrun.models.quantize import INT8_SUFFIXES
 from kdrun.report.measure import BATCHES, TRIES
 from kdrun.store.files import atomic_write
 
@@ -207,7 +208,8 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     selected = summary.selected_by.iloc[0] if "selected_by" in summary else "val"
     chosen = "best val" if selected == "val" else "last ep."
     metric = summary_metric(summary)
-    w = max(17, *(len(a) for a in summary.arch))
+    int8 = summary.role.str.endswith(INT8_SUFFIXES)
+    w = max(17, *(len(a) + (len(" distilled") if q else 0) for a, q in zip(summary.arch, int8)))
     p = max(9, *(len(f"{n:,}") for n in summary.params))  # params' width
     lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>{p}}  "
                      f"{f'{split} {metric.short}, last':>16}  "
@@ -216,19 +218,12 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     for role, rows in by_role.items():
         if rows.empty:  # e.g. no teacher in deep mutual learning
             continue
-        lines.append(f"{role:<10} {rows.arch.iloc[0]:<{w}} {rows.params.iloc[0]:>{p},}  "
-                     f"{mean_std(list(rows.test_acc_last)):>16}  "
-                     f"{mean_std(list(rows.test_acc_best_val)):>18}")
+        lines.append(_row_line(role, rows.arch.iloc[0], rows, w, p))
     scratch, distilled = by_role["scratch"], by_role["distilled"]
-    _check_paired(scratch, distilled)
-    gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
-             for col in ("test_acc_last", "test_acc_best_val")}
-    lines.append(f"{'gain':<10} {'distilled-scratch':<{w + p + 1}}  "
-                 f"{_signed(gains['test_acc_last']):>16}  "
-                 f"{_signed(gains['test_acc_best_val']):>18}")
-    lines.append(f"gain ({chosen}): "
-                 f"{gain_verdict(gains['test_acc_best_val'], teacher, draw, metric)}")
+    lines += _gain_lines("gain", "distilled-scratch", "gain", scratch, distilled, w, p, chosen,
+                         teacher, draw, metric)
     lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
+    lines += _int8_lines(summary, w, p, chosen, teacher, draw, metric)
     if selected != "val":
         lines.append("no validation split (split.val_fraction=0): every model is taken at its "
                      "last epoch")
@@ -237,6 +232,64 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     if "train_tokens_per_s" in summary and summary.train_tokens_per_s.notna().any():
         lines.append(_token_speed_line(by_role))
     return "\n".join(lines)
+
+
+INT8_ROWS = (("int8 PTQ", "scratch_ptq", "distilled_ptq"),
+             ("int8 QAT", "scratch_qat", "distilled_qat"))
+
+
+def _int8_lines(summary: pd.DataFrame, w: int, p: int, chosen: str, teacher: str | None,
+                draw: str | None, metric: Metric) -> list[str]:
+    """The int8 students (student.quantize=int8): quantised after training (PTQ) and
+    trained quantisation-aware (QAT), scratch and distilled, each evaluated as int8; the
+    gain of QAT distillation over QAT scratch under the paired test; size and speed."""
+    lines = []
+    for label, *roles in INT8_ROWS:
+        for role in roles:
+            rows = summary[summary.role == role]
+            if rows.empty:
+                return []
+            lines.append(_row_line(label, f"{rows.arch.iloc[0]} {role.split('_')[0]}", rows, w, p))
+    scratch, distilled = (summary[summary.role == role] for role in INT8_ROWS[1][1:])
+    lines += _gain_lines("gain int8", "QAT distilled-QAT scratch", "gain int8 QAT", scratch,
+                         distilled, w, p, chosen, teacher, draw, metric)
+    return lines + _int8_size_line(summary, distilled.iloc[0])
+
+
+def _row_line(label: str, model: str, rows: pd.DataFrame, w: int, p: int) -> str:
+    """One row of the table: the mean ± std over seeds of the last and the selected epoch."""
+    return (f"{label:<10} {model:<{w}} {rows.params.iloc[0]:>{p},}  "
+            f"{mean_std(list(rows.test_acc_last)):>16}  "
+            f"{mean_std(list(rows.test_acc_best_val)):>18}")
+
+
+def _gain_lines(label: str, what: str, verdict: str, scratch: pd.DataFrame,
+                distilled: pd.DataFrame, w: int, p: int, chosen: str, teacher: str | None,
+                draw: str | None, metric: Metric) -> list[str]:
+    """The paired gain of distilled over scratch students, and its verdict."""
+    _check_paired(scratch, distilled)
+    gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
+             for col in ("test_acc_last", "test_acc_best_val")}
+    return [f"{label:<10} {what:<{w + p + 1}}  {_signed(gains['test_acc_last']):>16}  "
+            f"{_signed(gains['test_acc_best_val']):>18}",
+            f"{verdict} ({chosen}): "
+            f"{gain_verdict(gains['test_acc_best_val'], teacher, draw, metric)}"]
+
+
+def _int8_size_line(summary: pd.DataFrame, int8) -> list[str]:
+    """The int8 student's size and latency against the float32 student's and the
+    teacher's, timed side by side in this process."""
+    if "latency_ms_b1" not in summary or pd.isna(int8.get("latency_ms_b1")):
+        return []
+    student = summary[summary.role == "distilled"].iloc[0]
+    who = [("int8 student", int8)] + [(name, rows.iloc[0]) for name, rows in (
+        ("float32 student", summary[summary.role == "distilled"]),
+        ("teacher", summary[summary.role == "teacher"])) if not rows.empty]
+    latency = "; ".join(f"{name} {row.latency_ms_b1:.3g} / {row.latency_ms_b256:.3g} ms"
+                        for name, row in who)
+    return [f"int8 student: {int8.size_mb:.3f} MB on disk, {student.size_mb / int8.size_mb:.1f}x "
+            f"smaller than float32's {student.size_mb:.3f} MB; CPU latency at batch 1 / 256: "
+            f"{latency} (medians, timed side by side now)"]
 
 
 def _token_speed_line(by_role: dict[str, pd.DataFrame]) -> str:

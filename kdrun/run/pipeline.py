@@ -18,9 +18,17 @@ from kdrun import distributed
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, UserError
 from kdrun.losses import build_loss, loss_class
-from kdrun.models import build_model, builder_hook, describe, forward_mflop, input_spec
+from kdrun.models import (
+    build_model,
+    builder_hook,
+    describe,
+    example_inputs,
+    forward_mflop,
+    input_spec,
+)
 from kdrun.models.hubs.pretrained import InputSpec
-from kdrun.report.export import export_distilled
+from kdrun.models.quantize import fake_quantized, int8_weights, to_int8
+from kdrun.report.export import export_distilled, export_int8
 from kdrun.report.measure import side_by_side
 from kdrun.report.table import comparison_table, one_line, write_summary
 from kdrun.run.provenance import config_hash, student_seeds
@@ -64,6 +72,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     check_feature_layers(cfg, data)
     check_transfer_set(cfg, data)
     check_token_models(cfg, data)
+    check_int8(cfg, data)
     stages = Stages(cfg, data, device, run_dir)
 
     try:
@@ -84,6 +93,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     stages.metrics.finish(run_dir, summary, result["table"])
     if cfg.export == "onnx":  # after the summary: a model that cannot be exported loses nothing
         export_distilled(cfg, data, run_dir, stages.student_seeds[0])
+        if stages.int8:
+            export_int8(cfg, data, run_dir, stages.student_seeds[0])
     run_dir.mark_done({"config_hash": config_hash(cfg),
                        "distilled_val_acc": result["distilled_val_acc"]})
     distributed.barrier()
@@ -168,9 +179,19 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> l
     """The rows with latency, speed-up and compression: teacher and student timed now,
     side by side, in this process."""
     student = build_model(cfg.student, data.input_shape, data.num_classes)
-    timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency)
+    int8 = int8_like(student, data) if cfg.student.get("quantize") == "int8" else None
+    timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency, int8)
     teacher_params = next((row.params for row in rows if row.role == "teacher"), None)
     return [row.with_figures(timing, teacher_params) for row in rows]
+
+
+def int8_like(student: torch.nn.Module, data: Data) -> torch.nn.Module:
+    """An int8 model of the student's architecture, to time (latency depends on the
+    architecture, not on the weights): fake-quantised, run once, converted."""
+    fake = fake_quantized(student, data.input_shape)
+    with torch.no_grad():
+        fake(example_inputs(fake, 8, data.input_shape))
+    return to_int8(fake)
 
 
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
@@ -203,6 +224,27 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
     summary = pd.read_csv(run_dir.summary_csv)
     result = _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
     return {**result, "line": f"this run already finished: {result['line']}"}
+
+
+def check_int8(cfg: DictConfig, data: Data) -> None:
+    """Before anything trains: the student converts to int8 (student.quantize=int8), with
+    at least one layer on int8 kernels; else one line saying why."""
+    if cfg.student.get("quantize") != "int8":
+        return
+    try:
+        int8 = int8_like(build_model(cfg.student, data.input_shape, data.num_classes), data)
+    except ConfigError:
+        raise
+    except Exception as e:  # what torch.fx or the quantiser says of a layer
+        raise ConfigError("student.quantize", "int8", f"student={describe(cfg.student)} does not "
+                          f"quantise: {one_line_reason(e)}") from e
+    if not int8_weights(int8):
+        raise ConfigError("student.quantize", "int8", f"student={describe(cfg.student)} has no "
+                          "linear layer or convolution that runs on int8 kernels")
+
+
+def one_line_reason(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def check_token_models(cfg: DictConfig, data: Data) -> None:

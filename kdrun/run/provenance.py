@@ -132,7 +132,15 @@ def config_hash(cfg: DictConfig) -> str:
     """The run's settings that define its computation (a finished run directory
     refuses a config whose hash differs)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
+    settings["student"] = model_key(settings["student"])
     return digest(without_unkeyed(settings))
+
+
+def model_key(model: dict) -> dict:
+    """A model's settings as keys and hashes hold them: ``quantize`` unset (null, a
+    float32 model) is left out, so that adding it left existing keys as they were."""
+    return {k: model_key(v) if isinstance(v, dict) else v for k, v in model.items()
+            if not (k == "quantize" and v is None)}  # and a cohort's member's
 
 
 # ---------------------------------------------------------------- numerics
@@ -213,7 +221,7 @@ def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: 
     identity = model_identity(model_cfg)  # e.g. the hash of the pretrained weights it starts from
     return {
         "stage": role, "data": data_digest, "dataset": _dataset(cfg),
-        "split": _plain(cfg.split), "model": _plain(model_cfg),
+        "split": _plain(cfg.split), "model": model_key(_plain(model_cfg)),
         "trainer": {k: v for k, v in trainer.items() if k not in RESOLVED_PER_STAGE},
         "numerics": numerics, "epochs": epochs, "seed": seed, **(extra or {}),
         **({"model_identity": identity} if identity else {}),

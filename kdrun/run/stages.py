@@ -6,6 +6,7 @@ which stages a run has; this module only runs them."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -20,7 +21,8 @@ from kdrun.data import Data, Split, fingerprint, transfer_fingerprint
 from kdrun.data.augment import make_augment
 from kdrun.data.labels import UNLABELED
 from kdrun.losses import CE
-from kdrun.models import build_model, describe, meta_model
+from kdrun.models import build_model, count_params, describe, meta_model
+from kdrun.models.quantize import fake_quantized, post_training_int8, saved_bytes, to_int8
 from kdrun.precision import working_dtype
 from kdrun.report.measure import model_figures
 from kdrun.report.table import EventLog, MetricLogs, metric_logs
@@ -47,6 +49,7 @@ from kdrun.train.fit import (
     TeacherTargets,
     TopKLogits,
     configure_device,
+    evaluate,
     fit,
     predict_logits,
     predict_topk,
@@ -55,6 +58,7 @@ from kdrun.train.shards import shard_changes_math
 from kdrun.train.tokens import row_shapes
 
 log = logging.getLogger("kdrun")
+SCRATCH_ROLES = ("scratch", "scratch_qat")  # students trained without a teacher
 
 class Stages:
     """Trains (or reuses, or resumes) each stage of one run and records its files."""
@@ -119,11 +123,11 @@ class Stages:
         intermediate born-again generation)."""
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         extra = {}
-        model_cfg = model_cfg if model_cfg is not None else self.cfg.student
+        model_cfg = model_cfg if model_cfg is not None else self.float_student
         if loss_cfg is None:
             loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
         data = self.data
-        if role != "scratch":  # a distilled student depends on its loss and its teacher
+        if role not in SCRATCH_ROLES:  # a distilled student depends on its loss and its teacher
             taught = teacher is not None
             extra = {"loss": loss_key(loss_cfg), "teacher": teacher_key if taught else None,
                      "distill_from": self.tcfg.distill_from if taught else None,
@@ -146,8 +150,44 @@ class Stages:
         labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
         extra = {"transfer": self.transfer_digest, "transfer_labels": labels}
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
-        return self._stage("all_labels", self.cfg.student, CE, seed, epochs, extra, rng=seed,
+        return self._stage("all_labels", self.float_student, CE, seed, epochs, extra, rng=seed,
                            data=data)
+
+    @property
+    def float_student(self):
+        """The student's config as a float32 model (``student.quantize`` unset): what every
+        stage trains unless it asks for the quantisation-aware one (``cfg.student``)."""
+        student = self.cfg.student.copy()
+        if student.get("quantize") is not None:
+            student.quantize = None
+        return student
+
+    @property
+    def int8(self) -> bool:
+        """Whether the run also makes int8 students (``student.quantize=int8``)."""
+        return self.cfg.student.get("quantize") == "int8"
+
+    def post_training_int8(self, result: StageResult, seed: int) -> SummaryRow:
+        """The row of a trained float32 student quantised to int8 after training (PTQ),
+        its activation ranges calibrated on the labelled training examples: its last and
+        its selected weights, each quantised and evaluated as int8."""
+        calibration = [x for _, x, _ in self.data.train.to("cpu", torch.float32).batches(
+            self.tcfg.eval_batch_size)]
+        int8 = {which: post_training_int8(
+                    self._load(self.float_student, result.entry, which).cpu(),
+                    self.data.input_shape, calibration) for which in ("best_val", "last")}
+        val, test = self.int8_accuracies(int8["best_val"])
+        return dataclasses.replace(
+            result.row, role=f"{result.row.role}_ptq", val_acc_best=val, test_acc_best_val=test,
+            test_acc_last=self.int8_accuracies(int8["last"])[1],
+            size_mb=round(saved_bytes(int8["best_val"]) / 1e6, 4), cache_key=None,
+            checkpoint=None)
+
+    def int8_accuracies(self, model) -> tuple[float, float]:
+        """(validation, test) metric of an int8 model, on the CPU in float32."""
+        return tuple(evaluate(model, split.to("cpu", torch.float32), self.tcfg.eval_batch_size,
+                              self.data.metric)[1] if len(split) else float("nan")
+                     for split in (self.data.val, self.data.test))
 
     def load_student(self, result: StageResult) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
@@ -282,6 +322,9 @@ class Stages:
 
         torch.manual_seed(rng)
         model = build_model(model_cfg, self.data.input_shape, self.data.num_classes, role)
+        quantized = model_cfg.get("quantize") == "int8"
+        if quantized:  # trained with fake-quantised weights and activations (QAT)
+            model = fake_quantized(model, self.data.input_shape)
         loss = make_loss()  # built after seeding: a learned regressor starts alike per seed
         loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs
         if loss.reads_features:  # the shapes of a row's features (kdrun/train/tokens.py)
@@ -293,11 +336,26 @@ class Stages:
         result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
                      device=self.device, teacher=teacher, augment=self.augment, resume=resume,
                      on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
+        figures = None
+        if quantized:  # the accuracies and size of the int8 model it converts to
+            result, figures = self.converted_int8(model, result)
         if writer:
             finish_stage(entry, model, loss, result, role=role, seed=seed, rng=rng,
                          model_cfg=model_cfg, data=data, cfg=self.cfg,
-                         context=self.row_context, trained_in="alone")
+                         context=self.row_context, trained_in="alone", figures=figures)
         self.events.write("trained", role, seed, entry.key)
+
+    def converted_int8(self, fake, result) -> tuple:
+        """A quantisation-aware stage's result as int8: its last and its selected weights
+        converted to int8 and evaluated so; and the int8 model's size."""
+        last = to_int8(fake)
+        selected = copy.deepcopy(fake)
+        selected.load_state_dict(result.best_state)
+        best = to_int8(selected)
+        val, test_best = self.int8_accuracies(best)
+        result = dataclasses.replace(result, val_acc_best=val, test_acc_best_val=test_best,
+                                     test_acc_last=self.int8_accuracies(last)[1])
+        return result, {"params": count_params(fake), "size_mb": round(saved_bytes(best) / 1e6, 4)}
 
     @staticmethod
     def _resume_state(entry: StageEntry) -> dict | None:
@@ -380,13 +438,14 @@ def on_shards(compute, split: Split):
 
 def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,
                  model_cfg, data: Data, cfg: DictConfig, context: RowContext,
-                 trained_in: str) -> None:
+                 trained_in: str, figures: dict | None = None) -> None:
     """Write a trained stage's checkpoint and summary into its cache entry.
-    ``trained_in`` says how: alone, or in a batch of students trained as one."""
+    ``trained_in`` says how: alone, or in a batch of students trained as one; ``figures``
+    (params, size_mb) replace the model's own (an int8 model's size)."""
     checkpoint = trained_checkpoint(model, loss, result, model_cfg, data, cfg)
     entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
                  summary={"role": role, "arch": describe(model_cfg),
-                          **model_figures(getattr(model, "deployed", model)),
+                          **(figures or model_figures(getattr(model, "deployed", model))),
                           **_result_columns(result), **examples_seen(data),
                           **token_speed(data, result),
                           "eval_split": context.eval_split, "selected_by": context.selected_by,

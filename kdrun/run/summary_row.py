@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kdrun.models.quantize import INT8_SUFFIXES
+
 if TYPE_CHECKING:
     import torch
 
@@ -92,6 +94,11 @@ class SummaryRow:
     def is_teacher(self) -> bool:
         return self.role.startswith("teacher")
 
+    @property
+    def is_int8(self) -> bool:
+        """An int8 student: quantised after training (PTQ) or quantisation-aware (QAT)."""
+        return self.role.endswith(INT8_SUFFIXES)
+
     def as_role(self, role: str) -> SummaryRow:
         return dataclasses.replace(self, role=role)
 
@@ -105,9 +112,12 @@ class SummaryRow:
         member (teacher1, ...) gets none: the ensemble as a whole is timed."""
         if self.is_teacher and self.role != "teacher":
             return self
-        who = "teacher" if self.is_teacher else "student"
+        who = "teacher" if self.is_teacher else "int8" if self.is_int8 else "student"
         figures = {f"latency_ms_b{b}": ms for b, ms in timing.latency_ms[who].items()}
-        if not self.is_teacher:
+        if self.is_int8:
+            figures["compression"] = round(teacher_params / self.params, 3) \
+                if teacher_params is not None else None
+        elif not self.is_teacher:
             figures.update({f"speedup_b{b}": ratio for b, ratio in timing.speedup.items()})
             figures.update({f"speedup_b{b}_reliable": ok for b, ok in timing.reliable.items()})
             if teacher_params is not None:

@@ -38,6 +38,7 @@ RULES: dict[str, Check] = {
     "one_thread_below_mflop": number(0),
     "progress": boolean,
     "export": one_of("none", "onnx"),
+    "student.quantize": lambda v: None if v in (None, "int8") else "must be null or int8",
     "distributed.backend": one_of("auto", "gloo", "nccl"),
     "distributed.timeout_min": number(0, lo_open=True),
     "latency.repeats_b1": number(4, integer=True),
@@ -112,8 +113,29 @@ def validate(cfg: DictConfig) -> None:
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
     scheme = schemes.scheme_of(cfg)
     scheme.check(cfg)
+    if cfg.student.get("quantize") == "int8":
+        _check_int8(cfg, loss_class)
     for prefix, node in scheme.models(cfg):  # e.g. an ensemble's members
         _check_model(prefix, node)
+
+
+def _check_int8(cfg: DictConfig, loss_class) -> None:
+    """What int8 students (student.quantize=int8) cannot run with, one line each."""
+    why = None
+    if not schemes.scheme_of(cfg).int8_students:
+        offering = [name for name in schemes.SCHEMES.names()
+                    if schemes.SCHEMES.get(name, "scheme.name").int8_students]
+        why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offering)}, not "
+               f"scheme={cfg.scheme.name}")
+    elif str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
+        why = "int8 kernels run on the CPU: set device=cpu"
+    elif cfg.trainer.get("float64"):
+        why = "quantisation-aware training fake-quantises float32: set trainer.float64=false"
+    elif loss_class.reads_features:
+        why = (f"loss={cfg.loss.name} reads a layer of the student, whose graph quantisation "
+               f"rewrites; use a loss on the logits")
+    if why:
+        raise ConfigError("student.quantize", "int8", why)
 
 
 def _check_model(prefix: str, node) -> None:
@@ -177,6 +199,9 @@ def check_processes(cfg: DictConfig, world: World) -> str:
     if str(cfg.device).startswith("cuda:"):
         raise ConfigError("device", cfg.device, "names one GPU, but each process takes the GPU "
                           "of its local rank; use device=cuda or auto")
+    if cfg.student.get("quantize") == "int8":
+        raise ConfigError("student.quantize", "int8", "int8 students train in one process; "
+                          "start kdrun without torchrun")
     loss = losses.loss_class(cfg.loss)
     if loss.reads_indices:
         raise ConfigError("loss.name", cfg.loss.name, "keeps a memory of every training example, "

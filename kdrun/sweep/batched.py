@@ -80,6 +80,9 @@ class PlannedStages(Stages):
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
 
+    def post_training_int8(self, result, seed):
+        raise NotBatchable("student.quantize=int8 quantises its trained students")
+
     def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher, teacher_key,
              data: Data):
         """List the stage, which trains on ``data`` (with a transfer set, a distilled

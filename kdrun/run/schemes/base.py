@@ -37,6 +37,7 @@ class Scheme:
     has_teacher: ClassVar[bool] = True  # a teacher (trained or given) makes the targets
     uses_transfer_set: ClassVar[bool] = True  # its distilled students learn from one too
     all_labels_reference: ClassVar[bool] = False  # can add the "scratch, all labels" row
+    int8_students: ClassVar[bool] = False  # can add int8 rows (student.quantize=int8: PTQ, QAT)
     batchable: ClassVar[bool] = True  # the batched launcher can plan its students
     shown: ClassVar[bool] = True  # its settings appear in the table's header
     name: str = ""  # the name it is registered (and configured) by, set by scheme_of
@@ -84,12 +85,18 @@ def taught_students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | N
     all-labels reference when asked for)."""
     rows = []
     for seed in stages.student_seeds:
-        rows.append(stages.student("scratch", CE, seed).row)
+        scratch = stages.student("scratch", CE, seed)
         distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
                                    teacher_key)
-        rows.append(distilled.row.with_columns(**extra))
+        rows += [scratch.row, distilled.row.with_columns(**extra)]
         if cfg.get("all_labels_reference"):  # checked beforehand: the labels exist
             rows.append(stages.all_labels_student(seed).row)
+        if stages.int8:  # quantised after training, and trained quantisation-aware
+            rows += [stages.post_training_int8(scratch, seed),
+                     stages.post_training_int8(distilled, seed).with_columns(**extra),
+                     stages.student("scratch_qat", CE, seed, model_cfg=cfg.student).row,
+                     stages.student("distilled_qat", lambda: build_loss(cfg.loss), seed, targets,
+                                    teacher_key, model_cfg=cfg.student).row.with_columns(**extra)]
     return rows
 
 

@@ -19,6 +19,7 @@ class Offline(Scheme):
     each student seed trained from scratch and distilled."""
 
     all_labels_reference = True
+    int8_students = True
     shown = False  # the default: the header names the loss only
 
     def verdict_scope(self, cfg: DictConfig) -> str:

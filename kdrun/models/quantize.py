@@ -1,0 +1,146 @@
+"""int8 students on the CPU: quantisation-aware training (QAT: the model trains with its
+weights and activations fake-quantised, rounding in the forward pass and straight-through
+gradients) and post-training quantisation (PTQ: a trained float model, its activation
+ranges calibrated on training data), each converted to a model whose weights are int8
+and whose linear layers and convolutions run int8 kernels.
+
+It uses PyTorch's FX graph mode quantisation (``torch.ao.quantization.quantize_fx``) on
+the x86 backend (fbgemm / oneDNN kernels): the converted model runs int8 in eager mode,
+with no compiler, so it is timed and tested as it is deployed. PyTorch marks that API
+deprecated in favour of torchao's pt2e flow, whose converted graph runs int8 only once
+compiled by inductor with freezing (measured here: eager or plainly compiled, it ran
+slower than float32, and freezing failed on a Conv1d model); this module is the one
+place to change when torch drops the FX flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from kdrun.errors import ConfigError
+
+ENGINES = ("x86", "fbgemm", "qnnpack")  # in order of preference on this CPU
+INT8_SUFFIXES = ("_ptq", "_qat")  # roles of int8 students: scratch_ptq, distilled_qat, ...
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.ao's own deprecation and observer warnings, once per call, say nothing a
+    user can act on (this module's docstring says why it uses the API)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        yield
+
+
+def int8_engine() -> str:
+    """The quantized engine this build of torch runs int8 kernels with, set as torch's."""
+    supported = torch.backends.quantized.supported_engines
+    engine = next((name for name in ENGINES if name in supported), None)
+    if engine is None:
+        raise ConfigError("student.quantize", "int8", f"this build of torch has no int8 CPU "
+                          f"backend (engines: {', '.join(supported)}); use null")
+    torch.backends.quantized.engine = engine
+    return engine
+
+
+def _fx():
+    try:
+        with _quiet():
+            from torch.ao.quantization import (
+                get_default_qat_qconfig_mapping,
+                get_default_qconfig_mapping,
+            )
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+    except ImportError as e:
+        raise ConfigError("student.quantize", "int8", f"this torch has no FX quantisation "
+                          f"(torch.ao.quantization: {e}); use null") from e
+    return get_default_qat_qconfig_mapping, get_default_qconfig_mapping, prepare_qat_fx, \
+        prepare_fx, convert_fx
+
+
+class FakeQuantized(nn.Module):
+    """A model prepared for quantisation-aware training. Its observers learn the
+    activation ranges in training mode only: eval mode (every evaluation) freezes them,
+    so validation and test data never move a range, and the int8 model converted after
+    training computes what the fake-quantised one does in eval mode."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> FakeQuantized:
+        from torch.ao.quantization import disable_observer, enable_observer
+
+        super().train(mode)
+        self.graph.apply(enable_observer if mode else disable_observer)
+        return self
+
+
+def fake_quantized(model: nn.Module, input_shape) -> FakeQuantized:
+    """``model`` prepared for quantisation-aware training (a copy; its weights kept)."""
+    qat_mapping, _, prepare_qat_fx, _, _ = _fx()
+    engine = int8_engine()
+    example = (torch.zeros(2, *input_shape),)
+    with _quiet():
+        graph = prepare_qat_fx(copy.deepcopy(model).train(), qat_mapping(engine), example)
+    return FakeQuantized(graph).train()
+
+
+def to_int8(fake: FakeQuantized) -> nn.Module:
+    """The int8 model of a fake-quantised one (a copy, in eval mode)."""
+    *_, convert_fx = _fx()
+    int8_engine()
+    with _quiet():
+        return convert_fx(copy.deepcopy(fake).eval().graph)
+
+
+@torch.no_grad()
+def post_training_int8(model: nn.Module, input_shape, calibration) -> nn.Module:
+    """A trained float32 model quantised to int8 (a copy), its activation ranges observed
+    on ``calibration`` (an iterable of input batches)."""
+    _, ptq_mapping, _, prepare_fx, convert_fx = _fx()
+    engine = int8_engine()
+    example = (torch.zeros(2, *input_shape),)
+    with _quiet():
+        observed = prepare_fx(copy.deepcopy(model).float().cpu().eval(), ptq_mapping(engine),
+                              example)
+        for batch in calibration:
+            observed(batch.float().cpu())
+        return convert_fx(observed)
+
+
+def int8_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The quantised weight of every int8 linear layer and convolution of a converted model."""
+    return [m.weight() for m in model.modules()
+            if ".quantized" in type(m).__module__ and callable(
+                getattr(m, "weight", None))]
+
+
+def output_step(model: nn.Module) -> float:
+    """The quantisation step of a converted model's output: the scale of its last int8
+    layer's output."""
+    return float([m.scale for m in model.modules()
+                  if ".quantized" in type(m).__module__ and hasattr(m, "scale")][-1])
+
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether a model holds int8 layers (a converted model: CPU only, not cast)."""
+    return any(".quantized" in type(m).__module__ for m in model.modules())
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """The size of a model's state dict as torch.save writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
