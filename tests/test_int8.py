@@ -7,6 +7,7 @@ run with is refused in one line."""
 
 from __future__ import annotations
 
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -84,7 +85,7 @@ INT8_RUN = ["progress=false", "repeats=2", "trainer.epochs=2", "latency.repeats_
 def test_one_run_gives_the_float32_ptq_and_qat_rows_and_reuses_a_plain_runs_stages(tmp_path):
     cache = f"cache.dir={tmp_path}/cache"
     plain = pipeline.run(make_config(*INT8_RUN, cache), tmp_path / "plain")
-    result = pipeline.run(make_config(*INT8_RUN, cache, "student.quantize=int8"),
+    result = pipeline.run(make_config(*INT8_RUN, cache, "student.quantize=int8", "export=onnx"),
                           tmp_path / "int8")
     rows = pd.DataFrame(result["rows"])
     roles = ["scratch", "distilled", "scratch_ptq", "distilled_ptq", "scratch_qat",
@@ -101,6 +102,8 @@ def test_one_run_gives_the_float32_ptq_and_qat_rows_and_reuses_a_plain_runs_stag
     assert "int8 QAT   mlp[100,100] distilled" in table and "gain int8 QAT (best val)" in table
     assert "int8 student: " in table and "smaller than float32's" in table
     assert (tmp_path / "int8" / "checkpoints" / "distilled_qat.pt").exists()
+    ops = {node.op_type for node in onnx.load(tmp_path / "int8" / "distilled_int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ, checked with onnxruntime on export
 
 
 @pytest.mark.parametrize("override, says", [

@@ -60,6 +60,7 @@ from kdrun.train.tokens import row_shapes
 log = logging.getLogger("kdrun")
 SCRATCH_ROLES = ("scratch", "scratch_qat")  # students trained without a teacher
 
+
 class Stages:
     """Trains (or reuses, or resumes) each stage of one run and records its files."""
 
