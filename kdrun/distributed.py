@@ -76,10 +76,9 @@ def launched_world() -> World:
                  local_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
 
 
-def join(backend: str, timeout_min: float) -> World:
-    """Join the processes this one was started among (see launched_world)."""
+def join(launched: World, backend: str, timeout_min: float) -> World:
+    """Join the processes this one was started among (``launched_world()``)."""
     global _world
-    launched = launched_world()
     if launched.parallel and not dist.is_initialized():
         if backend == "nccl":  # before the first collective: each process its own GPU
             torch.cuda.set_device(launched.local_rank)

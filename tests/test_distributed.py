@@ -24,10 +24,9 @@ from kdrun.distributed import World
 from kdrun.errors import ConfigError
 from kdrun.losses import build_loss
 from kdrun.models import build_model, meta_model
-from kdrun.run.stages import on_shards
 from kdrun.run.validate import check_processes
 from kdrun.store.files import load_checkpoint
-from kdrun.train.fit import CachedLogits, fit, predict_topk
+from kdrun.train.fit import CachedLogits, fit, on_shards, predict_topk
 from kdrun.train.shards import shard_changes_math
 from tests.helpers import assert_float64_weights_agree, make_config
 
@@ -67,7 +66,7 @@ def _one_of_two(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
-    distributed.join("gloo", timeout_min=2)
+    distributed.join(distributed.launched_world(), "gloo", timeout_min=2)
     try:
         weights, rows, targets = train_student()
         if rank == 0:

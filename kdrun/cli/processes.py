@@ -33,7 +33,7 @@ def processes_joined(cfg: DictConfig):
         yield launched
         return
     backend = check_processes(cfg, launched)
-    world = distributed.join(backend, cfg.distributed.timeout_min)
+    world = distributed.join(launched, backend, cfg.distributed.timeout_min)
     try:
         yield world
     except BaseException:
@@ -81,7 +81,7 @@ def torchrun_arguments(argv: list[str]) -> list[str]:
         raise UserError("kdrun -m under torchrun: torchrun starts the processes of one run; "
                         "run each job of a sweep with torchrun, or spread a sweep over Slurm "
                         "with hydra.launcher.tasks_per_node=N")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not follower():
         return argv
     return [*argv, f"hydra.run.dir={tempfile.mkdtemp(prefix=FOLLOWER_HYDRA_DIR)}",
             "hydra.output_subdir=null", "hydra/job_logging=none"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import warnings
 
 import torch
@@ -52,18 +51,20 @@ def int8_engine() -> str:
 
 
 def _fx():
+    """torch.ao.quantization and its quantize_fx, or one line saying this torch lacks them."""
     try:
         with _quiet():
-            from torch.ao.quantization import (
-                get_default_qat_qconfig_mapping,
-                get_default_qconfig_mapping,
-            )
-            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+            from torch.ao import quantization
+            from torch.ao.quantization import quantize_fx
     except ImportError as e:
         raise ConfigError("student.quantize", "int8", f"this torch has no FX quantisation "
                           f"(torch.ao.quantization: {e}); use null") from e
-    return get_default_qat_qconfig_mapping, get_default_qconfig_mapping, prepare_qat_fx, \
-        prepare_fx, convert_fx
+    return quantization, quantize_fx
+
+
+def _example(input_shape) -> tuple[torch.Tensor]:
+    """The example input FX traces a model with."""
+    return (torch.zeros(2, *input_shape),)
 
 
 class FakeQuantized(nn.Module):
@@ -80,67 +81,59 @@ class FakeQuantized(nn.Module):
         return self.graph(x)
 
     def train(self, mode: bool = True) -> FakeQuantized:
-        from torch.ao.quantization import disable_observer, enable_observer
-
+        quantization, _ = _fx()
         super().train(mode)
-        self.graph.apply(enable_observer if mode else disable_observer)
+        self.graph.apply(quantization.enable_observer if mode else quantization.disable_observer)
         return self
 
 
 def fake_quantized(model: nn.Module, input_shape) -> FakeQuantized:
     """``model`` prepared for quantisation-aware training (a copy; its weights kept)."""
-    qat_mapping, _, prepare_qat_fx, _, _ = _fx()
-    engine = int8_engine()
-    example = (torch.zeros(2, *input_shape),)
+    quantization, fx = _fx()
+    mapping = quantization.get_default_qat_qconfig_mapping(int8_engine())
     with _quiet():
-        graph = prepare_qat_fx(copy.deepcopy(model).train(), qat_mapping(engine), example)
+        graph = fx.prepare_qat_fx(copy.deepcopy(model).train(), mapping, _example(input_shape))
     return FakeQuantized(graph).train()
 
 
 def to_int8(fake: FakeQuantized) -> nn.Module:
     """The int8 model of a fake-quantised one (a copy, in eval mode)."""
-    *_, convert_fx = _fx()
+    _, fx = _fx()
     int8_engine()
     with _quiet():
-        return convert_fx(copy.deepcopy(fake).eval().graph)
+        return fx.convert_fx(copy.deepcopy(fake).eval().graph)
 
 
 @torch.no_grad()
 def post_training_int8(model: nn.Module, input_shape, calibration) -> nn.Module:
     """A trained float32 model quantised to int8 (a copy), its activation ranges observed
     on ``calibration`` (an iterable of input batches)."""
-    _, ptq_mapping, _, prepare_fx, convert_fx = _fx()
-    engine = int8_engine()
-    example = (torch.zeros(2, *input_shape),)
+    quantization, fx = _fx()
+    mapping = quantization.get_default_qconfig_mapping(int8_engine())
     with _quiet():
-        observed = prepare_fx(copy.deepcopy(model).float().cpu().eval(), ptq_mapping(engine),
-                              example)
+        observed = fx.prepare_fx(copy.deepcopy(model).float().cpu().eval(), mapping,
+                                 _example(input_shape))
         for batch in calibration:
             observed(batch.float().cpu())
-        return convert_fx(observed)
+        return fx.convert_fx(observed)
+
+
+def _int8_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of a converted model that run int8 kernels, in order."""
+    return [m for m in model.modules() if ".quantized" in type(m).__module__]
 
 
 def int8_weights(model: nn.Module) -> list[torch.Tensor]:
     """The quantised weight of every int8 linear layer and convolution of a converted model."""
-    return [m.weight() for m in model.modules()
-            if ".quantized" in type(m).__module__ and callable(
-                getattr(m, "weight", None))]
+    return [m.weight() for m in _int8_layers(model) if callable(getattr(m, "weight", None))]
 
 
 def output_step(model: nn.Module) -> float:
     """The quantisation step of a converted model's output: the scale of its last int8
     layer's output."""
-    return float([m.scale for m in model.modules()
-                  if ".quantized" in type(m).__module__ and hasattr(m, "scale")][-1])
+    return float([m.scale for m in _int8_layers(model) if hasattr(m, "scale")][-1])
 
 
 def is_int8(model: nn.Module) -> bool:
     """Whether a model holds int8 layers (a converted model: CPU only, not cast)."""
-    return any(".quantized" in type(m).__module__ for m in model.modules())
-
-
-def saved_bytes(model: nn.Module) -> int:
-    """The size of a model's state dict as torch.save writes it."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
+    return bool(_int8_layers(model))

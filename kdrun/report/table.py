@@ -282,9 +282,9 @@ def _int8_size_line(summary: pd.DataFrame, int8) -> list[str]:
     if "latency_ms_b1" not in summary or pd.isna(int8.get("latency_ms_b1")):
         return []
     student = summary[summary.role == "distilled"].iloc[0]
-    who = [("int8 student", int8)] + [(name, rows.iloc[0]) for name, rows in (
-        ("float32 student", summary[summary.role == "distilled"]),
-        ("teacher", summary[summary.role == "teacher"])) if not rows.empty]
+    teacher = summary[summary.role == "teacher"]
+    who = [("int8 student", int8), ("float32 student", student),
+           *([("teacher", teacher.iloc[0])] if not teacher.empty else [])]
     latency = "; ".join(f"{name} {row.latency_ms_b1:.3g} / {row.latency_ms_b256:.3g} ms"
                         for name, row in who)
     return [f"int8 student: {int8.size_mb:.3f} MB on disk, {student.size_mb / int8.size_mb:.1f}x "

@@ -72,7 +72,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     check_feature_layers(cfg, data)
     check_transfer_set(cfg, data)
     check_token_models(cfg, data)
-    check_int8(cfg, data)
+    int8 = check_int8(cfg, data)  # the student's int8 model, timed after training
     stages = Stages(cfg, data, device, run_dir)
 
     try:
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     if not writer:  # rank 0 times the models, writes the summary and reports
         distributed.barrier()
         return FOLLOWER_RESULT
-    rows = _with_figures(rows, stages.teacher_model, cfg, data, device)
+    rows = _with_figures(rows, stages.teacher_model, cfg, data, device, int8)
     summary = write_summary(run_dir.summary_csv, [row.columns() for row in rows])
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     stages.metrics.finish(run_dir, summary, result["table"])
@@ -175,11 +175,11 @@ def report_inputs(cfg: DictConfig, data: Data) -> None:
                      spec.describe(), "x".join(map(str, data.input_shape)), scaled)
 
 
-def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device) -> list[SummaryRow]:
-    """The rows with latency, speed-up and compression: teacher and student timed now,
-    side by side, in this process."""
+def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device,
+                  int8: torch.nn.Module | None = None) -> list[SummaryRow]:
+    """The rows with latency, speed-up and compression: teacher and student (and its
+    ``int8`` model) timed now, side by side, in this process."""
     student = build_model(cfg.student, data.input_shape, data.num_classes)
-    int8 = int8_like(student, data) if cfg.student.get("quantize") == "int8" else None
     timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency, int8)
     teacher_params = next((row.params for row in rows if row.role == "teacher"), None)
     return [row.with_figures(timing, teacher_params) for row in rows]
@@ -226,13 +226,15 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
     return {**result, "line": f"this run already finished: {result['line']}"}
 
 
-def check_int8(cfg: DictConfig, data: Data) -> None:
+def check_int8(cfg: DictConfig, data: Data) -> torch.nn.Module | None:
     """Before anything trains: the student converts to int8 (student.quantize=int8), with
-    at least one layer on int8 kernels; else one line saying why."""
+    at least one layer on int8 kernels; else one line saying why. Returns that int8 model
+    (to time: latency depends on the architecture, not on the weights), or None."""
     if cfg.student.get("quantize") != "int8":
-        return
+        return None
     try:
-        int8 = int8_like(build_model(cfg.student, data.input_shape, data.num_classes), data)
+        with torch.random.fork_rng(devices=[]):  # a probe: the stages' draws stay theirs
+            int8 = int8_like(build_model(cfg.student, data.input_shape, data.num_classes), data)
     except ConfigError:
         raise
     except Exception as e:  # what torch.fx or the quantiser says of a layer
@@ -241,6 +243,7 @@ def check_int8(cfg: DictConfig, data: Data) -> None:
     if not int8_weights(int8):
         raise ConfigError("student.quantize", "int8", f"student={describe(cfg.student)} has no "
                           "linear layer or convolution that runs on int8 kernels")
+    return int8
 
 
 def one_line_reason(error: Exception) -> str:

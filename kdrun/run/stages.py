@@ -22,9 +22,9 @@ from kdrun.data.augment import make_augment
 from kdrun.data.labels import UNLABELED
 from kdrun.losses import CE
 from kdrun.models import build_model, count_params, describe, meta_model
-from kdrun.models.quantize import fake_quantized, post_training_int8, saved_bytes, to_int8
+from kdrun.models.quantize import fake_quantized, post_training_int8, to_int8
 from kdrun.precision import working_dtype
-from kdrun.report.measure import model_figures
+from kdrun.report.measure import model_figures, size_on_disk_mb
 from kdrun.report.table import EventLog, MetricLogs, metric_logs
 from kdrun.run.given_teacher import WEIGHTS, evaluate_given_teacher
 from kdrun.run.provenance import (
@@ -51,6 +51,7 @@ from kdrun.train.fit import (
     configure_device,
     evaluate,
     fit,
+    on_shards,
     predict_logits,
     predict_topk,
 )
@@ -174,21 +175,24 @@ class Stages:
         its selected weights, each quantised and evaluated as int8."""
         calibration = [x for _, x, _ in self.data.train.to("cpu", torch.float32).batches(
             self.tcfg.eval_batch_size)]
-        int8 = {which: post_training_int8(
-                    self._load(self.float_student, result.entry, which).cpu(),
-                    self.data.input_shape, calibration) for which in ("best_val", "last")}
-        val, test = self.int8_accuracies(int8["best_val"])
-        return dataclasses.replace(
-            result.row, role=f"{result.row.role}_ptq", val_acc_best=val, test_acc_best_val=test,
-            test_acc_last=self.int8_accuracies(int8["last"])[1],
-            size_mb=round(saved_bytes(int8["best_val"]) / 1e6, 4), cache_key=None,
-            checkpoint=None)
+        selected, last = (post_training_int8(self._load(self.float_student, result.entry,
+                                                        which).cpu(),
+                                             self.data.input_shape, calibration)
+                          for which in ("best_val", "last"))
+        return dataclasses.replace(result.row, role=f"{result.row.role}_ptq", cache_key=None,
+                                   checkpoint=None, **self.int8_columns(selected, last))
 
-    def int8_accuracies(self, model) -> tuple[float, float]:
-        """(validation, test) metric of an int8 model, on the CPU in float32."""
-        return tuple(evaluate(model, split.to("cpu", torch.float32), self.tcfg.eval_batch_size,
-                              self.data.metric)[1] if len(split) else float("nan")
-                     for split in (self.data.val, self.data.test))
+    def int8_columns(self, selected, last) -> dict:
+        """A student's row columns as int8: the validation and test metric of its selected
+        weights' int8 model, the test metric of its last weights', and the size on disk."""
+        def metric(model, split) -> float:  # on the CPU, in float32
+            return (evaluate(model, split.to("cpu", torch.float32), self.tcfg.eval_batch_size,
+                             self.data.metric)[1] if len(split) else float("nan"))
+
+        return {"val_acc_best": metric(selected, self.data.val),
+                "test_acc_best_val": metric(selected, self.data.test),
+                "test_acc_last": metric(last, self.data.test),
+                "size_mb": round(size_on_disk_mb(selected), 4)}
 
     def load_student(self, result: StageResult) -> torch.nn.Module:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
@@ -349,14 +353,12 @@ class Stages:
     def converted_int8(self, fake, result) -> tuple:
         """A quantisation-aware stage's result as int8: its last and its selected weights
         converted to int8 and evaluated so; and the int8 model's size."""
-        last = to_int8(fake)
         selected = copy.deepcopy(fake)
         selected.load_state_dict(result.best_state)
-        best = to_int8(selected)
-        val, test_best = self.int8_accuracies(best)
-        result = dataclasses.replace(result, val_acc_best=val, test_acc_best_val=test_best,
-                                     test_acc_last=self.int8_accuracies(last)[1])
-        return result, {"params": count_params(fake), "size_mb": round(saved_bytes(best) / 1e6, 4)}
+        columns = self.int8_columns(to_int8(selected), to_int8(fake))
+        size_mb = columns.pop("size_mb")
+        return dataclasses.replace(result, **columns), {"params": count_params(fake),
+                                                        "size_mb": size_mb}
 
     @staticmethod
     def _resume_state(entry: StageEntry) -> dict | None:
@@ -423,17 +425,6 @@ def _on_training_set(what: str, entry: StageEntry, stem: str, teacher, data: Dat
             save_sealed(path, each_feature(lambda value: value.cpu(), result))
             entry.note_derived(path.name)
         return result
-
-
-def on_shards(compute, split: Split):
-    """``compute(split)``, each process computing its shard of the rows (a tensor, or a
-    list of tensors, per row of the split), put back together on every process."""
-    world = distributed.world()
-    if not world.parallel:
-        return compute(split)
-    here = world.shard(len(split))
-    part = compute(Split(split.x[here], split.y[here]))
-    return each_feature(lambda rows: distributed.gather_rows(rows, len(split)), part)
 
 
 

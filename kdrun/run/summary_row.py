@@ -106,20 +106,20 @@ class SummaryRow:
         return dataclasses.replace(self, scheme={**self.scheme, **scheme})
 
     def with_figures(self, timing: Timing, teacher_params: int | None) -> SummaryRow:
-        """This row with its side-by-side timing (kdrun/report/measure.py): its model's latency,
-        and for a student the speed-up over the teacher (none without a teacher), whether
-        the timing rounds agreed, and the teacher's params over its own. An ensemble
-        member (teacher1, ...) gets none: the ensemble as a whole is timed."""
+        """This row with its side-by-side timing (kdrun/report/measure.py): its model's latency
+        (an int8 student's: its int8 model's), and for a float32 student the speed-up over
+        the teacher (none without a teacher) and whether the timing rounds agreed; for
+        every student the teacher's params over its own. An ensemble member (teacher1, ...)
+        gets none: the ensemble as a whole is timed."""
         if self.is_teacher and self.role != "teacher":
             return self
         who = "teacher" if self.is_teacher else "int8" if self.is_int8 else "student"
         figures = {f"latency_ms_b{b}": ms for b, ms in timing.latency_ms[who].items()}
-        if self.is_int8:
-            figures["compression"] = round(teacher_params / self.params, 3) \
-                if teacher_params is not None else None
-        elif not self.is_teacher:
-            figures.update({f"speedup_b{b}": ratio for b, ratio in timing.speedup.items()})
-            figures.update({f"speedup_b{b}_reliable": ok for b, ok in timing.reliable.items()})
+        if not self.is_teacher:
+            if not self.is_int8:  # the speed-ups are the float32 student's over the teacher
+                figures.update({f"speedup_b{b}": ratio for b, ratio in timing.speedup.items()})
+                figures.update({f"speedup_b{b}_reliable": ok
+                                for b, ok in timing.reliable.items()})
             if teacher_params is not None:
                 figures["compression"] = round(teacher_params / self.params, 3)
         return dataclasses.replace(self, figures=figures)

@@ -127,7 +127,7 @@ def _check_int8(cfg: DictConfig, loss_class) -> None:
                     if schemes.SCHEMES.get(name, "scheme.name").int8_students]
         why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offering)}, not "
                f"scheme={cfg.scheme.name}")
-    elif str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
+    elif on_gpu(cfg.device):
         why = "int8 kernels run on the CPU: set device=cpu"
     elif cfg.trainer.get("float64"):
         why = "quantisation-aware training fake-quantises float32: set trainer.float64=false"
@@ -185,6 +185,11 @@ def _check(key: str, value, check: Check) -> None:
         raise ConfigError(key, value, problem)
 
 
+def on_gpu(device) -> bool:
+    """Whether ``device`` asks for a GPU (auto: when this machine has one)."""
+    return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def check_processes(cfg: DictConfig, world: World) -> str:
     """Before the processes meet: the settings that several of them (torchrun, Slurm
     tasks) cannot run, each a ConfigError; returns the backend they will talk through."""
@@ -206,7 +211,7 @@ def check_processes(cfg: DictConfig, world: World) -> str:
     if loss.reads_indices:
         raise ConfigError("loss.name", cfg.loss.name, "keeps a memory of every training example, "
                           "which processes do not share; run it in one process")
-    wanted, gpus = cfg.distributed.backend, str(cfg.device) != "cpu" and torch.cuda.is_available()
+    wanted, gpus = cfg.distributed.backend, on_gpu(cfg.device) and torch.cuda.is_available()
     backend = ("nccl" if gpus else "gloo") if wanted == "auto" else wanted
     if not torch.distributed.is_available():
         raise ConfigError("distributed.backend", wanted, "this torch build has no "

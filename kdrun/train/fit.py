@@ -113,19 +113,22 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
              metric: Metric = ACCURACY) -> tuple[float, float]:
     """(cross-entropy loss, the task's metric) on a split, in eval mode; with several
     processes each predicts its shard of the split (every process must call it)."""
-    logits = predict_sharded(model, split, batch_size)
+    logits = on_shards(lambda rows: predict_logits(model, rows, batch_size), split)
     logits, labels = token_rows(logits, split.y.to(logits.device))
     loss = F.cross_entropy(logits, labels).item()
     return loss, metric.compute(logits, labels)
 
 
-def predict_sharded(model: nn.Module, split, batch_size: int) -> torch.Tensor:
-    """predict_logits, each process predicting its shard of an in-memory split."""
+def on_shards(compute, split):
+    """``compute(split)``, each process computing its shard of the rows of an in-memory
+    split (its result a tensor, or a list of tensors, with a row per example), put back
+    together on every process; a split read from disk is computed whole by each."""
     world = distributed.world()
     if not world.parallel or not getattr(split, "in_memory", False):
-        return predict_logits(model, split, batch_size)
+        return compute(split)
     here = world.shard(len(split))
-    return distributed.gather_rows(predict_logits(model, split.x[here], batch_size), len(split))
+    part = compute(Split(split.x[here], split.y[here]))
+    return each_feature(lambda rows: distributed.gather_rows(rows, len(split)), part)
 
 
 class CachedLogits:
@@ -273,8 +276,9 @@ class EpochMeter:
         if distributed.world().parallel:  # the first bad step of any process
             sums = distributed.over_processes(sums)
             never = len(self.sizes) + 1
-            first_bad = int(distributed.over_processes(
-                self.correct.new_tensor(first_bad or never), op="min")) % never
+            first = int(distributed.over_processes(self.correct.new_tensor(first_bad or never),
+                                                   op="min"))
+            first_bad = 0 if first == never else first
         loss_sum, total, correct, labeled = sums.tolist()
         if total == 0:
             return math.nan, 0.0, 0
@@ -388,13 +392,14 @@ def fit(
                 xb = augment(xb, augment_rng)
             if rewrites:
                 xb, yb = teacher.rewrite(model, xb, yb, augment_rng)
+            batch_rows = len(idx)
             if world.parallel:  # every process drew the same global batch: take this one's shard
-                batch_rows, here = len(idx), world.shard(len(idx))
+                here = world.shard(batch_rows)
                 idx, xb, yb = idx[here], xb[here], yb[here]
                 if not len(idx):  # a last batch shorter than the processes: none here
-                    if not (skip_nan and not finite_everywhere(torch.zeros((), device=device))):
+                    if not skip_nan or finite_everywhere(torch.zeros((), device=device)):
                         optimizer.zero_grad(set_to_none=True)
-                        shared_step(optimizer, params, batch_rows, tcfg, model)
+                        optimizer_step(optimizer, params, batch_rows, tcfg, model)
                     continue
             t_logits, t_feature = (None, None) if teacher is None else teacher(idx, xb)
             if loss_fn.reads_indices:
@@ -410,12 +415,9 @@ def fit(
                 skipped += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
-            if world.parallel:  # each shard's mean loss weighted by its share of the batch
-                (loss * (len(idx) / batch_rows)).backward()
-                shared_step(optimizer, params, batch_rows, tcfg, model)
-            else:
-                loss.backward()
-                clipped_step(optimizer, tcfg, model)
+            share = len(idx) / batch_rows  # this shard's part of the batch; 1 for one process
+            (loss if share == 1 else loss * share).backward()
+            optimizer_step(optimizer, params, batch_rows, tcfg, model)
             meter.add(step, loss, logits, yb_rows)
         if schedule is not None:
             schedule.step()
@@ -452,16 +454,13 @@ def fit(
     )
 
 
-def clipped_step(optimizer, tcfg, model: nn.Module) -> None:
+def optimizer_step(optimizer, params, batch_rows: int, tcfg, model: nn.Module) -> None:
+    """The optimiser's step, on the gradients summed over the processes when there are
+    several, clipped when ``trainer.grad_clip`` says so."""
+    distributed.sum_gradients(params, batch_rows)
     if tcfg.grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
     optimizer.step()
-
-
-def shared_step(optimizer, params, batch_rows: int, tcfg, model: nn.Module) -> None:
-    """The optimiser's step on the gradients summed over the processes."""
-    distributed.sum_gradients(params, batch_rows)
-    clipped_step(optimizer, tcfg, model)
 
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
