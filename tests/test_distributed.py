@@ -126,6 +126,7 @@ def test_a_stage_whose_maths_the_shards_change_says_why(overrides, reason):
     (("device=cuda:1", "trainer.batch_size=99"), "device", "use device=cuda or auto"),
     (("distributed.backend=nccl", "device=cpu", "trainer.batch_size=99"), "distributed.backend",
      "use gloo"),
+    (("scheme=data_free", "trainer.batch_size=99"), "scheme.name", "start kdrun without torchrun"),
 ])
 def test_what_several_processes_cannot_run_is_refused_naming_the_key(overrides, key, valid):
     with pytest.raises(ConfigError) as error:

@@ -215,13 +215,15 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
                      f"{f'{split} {metric.short}, last':>16}  "
                      f"{f'{split} {metric.short}, {chosen}':>18}"]
     by_role = {role: summary[summary.role == role] for role in ("teacher", "scratch", "distilled")}
+    data_free = is_data_free(by_role["distilled"])
     for role, rows in by_role.items():
         if rows.empty:  # e.g. no teacher in deep mutual learning
             continue
-        lines.append(_row_line(role, rows.arch.iloc[0], rows, w, p))
+        label = "data-free" if role == "distilled" and data_free else role
+        lines.append(_row_line(label, rows.arch.iloc[0], rows, w, p))
     scratch, distilled = by_role["scratch"], by_role["distilled"]
-    lines += _gain_lines("gain", "distilled-scratch", "gain", scratch, distilled, w, p, chosen,
-                         teacher, draw, metric)
+    lines += _gain_lines("gain", f"{'data-free' if data_free else 'distilled'}-scratch", "gain",
+                         scratch, distilled, w, p, chosen, teacher, draw, metric)
     lines += _all_labels_lines(summary[summary.role == "all_labels"], scratch, distilled, w, p)
     lines += _int8_lines(summary, w, p, chosen, teacher, draw, metric)
     if selected != "val":
@@ -343,9 +345,19 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
+def is_data_free(distilled: pd.DataFrame) -> bool:
+    """Whether the distilled rows are data-free students (scheme=data_free): they
+    learned from generated inputs only."""
+    return "train_generated" in distilled and bool(distilled.train_generated.notna().all()) \
+        and not distilled.empty
+
+
 def _data_line(summary: pd.DataFrame) -> list[str]:
-    """What each student learned from, when the distilled one had a transfer set."""
+    """What each student learned from, when the distilled one had a transfer set or
+    none at all (data-free)."""
     distilled = summary[summary.role == "distilled"]
+    if is_data_free(distilled):
+        return _data_free_line(summary, distilled.iloc[0])
     if "train_unlabeled" not in distilled or not (distilled.train_unlabeled > 0).any():
         return []
     row = distilled.iloc[0]
@@ -353,6 +365,20 @@ def _data_line(summary: pd.DataFrame) -> list[str]:
             f"unlabelled {row.train_unlabeled:,.0f}: teacher and scratch student learn from "
             f"the labelled examples, the distilled student from both (labels on the "
             f"labelled ones only)"]
+
+
+def _data_free_line(summary: pd.DataFrame, student) -> list[str]:
+    """Examples seen: 0 for the data-free student; what the others learned from."""
+    seen = {role: summary[summary.role == role] for role in ("teacher", "scratch")}
+    learned = "; ".join(f"{role} {rows.train_labeled.iloc[0]:,.0f} labelled (+ "
+                        f"{rows.val_examples.iloc[0]:,.0f} validation)"
+                        for role, rows in seen.items()
+                        if not rows.empty and "train_labeled" in rows
+                        and rows.train_labeled.notna().all())
+    return [f"data: examples seen by the data-free student: 0 (no training, unlabelled or "
+            f"validation example, no label); it learned from {student.train_generated:,.0f} "
+            f"generated inputs and the teacher's outputs on them, and is taken at its last "
+            f"epoch" + (f" · {learned}" if learned else "")]
 
 
 def _all_labels_lines(reference: pd.DataFrame, scratch: pd.DataFrame, distilled: pd.DataFrame,

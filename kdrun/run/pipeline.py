@@ -269,9 +269,14 @@ def check_transfer_set(cfg: DictConfig, data: Data) -> None:
     learning, has none to label a transfer set: its students learn from the labelled
     examples only, as their rows' train_unlabeled says.)"""
     scheme = scheme_of(cfg)
-    if data.transfer is not None and not scheme.uses_transfer_set:
-        log.warning("scheme=%s: no teacher labels the %d unlabelled examples; its students "
-                    "train on the labelled ones only", scheme.name, data.unlabeled_count)
+    budget = cfg.split.get("labeled") is not None
+    if data.transfer is not None and scheme.teacher_learns_every_label and budget:
+        log.info("scheme=%s: the teacher learns from every label, the %d held back included "
+                 "(the data owner's teacher); the scratch student from the %d labelled "
+                 "examples", scheme.name, data.unlabeled_count, len(data.train))
+    elif data.transfer is not None and not scheme.uses_transfer_set:
+        log.warning("scheme=%s does not use the %d unlabelled examples: its scratch student "
+                    "trains on the labelled ones only", scheme.name, data.unlabeled_count)
     if cfg.get("all_labels_reference") and not scheme.all_labels_reference:
         offering = [n for n in SCHEMES.names()
                     if SCHEMES.get(n, "scheme.name").all_labels_reference]

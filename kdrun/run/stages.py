@@ -42,6 +42,7 @@ from kdrun.run.schemes import scheme_of
 from kdrun.run.summary_row import RowContext, StageResult, SummaryRow
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import RunDir, copy_file, load_sealed, save_sealed
+from kdrun.train.data_free import fit_data_free
 from kdrun.train.features import each_feature, feature_shape, predict_features
 from kdrun.train.fit import (
     CachedLogits,
@@ -95,13 +96,16 @@ class Stages:
         return metric_logs(self.cfg, self.run_dir.root, self.run_dir.metrics_csv,
                            self.row_context.run, config_hash(self.cfg))
 
-    def teacher(self, model_cfg) -> StageResult:
-        """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's."""
+    def teacher(self, model_cfg, all_labels: bool = False) -> StageResult:
+        """Train (or reuse) a teacher of architecture ``model_cfg``, or load the user's;
+        with ``all_labels``, trained on the transfer set's true labels too, where they
+        exist (the data owner's teacher, when the students have a label budget)."""
         if model_cfg.get("checkpoint"):
             result = evaluate_given_teacher(self, model_cfg)
         else:
+            data, extra = (self.all_labels_data() if all_labels else None) or (None, {})
             result = self._stage("teacher", model_cfg, CE, self.cfg.seed, self.teacher_epochs,
-                                 {}, rng=self.teacher_rng)
+                                 extra, rng=self.teacher_rng, data=data)
             model = self._load(model_cfg, result.entry, self.tcfg.distill_from)
             result = StageResult(result.row, result.entry, model)
         self.teacher_model = result.model
@@ -145,15 +149,39 @@ class Stages:
         """The reference "scratch, all labels": the student trained from scratch on the
         labelled examples *and* the transfer set with its true labels, which no other
         stage reads; None when the transfer set's labels are unknown."""
-        train = self.data.all_labels_train()
-        if train is None:
+        if self.all_labels_data() is None:
             return None
-        data = self.data.training_on(train)
-        labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
-        extra = {"transfer": self.transfer_digest, "transfer_labels": labels}
+        data, extra = self.all_labels_data()
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         return self._stage("all_labels", self.float_student, CE, seed, epochs, extra, rng=seed,
                            data=data)
+
+    def all_labels_data(self) -> tuple[Data, dict] | None:
+        """The labelled examples and the transfer set with its true labels, as a stage's
+        training data, with what its key adds; None when those labels are unknown."""
+        train = self.data.all_labels_train()
+        if train is None:
+            return None
+        labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
+        return self.data.training_on(train), {"transfer": self.transfer_digest,
+                                              "transfer_labels": labels}
+
+    def data_free_student(self, seed: int, teacher: StageResult, make_game,
+                          settings: dict) -> StageResult:
+        """The student distilled without data (scheme=data_free): trained by
+        fit_data_free on a generator's inputs, which ``make_game()`` builds with its loss,
+        from ``teacher.model``. It reads no training or validation example: only the test
+        split, to be evaluated. ``settings`` (the scheme's keys) are part of its key."""
+        def none_of(split: Split) -> Split:
+            return Split(split.x[:0], split.y[:0])
+
+        data = dataclasses.replace(self.data.training_on(none_of(self.data.train)),
+                                   val=none_of(self.data.val))
+        extra = {"loss": loss_key(settings), "teacher": teacher.entry.key,
+                 "distill_from": self.tcfg.distill_from, "teacher_targets": "generated"}
+        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        return self._stage("distilled", self.float_student, make_game, seed, epochs, extra,
+                           teacher, rng=seed, data=data, fit_with=fit_data_free)
 
     @property
     def float_student(self):
@@ -263,9 +291,10 @@ class Stages:
     # ------------------------------------------------------------ one stage
 
     def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *,
-               rng, data: Data | None = None) -> StageResult:
+               rng, data: Data | None = None, fit_with=None) -> StageResult:
         """``seed`` names the stage in the files; ``rng`` seeds its training; ``data`` is
-        what it trains on (the run's labelled data unless given)."""
+        what it trains on (the run's labelled data unless given); ``fit_with`` trains it
+        (fit's contract, kdrun/train/fit.py; fit itself unless given)."""
         data = data or self.data
         extra = {**extra, **self.processes_key(model_cfg, make_loss, data, teacher)}
         entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
@@ -277,7 +306,8 @@ class Stages:
                 self.metrics.append(entry.read_rows(), seed, reused=True)
                 self.events.write("reused", role, seed, entry.key)
             else:
-                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng, data)
+                self._train(entry, role, model_cfg, make_loss, seed, epochs, teacher, rng, data,
+                            fit_with)
             distributed.barrier()  # rank 0 has written the stage: every process reads it
             if distributed.world().writer:
                 copy_file(entry.result_pt, checkpoint, entry.digest("result.pt"))
@@ -311,7 +341,7 @@ class Stages:
             numerics=self.numerics, data_digest=self.data_digest, extra=extra))
 
     def _train(self, entry: StageEntry, role, model_cfg, make_loss, seed, epochs, teacher, rng,
-               data: Data):
+               data: Data, fit_with=None):
         resume = self._resume_state(entry)
         if resume is not None:
             self.metrics.append(entry.read_rows(), seed, reused=True)
@@ -338,9 +368,10 @@ class Stages:
                                                   self.data.input_shape, "loss.student_layer"),
                                     per_position),
                          row_shapes(teacher.feature_shape(self.data.input_shape), per_position))
-        result = fit(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
-                     device=self.device, teacher=teacher, augment=self.augment, resume=resume,
-                     on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
+        train = fit_with or fit  # fit is looked up now: tests spy on it
+        result = train(model, data, loss, self.tcfg, stage=role, epochs=epochs, seed=rng,
+                       device=self.device, teacher=teacher, augment=self.augment, resume=resume,
+                       on_epoch=on_epoch, progress=self.cfg.progress, label=f"{role} seed {seed}")
         figures = None
         if quantized:  # the accuracies and size of the int8 model it converts to
             result, figures = self.converted_int8(model, result)
@@ -440,14 +471,17 @@ def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int
                           **(figures or model_figures(getattr(model, "deployed", model))),
                           **_result_columns(result), **examples_seen(data),
                           **token_speed(data, result),
-                          "eval_split": context.eval_split, "selected_by": context.selected_by,
+                          "eval_split": context.eval_split,
+                          "selected_by": "last epoch (data-free)" if result.generated
+                          else context.selected_by,
                           **context.provenance, "trained_in": trained_in})
 
 
 def examples_seen(data: Data) -> dict:
     """How many labelled and unlabelled training examples a stage trained on, and how
     many validation examples selected its epoch."""
-    no_label = (data.train.y == UNLABELED).reshape(len(data.train), -1)  # per position: text
+    no_label = data.train.y == UNLABELED  # text: one per position, (examples, positions)
+    no_label = no_label.unsqueeze(1) if no_label.ndim == 1 else no_label
     unlabeled = int(no_label.all(1).sum())
     return {"train_labeled": len(data.train) - unlabeled, "train_unlabeled": unlabeled,
             "val_examples": len(data.val) if data.eval_split != "train" else 0}
@@ -481,10 +515,11 @@ def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConf
 
 
 def _result_columns(result) -> dict:
+    generated = {} if result.generated is None else {"train_generated": result.generated}
     return {"epochs": result.epochs, "best_epoch": result.best_epoch,
             "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
             "test_acc_best_val": result.test_acc_best_val,
-            "train_seconds": round(result.train_seconds, 3)}
+            "train_seconds": round(result.train_seconds, 3), **generated}
 
 
 def feature_shapes(loss, student: torch.nn.Module, teacher: torch.nn.Module, input_shape,

@@ -207,6 +207,10 @@ def check_processes(cfg: DictConfig, world: World) -> str:
     if cfg.student.get("quantize") == "int8":
         raise ConfigError("student.quantize", "int8", "int8 students train in one process; "
                           "start kdrun without torchrun")
+    scheme = schemes.scheme_of(cfg)
+    if not scheme.data_parallel:
+        raise ConfigError("scheme.name", scheme.name, "trains in one process; start kdrun "
+                          "without torchrun")
     loss = losses.loss_class(cfg.loss)
     if loss.reads_indices:
         raise ConfigError("loss.name", cfg.loss.name, "keeps a memory of every training example, "

@@ -106,12 +106,13 @@ class PlannedTeachers(PlannedStages):
     """A job's first teacher stage, not trained but listed as a Member, when it is not in
     the cache yet: teachers that differ only in their seed train as one stacked model."""
 
-    def teacher(self, model_cfg):
+    def teacher(self, model_cfg, all_labels: bool = False):
         if not model_cfg.get("checkpoint"):
+            data, extra = (self.all_labels_data() if all_labels else None) or (self.data, {})
             entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
-                                     self.teacher_epochs, {})
+                                     self.teacher_epochs, extra)
             self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,
-                      None, self.data)
+                      None, data)
         raise _PlanDone
 
     def student(self, *args, **kwargs):

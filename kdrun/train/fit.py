@@ -51,6 +51,7 @@ class FitResult:
     train_seconds: float
     best_state: dict = field(repr=False)  # weights at best_epoch; the model keeps the last ones
     optimizer_state: dict = field(repr=False)
+    generated: int | None = None  # inputs a generator made for it (a data-free stage)
 
 
 def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:

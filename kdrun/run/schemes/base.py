@@ -39,6 +39,10 @@ class Scheme:
     all_labels_reference: ClassVar[bool] = False  # can add the "scratch, all labels" row
     int8_students: ClassVar[bool] = False  # can add int8 rows (student.quantize=int8: PTQ, QAT)
     batchable: ClassVar[bool] = True  # the batched launcher can plan its students
+    data_parallel: ClassVar[bool] = True  # its stages can train on several processes
+    # under a label budget (split.labeled), its teacher learns from the transfer set's true
+    # labels too, where they exist
+    teacher_learns_every_label: ClassVar[bool] = False
     shown: ClassVar[bool] = True  # its settings appear in the table's header
     name: str = ""  # the name it is registered (and configured) by, set by scheme_of
 
