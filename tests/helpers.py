@@ -100,9 +100,10 @@ def write_cifar(root: Path, classes: int = 10, n_per_batch: int = 20, seed: int 
 
 
 def fit_or_snapshot(model, data, loss, tcfg, *, stage: str, epochs: int, resume=None,
-                    stop_at: int | None = None):
-    """``fit()`` ``model`` on the CPU with seed 0: its FitResult, or, with ``stop_at``, the
-    training state snapshot() gives at the end of that epoch (what a kill then leaves)."""
+                    stop_at: int | None = None, fit_with=None, **more):
+    """``fit()`` (or ``fit_with``, of fit's contract, given ``more`` of its arguments)
+    ``model`` on the CPU with seed 0: its FitResult, or, with ``stop_at``, the training
+    state snapshot() gives at the end of that epoch (what a kill then leaves)."""
     from kdrun.train.fit import fit
 
     saved = {}
@@ -113,8 +114,8 @@ def fit_or_snapshot(model, data, loss, tcfg, *, stage: str, epochs: int, resume=
             raise KeyboardInterrupt
 
     try:
-        return fit(model, data, loss, tcfg, stage=stage, epochs=epochs, seed=0,
-                   device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
-                   progress=False)
+        return (fit_with or fit)(model, data, loss, tcfg, stage=stage, epochs=epochs, seed=0,
+                                 device=torch.device("cpu"), resume=resume, on_epoch=on_epoch,
+                                 progress=False, **more)
     except KeyboardInterrupt:
         return saved["state"]

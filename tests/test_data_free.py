@@ -32,7 +32,7 @@ from kdrun.losses.data_free import (
 )
 from kdrun.models.generator import Generator, sample_spread
 from kdrun.train.data_free import DataFreeGame, DataFreeSettings, fit_data_free
-from tests.helpers import KDRUN, make_config
+from tests.helpers import KDRUN, fit_or_snapshot, make_config
 
 SHAPE, CLASSES = (1, 40), 10
 rng = np.random.default_rng(0)
@@ -159,20 +159,10 @@ def fit_small(epochs: int, resume=None, stop_at=None, **settings):
     """fit_data_free on the small setup: (student, game, result), or the snapshot of the
     epoch ``stop_at`` (what a kill then leaves)."""
     teacher, student, data, tcfg, game = small_setup(**settings)
-    saved = {}
-
-    def on_epoch(rows, snapshot):
-        if rows[0]["epoch"] == stop_at:
-            saved["state"] = snapshot()
-            raise KeyboardInterrupt
-
-    try:
-        result = fit_data_free(student, data, game, tcfg, stage="distilled", epochs=epochs,
-                               seed=3, device=torch.device("cpu"), teacher=Teacher(teacher),
-                               resume=resume, on_epoch=on_epoch, progress=False)
-    except KeyboardInterrupt:
-        return saved["state"]
-    return student, game, result
+    result = fit_or_snapshot(student, data, game, tcfg, stage="distilled", epochs=epochs,
+                             resume=resume, stop_at=stop_at, fit_with=fit_data_free,
+                             teacher=Teacher(teacher))
+    return result if stop_at is not None else (student, game, result)
 
 
 @pytest.mark.parametrize("generator_loss", ["adversarial", "dafl"])

@@ -348,8 +348,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 def is_data_free(distilled: pd.DataFrame) -> bool:
     """Whether the distilled rows are data-free students (scheme=data_free): they
     learned from generated inputs only."""
-    return "train_generated" in distilled and bool(distilled.train_generated.notna().all()) \
-        and not distilled.empty
+    return (not distilled.empty and "train_generated" in distilled
+            and bool(distilled.train_generated.notna().all()))
 
 
 def _data_line(summary: pd.DataFrame) -> list[str]:

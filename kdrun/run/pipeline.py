@@ -269,7 +269,7 @@ def check_transfer_set(cfg: DictConfig, data: Data) -> None:
     learning, has none to label a transfer set: its students learn from the labelled
     examples only, as their rows' train_unlabeled says.)"""
     scheme = scheme_of(cfg)
-    budget = cfg.split.get("labeled") is not None
+    budget = cfg.split.get("labeled") is not None and data.transfer_labels is not None
     if data.transfer is not None and scheme.teacher_learns_every_label and budget:
         log.info("scheme=%s: the teacher learns from every label, the %d held back included "
                  "(the data owner's teacher); the scratch student from the %d labelled "

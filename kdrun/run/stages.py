@@ -149,9 +149,10 @@ class Stages:
         """The reference "scratch, all labels": the student trained from scratch on the
         labelled examples *and* the transfer set with its true labels, which no other
         stage reads; None when the transfer set's labels are unknown."""
-        if self.all_labels_data() is None:
+        found = self.all_labels_data()
+        if found is None:
             return None
-        data, extra = self.all_labels_data()
+        data, extra = found
         epochs = self.tcfg.student_epochs or self.tcfg.epochs
         return self._stage("all_labels", self.float_student, CE, seed, epochs, extra, rng=seed,
                            data=data)

@@ -94,7 +94,7 @@ class DataFree(Scheme):
 
     def game_maker(self, stages: Stages, picture):
         """The factory of a stage's generator and losses, drawing its samples into
-        ``picture`` as training keeps them (rank 0 only: the others write nothing)."""
+        ``picture`` as training keeps them."""
         def make() -> DataFreeGame:
             game = DataFreeGame(self.settings, stages.data.input_shape)
             game.on_samples = lambda g: draw_samples(picture, g.get_extra_state())
@@ -102,8 +102,12 @@ class DataFree(Scheme):
         return make
 
     def check_data(self, stages: Stages) -> None:
-        x = stages.data.test.x
-        if not x.is_floating_point():
+        """Inputs a generator can make: numbers held in memory."""
+        if not getattr(stages.data.test, "in_memory", False):
+            raise ConfigError("scheme.name", "data_free", f"dataset={stages.data.name} is read "
+                              "from disk; data-free distillation runs on in-memory data sets "
+                              "(mnist1d, digits, synthetic, mnist, cifar10, ...)")
+        if not stages.data.test.x.is_floating_point():
             raise ConfigError("scheme.name", "data_free", f"dataset={stages.data.name} gives "
                               "token ids, which a generator cannot make by gradient; use "
                               "images or sequences of numbers")
