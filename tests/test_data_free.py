@@ -205,7 +205,8 @@ def test_a_generator_gone_nan_ends_the_stage_or_its_steps_are_skipped(monkeypatc
 
 FAST = ["progress=false", "num_threads=1", "trainer.epochs=2", "repeats=2",
         "dataset.unlabeled=0", "scheme=data_free", "scheme.iterations=3", "scheme.batch_size=64",
-        "scheme.width=8", "scheme.student_steps=2", "scheme.samples_every=2"]
+        "scheme.width=8", "scheme.student_steps=2", "scheme.samples_every=2",
+        "latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=0"]
 
 
 def kdrun(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -221,7 +222,7 @@ def run_dirs(tmp_path: Path) -> list[Path]:
                   or p.parent.name != p.parents[1].name)
 
 
-def test_a_data_free_run_shows_its_row_with_no_example_seen_and_is_reused(tmp_path):
+def test_a_data_free_run_shows_its_row_with_no_example_seen_and_its_verdict(tmp_path):
     first = kdrun(tmp_path)
     assert "data-free  mlp[100,100]" in first.stdout
     assert "examples seen by the data-free student: 0" in first.stdout
@@ -237,6 +238,11 @@ def test_a_data_free_run_shows_its_row_with_no_example_seen_and_is_reused(tmp_pa
     assert set(metrics[metrics.stage == "distilled"].split) == {"train", "generator", "test"}
     for seed in (0, 1):
         assert (run / f"samples_seed{seed}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # two runs
+def test_a_second_data_free_run_reuses_every_stage(tmp_path):
+    kdrun(tmp_path)
     again = kdrun(tmp_path, "scheme.samples_every=3")  # the picture only: not in the key
     second = max(tmp_path.glob("runs/*/*"))
     events = [json.loads(line) for line in (second / "events.jsonl").read_text().splitlines()]
@@ -274,6 +280,7 @@ def test_a_label_budget_gives_the_teacher_every_label_and_the_scratch_student_th
     assert "teacher 3,990 labelled" in out.stdout and "scratch 90 labelled" in out.stdout
 
 
+@pytest.mark.slow  # two runs that stop after loading the data
 def test_what_data_free_cannot_run_with_is_refused_in_one_line(tmp_path):
     out = kdrun(tmp_path, "scheme.bn_prior=1", check=False)  # the default teacher has none
     assert out.returncode == 2
@@ -289,3 +296,46 @@ def test_a_run_whose_generator_collapses_stops_in_one_line(tmp_path):
     collapsed = kdrun(tmp_path, "scheme.collapse_below=1", check=False)
     assert collapsed.returncode != 0 and "the generator collapsed" in collapsed.stderr
     assert "Traceback" not in collapsed.stderr
+
+
+@pytest.mark.slow  # three runs of the pipeline
+def test_a_killed_data_free_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from kdrun.run import pipeline, stages
+    from kdrun.store.files import load_checkpoint
+
+    overrides = [o for o in FAST if not o.startswith("latency")] + ["trainer.epochs=3",
+                                                                     "repeats=1"]
+
+    def run(name: str) -> Path:
+        cfg = make_config(*overrides, f"cache.dir={tmp_path}/{name}/cache")
+        pipeline.run(cfg, tmp_path / name / "run")
+        return tmp_path / name / "run"
+
+    real = stages.fit_data_free
+
+    def killed_after_epoch_2(*args, on_epoch, **kwargs):
+        def then_kill(rows, snapshot):
+            on_epoch(rows, snapshot)  # epoch 2's state is saved: what a kill then leaves
+            if rows[0]["epoch"] == 2:
+                raise KeyboardInterrupt
+        return real(*args, on_epoch=then_kill, **kwargs)
+
+    monkeypatch.setattr(stages, "fit_data_free", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("cut")
+    monkeypatch.undo()
+    resumed, whole = run("cut"), run("whole")
+    events = [json.loads(line) for line in (resumed / "events.jsonl").read_text().splitlines()]
+    assert {"event": "resumed", "stage": "distilled", "from_epoch": 2}.items() <= \
+        [e for e in events if e["stage"] == "distilled"][0].items()
+    ours, theirs = (load_checkpoint(run / "checkpoints" / "distilled.pt") for run in
+                    (resumed, whole))
+    for part in ("model", "loss_state"):  # the student, and the generator with its samples
+        for name, value in theirs[part].items():
+            if torch.is_tensor(value):
+                assert torch.equal(ours[part][name], value), name
+    kept = ours["loss_state"]["_extra_state"]
+    assert kept["sample_steps"] == theirs["loss_state"]["_extra_state"]["sample_steps"] == \
+        [2, 4, 6, 8]
+    assert all(torch.equal(a, b) for a, b in zip(kept["samples"],
+                                                 theirs["loss_state"]["_extra_state"]["samples"]))
