@@ -266,6 +266,9 @@ def test_a_sweep_over_a_generator_knob_trains_the_teacher_once(tmp_path):
     summaries = pd.concat(pd.read_csv(p) for p in tmp_path.glob("multirun/*/*/*/summary.csv"))
     keys = summaries.groupby("role").cache_key.nunique()
     assert (keys["teacher"], keys["scratch"], keys["distilled"]) == (1, 1, 2)
+    report = next(tmp_path.glob("multirun/*/*/report.md")).read_text()
+    assert "| scheme.generator_lr |" in report and "data-free students, which read no " \
+        "validation example): no setting is selected" in report
 
 
 @pytest.mark.slow  # a run of its own

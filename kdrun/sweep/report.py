@@ -340,7 +340,9 @@ def _markdown(sweep_dir, table, swept, best, n_started, n_finished, common, figu
     ]
     lines += [f"## Best setting, selected on validation {metric.name} (never on test)", ""]
     if best is None:
-        lines += ["No validation split (`split.val_fraction=0`): no setting is selected.", ""]
+        lines += ["No validation accuracy for the distilled students (no validation split, "
+                  "`split.val_fraction=0`, or data-free students, which read no validation "
+                  "example): no setting is selected.", ""]
     else:
         best_name = setting_name(keys, tuple(best[k] for k in keys), " ")
         lines += [f"**{best_name}**: distilled validation {metric.name} {best.val_acc:.2f}, "

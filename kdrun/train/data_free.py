@@ -162,75 +162,27 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
     def noise() -> torch.Tensor:
         return torch.randn(s.batch_size, s.z_dim, generator=draws, dtype=dtype).to(device)
 
-    skip_nan = tcfg.get("on_nan", "stop") == "skip"
     bar = StageProgress(label or stage, epochs, state["epoch"], progress, data.metric)
     teacher_model = teacher.model.to(device, dtype)
-    with frozen(teacher_model):
-        prior = BatchNormPrior(teacher_model) if s.bn_prior else None
-        tap = (FeatureTap(teacher_model, s.dafl_layer, "scheme.dafl_layer")
-               if s.generator_loss == "dafl" else None)
+    with frozen(teacher_model), teacher_hooks(teacher_model, s) as (prior, tap):
         for epoch in range(state["epoch"] + 1, epochs + 1):
-            model.train()
-            generator.train()
             lr, t0 = student_opt.param_groups[0]["lr"], time.perf_counter()
-            student_losses = torch.zeros(s.iterations * s.student_steps, device=device,
-                                         dtype=dtype)
-            generator_losses = torch.zeros(s.iterations, device=device, dtype=dtype)
-            agree, skipped = torch.zeros((), device=device, dtype=torch.long), 0
-            for it in range(s.iterations):
-                for k in range(s.student_steps):
-                    with torch.no_grad():
-                        x = generator(noise())
-                        t_logits = teacher_model(x)
-                    s_logits = model(x)
-                    loss = loss_fn(s_logits, t_logits)
-                    if skip_nan and not torch.isfinite(loss):
-                        skipped += 1
-                        continue
-                    student_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if tcfg.grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                    student_opt.step()
-                    student_losses[it * s.student_steps + k] = loss.detach()
-                    agree += (s_logits.detach().argmax(1) == t_logits.argmax(1)).sum()
-                x = generator(noise())
-                if prior is not None:
-                    prior.clear()
-                t_logits = teacher_model(x)
-                g_loss = loss_fn.generator_loss(
-                    model(x) if s.generator_loss == "adversarial" else None, t_logits,
-                    tap.read_float() if tap else None, prior)
-                if skip_nan and not torch.isfinite(g_loss):
-                    skipped += 1
-                    continue
-                generator_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                generator_opt.step()
-                generator_losses[it] = g_loss.detach()
-                step = (epoch - 1) * s.iterations + it + 1
-                if s.samples_every and step % s.samples_every == 0:
-                    loss_fn.keep_samples(x, step)
+            game = Round(model, teacher_model, loss_fn, student_opt, generator_opt, noise,
+                         prior, tap, tcfg)
+            x = game.epoch(epoch)
             if schedule is not None:
                 schedule.step()
             spread = sample_spread(x)
-            _check_epoch(stage, epoch, student_losses, generator_losses, spread, lr, s, skipped)
+            game.check(stage, epoch, spread)
             seconds = time.perf_counter() - t0
-            seen = s.iterations * s.student_steps * s.batch_size
-            rows = [metric_row(stage, epoch, "train", float(student_losses.mean()),
-                               float(agree) / seen * 100, lr, seconds),
-                    metric_row(stage, epoch, "generator", float(generator_losses.mean()),
-                               spread * 100, s.generator_lr, seconds)]
-            rows.append(metric_row(stage, epoch, "test", *evaluate(
-                model, test, tcfg.eval_batch_size, data.metric), lr, seconds))
+            rows = [*game.rows(stage, epoch, spread, lr, seconds), metric_row(
+                stage, epoch, "test", *evaluate(model, test, tcfg.eval_batch_size, data.metric),
+                lr, seconds)]
             record_epoch(state, epoch, [r for r in rows if r["split"] != "generator"], seconds,
                          lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
                          data.metric)
             on_epoch(rows, snapshot)
             bar.update(epoch, rows[0]["loss"], float("nan"))
-        for hooks in (prior, tap):
-            if hooks is not None:
-                hooks.remove()
     bar.close()
     best = state["best"]
     return FitResult(stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"],
@@ -240,27 +192,118 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
                      generated=epochs * s.iterations * (s.student_steps + 1) * s.batch_size)
 
 
-def _check_epoch(stage: str, epoch: int, student_losses, generator_losses, spread: float,
-                 lr: float, s: DataFreeSettings, skipped: int) -> None:
-    """One line that ends the stage when a loss became NaN or infinite (trainer.on_nan=stop;
-    with skip such steps were skipped) or the generator's samples stopped varying."""
-    for who, losses, knob in (("student", student_losses, "trainer.lr"),
-                              ("generator", generator_losses, "scheme.generator_lr")):
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
+@contextlib.contextmanager
+def teacher_hooks(teacher: nn.Module, s: DataFreeSettings):
+    """The taps the generator's loss reads on the teacher: its batch-norm layers' inputs
+    (bn_prior) and DAFL's feature layer; removed afterwards, whatever happens."""
+    prior = BatchNormPrior(teacher) if s.bn_prior else None
+    tap = FeatureTap(teacher, s.dafl_layer, "scheme.dafl_layer") \
+        if s.generator_loss == "dafl" else None
+    try:
+        yield prior, tap
+    finally:
+        for hooks in (prior, tap):
+            if hooks is not None:
+                hooks.remove()
+
+
+class Round:
+    """One epoch of the game: ``iterations`` times, ``student_steps`` student steps then
+    one generator step; it keeps the epoch's losses for its metric rows and checks."""
+
+    def __init__(self, student, teacher, game: DataFreeGame, student_opt, generator_opt,
+                 noise, prior, tap, tcfg):
+        self.student, self.teacher, self.game, self.tcfg = student, teacher, game, tcfg
+        self.student_opt, self.generator_opt, self.noise = student_opt, generator_opt, noise
+        self.prior, self.tap, self.s = prior, tap, game.settings
+        self.skip_nan = tcfg.get("on_nan", "stop") == "skip"
+        device, dtype = next(student.parameters()).device, next(student.parameters()).dtype
+        self.student_losses = torch.zeros(self.s.iterations * self.s.student_steps,
+                                          device=device, dtype=dtype)
+        self.generator_losses = torch.zeros(self.s.iterations, device=device, dtype=dtype)
+        self.agree = torch.zeros((), device=device, dtype=torch.long)
+        self.skipped = 0
+
+    def epoch(self, epoch: int) -> torch.Tensor:
+        """Play the epoch; returns the generator's last batch."""
+        self.student.train()
+        self.game.generator.train()
+        for it in range(self.s.iterations):
+            for k in range(self.s.student_steps):
+                self.student_step(it * self.s.student_steps + k)
+            x = self.generator_step(it)
+            step = (epoch - 1) * self.s.iterations + it + 1
+            if self.s.samples_every and step % self.s.samples_every == 0:
+                self.game.keep_samples(x, step)
+        return x
+
+    def student_step(self, index: int) -> None:
+        """The student learns the teacher's logits on fresh samples."""
+        with torch.no_grad():
+            x = self.game.generator(self.noise())
+            t_logits = self.teacher(x)
+        s_logits = self.student(x)
+        loss = self.game(s_logits, t_logits)
+        if self.skip_nan and not torch.isfinite(loss):
+            self.skipped += 1
+            return
+        self.student_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.tcfg.grad_clip)
+        self.student_opt.step()
+        self.student_losses[index] = loss.detach()
+        self.agree += (s_logits.detach().argmax(1) == t_logits.argmax(1)).sum()
+
+    def generator_step(self, index: int) -> torch.Tensor:
+        """The generator's step on its loss (kdrun/losses/data_free.py); returns its batch."""
+        x = self.game.generator(self.noise())
+        if self.prior is not None:
+            self.prior.clear()
+        t_logits = self.teacher(x)
+        adversarial = self.s.generator_loss == "adversarial"
+        loss = self.game.generator_loss(self.student(x) if adversarial else None, t_logits,
+                                        self.tap.read_float() if self.tap else None,
+                                        self.prior)
+        if self.skip_nan and not torch.isfinite(loss):
+            self.skipped += 1
+            return x
+        self.generator_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.generator_opt.step()
+        self.generator_losses[index] = loss.detach()
+        return x
+
+    def rows(self, stage: str, epoch: int, spread: float, lr: float, seconds: float) -> list:
+        """train: the student's mean discrepancy and its agreement with the teacher's top
+        class (%); generator: its mean loss and its samples' spread (%)."""
+        seen = self.s.iterations * self.s.student_steps * self.s.batch_size
+        return [metric_row(stage, epoch, "train", float(self.student_losses.mean()),
+                           float(self.agree) / seen * 100, lr, seconds),
+                metric_row(stage, epoch, "generator", float(self.generator_losses.mean()),
+                           spread * 100, self.s.generator_lr, seconds)]
+
+    def check(self, stage: str, epoch: int, spread: float) -> None:
+        """One line that ends the stage when a loss became NaN or infinite
+        (trainer.on_nan=stop; with skip such steps were skipped) or the generator's samples
+        stopped varying."""
+        for who, losses, knob in (("student", self.student_losses, "trainer.lr"),
+                                  ("generator", self.generator_losses, "scheme.generator_lr")):
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                raise TrainingDiverged(
+                    f"{stage} stage diverged at epoch {epoch}: the {who}'s loss became NaN or "
+                    f"infinite (step {int(bad[0]) + 1} of the epoch); lower {knob}, set "
+                    f"trainer.grad_clip, or set trainer.on_nan=skip to skip such steps")
+        if spread < self.s.collapse_below:
             raise TrainingDiverged(
-                f"{stage} stage diverged at epoch {epoch}: the {who}'s loss became NaN or "
-                f"infinite (step {int(bad[0]) + 1} of the epoch); lower {knob}, set "
-                f"trainer.grad_clip, or set trainer.on_nan=skip to skip such steps")
-    if spread < s.collapse_below:
-        raise TrainingDiverged(
-            f"{stage} stage stopped at epoch {epoch}: the generator collapsed, its samples "
-            f"spread {spread:.3f} across the batch (below scheme.collapse_below="
-            f"{s.collapse_below}); lower scheme.generator_lr or change scheme.generator_loss")
-    if skipped:
-        log.warning(
-            "%s epoch %d: skipped %d steps whose loss was NaN or infinite (trainer.on_nan=skip)",
-            stage, epoch, skipped)
+                f"{stage} stage stopped at epoch {epoch}: the generator collapsed, its samples "
+                f"spread {spread:.3f} across the batch (below scheme.collapse_below="
+                f"{self.s.collapse_below}); lower scheme.generator_lr or change "
+                f"scheme.generator_loss")
+        if self.skipped:
+            log.warning("%s epoch %d: skipped %d steps whose loss was NaN or infinite "
+                        "(trainer.on_nan=skip)", stage, epoch, self.skipped)
 
 
 def _restore(state: dict, model, loss_fn, student_opt, generator_opt, schedule, draws) -> dict:
