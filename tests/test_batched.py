@@ -248,6 +248,7 @@ def test_batched_sweep_writes_every_job_and_a_later_sequential_run_reuses_it(tmp
     assert {e["event"] for e in again} == {"reused"} and len(again) == 3
 
 
+@pytest.mark.slow  # a sweep of its own, ~5 s (make test < 5 min)
 def test_a_sweep_over_thread_counts_trains_one_teacher(tmp_path):
     """CPU threads only reorder the arithmetic: outside every stage key (the reuse rule)."""
     args = [arg for arg in TINY_SWEEP if not arg.startswith("num_threads")]

@@ -84,6 +84,7 @@ def test_one_teachers_students_give_an_interval_that_says_so(tmp_path):
     assert {r["interval_over"] for r in rows} == {"2 student seeds, 1 teacher"}
 
 
+@pytest.mark.slow  # a sweep of four jobs, ~7 s (make test < 5 min)
 def test_a_student_width_by_temperature_sweep_reports_four_settings(tmp_path):
     kdrun(tmp_path, "-m", "student.hidden=[50],[100]", "loss.T=2,4", *FAST, "repeats=2")
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")

@@ -237,6 +237,7 @@ def test_image_folder_unlabeled_folder_and_budget(tmp_path):
     assert len(joined) == 13 and (joined.y == UNLABELED).sum() == 10
 
 
+@pytest.mark.slow  # a sweep of its own, ~6 s (make test < 5 min)
 def test_a_sweep_over_the_label_budget_reports_one_setting_per_budget(tmp_path):
     kdrun(tmp_path, "-m", "split.labeled=100,0.5", "dataset.unlabeled=200", *FAST)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
