@@ -73,6 +73,10 @@ def _one_of_two(rank: int, port: int, out: str) -> None:
             torch.save({"weights": weights, "rows": rows, "targets": targets}, out)
     finally:
         distributed.leave()
+    # About 1 exit in 40, gloo's threads abort the interpreter's finalisation after a
+    # clean leave ("terminate called without an active exception", SIGABRT): this test is
+    # about the weights, which are saved by now, so the process ends without finalising.
+    os._exit(0)
 
 
 def test_two_gloo_processes_train_to_the_weights_of_one_in_float64(tmp_path):
