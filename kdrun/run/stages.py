@@ -103,7 +103,7 @@ class Stages:
         if model_cfg.get("checkpoint"):
             result = evaluate_given_teacher(self, model_cfg)
         else:
-            data, extra = (self.all_labels_data() if all_labels else None) or (None, {})
+            data, extra = self.teacher_data(all_labels)
             result = self._stage("teacher", model_cfg, CE, self.cfg.seed, self.teacher_epochs,
                                  extra, rng=self.teacher_rng, data=data)
             model = self._load(model_cfg, result.entry, self.tcfg.distill_from)
@@ -114,6 +114,16 @@ class Stages:
     @property
     def teacher_epochs(self) -> int:
         return self.tcfg.teacher_epochs or self.tcfg.epochs
+
+    @property
+    def student_epochs(self) -> int:
+        """The epochs of every student stage (scratch and distilled alike)."""
+        return self.tcfg.student_epochs or self.tcfg.epochs
+
+    def teacher_data(self, all_labels: bool) -> tuple[Data, dict]:
+        """What a teacher trains on, and what its key adds: the labelled examples, or with
+        ``all_labels`` the transfer set's true labels too where they exist."""
+        return (self.all_labels_data() if all_labels else None) or (self.data, {})
 
     @property
     def teacher_rng(self) -> int:
@@ -127,7 +137,7 @@ class Stages:
         optimiser: the model is built after seeding with ``seed`` in both cases
         (``rng``, when given, seeds a student that must not share them, e.g. an
         intermediate born-again generation)."""
-        epochs = self.tcfg.student_epochs or self.tcfg.epochs
+        epochs = self.student_epochs
         extra = {}
         model_cfg = model_cfg if model_cfg is not None else self.float_student
         if loss_cfg is None:
@@ -153,9 +163,8 @@ class Stages:
         if found is None:
             return None
         data, extra = found
-        epochs = self.tcfg.student_epochs or self.tcfg.epochs
-        return self._stage("all_labels", self.float_student, CE, seed, epochs, extra, rng=seed,
-                           data=data)
+        return self._stage("all_labels", self.float_student, CE, seed, self.student_epochs,
+                           extra, rng=seed, data=data)
 
     def all_labels_data(self) -> tuple[Data, dict] | None:
         """The labelled examples and the transfer set with its true labels, as a stage's
@@ -180,9 +189,8 @@ class Stages:
                                    val=none_of(self.data.val))
         extra = {"loss": loss_key(settings), "teacher": teacher.entry.key,
                  "distill_from": self.tcfg.distill_from, "teacher_targets": "generated"}
-        epochs = self.tcfg.student_epochs or self.tcfg.epochs
-        return self._stage("distilled", self.float_student, make_game, seed, epochs, extra,
-                           teacher, rng=seed, data=data, fit_with=fit_data_free)
+        return self._stage("distilled", self.float_student, make_game, seed, self.student_epochs,
+                           extra, teacher, rng=seed, data=data, fit_with=fit_data_free)
 
     @property
     def float_student(self):

@@ -108,7 +108,7 @@ class PlannedTeachers(PlannedStages):
 
     def teacher(self, model_cfg, all_labels: bool = False):
         if not model_cfg.get("checkpoint"):
-            data, extra = (self.all_labels_data() if all_labels else None) or (self.data, {})
+            data, extra = self.teacher_data(all_labels)
             entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
                                      self.teacher_epochs, extra)
             self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,

@@ -42,6 +42,8 @@ from kdrun.train.fit import (
     metric_row,
     new_progress,
     record_epoch,
+    restore_training,
+    training_state,
 )
 from kdrun.train.progress import StageProgress
 
@@ -148,16 +150,14 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
     schedule = make_schedule(student_opt, tcfg, epochs)
     generator_opt = torch.optim.Adam(generator.parameters(), lr=s.generator_lr)
     test = data.test.to(device, dtype)
+    parts = {"model": model, "loss": loss_fn, "optimizer": student_opt,
+             "generator_optimizer": generator_opt, "schedule": schedule}
     state = new_progress(data.metric)
     if resume is not None:
-        state = _restore(resume, model, loss_fn, student_opt, generator_opt, schedule, draws)
+        state = restore_training(resume, parts, {"draws": draws})
 
     def snapshot() -> dict:
-        return {**state, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": student_opt.state_dict(), "generator_optimizer":
-                generator_opt.state_dict(),
-                "schedule": schedule.state_dict() if schedule else None,
-                "torch_rng": torch.get_rng_state(), "draws": draws.get_state()}
+        return training_state(state, parts, {"draws": draws})
 
     def noise() -> torch.Tensor:
         return torch.randn(s.batch_size, s.z_dim, generator=draws, dtype=dtype).to(device)
@@ -178,7 +178,7 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
             rows = [*game.rows(stage, epoch, spread, lr, seconds), metric_row(
                 stage, epoch, "test", *evaluate(model, test, tcfg.eval_batch_size, data.metric),
                 lr, seconds)]
-            record_epoch(state, epoch, [r for r in rows if r["split"] != "generator"], seconds,
+            record_epoch(state, epoch, rows, seconds,
                          lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
                          data.metric)
             on_epoch(rows, snapshot)
@@ -304,16 +304,3 @@ class Round:
         if self.skipped:
             log.warning("%s epoch %d: skipped %d steps whose loss was NaN or infinite "
                         "(trainer.on_nan=skip)", stage, epoch, self.skipped)
-
-
-def _restore(state: dict, model, loss_fn, student_opt, generator_opt, schedule, draws) -> dict:
-    """Load a snapshot() into the live objects; return its progress counters."""
-    model.load_state_dict(state["model"])
-    loss_fn.load_state_dict(state["loss"])
-    student_opt.load_state_dict(state["optimizer"])
-    generator_opt.load_state_dict(state["generator_optimizer"])
-    if schedule is not None:
-        schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["torch_rng"])
-    draws.set_state(state["draws"])
-    return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}

@@ -365,19 +365,15 @@ def fit(
     optimizer = make_optimizer(params, tcfg, device)
     world = distributed.world()
     schedule = make_schedule(optimizer, tcfg, epochs)
+    parts = {"model": model, "loss": loss_fn, "optimizer": optimizer, "schedule": schedule}
+    draws = {"order_rng": order, "augment_rng": augment_rng}
     progress_state = new_progress(data.metric)
     if resume is not None:
-        progress_state = _restore(resume, model, optimizer, schedule, order, augment_rng)
-        loss_fn.load_state_dict(resume["loss"])
+        progress_state = restore_training(resume, parts, draws)
     best = progress_state["best"]
 
     def snapshot() -> dict:
-        return {**progress_state, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict() if schedule else None,
-                "torch_rng": torch.get_rng_state(), "order_rng": order.get_state(),
-                "augment_rng": augment_rng.get_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return training_state(progress_state, parts, draws)
 
     skip_nan = tcfg.get("on_nan", "stop") == "skip"
     bar = StageProgress(label or stage, epochs, progress_state["epoch"], progress, data.metric)
@@ -470,15 +466,27 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
     return not int(distributed.over_processes(bad, op="max"))
 
 
-def _restore(state: dict, model, optimizer, schedule, order, augment_rng) -> dict:
-    """Load a snapshot() into the live objects; return its progress counters."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if schedule is not None:
-        schedule.load_state_dict(state["schedule"])
+def training_state(progress: dict, parts: dict, draws: dict[str, torch.Generator]) -> dict:
+    """A resumable snapshot of a training loop: its progress counters, the state of each of
+    its ``parts`` (model, loss, optimisers, schedule: None stays None), of each of its own
+    random generators, and of torch's global ones (CPU, and CUDA where there is one)."""
+    return {**progress,
+            **{name: part.state_dict() if part is not None else None
+               for name, part in parts.items()},
+            **{name: generator.get_state() for name, generator in draws.items()},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_training(state: dict, parts: dict, draws: dict[str, torch.Generator]) -> dict:
+    """Load a training_state() into the live ``parts`` and generators; return its progress
+    counters."""
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(state[name])
+    for name, generator in draws.items():
+        generator.set_state(state[name])
     torch.set_rng_state(state["torch_rng"])
-    order.set_state(state["order_rng"])
-    augment_rng.set_state(state["augment_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return {k: state[k] for k in ("epoch", "seconds", "test_last", "best")}
