@@ -17,5 +17,9 @@ class DataError(UserError):
     """A data set that is missing, unreadable or does not fit the chosen models."""
 
 
+class OutOfMemory(UserError):
+    """An allocation failed: the device's memory is exhausted."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""

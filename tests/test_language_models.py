@@ -276,10 +276,10 @@ def test_a_pretrained_folder_starts_the_teacher_and_its_weights_key_the_stage(tm
     torch.manual_seed(1)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)  # other weights, same name
     assert model_identity(cfg.teacher)["weights_sha256"] != before
-    wrong = tmp_path / "wide-vocab"
+    wrong = tmp_path / "narrow-vocab"  # fewer output rows than the bytes: refused
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(wrong)
-    with pytest.raises(DataError, match="its vocabulary has 300 tokens, the data's tokenizer 256"):
+        vocab_size=200, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(wrong)
+    with pytest.raises(DataError, match="its output has 200 rows, fewer than the 256 tokens"):
         pipeline.run(make_config(*TINY_LM, f"teacher.name={wrong}",
                                  f"cache.dir={tmp_path}/cache2"), tmp_path / "run2")
 

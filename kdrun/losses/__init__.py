@@ -11,7 +11,7 @@ register) with ``@LOSSES.register("name")``, and add ``configs/loss/<name>.yaml`
 class in your own package needs no edit here: name it by import path in your YAML.
 """
 
-from kdrun.losses.base import LOSSES, DistillationLoss, kd_loss, soft_kl
+from kdrun.losses.base import LOSSES, Averaging, DistillationLoss, kd_loss, soft_kl
 from kdrun.losses.feature import AT, FitNet
 from kdrun.losses.kd import CE, KD, soft_target_entropy
 from kdrun.losses.mutual import DML
@@ -19,8 +19,8 @@ from kdrun.losses.relation import PKT, RKD, SP
 from kdrun.losses.response import DIST, DKD, MSELogits
 from kdrun.packages import import_every_module
 
-__all__ = ["LOSSES", "DistillationLoss", "build_loss", "loss_class", "kd_loss", "soft_kl",
-           "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT", "RKD", "SP",
+__all__ = ["LOSSES", "Averaging", "DistillationLoss", "build_loss", "loss_class", "kd_loss",
+           "soft_kl", "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT", "RKD", "SP",
            "FitNet", "MSELogits"]
 
 

@@ -10,6 +10,7 @@ your own package and name it by import path in your YAML (README: "Add your own"
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -78,6 +79,43 @@ class DistillationLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def objective(self, over: Averaging) -> str:
+        """The loss as it is computed, for a run's first line and summary.csv: its terms,
+        their weights and temperature, and what each averages over. By default the
+        class's name, settings and first docstring line; the losses whose terms kdrun
+        weights itself (kd, the divergences, ce) write their terms out."""
+        settings = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in vars(self).items()
+                            if not k.startswith("_") and k not in DistillationLoss.__dict__
+                            and k != "training" and isinstance(v, (bool, int, float, str)))
+        what = (type(self).__doc__ or "").strip().splitlines()
+        return (f"{type(self).__name__}({settings})"
+                f"{': ' + what[0].rstrip('.') if what else ''}; mean over {over.rows}")
+
+
+@dataclass(frozen=True)
+class Averaging:
+    """What a loss's terms average over, in words, for its ``objective``: every row of a
+    batch (``rows``), the rows the hard-label term reads (``labelled``), and what a
+    distribution spans (``classes``)."""
+
+    rows: str  # e.g. "every position"
+    labelled: str  # e.g. "the labelled examples (the transfer set's carry none)"
+    classes: str  # e.g. "the 256 tokens"
+
+
+def weighted_terms(soft: str, T: float, t2_scale: bool, weights: tuple, over: Averaging) -> str:
+    """``kd_weight * T^2 * soft + ce_weight * CE`` in words, as ``kd_loss`` and the
+    divergences compute it; a zero weight drops its term, as they do."""
+    ce_weight, kd_weight = weights
+    hard = f"CE(label, student) mean over {over.labelled}"
+    if kd_weight == 0:
+        return hard if ce_weight == 1 else f"{ce_weight:g} * {hard}"
+    scale = f"T^2 (={T * T:g})" if t2_scale else "1 (t2_scale off)"
+    text = (f"{kd_weight:g} * {scale} * {soft} at T={T:g}, summed over {over.classes}, "
+            f"mean over {over.rows}")
+    return text if ce_weight == 0 else f"{text} + {ce_weight:g} * {hard}"
 
 
 LOSSES = Registry("loss", DistillationLoss)

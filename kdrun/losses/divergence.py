@@ -23,10 +23,12 @@ from kdrun.checks import PROBABILITY, boolean
 from kdrun.losses.base import (
     KD_RULES,
     LOSSES,
+    Averaging,
     DistillationLoss,
     optional_floats,
     row_chunk_mean,
     term_weights,
+    weighted_terms,
 )
 
 
@@ -91,6 +93,14 @@ class Divergence(DistillationLoss):
         scale = self.T**2 if self.t2_scale else 1.0
         return kd_weight * scale * soft + ce_weight * self.hard(student_logits, labels)
 
+    def formula(self) -> str:
+        """The divergence in words, p_t the teacher's distribution and p_s the student's."""
+        raise NotImplementedError
+
+    def objective(self, over: Averaging) -> str:
+        return weighted_terms(self.formula(), self.T, self.t2_scale,
+                              term_weights(self.alpha, self.ce_weight, self.kd_weight), over)
+
 
 @LOSSES.register("reverse_kl")
 class ReverseKL(Divergence):
@@ -99,6 +109,9 @@ class ReverseKL(Divergence):
 
     def term(self, log_s, log_t):
         return kl_rows(log_s, log_t)
+
+    def formula(self) -> str:
+        return "KL(p_s || p_t)"
 
 
 @LOSSES.register("jsd")
@@ -116,6 +129,14 @@ class JSD(Divergence):
 
     def term(self, log_s, log_t):
         return jsd(log_s, log_t, self.beta)
+
+    def formula(self) -> str:
+        if self.beta in (0, 1):
+            return f"JSD(beta={self.beta:g}) = " + ("KL(p_t || p_s)" if self.beta == 0 else
+                                                   "KL(p_s || p_t)")
+        b, rest = f"{self.beta:g}", f"{1 - self.beta:g}"
+        return (f"JSD(beta={b}) = {b} * KL(p_t || m) + {rest} * KL(p_s || m), "
+                f"m = {b} p_t + {rest} p_s")
 
 
 @LOSSES.register("skew_kl")
@@ -135,6 +156,12 @@ class SkewKL(Divergence):
     def term(self, log_s, log_t):
         return skew_kl(log_s, log_t, self.skew, self.reverse)
 
+    def formula(self) -> str:
+        first, second = ("p_s", "p_t") if self.reverse else ("p_t", "p_s")
+        if self.skew == 0:
+            return f"KL({first} || {second})"
+        return f"KL({first} || {self.skew:g} {first} + {1 - self.skew:g} {second})"
+
 
 @LOSSES.register("tv")
 class TotalVariation(Divergence):
@@ -143,3 +170,6 @@ class TotalVariation(Divergence):
 
     def term(self, log_s, log_t):
         return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1).mean(-1)
+
+    def formula(self) -> str:
+        return "TV(p_t, p_s) = 0.5 * sum |p_t - p_s|"

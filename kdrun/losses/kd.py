@@ -9,19 +9,27 @@ from kdrun.checks import boolean
 from kdrun.losses.base import (
     KD_RULES,
     LOSSES,
+    Averaging,
     DistillationLoss,
     kd_loss,
     optional_floats,
+    term_weights,
+    weighted_terms,
     zscore,
 )
 
 
 @torch.no_grad()
-def soft_target_entropy(teacher_logits: torch.Tensor, T: float) -> float:
+def soft_target_entropy(teacher_logits: torch.Tensor, T: float, chunk_rows: int = 4096) -> float:
     """Mean entropy (nats) of the teacher's softened distributions softmax(t / T):
-    how soft the targets really are at this temperature (max: log of the class count)."""
-    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return float(-(log_p.exp() * log_p).sum(-1).mean())
+    how soft the targets really are at this temperature (max: log of the class count);
+    ``chunk_rows`` rows at a time, so that a language model's cache is never copied whole."""
+    rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    total = torch.zeros((), dtype=torch.float64)
+    for part in rows.split(chunk_rows):
+        log_p = F.log_softmax(part.float() / T, dim=-1)
+        total += (-(log_p.exp() * log_p).sum(-1)).double().sum().cpu()
+    return float(total / max(len(rows), 1))
 
 
 @LOSSES.register("kd")
@@ -58,6 +66,11 @@ class KD(DistillationLoss):
                        ce_weight=self.ce_weight, kd_weight=self.kd_weight,
                        chunk_rows=self.chunk_rows)
 
+    def objective(self, over: Averaging) -> str:
+        soft = "KL(p_t || p_s)" + (" of z-scored logits" if self.logit_std else "")
+        return weighted_terms(soft, self.T, self.t2_scale,
+                              term_weights(self.alpha, self.ce_weight, self.kd_weight), over)
+
 
 @LOSSES.register("ce")
 class CE(DistillationLoss):
@@ -70,3 +83,6 @@ class CE(DistillationLoss):
     def forward(self, student_logits, teacher_logits, labels, student_feature=None,
                 teacher_feature=None):
         return self.hard(student_logits, labels)
+
+    def objective(self, over: Averaging) -> str:
+        return f"CE(label, student) mean over {over.labelled} (no teacher)"

@@ -22,6 +22,7 @@ from kdrun.models.base import (
     he_init,
     image_builder,
     input_spec,
+    meta_architecture,
     meta_model,
     model_identity,
     need_images,
@@ -30,6 +31,7 @@ from kdrun.packages import import_every_module
 
 __all__ = ["MODELS", "NOT_BUILDER_KEYS", "Cohort", "build_model", "builder_hook",
            "count_params", "describe", "eval_mode", "example_inputs", "forward_mflop", "he_init",
-           "image_builder", "input_spec", "meta_model", "model_identity", "need_images"]
+           "image_builder", "input_spec", "meta_architecture", "meta_model", "model_identity",
+           "need_images"]
 
 import_every_module(__name__, __path__)

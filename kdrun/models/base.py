@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -279,6 +280,25 @@ def meta_model(model_cfg, input_shape, num_classes: int) -> nn.Module | None:
         with torch.device("meta"):
             return build_model(model_cfg, input_shape, num_classes)
     except (RuntimeError, NotImplementedError, ValueError, ConfigError):
+        return None  # the real build, later, says what is wrong with a config
+
+
+def meta_architecture(model_cfg, input_shape, num_classes: int) -> nn.Module | None:
+    """The model's architecture on the meta device, even for one that starts from weights
+    (a builder's ``meta_build`` hook reads only its config file; a zoo's model is built
+    without its weights), to count its parameters and activations before anything is
+    allocated; None where it cannot be built that way."""
+    hook = builder_hook(model_cfg, "meta_build")
+    if hook is None and loads_weights(model_cfg):  # the same layers, without the weights
+        plain = dict(model_cfg)
+        unset = {"pretrained": False, "weights": None}
+        model_cfg = OmegaConf.create({**plain, **{k: v for k, v in unset.items() if k in plain}})
+    try:
+        with torch.device("meta"):
+            built = hook(model_cfg, input_shape, num_classes) if hook else None
+            return built if built is not None else build_model(model_cfg, input_shape,
+                                                               num_classes)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, OSError, ConfigError):
         return None  # the real build, later, says what is wrong with a config
 
 

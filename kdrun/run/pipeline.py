@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 
 import pandas as pd
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from kdrun import distributed
 from kdrun.data import Data, load_data
-from kdrun.errors import ConfigError, UserError
+from kdrun.errors import ConfigError, OutOfMemory, UserError
 from kdrun.losses import build_loss, loss_class
 from kdrun.models import (
     build_model,
@@ -27,10 +28,13 @@ from kdrun.models import (
     input_spec,
 )
 from kdrun.models.hubs.pretrained import InputSpec
+from kdrun.models.hubs.vocabulary import check_pretrained_vocabulary
 from kdrun.models.quantize import fake_quantized, int8_weights, to_int8
 from kdrun.report.export import export_distilled, export_int8
 from kdrun.report.measure import side_by_side
 from kdrun.report.table import comparison_table, one_line, write_summary
+from kdrun.run.memory_plan import plan_memory
+from kdrun.run.objective import objective
 from kdrun.run.provenance import config_hash, student_seeds
 from kdrun.run.schemes import SCHEMES, scheme_of
 from kdrun.run.stages import Stages, feature_shapes
@@ -65,6 +69,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     for folder in (run_dir.root, run_dir.checkpoints):
         remove_temporaries(folder)  # left by a run killed mid-write
     device, data = prepare(cfg)
+    goal = objective(cfg, data)
+    log.info("%s", goal.line)
     log.info("data: %s, %d train / %d val / %d %s examples, input %s, %d classes",
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
@@ -72,22 +78,28 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     check_feature_layers(cfg, data)
     check_transfer_set(cfg, data)
     check_token_models(cfg, data)
+    check_vocabularies(cfg, data)
     int8 = check_int8(cfg, data)  # the student's int8 model, timed after training
-    stages = Stages(cfg, data, device, run_dir)
+    plan = plan_memory(cfg, data, device)
+    log.info("%s", plan.line)
+    stages = Stages(cfg, data, device, run_dir, teacher_topk=plan.teacher_topk)
 
     try:
         rows = scheme_of(cfg).run(stages, cfg)
     except KeyboardInterrupt:
         stages.metrics.interrupt()
         raise
-    except Exception:
+    except Exception as e:
         stages.metrics.fail()
+        if is_out_of_memory(e):  # one line, not a traceback; the stages before it are kept
+            raise OutOfMemory(out_of_memory_line(e, device, plan)) from e
         raise
     stages.metrics.close()
     if not writer:  # rank 0 times the models, writes the summary and reports
         distributed.barrier()
         return FOLLOWER_RESULT
-    rows = _with_figures(rows, stages.teacher_model, cfg, data, device, int8)
+    rows = goal.on_rows(_with_figures(rows, stages.teacher_model, cfg, data, device, int8))
+    rows = [row.with_columns(**plan.columns()) for row in rows]
     summary = write_summary(run_dir.summary_csv, [row.columns() for row in rows])
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     stages.metrics.finish(run_dir, summary, result["table"])
@@ -99,6 +111,23 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
                        "distilled_val_acc": result["distilled_val_acc"]})
     distributed.barrier()
     return result
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_line(error: Exception, device: torch.device, plan) -> str:
+    """What ran out, how much was asked for (where the allocator said), and the knobs."""
+    asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMG]iB)", str(error))
+    size = "" if asked is None else (f" asking for {int(asked[1]) / 1e9:.2f} GB" if asked[1]
+                                     else f" asking for {asked[2]}")
+    return (f"out of memory on {device}{size} (the plan said about {plan.peak / 1e9:.2f} GB, "
+            f"with {plan.available / 1e9:.2f} GB free); finished stages are kept in the stage "
+            f"cache: lower trainer.batch_size or trainer.eval_batch_size, set "
+            f"trainer.loss_chunk_rows or trainer.teacher_topk, and run the same command again")
 
 
 # What a process other than rank 0 returns: rank 0's result is the run's.
@@ -250,17 +279,40 @@ def one_line_reason(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+def model_roles(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(config key, model config) of every model the run trains or reads."""
+    scheme = scheme_of(cfg)
+    roles = [("teacher", cfg.teacher)] if scheme.has_teacher else []
+    return [*roles, ("student", cfg.student), *scheme.models(cfg)]
+
+
 def check_token_models(cfg: DictConfig, data: Data) -> None:
     """Text (token ids) needs a language model for every role: one line, not a traceback
     from a linear layer given integers."""
     if not getattr(data.train, "in_memory", False) or data.train.x.is_floating_point():
         return
-    scheme = scheme_of(cfg)
-    roles = [("teacher", cfg.teacher)] if scheme.has_teacher else []
-    for prefix, node in (*roles, ("student", cfg.student), *scheme.models(cfg)):
+    for prefix, node in model_roles(cfg):
         if not builder_hook(node, "reads_tokens"):
             raise ConfigError(f"{prefix}.arch", node.get("arch"), f"dataset={data.name} gives "
                               "token ids, which only a language model reads: use hf_lm")
+
+
+def check_vocabularies(cfg: DictConfig, data: Data) -> None:
+    """Before anything trains: every pretrained language model has an output row per token
+    of the data's tokenizer and, where it ships its own tokenizer, the same tokens id by
+    id (kdrun/models/hubs/vocabulary.py); one line says what was found, padding rows
+    dropped included."""
+    if not data.per_position:
+        return
+    tokenizer = str(cfg.dataset.get("tokenizer") or "bytes")
+    found = [check_pretrained_vocabulary(str(node.name), f"{prefix}.name", tokenizer,
+                                         data.num_classes)
+             for prefix, node in model_roles(cfg)
+             if node.get("arch") == "hf_lm" and node.get("name") is not None]
+    if found:
+        log.info("vocabulary: %d tokens (dataset.tokenizer=%s); padding rows beyond them are "
+                 "dropped from every logit before any loss, metric or cached target; %s",
+                 data.num_classes, tokenizer, "; ".join(found))
 
 
 def check_transfer_set(cfg: DictConfig, data: Data) -> None:

@@ -206,10 +206,11 @@ def _cpu_name() -> str:
 
 # Trainer keys a stage's key holds in resolved form instead: the epochs it really
 # trains, the precision above, and (distilled stages only) the teacher weights and
-# targets it learns from.
+# targets it learns from (the memory plan's choice of the full or top-k cache included).
 RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_from",
                       "cache_teacher_logits", "cache_teacher_features_mb", "amp", "tf32",
-                      "float64", "teacher_topk")
+                      "float64", "teacher_topk", "teacher_cache", "auto_topk",
+                      "memory_share")
 
 
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,

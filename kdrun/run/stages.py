@@ -66,9 +66,12 @@ SCRATCH_ROLES = ("scratch", "scratch_qat")  # students trained without a teacher
 class Stages:
     """Trains (or reuses, or resumes) each stage of one run and records its files."""
 
-    def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir):
+    def __init__(self, cfg: DictConfig, data: Data, device: torch.device, run_dir: RunDir,
+                 teacher_topk: int | None = None):
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
         self.tcfg = cfg.trainer
+        # k of the top-k teacher cache: trainer.teacher_topk, or the memory plan's choice
+        self.topk = teacher_topk or self.tcfg.get("teacher_topk")
         self.dtype = working_dtype(self.tcfg)  # float64 with trainer.float64
         run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
         self.cache_root = cfg.cache.dir if cfg.cache.enabled else run_dir.root / "stages"
@@ -259,7 +262,7 @@ class Stages:
         features = loss.reads_features
         cacheable = (self.data.train.in_memory and self.augment is None
                      and self.tcfg.cache_teacher_logits)
-        topk = self.tcfg.get("teacher_topk")
+        topk = self.topk
         if cacheable and not features and topk and topk < self.data.num_classes:
             return TopKLogits(*self.teacher_topk(teacher, topk), self.data.num_classes)
         if cacheable and not features:

@@ -106,8 +106,15 @@ def predict_logits(model: nn.Module, x, batch_size: int) -> torch.Tensor:
     """Logits for every row of a tensor, or every example of a split in order, in eval
     mode (dropout off, batchnorm frozen)."""
     inputs = x.split(batch_size) if torch.is_tensor(x) else (b for _, b, _ in x.batches(batch_size))
+    out, start = None, 0
     with eval_mode(model):
-        return torch.cat([model(xb) for xb in inputs])
+        for xb in inputs:  # into one tensor: never the parts and their concatenation at once
+            part = model(xb)
+            if out is None:
+                out = part.new_empty((len(x), *part.shape[1:]))
+            out[start:start + len(part)] = part
+            start += len(part)
+    return out if out is not None else torch.empty(0)
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int,
@@ -185,8 +192,15 @@ class TopKLogits:
     position), their classes, and one logit ``rest`` for every other class, chosen so
     that the other classes share the teacher's remaining probability evenly: the softmax
     of the rebuilt logits gives each top-k class exactly the teacher's probability, at a
-    memory of k x 8 + 4 bytes per row instead of classes x 4 (a temperature other than 1
-    then softens a tail that is flat rather than the teacher's own)."""
+    memory of k x 8 + 4 bytes per row instead of classes x 4.
+
+    Exact at T = 1, the temperature the teacher's probabilities are defined at, so that
+    one cached file serves every temperature of a sweep. At another T the loss softens
+    the rebuilt logits: the top-k logits are the teacher's own, but the tail is flat
+    where the teacher's is not, so the tail's mass at T, and with it the top-k
+    probabilities, differ from the full logits' (T > 1 gives a flat tail more mass than
+    a spread one; measured in tests/test_memory_plan.py, and said in docs/language-models.md).
+    """
 
     features = None
 
@@ -229,14 +243,19 @@ def predict_topk(model: nn.Module, split, k: int, batch_size: int) -> list[torch
     parts = []
     with eval_mode(model):
         for _, xb, _ in split.batches(batch_size):
-            logits = widen(model(xb))
-            total = torch.logsumexp(logits, -1)
-            top = logits.topk(k, -1)
-            kept = torch.exp(top.values - total.unsqueeze(-1)).sum(-1)
-            others = logits.shape[-1] - k
-            rest = total + torch.log((1 - kept).clamp_min(1e-12)) - math.log(max(others, 1))
-            parts.append((top.values, top.indices.int(), rest))
+            parts.append(topk_targets(widen(model(xb)), k))
     return [torch.cat(column) for column in zip(*parts)]
+
+
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices as int32, rest) of ``logits``' rows: ``rest`` is the log of the
+    mass outside the top k, spread evenly over the other classes. That log-mass is a
+    log-sum-exp over the other logits themselves, never log(1 - kept), which cancels in
+    float32 for a confident teacher (a remainder under ~1e-6 came out ~100 % wrong)."""
+    top = logits.topk(k, -1)
+    others = logits.shape[-1] - k
+    outside = logits.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    return top.values, top.indices.int(), outside - math.log(max(others, 1))
 
 
 TeacherTargets = CachedLogits | LiveTeacher | TopKLogits

@@ -2,8 +2,10 @@
 config (GPT-2 or Llama style: layers, width, heads) and randomly initialised, so that it
 needs no weights and no network; or, with ``name``, a pretrained one loaded from a local
 folder or the Hugging Face cache (never downloaded: kdrun/store/hf_local.py), whose
-weights' hash the stage key holds. Its vocabulary must be the data's (kdrun/data/text.py:
-``tokenizer``), its context at least the data's windows. transformers is an optional
+weights' hash the stage key holds. Its tokenizer must be the data's (kdrun/data/text.py:
+``tokenizer``; compared id by id in kdrun/models/hubs/vocabulary.py), its output rows at
+least the tokenizer's tokens (rows beyond them are padding, dropped from every logit), its
+context at least the data's windows. transformers is an optional
 extra: ``pip install 'kdrun[lm]'``.
 """
 
@@ -34,7 +36,8 @@ def _transformers():
 
 class CausalLM(nn.Module):
     """A transformers causal LM as kdrun calls a model: token ids (batch, positions) in,
-    next-token logits (batch, positions, vocabulary) out."""
+    next-token logits (batch, positions, vocabulary) out, where the vocabulary is the
+    tokenizer's real size: output rows beyond it (a padded embedding table) are dropped."""
 
     outputs_per_token = True  # kdrun/train/tokens.py reads them as rows
 
@@ -43,7 +46,8 @@ class CausalLM(nn.Module):
         self.lm, self.vocab, self.positions = lm, vocab, positions
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=tokens, use_cache=False).logits
+        logits = self.lm(input_ids=tokens, use_cache=False).logits
+        return logits if logits.shape[-1] == self.vocab else logits[..., : self.vocab]
 
     def example_inputs(self, batch: int, device=None) -> torch.Tensor:
         return fixed_token_ids(batch, self.positions, self.vocab, device)
@@ -93,16 +97,28 @@ def hf_lm(input_shape, num_classes, family: str = "gpt2", layers: int = 2, width
 
 
 def pretrained(name: str, vocab: int, positions: int) -> CausalLM:
-    """``name``'s weights from this machine, checked against the data's vocabulary: token-
-    level losses compare distributions over one vocabulary."""
+    """``name``'s weights from this machine, whose logits are cut to the data's vocabulary
+    of ``vocab`` tokens (its output rows beyond them are padding; fewer rows are refused:
+    the run's check says so first, kdrun/models/hubs/vocabulary.py)."""
     folder = local_snapshot(name, "name")
     model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-    own = model.config.vocab_size
-    if own != vocab:
-        raise DataError(f"hf_lm name={name}: its vocabulary has {own} tokens, the data's "
-                        f"tokenizer {vocab}; tokenize with the model's own "
-                        f"(dataset.tokenizer={name}) so that teacher, student and data share one")
+    rows = model.config.vocab_size
+    if rows < vocab:
+        raise DataError(f"hf_lm name={name}: its output has {rows} rows, fewer than the "
+                        f"{vocab} tokens of the data's tokenizer; tokenize with the model's own "
+                        f"(dataset.tokenizer={name})")
     return CausalLM(model, vocab, positions)
+
+
+def meta_build(model_cfg, input_shape, num_classes: int) -> CausalLM | None:
+    """A pretrained model's architecture, from its config file alone, on the current
+    (meta) device: no weights read; None for a config-built model."""
+    if model_cfg.get("name") is None:
+        return None
+    t = _transformers()
+    config = t.AutoConfig.from_pretrained(local_snapshot(str(model_cfg.name), "name"),
+                                          local_files_only=True)
+    return CausalLM(t.AutoModelForCausalLM.from_config(config), num_classes, input_shape[0])
 
 
 def check(model_cfg, prefix: str) -> None:
@@ -128,5 +144,6 @@ def describe(model_cfg) -> str:
 
 
 hf_lm.check, hf_lm.identity, hf_lm.describe = check, identity, describe
+hf_lm.meta_build = meta_build
 hf_lm.loads_weights = lambda model_cfg: model_cfg.get("name") is not None
 hf_lm.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)

@@ -44,6 +44,12 @@ class Scheme:
     # labels too, where they exist
     teacher_learns_every_label: ClassVar[bool] = False
     shown: ClassVar[bool] = True  # its settings appear in the table's header
+    # what of its distilled students' training rows carries no label, in words, beside a
+    # transfer set (their hard-label term skips it): e.g. "the student's own text"
+    unlabelled_rows: ClassVar[str | None] = None
+    # its distilled students learn from the teacher's logits cached on the training set
+    # (Stages.teacher_targets), which the memory plan counts (kdrun/run/memory_plan.py)
+    caches_teacher_logits: ClassVar[bool] = True
     name: str = ""  # the name it is registered (and configured) by, set by scheme_of
 
     def check(self, cfg: DictConfig) -> None:

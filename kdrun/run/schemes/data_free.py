@@ -46,6 +46,7 @@ class DataFree(Scheme):
         "dafl_layer": layer_name, "bn_prior": WEIGHT, "samples_every": number(0, integer=True),
         "collapse_below": PROBABILITY}
     uses_transfer_set = False  # the distilled student reads no example at all
+    caches_teacher_logits = False  # the teacher scores the generator's inputs live
     batchable = False  # its stage trains a generator with the student
     data_parallel = False  # the generator's batches are not sharded
     teacher_learns_every_label = True  # under a label budget: the data owner's teacher

@@ -29,6 +29,8 @@ class OnPolicy(Scheme):
     config_rules = {"fraction": PROBABILITY, "prompt": number(1, integer=True),
                     "temperature": TEMPERATURE}
     batchable = False  # each batch depends on the student as it is
+    unlabelled_rows = "the student's own text"
+    caches_teacher_logits = False  # the teacher scores every batch live
 
     def __init__(self, fraction: float = 0.5, prompt: int = 8, temperature: float = 1.0):
         self.fraction, self.prompt = float(fraction), int(prompt)

@@ -40,6 +40,7 @@ class SequenceKD(Scheme):
     config_rules = {"samples": number(1, integer=True), "prompt": number(1, integer=True),
                     "temperature": TEMPERATURE}
     batchable = False  # its transfer set exists only once the teacher is trained
+    unlabelled_rows = "the teacher's continuations"
 
     def __init__(self, samples: int = 1000, prompt: int = 8, temperature: float = 1.0):
         self.samples, self.prompt, self.temperature = int(samples), int(prompt), float(
