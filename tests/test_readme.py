@@ -25,7 +25,8 @@ COMMANDS = ("kdrun", "kdrun-report", "kdrun-cache", "make", "tensorboard", "torc
 # ("Add your own loss / model" needs its example's files: tests/test_own_code.py runs it.)
 NEEDS_FILES = {".pretrained=true": "are not in the local cache", ".weights=": "no such file",
                "logger.tracking_uri=http": "logger.tracking_uri",
-               "hydra.searchpath=": "not a known option"}
+               "hydra.searchpath=": "not a known option",
+               "teacher.name=~/models": "not a local folder"}
 
 
 def readme_lines() -> list[str]:

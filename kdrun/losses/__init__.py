@@ -20,8 +20,8 @@ from kdrun.losses.response import DIST, DKD, MSELogits
 from kdrun.packages import import_every_module
 
 __all__ = ["LOSSES", "Averaging", "DistillationLoss", "build_loss", "loss_class", "kd_loss",
-           "soft_kl", "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT", "RKD", "SP",
-           "FitNet", "MSELogits"]
+           "soft_kl", "soft_target_entropy", "AT", "CE", "DIST", "DML", "DKD", "KD", "PKT",
+           "RKD", "SP", "FitNet", "MSELogits"]
 
 
 import_every_module(__name__, __path__)  # every module here registers its losses

@@ -8,7 +8,8 @@ running the model on the meta device and adding up what autograd saves), the log
 batch and the loss's copies of them; the teacher-target cache; evaluation's logits of a
 whole split. The peak is the process's resident memory now plus its largest phase. Where
 the full logit cache would take more than ``trainer.memory_share`` of the free memory,
-the run caches the teacher's top-``trainer.auto_topk`` logits per row instead and says
+left beside the run's other needs, the run caches the teacher's top-``trainer.auto_topk``
+logits per row instead and says
 so (``teacher_cache=auto``), or refuses in one line (``teacher_cache=full``); a batch
 that cannot fit at all is refused in one line naming the knobs that shrink it.
 """
@@ -174,7 +175,7 @@ def model_figures(model_cfg, data: Data, batch: int, dtype: torch.dtype) -> Mode
     params = sum(p.numel() for p in model.parameters())
     try:
         activations = activation_bytes(model, batch, data.input_shape)
-    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+    except Exception:  # a probe: a forward that needs real values is left uncounted
         activations = None
     return Model(params, activations)
 
@@ -221,25 +222,30 @@ def plan_memory(cfg: DictConfig, data: Data, device: torch.device) -> MemoryPlan
     cached = caches_logits(cfg, data)
     full_cache = taught_rows * classes * width if cached else 0.0
     available, resident = free_memory(device), resident_memory(device)
-    topk, targets = resolve_targets(cfg, full_cache, taught_rows, classes, width, available)
-    cache = topk_bytes(taught_rows, topk, width) if topk else full_cache
     biggest = max((split for split in (data.val, data.test)), key=len)
     evaluation = len(biggest) * per_row * classes * EVAL_BYTES_PER_LOGIT.get(
         data.metric.name, 8)
     teacher_weights = teacher.params * width if teacher else 0.0
-    phases = [
-        Phase("training the teacher", {
-            **training_parts(teacher, rows, classes, width, tcfg, False),
-            "evaluation": evaluation}),
-        Phase("computing the teacher's targets", {
-            "the teacher's weights": teacher_weights, "teacher targets": cache,
-            "logits of an evaluation batch": 2 * tcfg.eval_batch_size * per_row * classes
-            * width if cached else 0.0}),
-        Phase("distilling the student", {
-            **training_parts(student, rows, classes, width, tcfg, True),
-            "the teacher's weights": teacher_weights, "teacher targets": cache,
-            "evaluation": evaluation}),
-    ]
+
+    def phases(cache: float) -> list[Phase]:
+        return [
+            Phase("training the teacher", {
+                **training_parts(teacher, rows, classes, width, tcfg, False),
+                "evaluation": evaluation}),
+            Phase("computing the teacher's targets", {
+                "the teacher's weights": teacher_weights, "teacher targets": cache,
+                "logits of an evaluation batch": 2 * tcfg.eval_batch_size * per_row * classes
+                * width if cached else 0.0}),
+            Phase("distilling the student", {
+                **training_parts(student, rows, classes, width, tcfg, True),
+                "the teacher's weights": teacher_weights, "teacher targets": cache,
+                "evaluation": evaluation}),
+        ]
+
+    room = available - max(p.total for p in phases(0.0))  # what the cache may take at most
+    topk, targets = resolve_targets(cfg, full_cache, taught_rows, classes, width, available,
+                                    room)
+    phases = phases(topk_bytes(taught_rows, topk, width) if topk else full_cache)
     plan = MemoryPlan(str(device), available, resident, phases, targets, topk)
     check_fits(plan, cfg)
     return plan
@@ -263,8 +269,11 @@ def topk_bytes(rows: int, k: int, width: int) -> float:
 
 
 def resolve_targets(cfg: DictConfig, full_cache: float, rows: int, classes: int, width: int,
-                    available: float) -> tuple[int | None, str]:
-    """(k of the top-k cache, or None for the full logits; the targets in words)."""
+                    available: float, room: float) -> tuple[int | None, str]:
+    """(k of the top-k cache, or None for the full logits; the targets in words): every
+    logit while they take at most ``trainer.memory_share`` of the ``room`` the rest of
+    the run leaves free (a margin for what no plan counts: the allocator's slack, other
+    processes)."""
     tcfg = cfg.trainer
     if not full_cache:
         return None, "none cached (a live teacher, or no teacher)"
@@ -272,10 +281,11 @@ def resolve_targets(cfg: DictConfig, full_cache: float, rows: int, classes: int,
     if asked and asked < classes:
         return asked, f"top-{asked} logits per row, {size(topk_bytes(rows, asked, width))}"
     share = tcfg.get("memory_share")
-    if share is None or full_cache <= share * available:
+    if share is None or full_cache <= share * room:
         return None, f"every logit, {size(full_cache)}"
     k = tcfg.get("auto_topk")
-    room = f"over trainer.memory_share={share:g} of the {size(available)} free"
+    room = (f"over trainer.memory_share={share:g} of the {size(max(room, 0))} free beside "
+            f"the rest of the run")
     if tcfg.get("teacher_cache") == "full" or not k or k >= classes:
         raise ConfigError("trainer.teacher_cache", tcfg.get("teacher_cache"),
                           f"the teacher's logits on the training set would take "
