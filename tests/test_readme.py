@@ -26,7 +26,7 @@ COMMANDS = ("kdrun", "kdrun-report", "kdrun-cache", "make", "tensorboard", "torc
 NEEDS_FILES = {".pretrained=true": "are not in the local cache", ".weights=": "no such file",
                "logger.tracking_uri=http": "logger.tracking_uri",
                "hydra.searchpath=": "not a known option",
-               "teacher.name=~/models": "not a local folder"}
+               "teacher.name=models/": "not a local folder"}
 
 
 def readme_lines() -> list[str]:

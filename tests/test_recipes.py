@@ -52,7 +52,8 @@ def test_readme_has_the_six_recipes():
 # see here.
 NEEDS_FILES = {".pretrained=true": "are not in the local cache",
                ".weights=": "no such file",
-               "logger.tracking_uri=http": "logger.tracking_uri"}
+               "logger.tracking_uri=http": "logger.tracking_uri",
+               "teacher.name=models/": "not a local folder"}
 
 
 @pytest.mark.parametrize("argv", readme_recipes(), ids=lambda a: " ".join(a)[:60])
