@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 QUICK = ["dataset=text_lm", "dataset.seq_len=16", "teacher=hf_lm", "student=hf_lm",
          "trainer.epochs=1", "trainer.batch_size=16", "repeats=1", "progress=false",
-         "num_threads=1", "latency.repeats_b1=2", "latency.repeats_b256=2", "latency.warmup=0"]
+         "num_threads=1", "latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=0"]
 
 
 def pair_overrides(teacher, student, text, tokenizer=None) -> list[str]:
@@ -156,7 +156,7 @@ BIG = ["dataset=text_lm", "dataset.seq_len=16", "teacher=hf_lm", "teacher.width=
        "teacher.heads=2", "student=hf_lm", "student.width=8", "student.heads=2",
        "trainer.epochs=1", "trainer.batch_size=16", "trainer.eval_batch_size=16", "repeats=1",
        "progress=false",
-       "num_threads=1", "latency.repeats_b1=2", "latency.repeats_b256=2", "latency.warmup=0"]
+       "num_threads=1", "latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=0"]
 
 
 def test_a_cache_that_would_not_fit_switches_to_top_k_without_allocating_it(tmp_path,
