@@ -25,6 +25,7 @@ def kdrun(cwd, *args) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # make test under 5 minutes (it runs in CI's test-slow)
 def test_a_run_logged_to_a_file_has_one_line_per_stage_and_no_carriage_returns(tmp_path):
     log = kdrun(tmp_path, *FAST, "progress=true")
     assert "\r" not in log

@@ -82,6 +82,7 @@ INT8_RUN = ["progress=false", "repeats=2", "trainer.epochs=2", "latency.repeats_
             "latency.repeats_b256=4", "latency.warmup=0"]
 
 
+@pytest.mark.slow  # make test under 5 minutes (it runs in CI's test-slow)
 def test_one_run_gives_the_float32_ptq_and_qat_rows_and_reuses_a_plain_runs_stages(tmp_path):
     cache = f"cache.dir={tmp_path}/cache"
     plain = pipeline.run(make_config(*INT8_RUN, cache), tmp_path / "plain")

@@ -14,6 +14,7 @@ from tests.helpers import KDRUN
 from tests.test_sweep import FAST
 
 
+@pytest.mark.slow  # make test under 5 minutes (it runs in CI's test-slow)
 def test_a_failed_job_is_listed_in_the_report_and_the_others_finish(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
