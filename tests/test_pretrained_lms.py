@@ -229,6 +229,16 @@ def test_activations_are_what_autograd_saves_counted_on_the_meta_device():
     assert activation_bytes(model, 8, (10,)) == (8 * 10 + 8 * 30) * 4
 
 
+def test_the_data_on_a_gpu_counts_every_split_in_memory():
+    from kdrun.data import load_data
+    from kdrun.run.memory_plan import data_bytes
+
+    cfg = make_config("dataset=text_lm", "dataset.sentences=50", "dataset.seq_len=16")
+    data = load_data(cfg.dataset, cfg.split)
+    windows = len(data.train) + len(data.val) + len(data.test)
+    assert data_bytes(data) == windows * 16 * 8 * 2  # int64 inputs and targets
+
+
 def test_an_allocation_that_fails_is_one_line(tmp_path, monkeypatch):
     from kdrun.run import pipeline, stages
 

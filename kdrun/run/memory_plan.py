@@ -226,20 +226,22 @@ def plan_memory(cfg: DictConfig, data: Data, device: torch.device) -> MemoryPlan
     evaluation = len(biggest) * per_row * classes * EVAL_BYTES_PER_LOGIT.get(
         data.metric.name, 8)
     teacher_weights = teacher.params * width if teacher else 0.0
+    # on a GPU the data is moved there for training; on the CPU it is in the process now
+    data_part = {"the data on the device": data_bytes(data)} if device.type == "cuda" else {}
 
     def phases(cache: float) -> list[Phase]:
         return [
             Phase("training the teacher", {
                 **training_parts(teacher, rows, classes, width, tcfg, False),
-                "evaluation": evaluation}),
+                "evaluation": evaluation, **data_part}),
             Phase("computing the teacher's targets", {
                 "the teacher's weights": teacher_weights, "teacher targets": cache,
                 "logits of an evaluation batch": 2 * tcfg.eval_batch_size * per_row * classes
-                * width if cached else 0.0}),
+                * width if cached else 0.0, **data_part}),
             Phase("distilling the student", {
                 **training_parts(student, rows, classes, width, tcfg, True),
                 "the teacher's weights": teacher_weights, "teacher targets": cache,
-                "evaluation": evaluation}),
+                "evaluation": evaluation, **data_part}),
         ]
 
     room = available - max(p.total for p in phases(0.0))  # what the cache may take at most
@@ -249,6 +251,13 @@ def plan_memory(cfg: DictConfig, data: Data, device: torch.device) -> MemoryPlan
     plan = MemoryPlan(str(device), available, resident, phases, targets, topk)
     check_fits(plan, cfg)
     return plan
+
+
+def data_bytes(data: Data) -> float:
+    """The bytes of the in-memory splits (inputs and targets), the transfer set included."""
+    splits = [data.train, data.val, data.test, data.transfer]
+    return float(sum(t.numel() * t.element_size() for s in splits
+                     if s is not None and getattr(s, "in_memory", False) for t in (s.x, s.y)))
 
 
 def caches_logits(cfg: DictConfig, data: Data) -> bool:
@@ -313,6 +322,7 @@ KNOBS = {
     "teacher targets": ("trainer.teacher_topk", "set trainer.teacher_topk"),
     "weights, gradients and optimiser state": ("student", "choose smaller models"),
     "the teacher's weights": ("teacher", "choose a smaller teacher"),
+    "the data on the device": ("device", "train on the CPU (device=cpu), or on less data"),
 }
 
 
@@ -325,7 +335,8 @@ def check_fits(plan: MemoryPlan, cfg: DictConfig) -> None:
     largest = max(phase.parts, key=phase.parts.get)
     key, advice = KNOBS[largest]
     parts = ", ".join(f"{name} {size(b)}" for name, b in phase.parts.items() if b)
-    raise ConfigError(key, OmegaConf.select(cfg, key) if "." in key else cfg[key].get("arch"),
+    value = OmegaConf.select(cfg, key)
+    raise ConfigError(key, value.get("arch") if OmegaConf.is_config(value) else value,
                       f"{phase.name} needs about {size(phase.total)} ({parts}), more than "
                       f"the {size(plan.available)} free on {plan.device}: {advice} "
                       f"(trainer.memory_share=null skips this check)")

@@ -28,6 +28,7 @@ from kdrun.errors import UserError
 from kdrun.losses import CE
 from kdrun.models import build_model
 from kdrun.report.table import MetricLogs, MetricsLog
+from kdrun.run.memory_plan import plan_memory
 from kdrun.run.pipeline import prepare, set_threads
 from kdrun.run.schemes import scheme_of
 from kdrun.run.stages import Stages, finish_stage
@@ -50,8 +51,9 @@ class PlannedStages(Stages):
     student stage that is not in the cache yet becomes a Member for a stacked group.
     Teachers are trained (or reused) as usual."""
 
-    def __init__(self, cfg: DictConfig, data: Data, device, run_dir: RunDir):
-        super().__init__(cfg, data, device, run_dir)
+    def __init__(self, cfg: DictConfig, data: Data, device, run_dir: RunDir,
+                 teacher_topk: int | None = None):
+        super().__init__(cfg, data, device, run_dir, teacher_topk=teacher_topk)
         if not data.train.in_memory:
             raise NotBatchable("its data is read from disk (a DataLoader per run)")
         self.planned: list[Member] = []
@@ -155,7 +157,10 @@ def plan_job(cfg: DictConfig, work_dir: Path, planner=PlannedStages) -> list[Mem
     if planner is PlannedStages and not scheme.batchable:
         raise NotBatchable(f"scheme={scheme.name} trains its students one after another")
     device, data = prepare(cfg)
-    stages = planner(cfg, data, device, RunDir(work_dir))
+    # the teacher targets the job's own run will choose (its memory plan), so that the
+    # planned stages' keys are the ones it looks for, and no full cache that would not fit
+    stages = planner(cfg, data, device, RunDir(work_dir),
+                     teacher_topk=plan_memory(cfg, data, device).teacher_topk)
     try:
         scheme.run(stages, cfg)
     except _PlanDone:

@@ -199,7 +199,7 @@ class TopKLogits:
     the rebuilt logits: the top-k logits are the teacher's own, but the tail is flat
     where the teacher's is not, so the tail's mass at T, and with it the top-k
     probabilities, differ from the full logits' (T > 1 gives a flat tail more mass than
-    a spread one; measured in tests/test_memory_plan.py, and said in docs/language-models.md).
+    a spread one; tests/test_pretrained_lms.py measures it, docs/language-models.md says it).
     """
 
     features = None

@@ -17,6 +17,7 @@ from torch import nn
 from kdrun.checks import number, one_of
 from kdrun.errors import DataError, UserError
 from kdrun.models.base import DROPOUT, MODELS
+from kdrun.models.hubs.vocabulary import check_rows
 from kdrun.store.hf_local import local_snapshot, weights_sha256
 
 RULES = {"family": one_of("gpt2", "llama"), "layers": number(1, integer=True),
@@ -102,11 +103,7 @@ def pretrained(name: str, vocab: int, positions: int) -> CausalLM:
     the run's check says so first, kdrun/models/hubs/vocabulary.py)."""
     folder = local_snapshot(name, "name")
     model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-    rows = model.config.vocab_size
-    if rows < vocab:
-        raise DataError(f"hf_lm name={name}: its output has {rows} rows, fewer than the "
-                        f"{vocab} tokens of the data's tokenizer; tokenize with the model's own "
-                        f"(dataset.tokenizer={name})")
+    check_rows(model.config.vocab_size, vocab, f"hf_lm name={name}")
     return CausalLM(model, vocab, positions)
 
 

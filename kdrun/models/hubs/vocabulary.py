@@ -61,6 +61,14 @@ def output_rows(folder: Path) -> int:
     return int(AutoConfig.from_pretrained(folder, local_files_only=True).vocab_size)
 
 
+def check_rows(rows: int, vocab: int, what: str) -> None:
+    """A model needs an output row per token of the data's tokenizer (more are padding)."""
+    if rows < vocab:
+        raise DataError(f"{what}: its output has {rows} rows, fewer than the {vocab} tokens "
+                        "of the data's tokenizer; tokenize with the model's own tokenizer "
+                        "(dataset.tokenizer=<its folder>)")
+
+
 def check_pretrained_vocabulary(name: str, key: str, data_tokenizer: str, vocab: int) -> str:
     """Check the pretrained model ``name`` (config key ``key``) against the data's
     tokenizer (``dataset.tokenizer``; ``vocab`` tokens): at least one output row per
@@ -68,10 +76,7 @@ def check_pretrained_vocabulary(name: str, key: str, data_tokenizer: str, vocab:
     what it found, for the run's vocabulary line; a DataError (one line) otherwise."""
     folder = local_snapshot(name, key)
     rows = output_rows(folder)
-    if rows < vocab:
-        raise DataError(f"{key}={name}: its output has {rows} rows, fewer than the {vocab} "
-                        f"tokens of the data's tokenizer (dataset.tokenizer={data_tokenizer}); "
-                        "tokenize with the model's own tokenizer")
+    check_rows(rows, vocab, f"{key}={name}")
     padding = f"{rows} output rows, {rows - vocab} of them padding" if rows > vocab \
         else f"{rows} output rows"
     if not has_tokenizer(folder):
