@@ -41,7 +41,8 @@ from kdrun.data.torchvision_sets import mnist  # noqa: E402
 from kdrun.losses import CE, KD  # noqa: E402
 from kdrun.models import build_model  # noqa: E402
 from kdrun.run.pipeline import pick_device  # noqa: E402
-from kdrun.train.fit import CachedLogits, fit, predict_logits  # noqa: E402
+from kdrun.train.fit import fit  # noqa: E402
+from kdrun.train.targets import CachedLogits, predict_logits  # noqa: E402
 from tests.helpers import write_idx  # noqa: E402
 
 TEACHER = {"arch": "mlp", "hidden": [1200, 1200], "dropout": 0.5}

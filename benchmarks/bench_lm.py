@@ -37,7 +37,7 @@ from kdrun.data.text import text_lm  # noqa: E402
 from kdrun.losses import KD  # noqa: E402
 from kdrun.models import build_model  # noqa: E402
 from kdrun.run.pipeline import pick_device  # noqa: E402
-from kdrun.train.fit import CachedLogits, predict_logits  # noqa: E402
+from kdrun.train.targets import CachedLogits, predict_logits  # noqa: E402
 
 TEACHER = {"arch": "hf_lm", "family": "gpt2", "layers": 2, "width": 64, "heads": 4}
 STUDENT = {"arch": "hf_lm", "family": "gpt2", "layers": 1, "width": 32, "heads": 4}

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdrun.data.metrics import metric_named
-from kdrun.report.table import gain_test
+from kdrun.report.statistics import gain_test
 
 KDRUN = str(Path(sys.executable).parent / "kdrun")
 # The default run (a transfer set of unlabelled MNIST-1D sequences), and the same

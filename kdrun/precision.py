@@ -40,3 +40,8 @@ def resolved_precision(tcfg, device: torch.device) -> str:
     if uses_amp(tcfg, device):
         return "bf16-autocast+tf32" if tf32 else "bf16-autocast"
     return "tf32" if tf32 else "fp32"
+
+
+def on_gpu(device) -> bool:
+    """Whether ``device`` asks for a GPU (auto: when this machine has one)."""
+    return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())

@@ -22,8 +22,10 @@ from kdrun.losses.standardized import LogitStandardKD
 from kdrun.models import build_model
 from kdrun.run import pipeline
 from kdrun.store.files import load_checkpoint
-from kdrun.train.fit import CachedLogits, LiveTeacher, fit
-from kdrun.train.stacked import Member, StackedLosses, train_group
+from kdrun.train.fit import fit
+from kdrun.train.stacked import Member, train_group
+from kdrun.train.stacked_losses import StackedLosses
+from kdrun.train.targets import CachedLogits, LiveTeacher
 from tests.helpers import (
     FLOAT64_WEIGHT_BOUND,
     KDRUN,
@@ -37,12 +39,11 @@ FLOAT64 = "trainer.float64=true"
 def member(cfg, data, role, seed, loss, model_cfg=None, teacher_logits=None,
            live_teacher=None):
     """A group member on the CPU, outside any stage cache (no entry, no run context)."""
-    taught = teacher_logits is not None or live_teacher is not None
+    targets = CachedLogits(teacher_logits) if teacher_logits is not None else live_teacher
     return Member(entry=None, role=role, seed=seed, rng=seed,
                   model_cfg=cfg.student if model_cfg is None else model_cfg, loss=loss,
-                  teacher_logits=teacher_logits, teacher_key="t" if taught else None, cfg=cfg,
-                  context=None, data=data, device=torch.device("cpu"),
-                  live_teacher=live_teacher)
+                  targets=targets, teacher_key="t" if targets is not None else None, cfg=cfg,
+                  context=None, data=data, device=torch.device("cpu"))
 
 
 def grid_members(cfg, data, teacher_logits):
@@ -59,8 +60,7 @@ def alone(member, data, tcfg, epochs, rows=None):
     model = build_model(member.model_cfg, data.input_shape, data.num_classes)
     loss = type(member.loss)(**{k: v for k, v in vars(member.loss).items()
                                 if k in ("T", "alpha")})
-    teacher = CachedLogits(member.teacher_logits) if member.teacher_logits is not None else \
-        member.live_teacher
+    teacher = member.targets
     augment = make_augment(member.cfg.dataset.get("augment"), data.input_shape)
     return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.rng,
                device=torch.device("cpu"), teacher=teacher, augment=augment, progress=False,

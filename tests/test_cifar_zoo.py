@@ -10,7 +10,7 @@ from kdrun.models import build_model, count_params
 from kdrun.run import pipeline
 from kdrun.run.given_teacher import load_given_teacher
 from kdrun.train.features import feature_shape
-from kdrun.train.fit import make_schedule
+from kdrun.train.optim import make_schedule
 from tests.helpers import make_config, write_cifar
 
 NARROW, WIDE = (16, 16, 32, 64), (32, 64, 128, 256)

@@ -11,7 +11,7 @@ import torch
 
 from kdrun.data.metrics import Metric
 from kdrun.data.synthetic import synthetic
-from kdrun.report.table import gain_test
+from kdrun.report.statistics import gain_test
 from kdrun.run import pipeline
 from kdrun.run.schemes import SCHEMES, scheme_of
 from tests.helpers import make_config

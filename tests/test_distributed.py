@@ -26,8 +26,9 @@ from kdrun.losses import build_loss
 from kdrun.models import build_model, meta_model
 from kdrun.run.validate import check_processes
 from kdrun.store.files import load_checkpoint
-from kdrun.train.fit import CachedLogits, fit, on_shards, predict_topk
-from kdrun.train.shards import shard_changes_math
+from kdrun.train.fit import fit
+from kdrun.train.shards import on_shards, shard_changes_math
+from kdrun.train.targets import CachedLogits, predict_topk
 from tests.helpers import assert_float64_weights_agree, make_config
 
 # 216 training examples in batches of 43: five full batches, then one of a single row,

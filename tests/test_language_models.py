@@ -413,7 +413,7 @@ def test_a_killed_language_model_stage_resumes_to_the_uninterrupted_weights(tmp_
 
 def test_top_k_logits_keep_the_teachers_top_probabilities_and_spread_the_rest():
     from kdrun.data import Split
-    from kdrun.train.fit import TopKLogits, predict_topk
+    from kdrun.train.targets import TopKLogits, predict_topk
 
     torch.manual_seed(5)
     teacher = torch.nn.Linear(6, 50).double()

@@ -11,13 +11,15 @@ import torch
 
 from kdrun.errors import TrainingDiverged
 from kdrun.models import build_model
-from kdrun.report.table import METRIC_COLUMNS, SUMMARY_COLUMNS, MetricsLog
+from kdrun.report.logs import METRIC_COLUMNS, MetricsLog
+from kdrun.report.table import SUMMARY_COLUMNS
 from kdrun.run import pipeline
 from kdrun.run.provenance import student_seeds
-from kdrun.run.stages import Stages, training_logits
+from kdrun.run.stages import Stages
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import RunDir, load_checkpoint
 from kdrun.train.fit import evaluate
+from kdrun.train.targets import TeacherOnData
 from tests.helpers import TINY, make_config, write_cifar, write_mnist
 
 SMALL = TINY + ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -64,11 +66,11 @@ def test_teacher_targets_come_from_eval_mode_without_grad(tmp_path):
     stages = Stages(cfg, data, torch.device("cpu"), RunDir(tmp_path))
     teacher = build_model(cfg.teacher, data.input_shape, data.num_classes)
     teacher.train()  # as a framework might leave it
-    logits = training_logits(teacher, StageEntry(tmp_path / "c", {"n": 1}), data, stages.tcfg,
-                             stages.device)
+    logits = TeacherOnData(teacher, StageEntry(tmp_path / "c", {"n": 1}), data, stages.tcfg,
+                           stages.device).logits()
     assert not logits.requires_grad
-    again = training_logits(teacher, StageEntry(tmp_path / "c", {"n": 2}), data, stages.tcfg,
-                            stages.device)
+    again = TeacherOnData(teacher, StageEntry(tmp_path / "c", {"n": 2}), data, stages.tcfg,
+                          stages.device).logits()
     assert torch.equal(logits, again)  # dropout off: deterministic
     teacher.eval()
     with torch.no_grad():  # in eval batches or all at once: float64 agrees to ~1e-15

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError, DataError, UserError
-from kdrun.train.fit import TopKLogits, topk_targets
+from kdrun.train.targets import TopKLogits, topk_targets
 from tests.helpers import KDRUN, make_config
 from tests.lm_pairs import padded_pair, pretrained_lm, word_tokenizer
 
@@ -161,13 +161,14 @@ BIG = ["dataset=text_lm", "dataset.seq_len=16", "teacher=hf_lm", "teacher.width=
 
 def test_a_cache_that_would_not_fit_switches_to_top_k_without_allocating_it(tmp_path,
                                                                            monkeypatch, caplog):
-    from kdrun.run import memory_plan, pipeline, stages
+    from kdrun.run import memory_plan, pipeline
+    from kdrun.train.targets import TeacherOnData
 
     tokenizer, text = large_vocabulary(tmp_path)
     # a small machine: the full cache (164 MB) is over half of it, a step (~0.23 GB) fits
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 300e6)
     full_logits = []
-    monkeypatch.setattr(stages, "training_logits", lambda *a, **k: full_logits.append(1))
+    monkeypatch.setattr(TeacherOnData, "logits", lambda *a, **k: full_logits.append(1))
     cfg = make_config(*BIG, f"dataset.files={text}", f"dataset.tokenizer={tokenizer}",
                       f"cache.dir={tmp_path}/cache")
     with caplog.at_level(logging.INFO, logger="kdrun"):
@@ -240,14 +241,14 @@ def test_the_data_on_a_gpu_counts_every_split_in_memory():
 
 
 def test_an_allocation_that_fails_is_one_line(tmp_path, monkeypatch):
-    from kdrun.run import pipeline, stages
+    from kdrun.run import pipeline, stage
 
     def exhausted(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
                            "can't allocate memory: you tried to allocate 11334435840 bytes. "
                            "Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(stages, "fit", exhausted)
+    monkeypatch.setattr(stage, "fit", exhausted)
     cfg = make_config(*BIG, "dataset.sentences=100", f"cache.dir={tmp_path}/cache")
     with pytest.raises(UserError, match=r"out of memory on cpu asking for 11.33 GB \(the plan "
                                         r"said about .* GB free\); .*lower trainer.batch_size"):

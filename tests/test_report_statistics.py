@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from kdrun.report.measure import round_to_spread, side_by_side
-from kdrun.report.table import gain_test, gain_verdict
+from kdrun.report.statistics import gain_test, gain_verdict
 from kdrun.run.summary_row import RowContext, SummaryRow
 
 

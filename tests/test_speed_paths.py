@@ -14,7 +14,9 @@ from kdrun.models import build_model
 from kdrun.run import pipeline
 from kdrun.run.stages import Stages
 from kdrun.store.files import load_checkpoint
-from kdrun.train.fit import CachedLogits, EpochMeter, LiveTeacher, make_optimizer, predict_logits
+from kdrun.train.fit import EpochMeter
+from kdrun.train.optim import make_optimizer
+from kdrun.train.targets import CachedLogits, LiveTeacher, predict_logits
 from tests.helpers import FLOAT64_WEIGHT_BOUND, assert_float64_weights_agree, make_config
 
 

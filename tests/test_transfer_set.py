@@ -123,7 +123,7 @@ def test_teacher_and_scratch_never_see_the_transfer_set(tmp_path, monkeypatch):
         seen.append((stage, len(data.train), int((data.train.y == UNLABELED).sum())))
         return real_fit(model, data, *args, stage=stage, **kwargs)
 
-    monkeypatch.setattr("kdrun.run.stages.fit", spy)
+    monkeypatch.setattr("kdrun.run.stage.fit", spy)
     cfg = small_config(tmp_path, "dataset.unlabeled=200", "split.labeled=100",
                        "all_labels_reference=true")
     rows = pd.DataFrame(pipeline.run(cfg, tmp_path / "run")["rows"])
@@ -192,7 +192,7 @@ def test_fit_masks_the_hard_label_term_only_on_a_transfer_set(tmp_path, monkeypa
         seen.append((kwargs["stage"], loss_fn.all_labelled))
         return result
 
-    monkeypatch.setattr("kdrun.run.stages.fit", spy)
+    monkeypatch.setattr("kdrun.run.stage.fit", spy)
     pipeline.run(small_config(tmp_path, "dataset.unlabeled=50"), tmp_path / "run")
     assert seen == [("teacher", True), ("scratch", True), ("distilled", False)]
 

@@ -27,6 +27,7 @@ from kdrun.run import pipeline
 from kdrun.run.validate import validate
 from kdrun.store.files import RunDir
 from kdrun.sweep.launch import fit_to_launcher
+from kdrun.sweep.report import SweepReport
 from kdrun.sweep.slurm_logs import quiet_submitit
 from kdrun.train.progress import on_terminal, where_now
 
@@ -138,6 +139,8 @@ def main() -> None:
         fail(e)
     try:
         hydra_main()
+        if SweepReport.status:  # a sweep ran every job, and some failed (its report says)
+            sys.exit(SweepReport.status)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the run folder is marked
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

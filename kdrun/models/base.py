@@ -106,13 +106,32 @@ def cnn(
             f"a cnn needs sequence (C, L) or image (C, H, W) inputs; this data set has "
             f"flat features of shape {tuple(input_shape)}: use an mlp"
         )
+    layers = _conv_blocks(input_shape, channels, kernel_size, stride, pool, batch_norm)
+    layers["features"] = nn.Identity()  # the last feature map, a tap point for feature losses
+    if global_pool:
+        adaptive = nn.AdaptiveAvgPool2d if len(input_shape) == 3 else nn.AdaptiveAvgPool1d
+        layers["global_pool"] = adaptive(global_pool)
+    layers["flatten"] = nn.Flatten()
+    width = _flat_width(nn.Sequential(layers), input_shape)
+    for i, h in enumerate(hidden):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"relu_fc{i}"] = nn.ReLU()
+        width = h
+    if dropout > 0:
+        layers["drop"] = nn.Dropout(dropout)
+    layers["head"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+def _conv_blocks(input_shape, channels, kernel_size, stride, pool: str,
+                 batch_norm: bool) -> OrderedDict:
+    """A cnn's conv blocks, conv -> [batchnorm] -> ReLU -> [max/avg pool by 2], 1-D or 2-D
+    as the inputs are."""
     two_d = len(input_shape) == 3
     Conv = nn.Conv2d if two_d else nn.Conv1d
     Norm = nn.BatchNorm2d if two_d else nn.BatchNorm1d
     Pools = {"max": nn.MaxPool2d if two_d else nn.MaxPool1d,
              "avg": nn.AvgPool2d if two_d else nn.AvgPool1d}
-    Adaptive = nn.AdaptiveAvgPool2d if two_d else nn.AdaptiveAvgPool1d
-
     n = len(channels)
     layers = OrderedDict()
     width = input_shape[0]
@@ -124,14 +143,14 @@ def cnn(
         if pool != "none":
             layers[f"pool{i}"] = Pools[pool](2)
         width = c
-    layers["features"] = nn.Identity()  # the last feature map, a tap point for feature losses
-    if global_pool:
-        layers["global_pool"] = Adaptive(global_pool)
-    layers["flatten"] = nn.Flatten()
-    body = nn.Sequential(layers)
+    return layers
+
+
+def _flat_width(body: nn.Module, input_shape) -> int:
+    """The width of the flattened features ``body`` makes of one input."""
     with torch.no_grad():
         try:
-            width = body(torch.zeros(1, *input_shape)).shape[1]
+            return body(torch.zeros(1, *input_shape)).shape[1]
         except ValueError:  # batch norm on 1x1 maps: one example has a single value per
             # channel, too few in training mode. Only then probe in eval mode, from fresh
             # statistics (probing so always would change the running statistics every
@@ -141,14 +160,7 @@ def cnn(
                     module.reset_running_stats()
             width = body.eval()(torch.zeros(1, *input_shape)).shape[1]
             body.train()
-    for i, h in enumerate(hidden):
-        layers[f"fc{i}"] = nn.Linear(width, h)
-        layers[f"relu_fc{i}"] = nn.ReLU()
-        width = h
-    if dropout > 0:
-        layers["drop"] = nn.Dropout(dropout)
-    layers["head"] = nn.Linear(width, num_classes)
-    return nn.Sequential(layers)
+            return width
 
 
 def need_images(input_shape, name: str) -> None:

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.report.metric_log import MetricLog
+from kdrun.report.statistics import paired_gain
+
 log = logging.getLogger("kdrun")
 JOB_TAG, SWEEP_TAG, PARENT_TAG = "kdrun.job", "kdrun.sweep_dir", "mlflow.parentRunId"
 PARAMS_PER_CALL = 100  # MLflow's limit on params in one log_batch
@@ -109,7 +112,7 @@ def sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir).resolve()
 
 
-class MlflowLog:
+class MlflowLog(MetricLog):
     """One kdrun run's MLflow run: created, or found and continued."""
 
     def __init__(self, cfg: DictConfig, run_root: Path, config_hash: str):
@@ -198,8 +201,9 @@ def summary_metrics(summary) -> dict[str, float]:
         for column in ("val_acc_best", "test_acc_last", "test_acc_best_val"):
             figures[f"{role}/{column}"] = float(rows[column].mean())
     if {"scratch", "distilled"} <= set(summary.role):
-        figures["gain/test_acc_best_val"] = (figures["distilled/test_acc_best_val"]
-                                             - figures["scratch/test_acc_best_val"])
+        figures["gain/test_acc_best_val"] = float(paired_gain(
+            summary[summary.role == "scratch"], summary[summary.role == "distilled"],
+            "test_acc_best_val").mean())
     return {k: v for k, v in figures.items() if v == v}  # NaN (no val split) left out
 
 

@@ -1,14 +1,10 @@
-"""What one run writes and prints: metrics.csv, summary.csv, events.jsonl and the
-comparison table with its noise verdict. (Sweeps: kdrun/sweep/report.py.)"""
+"""What one run prints, and its summary.csv: the comparison table with its noise verdict
+(the statistics: kdrun/report/statistics.py; the logs written while training:
+kdrun/report/logs.py; sweeps: kdrun/sweep/report.py)."""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -16,103 +12,15 @@ import pandas as pd
 from kdrun.data.metrics import ACCURACY, Metric, metric_named
 from kdrun.models.quantize import INT8_SUFFIXES
 from kdrun.report.measure import BATCHES, TRIES
+from kdrun.report.statistics import gain_test, gain_verdict, paired_gain
 from kdrun.store.files import atomic_write
 
-METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
 SUMMARY_COLUMNS = [
     "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
     "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
     "selected_by", "train_seconds", "device", "precision", "torch", "data_sha256",
     "checkpoint", "metric", "higher_is_better",
 ]
-
-
-class MetricsLog:
-    """Long-form metrics.csv, appended and flushed every epoch (a killed run keeps
-    what it did). ``keys`` (dataset, method, T, alpha) are added to every row, and
-    ``reused`` says whether the row was trained by this process or taken from the
-    stage cache. The file starts afresh with each (re)start of a run: the stage
-    cache holds every finished epoch, so nothing is lost and nothing is doubled."""
-
-    def __init__(self, path: Path, keys: dict):
-        self.path, self.keys = path, keys
-        self.columns = METRIC_COLUMNS + ["reused"] + list(keys)
-        atomic_write(path, lambda tmp: tmp.write_text(",".join(self.columns) + "\n"))
-
-    def append(self, rows: list[dict], seed: int, reused: bool = False) -> None:
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            for row in rows:
-                writer.writerow({**row, "seed": seed, "reused": reused, **self.keys})
-            f.flush()
-            os.fsync(f.fileno())
-
-    def close(self) -> None:
-        """Nothing to do: every append is already flushed to disk."""
-
-
-class MetricLogs:
-    """One stage's metric rows to every chosen log: metrics.csv, and TensorBoard's event
-    files with ``logger=tensorboard``, or an MLflow run with ``logger=mlflow``."""
-
-    def __init__(self, logs: list):
-        self.logs = logs
-
-    def append(self, rows: list[dict], seed: int, reused: bool) -> None:
-        for metric_log in self.logs:
-            metric_log.append(rows, seed, reused=reused)
-
-    def close(self) -> None:
-        for metric_log in self.logs:
-            metric_log.close()
-
-    def finish(self, run_dir, summary: pd.DataFrame, table: str) -> None:
-        """The run's end, for logs that record it (MLflow: summary, files, status)."""
-        for metric_log in self.logs:
-            if hasattr(metric_log, "finish"):
-                metric_log.finish(run_dir, summary, table)
-
-    def fail(self) -> None:
-        for metric_log in self.logs:
-            if hasattr(metric_log, "fail"):
-                metric_log.fail()
-
-    def interrupt(self) -> None:
-        for metric_log in self.logs:
-            if hasattr(metric_log, "interrupt"):
-                metric_log.interrupt()
-
-
-def metric_logs(cfg, run_root: Path, metrics_csv: Path, keys: dict,
-                config_hash: str) -> MetricLogs:
-    """metrics.csv is rebuilt on every start (the stage cache holds what was done before);
-    ``config_hash`` names the run for MLflow."""
-    logs = [MetricsLog(metrics_csv, keys)]
-    if cfg.logger.name == "tensorboard":
-        from kdrun.report.tensorboard_log import TensorBoardLog
-
-        logs.append(TensorBoardLog(run_root / cfg.logger.dir, cfg))
-    if cfg.logger.name == "mlflow":
-        from kdrun.report.mlflow_log import MlflowLog
-
-        logs.append(MlflowLog(cfg, run_root, config_hash))
-    return MetricLogs(logs)
-
-
-class EventLog:
-    """events.jsonl: one line per stage of a run saying whether it was trained,
-    reused from the stage cache, or resumed after an interruption."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, event: str, stage: str, seed: int, key: str, **extra) -> None:
-        line = {"time": time.time(), "event": event, "stage": stage, "seed": seed, "key": key,
-                **extra}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def write_summary(path: Path, rows: list[dict]) -> pd.DataFrame:
@@ -128,76 +36,6 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-@dataclass
-class GainTest:
-    """A two-sided paired t-test of the mean gain against zero, at the 95% level."""
-
-    n: int
-    mean: float
-    std: float
-    ci_low: float
-    ci_high: float
-    p: float
-    higher_is_better: bool = True  # the metric's direction: which sign of the gain helps
-
-    @property
-    def verdict(self) -> str:
-        if self.n < 2:
-            return f"unknown ({self.n} seed)"
-        if self.p < 1 - LEVEL:
-            return "helps" if (self.mean > 0) == self.higher_is_better else "hurts"
-        return "not significant"
-
-
-LEVEL = 0.95  # confidence level of every interval kdrun prints
-
-
-def gain_test(gains: list[float], metric: Metric = ACCURACY) -> GainTest:
-    """Student-t interval and p-value of the mean of paired gains (n - 1 degrees of
-    freedom); the same numbers as ``scipy.stats.ttest_1samp(gains, 0)``. Whether a
-    significant gain helps or hurts follows the ``metric``'s direction."""
-    from scipy.stats import t
-
-    n, mean = len(gains), statistics.mean(gains)
-    direction = metric.higher_is_better
-    if n < 2:
-        nan = float("nan")
-        return GainTest(n, mean, nan, nan, nan, nan, direction)
-    std = statistics.stdev(gains)
-    if std == 0:  # every replicate gained the same: no spread to test against
-        return GainTest(n, mean, 0.0, mean, mean, 1.0 if mean == 0 else 0.0, direction)
-    se = std / n**0.5
-    half = t.ppf((1 + LEVEL) / 2, n - 1) * se
-    p = 2 * t.sf(abs(mean) / se, n - 1)
-    return GainTest(n, mean, std, mean - half, mean + half, float(p), direction)
-
-
-def format_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-
-
-def gain_verdict(gains: list[float], teacher: str | None, draw: str | None = None,
-                 metric: Metric = ACCURACY) -> str:
-    """One sentence: the interval, what it is taken over, the p-value, the verdict, and
-    what it holds for: this teacher, and with a label budget this draw of labels."""
-    over = f"{len(gains)} paired student seeds" + (f" under {teacher}" if teacher else "")
-    if draw:
-        over += f" and {draw}"
-    if len(gains) < 2:
-        return "one student seed, so its noise is unknown (set repeats=3 or more)"
-    test = gain_test(gains, metric)
-    where = (f"95% CI [{test.ci_low:+.2f}, {test.ci_high:+.2f}] over {over}, paired t-test "
-             f"{format_p(test.p)}")
-    held = [what for what, given in (("teacher", teacher), ("draw of labelled examples", draw))
-            if given]
-    scope = (f" (for this {' and this '.join(held)}: other teacher seeds"
-             f"{' and draws (split.seed)' if draw else ''} may differ)") if held else ""
-    if test.verdict in ("helps", "hurts"):
-        return f"{where}: distillation {test.verdict}, beyond student-seed noise{scope}"
-    return (f"{where}: not significant, no evidence that distillation changes {metric.name} "
-            f"here")
 
 
 def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = None,
@@ -269,8 +107,7 @@ def _gain_lines(label: str, what: str, verdict: str, scratch: pd.DataFrame,
                 distilled: pd.DataFrame, w: int, p: int, chosen: str, teacher: str | None,
                 draw: str | None, metric: Metric) -> list[str]:
     """The paired gain of distilled over scratch students, and its verdict."""
-    _check_paired(scratch, distilled)
-    gains = {col: [d - s for d, s in zip(distilled[col], scratch[col])]
+    gains = {col: list(paired_gain(scratch, distilled, col))
              for col in ("test_acc_last", "test_acc_best_val")}
     return [f"{label:<10} {what:<{w + p + 1}}  {_signed(gains['test_acc_last']):>16}  "
             f"{_signed(gains['test_acc_best_val']):>18}",
@@ -323,7 +160,7 @@ def one_line(summary: pd.DataFrame) -> str:
     scratch, distilled = (summary[summary.role == role] for role in ("scratch", "distilled"))
     if scratch.empty or distilled.empty:
         return "finished"
-    gains = [d - s for d, s in zip(distilled.test_acc_best_val, scratch.test_acc_best_val)]
+    gains = list(paired_gain(scratch, distilled, "test_acc_best_val"))
     test = gain_test(gains, summary_metric(summary))
     interval = f" [{test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else ""
     return (f"distilled {mean_std(list(distilled.test_acc_best_val))}, gain {test.mean:+.2f}"
@@ -399,19 +236,6 @@ def _all_labels_lines(reference: pd.DataFrame, scratch: pd.DataFrame, distilled:
                  f"included (not a contender: those labels are what distillation does without); "
                  f"distillation closes {share} of the scratch-to-reference gap of {gap:+.2f}")
     return lines
-
-
-PAIRED_COLUMNS = ("seed", "device", "precision", "torch", "data_sha256")
-
-
-def _check_paired(scratch: pd.DataFrame, distilled: pd.DataFrame) -> None:
-    """A gain compares a scratch and a distilled student of the same seed, data and
-    numerics; anything else is a bug, never a number to print."""
-    columns = [c for c in PAIRED_COLUMNS if c in scratch and c in distilled]
-    left = scratch[columns].reset_index(drop=True).astype(str)
-    right = distilled[columns].reset_index(drop=True).astype(str)
-    if len(left) != len(right) or not left.equals(right):
-        raise RuntimeError(f"scratch and distilled rows are not paired on {columns}")
 
 
 def _signed(values: list[float]) -> str:

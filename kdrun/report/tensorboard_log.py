@@ -12,8 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.report.metric_log import MetricLog
 
-class TensorBoardLog:
+
+class TensorBoardLog(MetricLog):
     def __init__(self, folder: Path, cfg: DictConfig):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 

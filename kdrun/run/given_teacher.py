@@ -14,16 +14,14 @@ from kdrun.models import build_model, describe
 from kdrun.models.hubs.pretrained import load_weights, read_state_dict
 from kdrun.report.measure import model_figures
 from kdrun.run.provenance import given_teacher_material
+from kdrun.run.stage import WEIGHTS
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import sha256_file
 from kdrun.train.fit import evaluate
 
 if TYPE_CHECKING:
-    from kdrun.run.stages import Stages
-
-# trainer.distill_from -> the checkpoint entry holding those weights
-WEIGHTS = {"best_val": "best_model", "last": "model"}
+    from kdrun.run.stage import RunContext
 
 
 def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -> nn.Module:
@@ -36,24 +34,24 @@ def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -
     return model
 
 
-def evaluate_given_teacher(stages: Stages, model_cfg) -> StageResult:
+def evaluate_given_teacher(ctx: RunContext, model_cfg) -> StageResult:
     """The stage of a user's own trained teacher: loaded and evaluated instead of
     trained, with a cache entry of its own for what is computed from it (its logits)."""
     path = Path(model_cfg.checkpoint).expanduser()
-    weights = WEIGHTS[stages.tcfg.distill_from]
-    data, device = stages.data, stages.device
+    weights = WEIGHTS[ctx.tcfg.distill_from]
+    data, device = ctx.data, ctx.device
     model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights).to(
-        device, stages.dtype)
-    entry = StageEntry(stages.cache_root, given_teacher_material(
-        stages.cfg, model_cfg, sha256_file(path), weights, stages.numerics, stages.data_digest))
+        device, ctx.dtype)
+    entry = StageEntry(ctx.cache_root, given_teacher_material(
+        ctx.cfg, model_cfg, sha256_file(path), weights, ctx.numerics, ctx.data_digest))
     if distributed.world().writer:
         with entry.lock():
             entry.record_given(str(path))  # so that files computed from it are tracked
-    val_acc, test_acc = (evaluate(model, s.to(device, stages.dtype), stages.tcfg.eval_batch_size,
+    val_acc, test_acc = (evaluate(model, s.to(device, ctx.dtype), ctx.tcfg.eval_batch_size,
                                   data.metric)[1]
                          if len(s) else float("nan") for s in (data.val, data.test))
-    stages.events.write("given", "teacher", stages.cfg.seed, entry.key, checkpoint=str(path))
+    ctx.events.write("given", "teacher", ctx.cfg.seed, entry.key, checkpoint=str(path))
     row = SummaryRow.evaluated_teacher(
-        stages.row_context, describe(model_cfg), model_figures(model), val_acc, test_acc,
+        ctx.row_context, describe(model_cfg), model_figures(model), val_acc, test_acc,
         train_seconds=0.0, reused=True, cache_key=entry.key, checkpoint=str(path))
     return StageResult(row, entry, model)

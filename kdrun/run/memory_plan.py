@@ -262,7 +262,7 @@ def data_bytes(data: Data) -> float:
 
 def caches_logits(cfg: DictConfig, data: Data) -> bool:
     """Whether the distilled student learns from the teacher's logits cached on the
-    training set (as Stages.teacher_targets decides)."""
+    training set (as kdrun/train/targets.py: choose_targets decides)."""
     scheme = scheme_of(cfg)
     if not (scheme.has_teacher and scheme.caches_teacher_logits):
         return False

@@ -18,26 +18,22 @@ from omegaconf import DictConfig
 from kdrun import distributed
 from kdrun.data import Data, load_data
 from kdrun.errors import ConfigError, OutOfMemory, UserError
-from kdrun.losses import build_loss, loss_class
 from kdrun.models import (
     build_model,
-    builder_hook,
     describe,
-    example_inputs,
     forward_mflop,
     input_spec,
 )
 from kdrun.models.hubs.pretrained import InputSpec
-from kdrun.models.hubs.vocabulary import check_pretrained_vocabulary
-from kdrun.models.quantize import fake_quantized, int8_weights, to_int8
 from kdrun.report.export import export_distilled, export_int8
 from kdrun.report.measure import side_by_side
 from kdrun.report.table import comparison_table, one_line, write_summary
+from kdrun.run import data_checks
 from kdrun.run.memory_plan import plan_memory
 from kdrun.run.objective import objective
 from kdrun.run.provenance import config_hash, student_seeds
-from kdrun.run.schemes import SCHEMES, scheme_of
-from kdrun.run.stages import Stages, feature_shapes
+from kdrun.run.schemes import scheme_of
+from kdrun.run.stages import Stages
 from kdrun.run.summary_row import SummaryRow
 from kdrun.store.files import RunDir, remove_temporaries
 
@@ -75,11 +71,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
     report_inputs(cfg, data)
-    check_feature_layers(cfg, data)
-    check_transfer_set(cfg, data)
-    check_token_models(cfg, data)
-    check_vocabularies(cfg, data)
-    int8 = check_int8(cfg, data)  # the student's int8 model, timed after training
+    int8 = data_checks.check(cfg, data)  # with int8 students: one to time after training
     plan = plan_memory(cfg, data, device)
     log.info("%s", plan.line)
     stages = Stages(cfg, data, device, run_dir, teacher_topk=plan.teacher_topk)
@@ -214,15 +206,6 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device,
     return [row.with_figures(timing, teacher_params) for row in rows]
 
 
-def int8_like(student: torch.nn.Module, data: Data) -> torch.nn.Module:
-    """An int8 model of the student's architecture, to time (latency depends on the
-    architecture, not on the weights): fake-quantised, run once, converted."""
-    fake = fake_quantized(student, data.input_shape)
-    with torch.no_grad():
-        fake(example_inputs(fake, 8, data.input_shape))
-    return to_int8(fake)
-
-
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
     table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
                              teacher=scheme_of(cfg).verdict_scope(cfg), draw=_label_draw(cfg))
@@ -253,104 +236,6 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
     summary = pd.read_csv(run_dir.summary_csv)
     result = _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
     return {**result, "line": f"this run already finished: {result['line']}"}
-
-
-def check_int8(cfg: DictConfig, data: Data) -> torch.nn.Module | None:
-    """Before anything trains: the student converts to int8 (student.quantize=int8), with
-    at least one layer on int8 kernels; else one line saying why. Returns that int8 model
-    (to time: latency depends on the architecture, not on the weights), or None."""
-    if cfg.student.get("quantize") != "int8":
-        return None
-    try:
-        with torch.random.fork_rng(devices=[]):  # a probe: the stages' draws stay theirs
-            int8 = int8_like(build_model(cfg.student, data.input_shape, data.num_classes), data)
-    except ConfigError:
-        raise
-    except Exception as e:  # what torch.fx or the quantiser says of a layer
-        raise ConfigError("student.quantize", "int8", f"student={describe(cfg.student)} does not "
-                          f"quantise: {one_line_reason(e)}") from e
-    if not int8_weights(int8):
-        raise ConfigError("student.quantize", "int8", f"student={describe(cfg.student)} has no "
-                          "linear layer or convolution that runs on int8 kernels")
-    return int8
-
-
-def one_line_reason(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
-def model_roles(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """(config key, model config) of every model the run trains or reads."""
-    scheme = scheme_of(cfg)
-    roles = [("teacher", cfg.teacher)] if scheme.has_teacher else []
-    return [*roles, ("student", cfg.student), *scheme.models(cfg)]
-
-
-def check_token_models(cfg: DictConfig, data: Data) -> None:
-    """Text (token ids) needs a language model for every role: one line, not a traceback
-    from a linear layer given integers."""
-    if not getattr(data.train, "in_memory", False) or data.train.x.is_floating_point():
-        return
-    for prefix, node in model_roles(cfg):
-        if not builder_hook(node, "reads_tokens"):
-            raise ConfigError(f"{prefix}.arch", node.get("arch"), f"dataset={data.name} gives "
-                              "token ids, which only a language model reads: use hf_lm")
-
-
-def check_vocabularies(cfg: DictConfig, data: Data) -> None:
-    """Before anything trains: every pretrained language model has an output row per token
-    of the data's tokenizer and, where it ships its own tokenizer, the same tokens id by
-    id (kdrun/models/hubs/vocabulary.py); one line says what was found, padding rows
-    dropped included."""
-    if not data.per_position:
-        return
-    tokenizer = str(cfg.dataset.get("tokenizer") or "bytes")
-    found = [check_pretrained_vocabulary(str(node.name), f"{prefix}.name", tokenizer,
-                                         data.num_classes)
-             for prefix, node in model_roles(cfg)
-             if node.get("arch") == "hf_lm" and node.get("name") is not None]
-    if found:
-        log.info("vocabulary: %d tokens (dataset.tokenizer=%s); padding rows beyond them are "
-                 "dropped from every logit before any loss, metric or cached target; %s",
-                 data.num_classes, tokenizer, "; ".join(found))
-
-
-def check_transfer_set(cfg: DictConfig, data: Data) -> None:
-    """Before anything trains: the "scratch, all labels" reference needs a scheme that
-    offers it and the transfer set's true labels. (A scheme without a teacher, deep mutual
-    learning, has none to label a transfer set: its students learn from the labelled
-    examples only, as their rows' train_unlabeled says.)"""
-    scheme = scheme_of(cfg)
-    budget = cfg.split.get("labeled") is not None and data.transfer_labels is not None
-    if data.transfer is not None and scheme.teacher_learns_every_label and budget:
-        log.info("scheme=%s: the teacher learns from every label, the %d held back included "
-                 "(the data owner's teacher); the scratch student from the %d labelled "
-                 "examples", scheme.name, data.unlabeled_count, len(data.train))
-    elif data.transfer is not None and not scheme.uses_transfer_set:
-        log.warning("scheme=%s does not use the %d unlabelled examples: its scratch student "
-                    "trains on the labelled ones only", scheme.name, data.unlabeled_count)
-    if cfg.get("all_labels_reference") and not scheme.all_labels_reference:
-        offering = [n for n in SCHEMES.names()
-                    if SCHEMES.get(n, "scheme.name").all_labels_reference]
-        raise ConfigError("all_labels_reference", True, f"a reference row of "
-                          f"{' and '.join(f'scheme={n}' for n in offering)}, not of "
-                          f"scheme={scheme.name}")
-    if cfg.get("all_labels_reference") and data.transfer_labels is None:
-        raise ConfigError("all_labels_reference", True, "needs a transfer set whose labels "
-                          "exist (split.labeled, or dataset.unlabeled of generated data); "
-                          "set it to false")
-
-
-def check_feature_layers(cfg: DictConfig, data: Data) -> None:
-    """Before anything trains: a feature loss can read its layers from these models
-    (e.g. attention transfer needs feature maps on both sides)."""
-    teacher_cfg = scheme_of(cfg).feature_teacher(cfg)
-    if teacher_cfg is None or not loss_class(cfg.loss).reads_features:
-        return
-    student, teacher = (build_model(c, data.input_shape, data.num_classes, role)
-                        for c, role in ((cfg.student, "student"), (teacher_cfg, "teacher")))
-    loss = build_loss(cfg.loss)
-    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape, data.per_position))
 
 
 def _header(cfg: DictConfig, dataset_name: str, eval_split: str) -> str:

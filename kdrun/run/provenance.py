@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import distributed
 from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.precision import resolved_precision
-from kdrun.train.fit import uses_fused
+from kdrun.train.optim import uses_fused
 
 # Settings that cannot change a trained weight or an accuracy: left out of stage keys,
 # of a run's config hash and of sweep job folder names, and never a "setting" in a

@@ -27,7 +27,8 @@ from kdrun.checks import (
 from kdrun.data.augment import AUGMENT_RULES
 from kdrun.distributed import World
 from kdrun.errors import ConfigError
-from kdrun.run import schemes
+from kdrun.precision import on_gpu
+from kdrun.run import int8_students, schemes
 
 RULES: dict[str, Check] = {
     "seed": number(integer=True),
@@ -116,29 +117,10 @@ def validate(cfg: DictConfig) -> None:
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
     scheme = schemes.scheme_of(cfg)
     scheme.check(cfg)
-    if cfg.student.get("quantize") == "int8":
-        _check_int8(cfg, loss_class)
+    if int8_students.wanted(cfg):
+        int8_students.check_settings(cfg, loss_class)
     for prefix, node in scheme.models(cfg):  # e.g. an ensemble's members
         _check_model(prefix, node)
-
-
-def _check_int8(cfg: DictConfig, loss_class) -> None:
-    """What int8 students (student.quantize=int8) cannot run with, one line each."""
-    why = None
-    if not schemes.scheme_of(cfg).int8_students:
-        offering = [name for name in schemes.SCHEMES.names()
-                    if schemes.SCHEMES.get(name, "scheme.name").int8_students]
-        why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offering)}, not "
-               f"scheme={cfg.scheme.name}")
-    elif on_gpu(cfg.device):
-        why = "int8 kernels run on the CPU: set device=cpu"
-    elif cfg.trainer.get("float64"):
-        why = "quantisation-aware training fake-quantises float32: set trainer.float64=false"
-    elif loss_class.reads_features:
-        why = (f"loss={cfg.loss.name} reads a layer of the student, whose graph quantisation "
-               f"rewrites; use a loss on the logits")
-    if why:
-        raise ConfigError("student.quantize", "int8", why)
 
 
 def _check_model(prefix: str, node) -> None:
@@ -186,11 +168,6 @@ def _check(key: str, value, check: Check) -> None:
     problem = check(value)
     if problem:
         raise ConfigError(key, value, problem)
-
-
-def on_gpu(device) -> bool:
-    """Whether ``device`` asks for a GPU (auto: when this machine has one)."""
-    return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def check_processes(cfg: DictConfig, world: World) -> str:

@@ -1,3 +1,4 @@
 """Sweeps: the batched launcher's plan (batched.py), how jobs are composed and fitted to
-their launcher (compose.py, launch.py), the sweep report and its figures (report.py,
-plots.py), published numbers (published.py), Slurm logs (slurm_logs.py)."""
+their launcher (compose.py, launch.py), the sweep report read from the job folders
+(jobs.py), analysed (analysis.py) and rendered (report.py, plots.py), published numbers
+(published.py), Slurm logs (slurm_logs.py)."""

@@ -25,18 +25,19 @@ from omegaconf import DictConfig
 
 from kdrun.data import Data
 from kdrun.errors import UserError
-from kdrun.losses import CE
 from kdrun.models import build_model
-from kdrun.report.table import MetricLogs, MetricsLog
+from kdrun.report.logs import MetricLogs, MetricsLog
+from kdrun.run.finish import finish_stage
 from kdrun.run.memory_plan import plan_memory
 from kdrun.run.pipeline import prepare, set_threads
 from kdrun.run.schemes import scheme_of
-from kdrun.run.stages import Stages, finish_stage
+from kdrun.run.stage import RunContext, StageSpec, run_stage
+from kdrun.run.stages import Stages
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.run.validate import validate
 from kdrun.store.files import RunDir, load_sealed, save_sealed
-from kdrun.train.fit import CachedLogits, LiveTeacher
 from kdrun.train.stacked import Member, NotBatchable, check_batchable, train_group
+from kdrun.train.targets import LiveTeacher
 
 log = logging.getLogger("kdrun")
 # Stage-key fields in which the members of one group may differ
@@ -46,83 +47,69 @@ DEFAULT_MAX_MEMBERS = {"cpu": 64, "cuda": 512}
 GROUPS = "groups"  # <cache dir>/groups/<hash of the members' keys>.pt: a pass's saved state
 
 
-class PlannedStages(Stages):
-    """A job's stages as its scheme asks for them, with the students not trained: each
-    student stage that is not in the cache yet becomes a Member for a stacked group.
-    Teachers are trained (or reused) as usual."""
+class StagePlan:
+    """A job's stages as its scheme asks for them, through the Stages runner seam: each
+    student stage that is not in the cache yet becomes a Member for a stacked group
+    instead of training. Teachers are trained (or reused) as usual."""
 
     def __init__(self, cfg: DictConfig, data: Data, device, run_dir: RunDir,
                  teacher_topk: int | None = None):
-        super().__init__(cfg, data, device, run_dir, teacher_topk=teacher_topk)
         if not data.train.in_memory:
             raise NotBatchable("its data is read from disk (a DataLoader per run)")
-        self.planned: list[Member] = []
+        self.cfg, self.device, self.planned = cfg, device, []
+        self.stages = PlanningStages(
+            cfg, data, device, run_dir, teacher_topk=teacher_topk, runner=self.run,
+            # a plan's own metrics.csv only: the job's run, later, logs to TensorBoard or MLflow
+            metrics=lambda context: MetricLogs([MetricsLog(run_dir.metrics_csv, context.run)]))
 
-    def _stage(self, role, model_cfg, make_loss, seed, epochs, extra, teacher=None, *, rng,
-               data=None):
-        if role == "teacher":
-            return super()._stage(role, model_cfg, make_loss, seed, epochs, extra, teacher,
-                                  rng=rng)
-        if role not in ("scratch", "distilled"):
-            raise NotBatchable(f"scheme={self.cfg.scheme.name} trains a {role} stage of its own")
-        if isinstance(teacher, LiveTeacher) and teacher.tap is not None:
-            raise NotBatchable("its loss reads the teacher's features")
-        entry = self.stage_entry(role, model_cfg, rng, epochs, extra)
-        self.plan(entry, role, seed, rng, model_cfg, make_loss, teacher, extra.get("teacher"),
-                  data or self.data)
+    def run(self, spec: StageSpec, ctx: RunContext) -> StageResult:
+        if spec.role == "teacher":
+            return run_stage(spec, ctx)
+        if spec.role not in ("scratch", "distilled"):
+            raise NotBatchable(f"scheme={self.cfg.scheme.name} trains a {spec.role} stage of "
+                               f"its own")
+        if spec.teacher is not None and spec.teacher.stack_refusal:
+            raise NotBatchable(spec.teacher.stack_refusal)
+        entry = ctx.entry(spec)
+        self.plan(spec, entry, ctx)
         placeholder = SummaryRow.evaluated_teacher(
-            self.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
-            train_seconds=0.0, reused=False).as_role(role)
+            ctx.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
+            train_seconds=0.0, reused=False).as_role(spec.role)
         return StageResult(placeholder, entry)
 
-    def open_metric_logs(self) -> MetricLogs:
-        """A plan's own metrics.csv only: the job's run, later, logs to TensorBoard or MLflow."""
-        return MetricLogs([MetricsLog(self.run_dir.metrics_csv, self.row_context.run)])
+    def plan_teachers(self, scheme) -> None:
+        """The scheme's first teachers, listed, not trained (teachers that differ only in
+        their seed train as one stacked model), where the cache does not hold them."""
+        for model_cfg, all_labels in scheme.teacher_stages(self.cfg):
+            if not model_cfg.get("checkpoint"):
+                spec = self.stages.teacher_spec(model_cfg, all_labels)
+                self.plan(spec, self.stages.ctx.entry(spec), self.stages.ctx)
+
+    def plan(self, spec: StageSpec, entry, ctx: RunContext) -> None:
+        """List the stage, which trains on ``spec.data`` (with a transfer set, a distilled
+        student's differs from a scratch one's: they group apart, as their keys do), as a
+        Member, unless the cache already holds it; NotBatchable when its model or loss
+        cannot train stacked."""
+        if entry.done():
+            return
+        loss = spec.make_loss()
+        check_batchable(build_model(spec.model_cfg, ctx.data.input_shape, ctx.data.num_classes,
+                                    spec.role), loss, ctx.tcfg, self.device)
+        self.planned.append(Member(
+            entry=entry, role=spec.role, seed=spec.seed, rng=spec.rng, model_cfg=spec.model_cfg,
+            loss=loss, targets=spec.teacher, teacher_key=spec.key.get("teacher"), cfg=self.cfg,
+            context=ctx.row_context, data=spec.data, device=self.device))
+
+
+class PlanningStages(Stages):
+    """What a scheme may ask of a plan besides its stages: nothing that needs a trained
+    student."""
 
     def load_student(self, result):
         raise NotBatchable(f"scheme={self.cfg.scheme.name} teaches with a trained student")
 
     def post_training_int8(self, result, seed):
         raise NotBatchable("student.quantize=int8 quantises its trained students")
-
-    def plan(self, entry, role, seed, rng, model_cfg, make_loss, teacher, teacher_key,
-             data: Data):
-        """List the stage, which trains on ``data`` (with a transfer set, a distilled
-        student's differs from a scratch one's: they group apart, as their keys do), as a
-        Member, unless the cache already holds it; NotBatchable when its model or loss
-        cannot train stacked."""
-        if entry.done():
-            return
-        loss = make_loss()
-        check_batchable(build_model(model_cfg, self.data.input_shape, self.data.num_classes,
-                                    role), loss, self.tcfg, self.device)
-        self.planned.append(Member(
-            entry=entry, role=role, seed=seed, rng=rng, model_cfg=model_cfg, loss=loss,
-            teacher_logits=teacher.logits if isinstance(teacher, CachedLogits) else None,
-            live_teacher=teacher if isinstance(teacher, LiveTeacher) else None,
-            teacher_key=teacher_key, cfg=self.cfg, context=self.row_context, data=data,
-            device=self.device))
-
-
-class PlannedTeachers(PlannedStages):
-    """A job's first teacher stage, not trained but listed as a Member, when it is not in
-    the cache yet: teachers that differ only in their seed train as one stacked model."""
-
-    def teacher(self, model_cfg, all_labels: bool = False):
-        if not model_cfg.get("checkpoint"):
-            data, extra = self.teacher_data(all_labels)
-            entry = self.stage_entry("teacher", model_cfg, self.teacher_rng,
-                                     self.teacher_epochs, extra)
-            self.plan(entry, "teacher", self.cfg.seed, self.teacher_rng, model_cfg, CE, None,
-                      None, data)
-        raise _PlanDone
-
-    def student(self, *args, **kwargs):
-        raise _PlanDone
-
-
-class _PlanDone(Exception):
-    """Stops a scheme once what is being planned is listed."""
 
 
 def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
@@ -131,13 +118,13 @@ def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
     the students (the remaining teachers train as usual on the way) and train them in
     stacked groups. Returns how many stages were trained stacked."""
     trained = 0
-    for planner in (PlannedTeachers, PlannedStages):
+    for teachers in (True, False):
         planned = []
         for number, cfg in enumerate(job_cfgs):
             try:
-                planned += plan_job(cfg, work_dir / f"job{number}", planner)
+                planned += plan_job(cfg, work_dir / f"job{number}", teachers)
             except NotBatchable as e:
-                if planner is PlannedStages:
+                if not teachers:
                     log.info("batched launcher: job #%d trains its students on its own: %s",
                              number, e)
             except UserError:
@@ -148,26 +135,27 @@ def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
     return trained
 
 
-def plan_job(cfg: DictConfig, work_dir: Path, planner=PlannedStages) -> list[Member]:
-    """Run ``cfg``'s scheme with a planner: the stages it lists, untrained. The device,
-    threads and data are set up as the job's own run sets them up, so that the stage
-    keys are the ones the job will look for."""
+def plan_job(cfg: DictConfig, work_dir: Path, teachers: bool = False) -> list[Member]:
+    """The stages ``cfg``'s job will train, untrained: its first ``teachers``, or the
+    students its scheme asks for. The device, threads and data are set up as the job's own
+    run sets them up, so that the stage keys are the ones the job will look for."""
     validate(cfg)
     scheme = scheme_of(cfg)
-    if planner is PlannedStages and not scheme.batchable:
+    if not teachers and not scheme.batchable:
         raise NotBatchable(f"scheme={scheme.name} trains its students one after another")
     device, data = prepare(cfg)
     # the teacher targets the job's own run will choose (its memory plan), so that the
     # planned stages' keys are the ones it looks for, and no full cache that would not fit
-    stages = planner(cfg, data, device, RunDir(work_dir),
+    plan = StagePlan(cfg, data, device, RunDir(work_dir),
                      teacher_topk=plan_memory(cfg, data, device).teacher_topk)
     try:
-        scheme.run(stages, cfg)
-    except _PlanDone:
-        pass
+        if teachers:
+            plan.plan_teachers(scheme)
+        else:
+            scheme.run(plan.stages, cfg)
     finally:
-        stages.metrics.close()
-    return stages.planned
+        plan.stages.metrics.close()
+    return plan.planned
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
@@ -176,8 +164,8 @@ def group_members(members: list[Member]) -> list[list[Member]]:
     groups: dict[str, dict[str, Member]] = defaultdict(dict)
     live: dict[str, LiveTeacher] = {}  # each job loaded its teacher: keep one per teacher
     for member in members:
-        if member.live_teacher is not None:
-            member.live_teacher = live.setdefault(member.teacher_key, member.live_teacher)
+        if member.targets is not None and member.targets.cached_logits is None:
+            member.targets = live.setdefault(member.teacher_key, member.targets)
         shared = {k: v for k, v in member.entry.material.items() if k not in PER_MEMBER}
         groups[json.dumps(shared, sort_keys=True)].setdefault(member.entry.key, member)
     return [list(group.values()) for group in groups.values()]

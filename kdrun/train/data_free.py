@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,6 @@ import torch
 from torch import nn
 
 from kdrun.data import Data
-from kdrun.errors import TrainingDiverged
 from kdrun.losses.base import DistillationLoss
 from kdrun.losses.data_free import (
     DISCREPANCIES,
@@ -33,18 +31,18 @@ from kdrun.losses.data_free import (
 )
 from kdrun.models.generator import Generator, sample_spread
 from kdrun.precision import working_dtype
-from kdrun.train.features import FeatureTap
-from kdrun.train.fit import (
+from kdrun.train.epochs import (
+    EpochTrained,
     FitResult,
-    evaluate,
-    make_optimizer,
-    make_schedule,
-    metric_row,
-    new_progress,
-    record_epoch,
+    OptimizerSteps,
+    drive,
     restore_training,
+    result_of,
     training_state,
 )
+from kdrun.train.features import FeatureTap
+from kdrun.train.fit import evaluate
+from kdrun.train.optim import make_optimizer, make_schedule
 from kdrun.train.progress import StageProgress
 
 log = logging.getLogger("kdrun")
@@ -140,56 +138,73 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
     epoch is the last (no validation example is read). ``resume`` continues a snapshot to
     the bit-identical end of an uninterrupted run."""
     s = loss_fn.settings
-    torch.manual_seed(seed)  # dropout masks
-    draws = torch.Generator().manual_seed(seed)  # the generator's noise
-    dtype = working_dtype(tcfg)
-    model.to(device, dtype)
-    loss_fn.to(device, dtype)
-    generator = loss_fn.generator
-    student_opt = make_optimizer(model.parameters(), tcfg, device)
-    schedule = make_schedule(student_opt, tcfg, epochs)
-    generator_opt = torch.optim.Adam(generator.parameters(), lr=s.generator_lr)
-    test = data.test.to(device, dtype)
-    parts = {"model": model, "loss": loss_fn, "optimizer": student_opt,
-             "generator_optimizer": generator_opt, "schedule": schedule}
-    state = new_progress(data.metric)
-    if resume is not None:
-        state = restore_training(resume, parts, {"draws": draws})
+    loop = DataFreeLoop(model, loss_fn, tcfg, epochs=epochs, seed=seed, device=device,
+                        metric=data.metric, stage=stage)
 
-    def snapshot() -> dict:
-        return training_state(state, parts, {"draws": draws})
-
-    def noise() -> torch.Tensor:
-        return torch.randn(s.batch_size, s.z_dim, generator=draws, dtype=dtype).to(device)
-
-    bar = StageProgress(label or stage, epochs, state["epoch"], progress, data.metric)
-    teacher_model = teacher.model.to(device, dtype)
-    with frozen(teacher_model), teacher_hooks(teacher_model, s) as (prior, tap):
-        for epoch in range(state["epoch"] + 1, epochs + 1):
-            lr, t0 = student_opt.param_groups[0]["lr"], time.perf_counter()
-            game = Round(model, teacher_model, loss_fn, student_opt, generator_opt, noise,
-                         prior, tap, tcfg)
-            x = game.epoch(epoch)
-            if schedule is not None:
-                schedule.step()
-            spread = sample_spread(x)
-            game.check(stage, epoch, spread)
-            seconds = time.perf_counter() - t0
-            rows = [*game.rows(stage, epoch, spread, lr, seconds), metric_row(
-                stage, epoch, "test", *evaluate(model, test, tcfg.eval_batch_size, data.metric),
-                lr, seconds)]
-            record_epoch(state, epoch, rows, seconds,
-                         lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
-                         data.metric)
+    def each_epoch(out, snapshot):
+        for _, rows in out:
             on_epoch(rows, snapshot)
-            bar.update(epoch, rows[0]["loss"], float("nan"))
-    bar.close()
-    best = state["best"]
-    return FitResult(stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"],
-                     val_acc_best=best["val"], test_acc_last=state["test_last"],
-                     test_acc_best_val=best["test"], train_seconds=state["seconds"],
-                     best_state=best["state"], optimizer_state=student_opt.state_dict(),
+
+    teacher_model = teacher.model.to(device, loop.dtype)
+    with frozen(teacher_model), teacher_hooks(teacher_model, s) as (prior, tap):
+        loop.teacher, loop.prior, loop.tap = teacher_model, prior, tap
+        done = drive(loop, stages=[stage], epochs=epochs,
+                     splits={"test": data.test.to(device, loop.dtype)}, metric=data.metric,
+                     device=device, resume=resume, on_epoch=each_epoch,
+                     bar=lambda start: StageProgress(label or stage, epochs, start, progress,
+                                                     data.metric))
+    return result_of(done[0], stage=stage, seed=seed, epochs=epochs,
+                     optimizer_state=loop.optimizer.state_dict(),
                      generated=epochs * s.iterations * (s.student_steps + 1) * s.batch_size)
+
+
+class DataFreeLoop:
+    """fit_data_free's loop for the epoch driver (kdrun/train/epochs.py): the student, its
+    game (the generator and its optimiser), the noise's draws; each epoch a Round."""
+
+    size = 1  # models trained together
+
+    def __init__(self, model: nn.Module, game: DataFreeGame, tcfg, *, epochs: int, seed: int,
+                 device: torch.device, metric, stage: str):
+        s = game.settings
+        torch.manual_seed(seed)  # dropout masks
+        self.draws = torch.Generator().manual_seed(seed)  # the generator's noise
+        self.dtype = dtype = working_dtype(tcfg)
+        model.to(device, dtype)
+        game.to(device, dtype)
+        self.model, self.game, self.tcfg, self.device = model, game, tcfg, device
+        self.metric, self.stage, self.alive = metric, stage, [True]
+        self.optimizer = make_optimizer(model.parameters(), tcfg, device)
+        self.schedule = make_schedule(self.optimizer, tcfg, epochs)
+        self.generator_opt = torch.optim.Adam(game.generator.parameters(), lr=s.generator_lr)
+        self.parts = {"model": model, "loss": game, "optimizer": self.optimizer,
+                      "generator_optimizer": self.generator_opt, "schedule": self.schedule}
+        self.teacher = self.prior = self.tap = None  # set by fit_data_free
+
+    def noise(self) -> torch.Tensor:
+        s = self.game.settings
+        return torch.randn(s.batch_size, s.z_dim, generator=self.draws,
+                           dtype=self.dtype).to(self.device)
+
+    def train_epoch(self, epoch: int, steps: OptimizerSteps) -> list[EpochTrained]:
+        lr = self.optimizer.param_groups[0]["lr"]
+        this_epoch = Round(self.model, self.teacher, self.game, self.optimizer,
+                           self.generator_opt, self.noise, self.prior, self.tap, steps,
+                           self.tcfg)
+        spread = sample_spread(this_epoch.play(epoch))
+        return [this_epoch.trained(self.stage, epoch, spread, lr)]
+
+    def evaluate(self, split) -> list[tuple[float, float]]:
+        return [evaluate(self.model, split, self.tcfg.eval_batch_size, self.metric)]
+
+    def weights(self, i: int) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def snapshot(self, progress: list[dict]) -> dict:
+        return training_state(progress[0], self.parts, {"draws": self.draws})
+
+    def restore(self, state: dict) -> list[dict]:
+        return [restore_training(state, self.parts, {"draws": self.draws})]
 
 
 @contextlib.contextmanager
@@ -212,8 +227,8 @@ class Round:
     one generator step; it keeps the epoch's losses for its metric rows and checks."""
 
     def __init__(self, student, teacher, game: DataFreeGame, student_opt, generator_opt,
-                 noise, prior, tap, tcfg):
-        self.student, self.teacher, self.game, self.tcfg = student, teacher, game, tcfg
+                 noise, prior, tap, steps: OptimizerSteps, tcfg):
+        self.student, self.teacher, self.game, self.steps = student, teacher, game, steps
         self.student_opt, self.generator_opt, self.noise = student_opt, generator_opt, noise
         self.prior, self.tap, self.s = prior, tap, game.settings
         self.skip_nan = tcfg.get("on_nan", "stop") == "skip"
@@ -224,7 +239,7 @@ class Round:
         self.agree = torch.zeros((), device=device, dtype=torch.long)
         self.skipped = 0
 
-    def epoch(self, epoch: int) -> torch.Tensor:
+    def play(self, epoch: int) -> torch.Tensor:
         """Play the epoch; returns the generator's last batch."""
         self.student.train()
         self.game.generator.train()
@@ -249,9 +264,8 @@ class Round:
             return
         self.student_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.tcfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.student.parameters(), self.tcfg.grad_clip)
-        self.student_opt.step()
+        self.steps.take(self.student_opt,
+                        lambda norm: nn.utils.clip_grad_norm_(self.student.parameters(), norm))
         self.student_losses[index] = loss.detach()
         self.agree += (s_logits.detach().argmax(1) == t_logits.argmax(1)).sum()
 
@@ -274,16 +288,18 @@ class Round:
         self.generator_losses[index] = loss.detach()
         return x
 
-    def rows(self, stage: str, epoch: int, spread: float, lr: float, seconds: float) -> list:
+    def trained(self, stage: str, epoch: int, spread: float, lr: float) -> EpochTrained:
         """train: the student's mean discrepancy and its agreement with the teacher's top
-        class (%); generator: its mean loss and its samples' spread (%)."""
+        class (%); generator: its mean loss and its samples' spread (%); why the stage
+        stops, if it must."""
         seen = self.s.iterations * self.s.student_steps * self.s.batch_size
-        return [metric_row(stage, epoch, "train", float(self.student_losses.mean()),
-                           float(self.agree) / seen * 100, lr, seconds),
-                metric_row(stage, epoch, "generator", float(self.generator_losses.mean()),
-                           spread * 100, self.s.generator_lr, seconds)]
+        return EpochTrained(
+            float(self.student_losses.mean()), float(self.agree) / seen * 100,
+            self.failure(stage, epoch, spread), self.skipped,
+            [("generator", float(self.generator_losses.mean()), spread * 100,
+              self.s.generator_lr)])
 
-    def check(self, stage: str, epoch: int, spread: float) -> None:
+    def failure(self, stage: str, epoch: int, spread: float) -> str | None:
         """One line that ends the stage when a loss became NaN or infinite
         (trainer.on_nan=stop; with skip such steps were skipped) or the generator's samples
         stopped varying."""
@@ -291,16 +307,12 @@ class Round:
                                   ("generator", self.generator_losses, "scheme.generator_lr")):
             bad = (~torch.isfinite(losses)).nonzero()
             if len(bad):
-                raise TrainingDiverged(
-                    f"{stage} stage diverged at epoch {epoch}: the {who}'s loss became NaN or "
-                    f"infinite (step {int(bad[0]) + 1} of the epoch); lower {knob}, set "
-                    f"trainer.grad_clip, or set trainer.on_nan=skip to skip such steps")
+                return (f"{stage} stage diverged at epoch {epoch}: the {who}'s loss became NaN "
+                        f"or infinite (step {int(bad[0]) + 1} of the epoch); lower {knob}, set "
+                        f"trainer.grad_clip, or set trainer.on_nan=skip to skip such steps")
         if spread < self.s.collapse_below:
-            raise TrainingDiverged(
-                f"{stage} stage stopped at epoch {epoch}: the generator collapsed, its samples "
-                f"spread {spread:.3f} across the batch (below scheme.collapse_below="
-                f"{self.s.collapse_below}); lower scheme.generator_lr or change "
-                f"scheme.generator_loss")
-        if self.skipped:
-            log.warning("%s epoch %d: skipped %d steps whose loss was NaN or infinite "
-                        "(trainer.on_nan=skip)", stage, epoch, self.skipped)
+            return (f"{stage} stage stopped at epoch {epoch}: the generator collapsed, its "
+                    f"samples spread {spread:.3f} across the batch (below "
+                    f"scheme.collapse_below={self.s.collapse_below}); lower "
+                    f"scheme.generator_lr or change scheme.generator_loss")
+        return None

@@ -18,6 +18,7 @@ from torch import nn
 from kdrun.errors import ConfigError
 from kdrun.models import eval_mode, example_inputs
 from kdrun.precision import widen
+from kdrun.train.tokens import row_shapes
 
 
 class FeatureTap:
@@ -84,7 +85,7 @@ def predict_features(model: nn.Module, split, layer: str | list[str], batch_size
                      key: str = "layer"):
     """``layer``'s features for every example of ``split`` in order (a list of tensors
     for a list of layers), in eval mode without gradients, as the teacher's logits are
-    computed once (kdrun/run/stages.py)."""
+    computed once (kdrun/train/targets.py)."""
     tap = FeatureTap(model, layer, key)
     chunks = []
     with eval_mode(model):
@@ -111,3 +112,13 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
         model(example_inputs(model, 1, input_shape, weight.device, weight.dtype, fill=0.0))
     tap.remove()
     return each_feature(lambda value: tuple(value.shape[1:]), tap.value)
+
+
+def feature_shapes(loss, student: nn.Module, teacher: nn.Module, input_shape,
+                   per_position: bool = False):
+    """The shapes of the layers a feature loss reads, student's and teacher's: of one
+    row's when the targets are per position (a language model)."""
+    return (row_shapes(feature_shape(student, loss.student_layer, input_shape,
+                                     "loss.student_layer"), per_position),
+            row_shapes(feature_shape(teacher, loss.teacher_layer, input_shape,
+                                     "loss.teacher_layer"), per_position))

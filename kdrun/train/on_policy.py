@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from kdrun.data.labels import UNLABELED
-from kdrun.train.fit import LiveTeacher
 from kdrun.train.generate import continue_text
+from kdrun.train.targets import LiveTeacher
 
 
 class OnPolicyTeacher(LiveTeacher):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,18 +38,12 @@ from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.losses.base import DistillationLoss
 from kdrun.models import build_model, eval_mode
 from kdrun.precision import widen, working_dtype
-from kdrun.train.fit import (
-    AUGMENT_SEED_OFFSET,
-    FitResult,
-    LiveTeacher,
-    configure_device,
-    make_optimizer,
-    make_schedule,
-    metric_row,
-    new_progress,
-    record_epoch,
-)
+from kdrun.train.epochs import EpochTrained, FitResult, OptimizerSteps, drive, result_of
+from kdrun.train.fit import AUGMENT_SEED_OFFSET, configure_device
+from kdrun.train.optim import make_optimizer, make_schedule
 from kdrun.train.progress import training
+from kdrun.train.stacked_losses import StackedLosses
+from kdrun.train.targets import LiveTeacher, TeacherTargets
 
 if TYPE_CHECKING:  # what a member carries for its stage's files, not used here
     from kdrun.run.summary_row import RowContext
@@ -73,14 +66,14 @@ class Member:
     rng: int  # the seed it trains with: init, batch order
     model_cfg: DictConfig
     loss: DistillationLoss
-    teacher_logits: torch.Tensor | None  # the teacher's logits on every training example
-    teacher_key: str | None  # the stage key of that teacher (members share its logits)
+    # what it learns from (kdrun/train/targets.py): cached logits, stacked by index, or a
+    # teacher run on each member's (augmented) batch; None for a scratch student
+    targets: TeacherTargets | None
+    teacher_key: str | None  # the stage key of that teacher (members share its targets)
     cfg: DictConfig  # its job's config (stored in its checkpoint)
     context: RowContext  # its job's row context (how it is evaluated, provenance)
     data: Data  # the data it trains on
     device: torch.device
-    # or the teacher run on each (augmented) batch, when its logits are not cached
-    live_teacher: LiveTeacher | None = None
 
 
 def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> None:
@@ -115,76 +108,6 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
         raise NotBatchable(f"{type(loss).__name__} has learned parameters")
 
 
-class StackedLosses:
-    """Every member's loss on its slice of the stacked logits, as a (members,) tensor.
-    Members whose losses are of one class and differ only in their float settings (T,
-    alpha, a warm-up ramp, ...) are computed in one vmap call, with those settings as
-    tensors; a loss that vmap cannot run (e.g. boolean-mask indexing) is called member
-    by member."""
-
-    def __init__(self, losses: list[DistillationLoss], device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype  # the settings' dtype: the logits'
-        groups: dict[tuple, list[int]] = {}
-        for i, loss in enumerate(losses):
-            fixed = tuple(sorted((k, repr(v)) for k, v in vars(loss).items()
-                                 if not k.startswith("_") and not _is_float(v)))
-            groups.setdefault((type(loss), fixed), []).append(i)
-        self.losses, self.groups = losses, list(groups.values())
-        # each group's member indices, made once; None for one group of every member in
-        # order, which needs no gather from the stacked logits
-        everyone = len(self.groups) == 1
-        self.index = [None if everyone else torch.tensor(g, device=device) for g in self.groups]
-        self.vmapped = [True] * len(self.groups)
-        self.settings: list[dict[str, torch.Tensor]] = []
-
-    def start_epoch(self, epoch: int) -> None:
-        """Each member's start_epoch (e.g. DKD's warm-up), then its float settings."""
-        for loss in self.losses:
-            loss.start_epoch(epoch)
-        self.settings = [
-            {k: torch.tensor([vars(self.losses[i])[k] for i in members], device=self.device,
-                             dtype=self.dtype)
-             for k, v in vars(self.losses[members[0]]).items()
-             if not k.startswith("_") and _is_float(v)}
-            for members in self.groups]
-
-    def __call__(self, logits, teacher, labels) -> torch.Tensor:
-        if self.index[0] is None:
-            return self._group(0, logits, teacher, labels)
-        out = logits.new_empty(len(self.losses))
-        for g, idx in enumerate(self.index):
-            values = self._group(g, logits[idx], None if teacher is None else teacher[idx],
-                                 labels[idx])
-            out = out.index_put((idx,), values)
-        return out
-
-    def _group(self, g: int, logits, teacher, labels) -> torch.Tensor:
-        if self.vmapped[g]:
-            try:
-                return self._vmapped(g, logits, teacher, labels)
-            except RuntimeError as e:  # no batching rule, or data-dependent control flow
-                log.debug("batched losses: %s member by member (%s)",
-                          type(self.losses[self.groups[g][0]]).__name__, e)
-                self.vmapped[g] = False
-        return torch.stack([self.losses[i](logits[j], None if teacher is None else teacher[j],
-                                           labels[j]) for j, i in enumerate(self.groups[g])])
-
-    def _vmapped(self, g: int, logits, teacher, labels) -> torch.Tensor:
-        template = self.losses[self.groups[g][0]]
-
-        def one(settings, s, t, y):
-            loss = copy.copy(template)  # shallow: the same class and fixed settings
-            vars(loss).update(settings)
-            return loss(s, t, y)
-
-        return vmap(one, in_dims=(0, 0, None if teacher is None else 0, 0))(
-            self.settings[g], logits, teacher, labels)
-
-
-def _is_float(value) -> bool:
-    return isinstance(value, float)
-
-
 def train_group(members: list[Member], data: Data, tcfg, epochs: int, device: torch.device,
                 on_epoch: Callable[[Member, list[dict]], None],
                 on_failure: Callable[[Member, str], None],
@@ -198,18 +121,37 @@ def train_group(members: list[Member], data: Data, tcfg, epochs: int, device: to
     member's trained model (its last weights) and FitResult, or None for a member whose
     loss became NaN or infinite (``on_failure`` is told; its stage is left unfinished)."""
     group = _StackedGroup(members, data, tcfg, epochs, device)
-    if resume is not None:
-        group.restore(resume)
     every = tcfg.checkpoint_every
+
+    def each_epoch(out, snapshot):
+        for i, rows in out:
+            on_epoch(members[i], rows)
+        if save_state is not None and every and group.epoch % every == 0 \
+                and group.epoch < epochs:
+            save_state(snapshot())
+
+    splits = {name: split for name, split in (("val", group.val), ("test", group.test))
+              if len(split)}
     label = f"a stacked group of {len(members)} {members[0].role} stages"
-    for epoch in range(group.start_epoch + 1, epochs + 1):
-        training(label, epoch - 1)
-        for member, rows in group.epoch(epoch, on_failure):
-            on_epoch(member, rows)
-        if save_state is not None and every and epoch % every == 0 and epoch < epochs:
-            save_state(group.state(epoch))
-    training(None)
-    return group.results()
+    progress = drive(group, stages=[m.role for m in members], epochs=epochs, splits=splits,
+                     metric=data.metric, device=device, resume=resume, on_epoch=each_epoch,
+                     on_failure=lambda i, message: on_failure(members[i], message),
+                     bar=lambda start: GroupProgress(label, start))
+    return group.results(progress)
+
+
+class GroupProgress:
+    """A stacked group's progress: where the process is (an interrupted run says it)."""
+
+    def __init__(self, label: str, done: int):
+        self.label = label
+        training(label, done)
+
+    def update(self, epoch: int, loss: float, val: float) -> None:
+        training(self.label, epoch)
+
+    def close(self) -> None:
+        training(None)
 
 
 class _StackedGroup:
@@ -248,10 +190,8 @@ class _StackedGroup:
             member.loss.all_labelled = self.labeled == len(data.train)
         self.teachers, self.teacher_of = _stack_teachers(members, device, dtype)
         self.live_teachers = _live_teachers(members, device, dtype)
-        self.alive = [True] * len(members)
+        self.size, self.alive, self.epoch = len(members), [True] * len(members), 0
         self.metric = data.metric  # what selects each member's best epoch
-        self.progress = [new_progress(self.metric) for _ in members]
-        self.start_epoch = 0
         self.forward = vmap(self._forward_one)
         self.losses = StackedLosses([m.loss for m in members], device, dtype)
         self.autocast = configure_device(tcfg, device)
@@ -261,40 +201,28 @@ class _StackedGroup:
 
     # ------------------------------------------------------------ one epoch
 
-    def epoch(self, epoch: int, on_failure) -> list[tuple[Member, list[dict]]]:
+    def train_epoch(self, epoch: int, steps: OptimizerSteps) -> list[EpochTrained]:
         self.losses.start_epoch(epoch)
-        lr = self.optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        sums, correct, first_bad = self._train_epoch()
-        if self.schedule is not None:
-            self.schedule.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t0) / len(self.members)  # each member's share
-        with eval_mode(self.base):  # batch norm on its running statistics, as fit evaluates
-            evaluated = {name: evaluate_stacked(self._forward_one, self.params, self.buffers,
-                                                split, self.tcfg.eval_batch_size, self.metric)
-                         for name, split in (("val", self.val), ("test", self.test)) if len(split)}
-        out = []
-        for i, member in enumerate(self.members):
-            if not self.alive[i]:
-                continue
-            if first_bad[i]:
-                self.alive[i] = False
-                on_failure(member, f"{member.role} stage diverged at epoch {epoch}, step "
-                                   f"{first_bad[i]}: the loss became NaN or infinite at lr {lr:g}")
-                continue
-            n, labeled = len(self.train), self.labeled
-            accuracy = correct[i] / labeled * 100 if labeled else math.nan
-            rows = [metric_row(member.role, epoch, "train", sums[i] / n, accuracy, lr, seconds)]
-            rows += [metric_row(member.role, epoch, name, loss[i], acc[i], lr, seconds)
-                     for name, (loss, acc) in evaluated.items()]
-            record_epoch(self.progress[i], epoch, rows, seconds, lambda i=i: self.state_of(i),
-                         self.metric)
-            out.append((member, rows))
-        return out
+        self.epoch, lr = epoch, self.optimizer.param_groups[0]["lr"]
+        sums, correct, first_bad = self._train_epoch(steps)
+        n, labeled = len(self.train), self.labeled
+        return [EpochTrained(
+            sums[i] / n, correct[i] / labeled * 100 if labeled else math.nan,
+            None if not first_bad[i] else (
+                f"{member.role} stage diverged at epoch {epoch}, step {first_bad[i]}: the "
+                f"loss became NaN or infinite at lr {lr:g}"))
+            for i, member in enumerate(self.members)]
 
-    def _train_epoch(self):
+    def evaluate(self, split) -> list[tuple[float, float]]:
+        with eval_mode(self.base):  # batch norm on its running statistics, as fit evaluates
+            losses, metrics = evaluate_stacked(self._forward_one, self.params, self.buffers,
+                                               split, self.tcfg.eval_batch_size, self.metric)
+        return list(zip(losses, metrics))
+
+    def weights(self, i: int) -> dict:
+        return self.state_of(i)
+
+    def _train_epoch(self, steps: OptimizerSteps):
         m, n, size = len(self.members), len(self.train), self.tcfg.batch_size
         sums = torch.zeros(m, device=self.device, dtype=self.dtype)
         correct = torch.zeros(m, dtype=torch.long, device=self.device)
@@ -312,9 +240,7 @@ class _StackedGroup:
             losses = self.losses(logits, teacher, yb)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            if self.tcfg.grad_clip:
-                clip_each_member(self.params.values(), self.tcfg.grad_clip)
-            self.optimizer.step()
+            steps.take(self.optimizer, lambda norm: clip_each_member(self.params.values(), norm))
             detached = losses.detach()
             bad_steps.append(~torch.isfinite(detached))
             sums += detached * idx.shape[1]
@@ -348,7 +274,7 @@ class _StackedGroup:
         return {k: (self.params[k] if k in self.params else self.buffers[k])[i].detach()
                 .to("cpu", copy=True) for k in self.state_keys}
 
-    def results(self) -> list[tuple[nn.Module, FitResult] | None]:
+    def results(self, progress: list[dict]) -> list[tuple[nn.Module, FitResult] | None]:
         stacked = self.optimizer.state_dict()
         out = []
         for i, member in enumerate(self.members):
@@ -356,17 +282,15 @@ class _StackedGroup:
                 out.append(None)
                 continue
             self.models[i].load_state_dict(self.state_of(i))
-            progress, best = self.progress[i], self.progress[i]["best"]
-            out.append((self.models[i], FitResult(
-                stage=member.role, seed=member.rng, epochs=self.epochs, best_epoch=best["epoch"],
-                val_acc_best=best["val"], test_acc_last=progress["test_last"],
-                test_acc_best_val=best["test"], train_seconds=progress["seconds"],
-                best_state=best["state"], optimizer_state=member_optimizer_state(stacked, i))))
+            out.append((self.models[i], result_of(
+                progress[i], stage=member.role, seed=member.rng, epochs=self.epochs,
+                optimizer_state=member_optimizer_state(stacked, i))))
         return out
 
-    def state(self, epoch: int) -> dict:
-        """The whole group's resumable state after ``epoch``: one file, not one per member."""
-        return {"epoch": epoch, "keys": [m.entry.key if m.entry else None for m in self.members],
+    def snapshot(self, progress: list[dict]) -> dict:
+        """The whole group's resumable state after its epoch: one file, not one per member."""
+        return {"epoch": self.epoch,
+                "keys": [m.entry.key if m.entry else None for m in self.members],
                 "params": {k: v.detach().cpu() for k, v in self.params.items()},
                 "buffers": {k: v.cpu() for k, v in self.buffers.items()},
                 "optimizer": self.optimizer.state_dict(),
@@ -374,10 +298,10 @@ class _StackedGroup:
                 "orders": [g.get_state() for g in self.orders],
                 "augment_rngs": [g.get_state() for g in self.augment_rngs],
                 "alive": list(self.alive),
-                "progress": self.progress, "losses": [m.loss.state_dict() for m in self.members]}
+                "progress": progress, "losses": [m.loss.state_dict() for m in self.members]}
 
-    def restore(self, state: dict) -> None:
-        """Go on from ``state()`` of a group of the same members."""
+    def restore(self, state: dict) -> list[dict]:
+        """Go on from ``snapshot()`` of a group of the same members; its progress."""
         with torch.no_grad():
             for k, v in self.params.items():
                 v.copy_(state["params"][k])
@@ -392,8 +316,8 @@ class _StackedGroup:
             member.loss.load_state_dict(loss_state)
         for rng, rng_state in zip(self.augment_rngs, state.get("augment_rngs", [])):
             rng.set_state(rng_state)
-        self.alive, self.progress = list(state["alive"]), state["progress"]
-        self.start_epoch = state["epoch"]
+        self.alive, self.epoch = list(state["alive"]), state["epoch"]
+        return state["progress"]
 
 
 def clip_each_member(params, max_norm: float) -> None:
@@ -431,9 +355,9 @@ def _live_teachers(members: list[Member], device,
     """Each distinct teacher run on every batch, with the indices of its members."""
     found: dict[str, tuple[LiveTeacher, list[int]]] = {}
     for i, member in enumerate(members):
-        if member.live_teacher is not None:
+        if member.targets is not None and member.targets.cached_logits is None:
             found.setdefault(member.teacher_key,
-                             (member.live_teacher.to(device, dtype), []))[1].append(i)
+                             (member.targets.to(device, dtype), []))[1].append(i)
     return [(live, torch.tensor(index, device=device)) for live, index in found.values()]
 
 
@@ -443,7 +367,7 @@ def _stack_teachers(members: list[Member], device, dtype: torch.dtype):
     distinct: list[torch.Tensor] = []
     keys, index = [], []
     for member in members:
-        logits = member.teacher_logits
+        logits = None if member.targets is None else member.targets.cached_logits
         if logits is None:
             index.append(0)
             continue

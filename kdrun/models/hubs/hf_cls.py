@@ -57,4 +57,4 @@ def describe(model_cfg) -> str:
 
 
 hf_cls.identity, hf_cls.describe = identity, describe  # identity: the transformers version
-hf_cls.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)
+hf_cls.reads_tokens = True  # token ids in (kdrun/run/data_checks.py: check_token_models)

@@ -143,4 +143,4 @@ def describe(model_cfg) -> str:
 hf_lm.check, hf_lm.identity, hf_lm.describe = check, identity, describe
 hf_lm.meta_build = meta_build
 hf_lm.loads_weights = lambda model_cfg: model_cfg.get("name") is not None
-hf_lm.reads_tokens = True  # token ids in (kdrun/run/pipeline.py: check_token_models)
+hf_lm.reads_tokens = True  # token ids in (kdrun/run/data_checks.py: check_token_models)

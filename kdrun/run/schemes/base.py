@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.checks import Check
 from kdrun.errors import ConfigError
-from kdrun.losses import CE, build_loss, soft_target_entropy
+from kdrun.losses import CE, build_loss
 from kdrun.registry import Registry
 from kdrun.run.summary_row import StageResult, SummaryRow
-from kdrun.train.fit import CachedLogits, TeacherTargets, TopKLogits
+from kdrun.train.targets import TeacherTargets
 
 if TYPE_CHECKING:
     from kdrun.run.stages import Stages
@@ -48,7 +48,7 @@ class Scheme:
     # transfer set (their hard-label term skips it): e.g. "the student's own text"
     unlabelled_rows: ClassVar[str | None] = None
     # its distilled students learn from the teacher's logits cached on the training set
-    # (Stages.teacher_targets), which the memory plan counts (kdrun/run/memory_plan.py)
+    # (kdrun/train/targets.py), which the memory plan counts (kdrun/run/memory_plan.py)
     caches_teacher_logits: ClassVar[bool] = True
     name: str = ""  # the name it is registered (and configured) by, set by scheme_of
 
@@ -59,6 +59,16 @@ class Scheme:
         """Model configs it builds besides the teacher and student groups', each with the
         config key that names it: validated as those are."""
         return []
+
+    def teacher_stages(self, cfg: DictConfig) -> list[tuple[DictConfig, bool]]:
+        """The teachers it trains first, each as (model config, all_labels: whether it
+        learns the transfer set's true labels too), in order: what the batched launcher
+        plans, and trains stacked, before any student. A given one (``checkpoint``)
+        trains nothing."""
+        if not self.has_teacher:
+            return []
+        budget = cfg.split.get("labeled") is not None
+        return [(cfg.teacher, self.teacher_learns_every_label and budget)]
 
     def feature_teacher(self, cfg: DictConfig):
         """The model config whose layer a feature loss's teacher side reads, or None when
@@ -121,12 +131,7 @@ def teacher_targets(stages: Stages, cfg: DictConfig,
     targets = stages.teacher_targets(teacher, loss)
     if "T" not in cfg.loss:
         return targets, {}
-    if isinstance(targets, TopKLogits):  # never all the logits at once
-        return targets, {"soft_target_entropy": targets.soft_target_entropy(cfg.loss.T)}
-    # on the unaugmented training set: the cached logits when they are the targets
-    logits = targets.logits if isinstance(targets, CachedLogits) else stages.teacher_logits(
-        teacher)
-    return targets, {"soft_target_entropy": soft_target_entropy(logits, cfg.loss.T)}
+    return targets, {"soft_target_entropy": targets.soft_target_entropy(cfg.loss.T)}
 
 
 def check_text_windows(stages: Stages, scheme: str, prompt: int) -> None:

@@ -34,6 +34,9 @@ class BornAgain(Scheme):
     def __init__(self, generations: int = 2):
         self.generations = int(generations)
 
+    def teacher_stages(self, cfg: DictConfig) -> list[tuple[DictConfig, bool]]:
+        return [(cfg.student, False)]  # the first generation's teacher is a student's twin
+
     def feature_teacher(self, cfg: DictConfig):
         return cfg.student  # a generation teaches the next one of the same architecture
 

@@ -14,7 +14,7 @@ from kdrun.losses import loss_class, soft_target_entropy
 from kdrun.report.measure import AllOf
 from kdrun.run.schemes.base import SCHEMES, Scheme, taught_students
 from kdrun.run.summary_row import StageResult, SummaryRow
-from kdrun.train.fit import CachedLogits, predict_logits
+from kdrun.train.targets import CachedLogits, predict_logits
 
 if TYPE_CHECKING:
     from kdrun.run.stages import Stages
@@ -56,6 +56,9 @@ class Ensemble(Scheme):
     def models(self, cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         return [(f"scheme.teachers[{i}]", teacher_config(spec))
                 for i, spec in enumerate(self.teachers)]
+
+    def teacher_stages(self, cfg: DictConfig) -> list[tuple[DictConfig, bool]]:
+        return [(teacher_config(spec), False) for spec in self.teachers]
 
     def feature_teacher(self, cfg: DictConfig):
         return None  # logits only (check)
