@@ -53,7 +53,7 @@ def one_at_a_time(model_cfg, cfg, data, members: int, epochs: int, device) -> No
 
 
 def stacked(model_cfg, cfg, data, members: int, epochs: int, device) -> None:
-    group = [Member(entry=None, role="scratch", seed=seed, rng=seed, model_cfg=model_cfg,
+    group = [Member(entry=None, role="scratch", seed=seed, train_seed=seed, model_cfg=model_cfg,
                     loss=CE(), teacher_logits=None, teacher_key=None, cfg=cfg, context=None,
                     data=data, device=device) for seed in range(members)]
 

@@ -59,7 +59,7 @@ def distilled_accuracies(root: Path) -> dict:
     (summary,) = root.glob("multirun/*/*/summary.csv")
     rows = pd.read_csv(summary)
     rows = rows[rows.role == "distilled"]
-    return {(r["loss.T"], r["loss.alpha"], r.seed): r.test_acc_best_val
+    return {(r["loss.T"], r["loss.alpha"], r.seed): r.test_metric_best_val
             for _, r in rows.iterrows()}
 
 

@@ -47,14 +47,14 @@ def run_group(setting: str, seed: int, root: Path, split_seed: int | None = None
     summary = pd.read_csv(next(out.rglob("summary.csv")))
     by_role = {role: summary[summary.role == role].sort_values("seed")
                for role in ("teacher", "scratch", "distilled")}
-    gains = list(by_role["distilled"].test_acc_best_val.values
-                 - by_role["scratch"].test_acc_best_val.values)
+    gains = list(by_role["distilled"].test_metric_best_val.values
+                 - by_role["scratch"].test_metric_best_val.values)
     metric = metric_named(summary.metric.iloc[0], summary.higher_is_better.iloc[0])
     test = gain_test(gains, metric)  # "helps" in the metric's direction (perplexity: lower)
     return {"setting": setting or "(default)", "teacher seed": seed, "split seed": split_seed,
-            "teacher": by_role["teacher"].test_acc_best_val.iloc[0],
-            "scratch": by_role["scratch"].test_acc_best_val.mean(),
-            "distilled": by_role["distilled"].test_acc_best_val.mean(),
+            "teacher": by_role["teacher"].test_metric_best_val.iloc[0],
+            "scratch": by_role["scratch"].test_metric_best_val.mean(),
+            "distilled": by_role["distilled"].test_metric_best_val.mean(),
             "gain": test.mean, "ci_low": test.ci_low, "ci_high": test.ci_high,
             "verdict": test.verdict, "wall_s": wall, "metric": metric.short}
 

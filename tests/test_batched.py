@@ -40,7 +40,7 @@ def member(cfg, data, role, seed, loss, model_cfg=None, teacher_logits=None,
            live_teacher=None):
     """A group member on the CPU, outside any stage cache (no entry, no run context)."""
     targets = CachedLogits(teacher_logits) if teacher_logits is not None else live_teacher
-    return Member(entry=None, role=role, seed=seed, rng=seed,
+    return Member(entry=None, role=role, seed=seed, train_seed=seed,
                   model_cfg=cfg.student if model_cfg is None else model_cfg, loss=loss,
                   targets=targets, teacher_key="t" if targets is not None else None, cfg=cfg,
                   context=None, data=data, device=torch.device("cpu"))
@@ -56,13 +56,13 @@ def grid_members(cfg, data, teacher_logits):
 
 def alone(member, data, tcfg, epochs, rows=None):
     """The member trained by fit() on its own; its metric rows go to ``rows``."""
-    torch.manual_seed(member.rng)
+    torch.manual_seed(member.train_seed)
     model = build_model(member.model_cfg, data.input_shape, data.num_classes)
     loss = type(member.loss)(**{k: v for k, v in vars(member.loss).items()
                                 if k in ("T", "alpha")})
     teacher = member.targets
     augment = make_augment(member.cfg.dataset.get("augment"), data.input_shape)
-    return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.rng,
+    return fit(model, data, loss, tcfg, stage=member.role, epochs=epochs, seed=member.train_seed,
                device=torch.device("cpu"), teacher=teacher, augment=augment, progress=False,
                on_epoch=lambda r, snapshot: rows.extend(r) if rows is not None else None)
 
@@ -93,7 +93,7 @@ def assert_each_ends_as_alone(members, data, tcfg, epochs: int):
         what = f"{one.role} seed {one.seed} {type(one.loss).__name__} {settings}"
         assert result.best_epoch == expected.best_epoch, what
         assert_float64_weights_agree(result.best_state, expected.best_state, what)
-        assert result.test_acc_best_val == expected.test_acc_best_val, what
+        assert result.test_metric_best_val == expected.test_metric_best_val, what
         pairs.append((one, result, expected, rows[id(one)]))
     return pairs
 
@@ -152,7 +152,7 @@ def test_a_stacked_group_with_a_transfer_set_ends_where_each_member_alone_ends()
     teacher_logits = torch.randn(len(taught.train), data.num_classes) * 3
     members = [m for m in grid_members(cfg, taught, teacher_logits) if m.role == "distilled"]
     batched, rows = stacked(members, taught, cfg.trainer, 2)
-    train_acc = lambda rs: [r["acc"] for r in rs if r["split"] == "train"]  # noqa: E731
+    train_acc = lambda rs: [r["score"] for r in rs if r["split"] == "train"]  # noqa: E731
     for one, result in zip(members, batched):
         alone_rows = []
         expected = alone(one, taught, cfg.trainer, 2, alone_rows)
@@ -272,7 +272,7 @@ def test_batched_and_sequential_sweeps_agree(tmp_path):
     basic, batched = rows["basic"], rows["batched"]
     assert list(basic.index) == list(batched.index) and len(basic) == 24
     # weights within 1e-6 (tests above): the same predictions, so the same accuracies
-    assert (basic.test_acc_best_val == batched.test_acc_best_val).all()
+    assert (basic.test_metric_best_val == batched.test_metric_best_val).all()
     assert (basic.best_epoch == batched.best_epoch).all()
     assert (basic.trained_in == "alone").all()
     assert "stacked batches" not in (sweep_dir(tmp_path / "basic") / "report.md").read_text()

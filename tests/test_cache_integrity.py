@@ -73,7 +73,7 @@ def test_a_damaged_cache_file_is_caught_recomputed_and_never_reaches_a_run(tmp_p
         assert stage_events[role] == "trained"
         assert list((tmp_path / "cache" / SET_ASIDE).iterdir())  # kept for a post-mortem
     for r in ROLES:  # recomputed, the same numbers as before; both runs' files load
-        assert second[r]["test_acc_best_val"] == first[r]["test_acc_best_val"]
+        assert second[r]["test_metric_best_val"] == first[r]["test_metric_best_val"]
         a = load_checkpoint(tmp_path / "a" / "checkpoints" / f"{r}.pt")["model"]
         b = load_checkpoint(tmp_path / "b" / "checkpoints" / f"{r}.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -92,7 +92,7 @@ def test_a_damaged_resume_state_restarts_the_stage_with_a_warning(tmp_path, capl
     damage(entry.state_pt, "truncate")
     assert entry.start() is None
     entry.append_rows([{"stage": "teacher", "epoch": 1, "split": "val", "loss": 0.5,
-                        "acc": 80.0, "lr": 0.1, "seconds": 1.0}])
+                        "score": 80.0, "lr": 0.1, "seconds": 1.0}])
     entry.save_state({"epoch": 1})
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdrun"):
@@ -127,4 +127,22 @@ def test_a_given_teachers_deleted_logits_are_noticed_too(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kdrun"):
         again = pipeline.run(cfg, tmp_path / "c")["rows"]
     assert "logits-best_val.pt is missing" in caplog.text
-    assert again[2]["test_acc_best_val"] == rows[2]["test_acc_best_val"]
+    assert again[2]["test_metric_best_val"] == rows[2]["test_metric_best_val"]
+
+
+def test_an_entry_written_with_the_old_acc_names_reads_with_todays(tmp_path):
+    """A stage cached before the metric columns were renamed (acc -> score, val_acc_best
+    -> val_metric_best, ...) is reused as it is: its rows and summary read renamed, and a
+    resumed stage's new rows land under the old header's same positions."""
+    entry = StageEntry(tmp_path, {"stage": "teacher"})
+    entry.start()
+    entry.rows_csv.write_text("stage,epoch,split,loss,acc,lr,seconds\n"
+                              "teacher,1,val,0.5,80.0,0.1,1.0\n")
+    entry.append_rows([{"stage": "teacher", "epoch": 2, "split": "val", "loss": 0.4,
+                        "score": 82.0, "lr": 0.1, "seconds": 1.0}])
+    assert [(r["epoch"], r["score"]) for r in entry.read_rows()] == [(1, 80.0), (2, 82.0)]
+    entry.finish(checkpoint={"w": torch.ones(1)},
+                 summary={"role": "teacher", "val_acc_best": 82.0, "test_acc_last": 81.0,
+                          "test_acc_best_val": 81.0})
+    assert entry.summary() == {"role": "teacher", "val_metric_best": 82.0,
+                               "test_metric_last": 81.0, "test_metric_best_val": 81.0}

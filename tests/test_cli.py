@@ -26,13 +26,13 @@ def test_default_pipeline_writes_its_files_from_any_directory(tmp_path):
     assert p.returncode == 0, p.stderr
     (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
     metrics = pd.read_csv(run / "metrics.csv")
-    assert {"stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds", "T",
+    assert {"stage", "seed", "epoch", "split", "loss", "score", "lr", "seconds", "T",
             "alpha"} <= set(metrics.columns)
     assert set(metrics.stage) == {"teacher", "scratch", "distilled"}
     assert set(metrics.split) == {"train", "val", "test"}
     summary = pd.read_csv(run / "summary.csv")
     assert list(summary.role) == ["teacher", "scratch", "distilled"]
-    assert {"params", "size_mb", "test_acc_last", "test_acc_best_val", "train_seconds",
+    assert {"params", "size_mb", "test_metric_last", "test_metric_best_val", "train_seconds",
             "latency_ms_b1", "latency_ms_b256", "compression", "speedup_b1"} <= set(summary.columns)
     assert summary.compression[1] == pytest.approx(summary.params[0] / summary.params[1], rel=1e-3)
     for name in ("teacher", "scratch", "distilled"):

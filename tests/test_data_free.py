@@ -180,8 +180,8 @@ def test_a_resumed_data_free_stage_ends_bit_identical_to_an_uninterrupted_one(ge
                 assert torch.equal(a, b), name
     assert [torch.equal(a, b) for a, b in zip(game.samples, resumed_game.samples)] == [True] * 4
     assert game.sample_steps == resumed_game.sample_steps == [2, 4, 6, 8]
-    assert result.test_acc_last == resumed.test_acc_last
-    assert result.best_epoch == 3 and math.isnan(result.val_acc_best)  # no validation read
+    assert result.test_metric_last == resumed.test_metric_last
+    assert result.best_epoch == 3 and math.isnan(result.val_metric_best)  # no validation read
     assert result.generated == 3 * 3 * (2 + 1) * 16
 
 

@@ -74,8 +74,8 @@ def test_a_metric_where_lower_is_better_selects_and_judges_by_it(tmp_path):
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     for row in summary.itertuples():  # the best epoch: the lowest validation error
         val = metrics[(metrics.stage == row.role) & (metrics.seed == row.seed)
-                      & (metrics.split == "val")].set_index("epoch").acc
-        assert row.best_epoch == val.idxmin() and row.val_acc_best == val.min()
+                      & (metrics.split == "val")].set_index("epoch").score
+        assert row.best_epoch == val.idxmin() and row.val_metric_best == val.min()
     assert "test err, last" in result["table"] and "error rate" not in result["table"][:80]
     # a negative gain in error is distillation helping
     assert gain_test([-2.0, -3.0, -2.5], ERROR).verdict == "helps"

@@ -58,8 +58,8 @@ def test_degenerate_split_finishes_labelled_or_exits_2_in_one_line(tmp_path, mon
     summary = pd.read_csv(tmp_path / "run" / "summary.csv")
     assert set(summary.selected_by) == {expected}
     assert list(summary.role) == ["teacher", "scratch", "distilled", "scratch", "distilled"]
-    assert summary.test_acc_best_val.notna().all()
+    assert summary.test_metric_best_val.notna().all()
     if expected == LAST_EPOCH:  # no validation split: the last epoch, and the table says so
         assert (summary.best_epoch == summary.epochs).all()
-        assert (summary.test_acc_best_val == summary.test_acc_last).all()
+        assert (summary.test_metric_best_val == summary.test_metric_last).all()
         assert "no validation split" in out + err

@@ -92,7 +92,7 @@ def test_two_gloo_processes_train_to_the_weights_of_one_in_float64(tmp_path):
     assert len(two["rows"]) == len(alone_rows) == EPOCHS * 3  # train, val, test
     for ours, theirs in zip(two["rows"], alone_rows):  # loss and accuracy over every shard
         assert (ours["epoch"], ours["split"]) == (theirs["epoch"], theirs["split"])
-        assert ours["acc"] == pytest.approx(theirs["acc"], abs=1e-9)
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-9)
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-9)
     values, indices, rest = two["targets"]  # 216 rows: 108 per process, put back in order
     assert torch.equal(indices, alone_targets[1])

@@ -147,7 +147,7 @@ def test_a_run_checkpoint_is_a_copy_that_later_damage_to_the_cache_cannot_reach(
 def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     entry = StageEntry(tmp_path, {"stage": "teacher"})
     entry.start()
-    row = {"stage": "teacher", "epoch": 1, "split": "val", "loss": 0.5, "acc": 80.0, "lr": 0.1,
+    row = {"stage": "teacher", "epoch": 1, "split": "val", "loss": 0.5, "score": 80.0, "lr": 0.1,
            "seconds": 1.0}
     entry.append_rows([row])
     with open(entry.rows_csv, "a") as f:

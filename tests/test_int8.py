@@ -98,7 +98,7 @@ def test_one_run_gives_the_float32_ptq_and_qat_rows_and_reuses_a_plain_runs_stag
     for role in roles[2:]:
         int8 = rows[rows.role == role]
         assert (int8.size_mb < rows[rows.role == "scratch"].size_mb.iloc[0] / 2).all()
-        assert int8.latency_ms_b1.notna().all() and int8.test_acc_best_val.between(0, 100).all()
+        assert int8.latency_ms_b1.notna().all() and int8.test_metric_best_val.between(0, 100).all()
     table = result["table"]
     assert "int8 QAT   mlp[100,100] distilled" in table and "gain int8 QAT (best val)" in table
     assert "int8 student: " in table and "smaller than float32's" in table

@@ -220,7 +220,7 @@ def test_a_config_built_language_model_distils_end_to_end(tmp_path, family, loss
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled", "scratch",
                                          "distilled"]
     assert all(r["metric"] == "perplexity" and r["higher_is_better"] is False for r in rows)
-    assert all(1 < r["test_acc_best_val"] < 2 * BYTE_VOCAB for r in rows)
+    assert all(1 < r["test_metric_best_val"] < 2 * BYTE_VOCAB for r in rows)
     tokens = rows[0]["train_tokens"]  # every position of every training window, per epoch
     assert tokens == rows[0]["train_labeled"] * 16  # dataset.seq_len
     for r in rows:
@@ -328,7 +328,7 @@ def test_a_config_built_text_classifier_distils_end_to_end(tmp_path):
                       "latency.warmup=0", f"cache.dir={tmp_path}/cache")
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
-    assert all(r["metric"] == "accuracy" and 0 <= r["test_acc_best_val"] <= 100 for r in rows)
+    assert all(r["metric"] == "accuracy" and 0 <= r["test_metric_best_val"] <= 100 for r in rows)
 
 
 # ------------------------------------------------------------ hidden-state cosine
@@ -367,7 +367,7 @@ def test_hidden_cosine_distils_a_language_model_from_cached_hidden_states(tmp_pa
 
     cfg = make_config(*TINY_LM, "loss=hidden_cosine", f"cache.dir={tmp_path}/cache")
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
-    assert rows[2]["method"] == "hidden_cosine" and rows[2]["test_acc_best_val"] > 1
+    assert rows[2]["method"] == "hidden_cosine" and rows[2]["test_metric_best_val"] > 1
     assert list((tmp_path / "cache").glob("*/features-penultimate-best_val.pt"))
 
 

@@ -44,15 +44,15 @@ def test_a_run_logs_params_metrics_and_artifacts_and_a_rerun_continues_it(tmp_pa
     for stage, seeds in (("teacher", [0]), ("scratch", [0, 1]), ("distilled", [0, 1])):
         for seed in seeds:
             for split in ("train", "val", "test"):
-                steps = [step for step, _ in history(c, run, f"{stage}/seed{seed}/{split}_acc")]
+                steps = [step for step, _ in history(c, run, f"{stage}/seed{seed}/{split}_score")]
                 assert steps == [1, 2], (stage, seed, split)
     summary = {row["role"]: row for row in result["rows"] if row["seed"] == 0}
-    last_val = history(c, run, "distilled/seed0/val_acc")[-1][1]
+    last_val = history(c, run, "distilled/seed0/val_score")[-1][1]
     assert last_val == pytest.approx(pipeline_metric(tmp_path / "outputs" / "run1", "distilled", 0))
-    gain = run.data.metrics["gain/test_acc_best_val"]
+    gain = run.data.metrics["gain/test_metric_best_val"]
     rows = result["rows"]
-    expected = (sum(r["test_acc_best_val"] for r in rows if r["role"] == "distilled")
-                - sum(r["test_acc_best_val"] for r in rows if r["role"] == "scratch")) / 2
+    expected = (sum(r["test_metric_best_val"] for r in rows if r["role"] == "distilled")
+                - sum(r["test_metric_best_val"] for r in rows if r["role"] == "scratch")) / 2
     assert gain == pytest.approx(expected) and summary["teacher"]["role"] == "teacher"
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert artifacts == {"summary.csv", "metrics.csv", "table.txt"}
@@ -62,8 +62,8 @@ def test_a_run_logs_params_metrics_and_artifacts_and_a_rerun_continues_it(tmp_pa
     pipeline.run(make_config(*overrides), tmp_path / "outputs" / "run2")  # the same run again
     c, again = runs(tmp_path)
     assert [r.info.run_id for r in again] == [run.info.run_id]
-    assert [s for s, _ in history(c, again[0], "scratch/seed1/test_acc")] == [1, 2]
-    assert len(history(c, again[0], "gain/test_acc_best_val")) == 1
+    assert [s for s, _ in history(c, again[0], "scratch/seed1/test_score")] == [1, 2]
+    assert len(history(c, again[0], "gain/test_metric_best_val")) == 1
 
 
 def pipeline_metric(run_dir, stage, seed):
@@ -71,7 +71,7 @@ def pipeline_metric(run_dir, stage, seed):
 
     rows = pd.read_csv(run_dir / "metrics.csv")
     rows = rows[(rows.stage == stage) & (rows.seed == seed) & (rows.split == "val")]
-    return rows.acc.iloc[-1]
+    return rows.score.iloc[-1]
 
 
 @pytest.mark.slow  # a sweep and its resume, ~16 s (make test < 5 min)
@@ -103,16 +103,17 @@ def test_a_run_killed_mid_way_continues_its_mlflow_run_without_duplicates(tmp_pa
             "hydra.run.dir=outputs/run"]
     proc = kdrun(tmp_path, *args, wait=False)
     deadline = time.time() + 120
-    while time.time() < deadline and not logged_epochs(tmp_path, "teacher/seed0/val_acc") >= 3:
+    while time.time() < deadline and not logged_epochs(tmp_path, "teacher/seed0/val_score") >= 3:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = logged_epochs(tmp_path, "teacher/seed0/val_acc")
+    killed_at = logged_epochs(tmp_path, "teacher/seed0/val_score")
     assert 3 <= killed_at < 20, "the run was not killed mid-way"
     kdrun(tmp_path, *args)
     c, found = runs(tmp_path)
     assert len(found) == 1 and found[0].info.status == "FINISHED"
-    for key in ("teacher/seed0/val_acc", "scratch/seed0/train_loss", "distilled/seed0/test_acc"):
+    for key in ("teacher/seed0/val_score", "scratch/seed0/train_loss",
+                "distilled/seed0/test_score"):
         assert [s for s, _ in history(c, found[0], key)] == list(range(1, 21)), key
 
 

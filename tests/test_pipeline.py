@@ -42,13 +42,14 @@ def test_ce_control_run_makes_distilled_identical_to_scratch(tmp_path):
     rows = {(r["role"], r["seed"]): r for r in result["rows"]}
     for seed in (0, 1):
         s, d = rows[("scratch", seed)], rows[("distilled", seed)]
-        assert (s["test_acc_last"], s["val_acc_best"]) == (d["test_acc_last"], d["val_acc_best"])
+        assert (s["test_metric_last"], s["val_metric_best"]) == \
+            (d["test_metric_last"], d["val_metric_best"])
     a = load_checkpoint(tmp_path / "checkpoints" / "scratch.pt")["model"]
     b = load_checkpoint(tmp_path / "checkpoints" / "distilled.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "checkpoints" / "scratch.seed1.pt").exists()
-    assert rows[("scratch", 0)]["test_acc_last"] != rows[("scratch", 1)]["test_acc_last"] or \
-        rows[("scratch", 0)]["val_acc_best"] != rows[("scratch", 1)]["val_acc_best"]
+    assert rows[("scratch", 0)]["test_metric_last"] != rows[("scratch", 1)]["test_metric_last"] or \
+        rows[("scratch", 0)]["val_metric_best"] != rows[("scratch", 1)]["val_metric_best"]
 
 
 def test_kd_run_differs_from_scratch(tmp_path):
@@ -94,7 +95,7 @@ def test_outputs_have_the_documented_columns_and_checkpoints_load(tmp_path):
         model = build_model(cfg[row.role if row.role == "teacher" else "student"],
                             ckpt["input_shape"], ckpt["num_classes"])
         model.load_state_dict(ckpt["model"])
-        assert evaluate(model, data.test, 1000)[1] == pytest.approx(row.test_acc_last)
+        assert evaluate(model, data.test, 1000)[1] == pytest.approx(row.test_metric_last)
         assert ckpt["epoch"] == 3 and ckpt["config"]["loss"]["name"] == "kd"
 
 
@@ -104,23 +105,23 @@ def test_best_val_is_selected_on_validation_not_test(tmp_path):
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     for _, row in pd.read_csv(tmp_path / "summary.csv").iterrows():
         stage = metrics[metrics.stage == row.role]
-        val = stage[stage.split == "val"].set_index("epoch").acc
-        test = stage[stage.split == "test"].set_index("epoch").acc
+        val = stage[stage.split == "val"].set_index("epoch").score
+        test = stage[stage.split == "test"].set_index("epoch").score
         best = val.idxmax()  # first epoch with the highest validation accuracy
         assert row.best_epoch == best
-        assert row.test_acc_best_val == pytest.approx(test[best])
-        assert row.test_acc_last == pytest.approx(test[test.index.max()])
+        assert row.test_metric_best_val == pytest.approx(test[best])
+        assert row.test_metric_last == pytest.approx(test[test.index.max()])
 
 
 def test_metrics_rows_are_on_disk_after_each_epoch(tmp_path):
     log = MetricsLog(tmp_path / "m.csv", {"T": 4})
-    log.append([{"stage": "teacher", "epoch": 1, "split": "train", "loss": 1.0, "acc": 50.0,
+    log.append([{"stage": "teacher", "epoch": 1, "split": "train", "loss": 1.0, "score": 50.0,
                  "lr": 0.1, "seconds": 0.5}], seed=0)
     with open(tmp_path / "m.csv") as f:  # a second reader, as after a kill
         rows = list(csv.DictReader(f))
     assert rows == [{"stage": "teacher", "seed": "0", "epoch": "1", "split": "train",
-                     "loss": "1.0", "acc": "50.0", "lr": "0.1", "seconds": "0.5", "reused": "False",
-                     "T": "4"}]
+                     "loss": "1.0", "score": "50.0", "lr": "0.1", "seconds": "0.5",
+                     "reused": "False", "T": "4"}]
 
 
 def test_divergence_is_reported_with_stage_and_epoch(tmp_path):
@@ -286,6 +287,6 @@ def test_every_scheme_runs_end_to_end_on_the_default_data(tmp_path, scheme):
                       "progress=false", cache(tmp_path))
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert cfg.dataset.name == "mnist1d" and rows[-1]["role"] == "distilled"
-    assert all(np.isfinite(r["test_acc_last"]) for r in rows)
+    assert all(np.isfinite(r["test_metric_last"]) for r in rows)
     # the default transfer set: a teacher labels it, so a cohort without one trains without it
     assert rows[-1]["train_unlabeled"] == (0 if scheme == "dml" else 6000)

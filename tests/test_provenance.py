@@ -150,7 +150,7 @@ def material(cfg, role="teacher", device=CPU, numerics=None, data="d" * 20, **ex
     numerics = numerics or provenance.numerics(cfg.trainer, device)
     model = cfg.teacher if role == "teacher" else cfg.student
     return stage_key(provenance.stage_material(cfg, role=role, model_cfg=model, seed=0, epochs=2,
-                                               numerics=numerics, data_digest=data, extra=extra))
+                                               numerics=numerics, data_digest=data, adds=extra))
 
 
 @pytest.mark.parametrize("override", [

@@ -19,15 +19,15 @@ def fake_cifar_job(sweep, name, method, teacher, student, accs, curves):
     common = {"dataset": "cifar100", "method": method, "T": 4.0, "alpha": 0.9,
               "device": "cpu", "precision": "fp32", "torch": "2.x", "data_sha256": "d",
               "eval_split": "test"}
-    rows = [{"role": "teacher", "seed": 0, "arch": teacher, "test_acc_best_val": accs[0],
-             "val_acc_best": accs[0], "cache_key": "t", **common}]
+    rows = [{"role": "teacher", "seed": 0, "arch": teacher, "test_metric_best_val": accs[0],
+             "val_metric_best": accs[0], "cache_key": "t", **common}]
     for seed, (s, d) in enumerate(zip(accs[1], accs[2])):
-        rows += [{"role": "scratch", "seed": seed, "arch": student, "test_acc_best_val": s,
-                  "val_acc_best": s, "cache_key": f"s{seed}", **common},
-                 {"role": "distilled", "seed": seed, "arch": student, "test_acc_best_val": d,
-                  "val_acc_best": d, "cache_key": f"d{name}{seed}", **common}]
+        rows += [{"role": "scratch", "seed": seed, "arch": student, "test_metric_best_val": s,
+                  "val_metric_best": s, "cache_key": f"s{seed}", **common},
+                 {"role": "distilled", "seed": seed, "arch": student, "test_metric_best_val": d,
+                  "val_metric_best": d, "cache_key": f"d{name}{seed}", **common}]
     pd.DataFrame(rows).to_csv(job / "summary.csv", index=False)
-    metrics = [{"stage": "distilled", "seed": seed, "epoch": e, "split": split, "acc": acc}
+    metrics = [{"stage": "distilled", "seed": seed, "epoch": e, "split": split, "score": acc}
                for seed, curve in enumerate(curves) for e, acc in enumerate(curve, start=1)
                for split in ("val", "test")]
     pd.DataFrame(metrics).to_csv(job / "metrics.csv", index=False)

@@ -386,4 +386,4 @@ def test_the_feature_recipes_train_end_to_end_on_tiny_cifar100_files(tmp_path, s
                       "latency.warmup=0", f"cache.dir={tmp_path}/cache")
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
-    assert rows[2]["method"] == loss and 0 <= rows[2]["test_acc_best_val"] <= 100
+    assert rows[2]["method"] == loss and 0 <= rows[2]["test_metric_best_val"] <= 100

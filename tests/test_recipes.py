@@ -168,7 +168,7 @@ def test_optuna_search_runs_four_trials_into_one_report(tmp_path):
     assert len(distilled) == 4 and distilled[["T", "alpha"]].drop_duplicates().shape[0] == 4
     assert ((1 <= distilled["T"]) & (distilled["T"] <= 10)).all()
     best = OmegaConf.load(sweep / "optimization_results.yaml")
-    assert best.best_value == pytest.approx(distilled.val_acc_best.max())
+    assert best.best_value == pytest.approx(distilled.val_metric_best.max())
     teachers = summary[summary.role == "teacher"]
     assert teachers.cache_key.nunique() == 1 and len(teachers) == 4  # one teacher, 4 trials
 
@@ -199,8 +199,8 @@ def test_tensorboard_logger_writes_the_metric_rows_as_scalars(tmp_path):
     events.Reload()
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     for stage in ("teacher", "scratch", "distilled"):
-        scalars = events.Scalars(f"{stage}/val_acc")
-        expected = metrics[(metrics.stage == stage) & (metrics.split == "val")].acc
+        scalars = events.Scalars(f"{stage}/val_score")
+        expected = metrics[(metrics.stage == stage) & (metrics.split == "val")].score
         assert [s.step for s in scalars] == [1, 2]
         assert [s.value for s in scalars] == pytest.approx(list(expected), abs=1e-4)
     assert "config" in "".join(events.Tags()["tensors"])

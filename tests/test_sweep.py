@@ -66,7 +66,8 @@ def test_sweep_trains_teacher_once_writes_report_and_skips_finished_jobs(tmp_pat
         assert (sweep / name).stat().st_size > 0
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 4 * 3
-    assert {"job", "role", "seed", "T", "alpha", "test_acc_best_val", "val_acc_best", "reused",
+    assert {"job", "role", "seed", "T", "alpha", "test_metric_best_val", "val_metric_best",
+            "reused",
             "soft_target_entropy"} <= set(summary.columns)
     report = (sweep / "report.md").read_text()
     assert "selected on validation accuracy" in report and "| 4 | 0.9 |" in report
@@ -99,7 +100,7 @@ def test_four_parallel_jobs_on_an_empty_cache_train_one_teacher(tmp_path):
     for a in alphas:
         summary = pd.read_csv(tmp_path / f"run{a}" / "summary.csv")
         assert list(summary.role) == ["teacher", "scratch", "distilled"]
-        assert summary.test_acc_best_val.notna().all()
+        assert summary.test_metric_best_val.notna().all()
         metrics = pd.read_csv(tmp_path / f"run{a}" / "metrics.csv")
         assert not metrics.duplicated(["stage", "seed", "epoch", "split"]).any()
         assert len(metrics) == 3 * (30 + 2 + 2)
@@ -177,7 +178,8 @@ def test_resumed_fit_ends_exactly_where_an_uninterrupted_fit_does(tmp_path):
     state = train(stop_at=3)
     torch.save(state, tmp_path / "s.pt")  # through disk, as after a kill
     resumed_model, resumed = train(resume=torch.load(tmp_path / "s.pt", weights_only=True))
-    assert (resumed.best_epoch, resumed.test_acc_last) == (full.best_epoch, full.test_acc_last)
+    assert (resumed.best_epoch, resumed.test_metric_last) == \
+        (full.best_epoch, full.test_metric_last)
     for k, v in full_model.state_dict().items():
         assert torch.equal(v, resumed_model.state_dict()[k])
 
@@ -232,7 +234,7 @@ def test_bring_your_own_teacher_skips_training_and_is_evaluated(tmp_path):
     own = tmp_path / "a" / "checkpoints" / "teacher.pt"
     cfg = make_config(*base, f"teacher.checkpoint={own}", "loss.T=2")
     rows = pipeline.run(cfg, tmp_path / "b")["rows"]
-    assert rows[0]["test_acc_best_val"] == pytest.approx(first["test_acc_best_val"])
+    assert rows[0]["test_metric_best_val"] == pytest.approx(first["test_metric_best_val"])
     assert rows[0]["epochs"] == 0
     assert [e["event"] for e in events(tmp_path / "b")][0] == "given"
 

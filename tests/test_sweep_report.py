@@ -22,15 +22,15 @@ def fake_job(sweep, name, overrides, teacher_key, students, T=4.0, alpha=0.9):
     OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
     common = {"method": "dkd", "T": T, "alpha": alpha, "device": "cpu", "precision": "fp32",
               "torch": "2.x", "data_sha256": "d", "eval_split": "test"}
-    rows = [{"role": "teacher", "seed": 0, "test_acc_best_val": 90.0, "val_acc_best": 90.0,
+    rows = [{"role": "teacher", "seed": 0, "test_metric_best_val": 90.0, "val_metric_best": 90.0,
              "cache_key": teacher_key, **common}]
     for seed, (scratch, distilled) in students.items():
-        rows += [{"role": "scratch", "seed": seed, "test_acc_best_val": scratch,
-                  "val_acc_best": scratch, "cache_key": f"s{seed}", **common},
-                 {"role": "distilled", "seed": seed, "test_acc_best_val": distilled,
-                  "val_acc_best": distilled, "cache_key": f"d{name}{seed}", **common}]
+        rows += [{"role": "scratch", "seed": seed, "test_metric_best_val": scratch,
+                  "val_metric_best": scratch, "cache_key": f"s{seed}", **common},
+                 {"role": "distilled", "seed": seed, "test_metric_best_val": distilled,
+                  "val_metric_best": distilled, "cache_key": f"d{name}{seed}", **common}]
     pd.DataFrame(rows).to_csv(job / "summary.csv", index=False)
-    pd.DataFrame([{"stage": s, "seed": 0, "epoch": 1, "split": "val", "acc": 50.0}
+    pd.DataFrame([{"stage": s, "seed": 0, "epoch": 1, "split": "val", "score": 50.0}
                   for s in ("teacher", "scratch", "distilled")]).to_csv(job / "metrics.csv",
                                                                           index=False)
 
@@ -180,3 +180,20 @@ def test_jobs_of_one_setting_under_two_torch_versions_stay_apart_in_table_and_fi
     _, lines = _write_report(tmp_path)
     assert len(lines) == 4 and sum("torch=3.x" in line for line in lines) == 2
     assert (tmp_path / "gain_vs_loss.T.png").is_file()  # a line per torch version
+
+
+def test_a_sweep_written_with_the_old_acc_column_names_reads_as_today(tmp_path):
+    """Before December 2026 the metric columns were named acc, val_acc_best, ...:
+    kdrun-report reads such a sweep and writes its summary.csv with today's names."""
+    fake_job(tmp_path, "a", ["loss.T=2"], "t0", {0: (50.0, 51.0), 1: (50.0, 52.5)}, T=2.0)
+    job = tmp_path / "a"
+    old = {"val_metric_best": "val_acc_best", "test_metric_best_val": "test_acc_best_val"}
+    pd.read_csv(job / "summary.csv").rename(columns=old).to_csv(job / "summary.csv",
+                                                                index=False)
+    pd.read_csv(job / "metrics.csv").rename(columns={"score": "acc"}).to_csv(
+        job / "metrics.csv", index=False)
+    _, rows = report_table(tmp_path)
+    assert rows[0]["gain"].split()[0] == "+1.75"
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert {"val_metric_best", "test_metric_best_val"} <= set(summary.columns)
+    assert not {"val_acc_best", "test_acc_best_val", "acc"} & set(summary.columns)

@@ -58,7 +58,7 @@ def hydra_main(cfg: DictConfig) -> float:
         if sweep:  # the job's table is in its kdrun.log; the console gets one line
             print(f"job {job_name(hydra_cfg)}: {result['line']} ({shown_path(run_dir.root)})",
                   flush=True)
-        return result["distilled_val_acc"]
+        return result["distilled_val_metric"]
     except KeyboardInterrupt:
         if not follower():
             run_dir.mark_interrupted(where_now(), resume_hint())

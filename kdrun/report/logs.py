@@ -15,7 +15,9 @@ import pandas as pd
 from kdrun.report.metric_log import MetricLog
 from kdrun.store.files import atomic_write
 
-METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "acc", "lr", "seconds"]
+# score: the epoch's value of the task's metric on the split (summary.csv's ``metric``
+# names it: accuracy in %, or perplexity); a data-free generator's row: its samples' spread
+METRIC_COLUMNS = ["stage", "seed", "epoch", "split", "loss", "score", "lr", "seconds"]
 
 
 class MetricsLog(MetricLog):

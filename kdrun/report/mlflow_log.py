@@ -2,8 +2,8 @@
 child run per job (``pip install 'kdrun[mlflow]'``).
 
 A run logs its resolved config as params (flattened, dotted), every metrics.csv row as
-``<stage>/seed<N>/<split>_acc`` and ``_loss`` at step = epoch, the summary's means
-(``<role>/test_acc_best_val`` ...) and the gain, and as artifacts summary.csv,
+``<stage>/seed<N>/<split>_score`` and ``_loss`` at step = epoch, the summary's means
+(``<role>/test_metric_best_val`` ...) and the gain, and as artifacts summary.csv,
 metrics.csv and the printed table. The sweep's parent run gets the sweep report and
 its plots. The store is ``logger.tracking_uri``, by default a local file store,
 ``<output_root>/mlruns``: ``mlflow ui --backend-store-uri outputs/mlruns``.
@@ -158,7 +158,7 @@ class MlflowLog(MetricLog):
 
         metrics = []
         for row in rows:
-            for name in ("acc", "loss"):
+            for name in ("score", "loss"):
                 key = f"{row['stage']}/seed{seed}/{row['split']}_{name}"
                 if (key, int(row["epoch"])) not in self.logged and row[name] == row[name]:
                     metrics.append(Metric(key, float(row[name]), 0, int(row["epoch"])))
@@ -198,12 +198,12 @@ def summary_metrics(summary) -> dict[str, float]:
     """Per role the mean accuracies over seeds, and the mean gain of distillation."""
     figures = {}
     for role, rows in summary.groupby("role"):
-        for column in ("val_acc_best", "test_acc_last", "test_acc_best_val"):
+        for column in ("val_metric_best", "test_metric_last", "test_metric_best_val"):
             figures[f"{role}/{column}"] = float(rows[column].mean())
     if {"scratch", "distilled"} <= set(summary.role):
-        figures["gain/test_acc_best_val"] = float(paired_gain(
+        figures["gain/test_metric_best_val"] = float(paired_gain(
             summary[summary.role == "scratch"], summary[summary.role == "distilled"],
-            "test_acc_best_val").mean())
+            "test_metric_best_val").mean())
     return {k: v for k, v in figures.items() if v == v}  # NaN (no val split) left out
 
 

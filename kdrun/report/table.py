@@ -17,7 +17,7 @@ from kdrun.store.files import atomic_write
 
 SUMMARY_COLUMNS = [
     "role", "seed", "arch", "params", "size_mb", "latency_ms_b1", "latency_ms_b256", "epochs",
-    "best_epoch", "val_acc_best", "test_acc_last", "test_acc_best_val", "eval_split",
+    "best_epoch", "val_metric_best", "test_metric_last", "test_metric_best_val", "eval_split",
     "selected_by", "train_seconds", "device", "precision", "torch", "data_sha256",
     "checkpoint", "metric", "higher_is_better",
 ]
@@ -99,8 +99,8 @@ def _int8_lines(summary: pd.DataFrame, w: int, p: int, chosen: str, teacher: str
 def _row_line(label: str, model: str, rows: pd.DataFrame, w: int, p: int) -> str:
     """One row of the table: the mean ± std over seeds of the last and the selected epoch."""
     return (f"{label:<10} {model:<{w}} {rows.params.iloc[0]:>{p},}  "
-            f"{mean_std(list(rows.test_acc_last)):>16}  "
-            f"{mean_std(list(rows.test_acc_best_val)):>18}")
+            f"{mean_std(list(rows.test_metric_last)):>16}  "
+            f"{mean_std(list(rows.test_metric_best_val)):>18}")
 
 
 def _gain_lines(label: str, what: str, verdict: str, scratch: pd.DataFrame,
@@ -108,11 +108,11 @@ def _gain_lines(label: str, what: str, verdict: str, scratch: pd.DataFrame,
                 draw: str | None, metric: Metric) -> list[str]:
     """The paired gain of distilled over scratch students, and its verdict."""
     gains = {col: list(paired_gain(scratch, distilled, col))
-             for col in ("test_acc_last", "test_acc_best_val")}
-    return [f"{label:<10} {what:<{w + p + 1}}  {_signed(gains['test_acc_last']):>16}  "
-            f"{_signed(gains['test_acc_best_val']):>18}",
+             for col in ("test_metric_last", "test_metric_best_val")}
+    return [f"{label:<10} {what:<{w + p + 1}}  {_signed(gains['test_metric_last']):>16}  "
+            f"{_signed(gains['test_metric_best_val']):>18}",
             f"{verdict} ({chosen}): "
-            f"{gain_verdict(gains['test_acc_best_val'], teacher, draw, metric)}"]
+            f"{gain_verdict(gains['test_metric_best_val'], teacher, draw, metric)}"]
 
 
 def _int8_size_line(summary: pd.DataFrame, int8) -> list[str]:
@@ -160,10 +160,10 @@ def one_line(summary: pd.DataFrame) -> str:
     scratch, distilled = (summary[summary.role == role] for role in ("scratch", "distilled"))
     if scratch.empty or distilled.empty:
         return "finished"
-    gains = list(paired_gain(scratch, distilled, "test_acc_best_val"))
+    gains = list(paired_gain(scratch, distilled, "test_metric_best_val"))
     test = gain_test(gains, summary_metric(summary))
     interval = f" [{test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else ""
-    return (f"distilled {mean_std(list(distilled.test_acc_best_val))}, gain {test.mean:+.2f}"
+    return (f"distilled {mean_std(list(distilled.test_metric_best_val))}, gain {test.mean:+.2f}"
             f"{interval}: {test.verdict}")
 
 
@@ -226,11 +226,12 @@ def _all_labels_lines(reference: pd.DataFrame, scratch: pd.DataFrame, distilled:
         return []
     arch = f"{reference.arch.iloc[0]}, all labels"
     lines = [f"{'reference':<10} {arch:<{w}} {reference.params.iloc[0]:>{p},}  "
-             f"{mean_std(list(reference.test_acc_last)):>16}  "
-             f"{mean_std(list(reference.test_acc_best_val)):>18}"]
-    gap = statistics.mean(reference.test_acc_best_val) - statistics.mean(scratch.test_acc_best_val)
-    closed = (statistics.mean(distilled.test_acc_best_val)
-              - statistics.mean(scratch.test_acc_best_val))
+             f"{mean_std(list(reference.test_metric_last)):>16}  "
+             f"{mean_std(list(reference.test_metric_best_val)):>18}"]
+    gap = (statistics.mean(reference.test_metric_best_val)
+           - statistics.mean(scratch.test_metric_best_val))
+    closed = (statistics.mean(distilled.test_metric_best_val)
+              - statistics.mean(scratch.test_metric_best_val))
     share = f"{closed / gap:.0%}" if gap > 0 else "n/a (no gap)"
     lines.append(f"reference: the student from scratch on every label, the transfer set's "
                  f"included (not a contender: those labels are what distillation does without); "

@@ -1,7 +1,7 @@
 """``logger=tensorboard``: the metric rows of metrics.csv, also as TensorBoard scalars.
 
 One event folder per seed (``<run>/tensorboard/seed<N>``), so TensorBoard shows each
-seed as a run and overlays the stages: tags ``<stage>/<split>_acc`` and
+seed as a run and overlays the stages: tags ``<stage>/<split>_score`` and
 ``<stage>/<split>_loss`` per epoch. The resolved config is stored as text.
 """
 
@@ -27,7 +27,7 @@ class TensorBoardLog(MetricLog):
         writer = self._writer(seed)
         for row in rows:
             tag = f"{row['stage']}/{row['split']}"
-            writer.add_scalar(f"{tag}_acc", row["acc"], row["epoch"])
+            writer.add_scalar(f"{tag}_score", row["score"], row["epoch"])
             writer.add_scalar(f"{tag}_loss", row["loss"], row["epoch"])
         writer.flush()
 

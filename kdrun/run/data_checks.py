@@ -25,7 +25,7 @@ def check(cfg: DictConfig, data: Data) -> torch.nn.Module | None:
     """Every check of this phase, in order; with int8 students, the student's int8 model
     they proved it converts to (timed after training)."""
     for each in (check_feature_layers, check_transfer_set, check_token_models,
-                 check_vocabularies):
+                 check_vocabularies, scheme_of(cfg).check_data):
         each(cfg, data)
     return int8_students.check_converts(cfg, data)
 

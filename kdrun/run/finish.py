@@ -13,14 +13,14 @@ from kdrun.run.summary_row import RowContext
 from kdrun.store.cache import StageEntry
 
 
-def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, rng: int,
+def finish_stage(entry: StageEntry, model, loss, result, *, role: str, seed: int, train_seed: int,
                  model_cfg, data: Data, cfg: DictConfig, context: RowContext,
                  trained_in: str, figures: dict | None = None) -> None:
     """Write a trained stage's checkpoint and summary into its cache entry.
     ``trained_in`` says how: alone, or in a batch of students trained as one; ``figures``
     (params, size_mb) replace the model's own (an int8 model's size)."""
     checkpoint = trained_checkpoint(model, loss, result, model_cfg, data, cfg)
-    entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": rng},
+    entry.finish(checkpoint={**checkpoint, "role": role, "seed": seed, "rng_seed": train_seed},
                  summary={"role": role, "arch": describe(model_cfg),
                           **(figures or model_figures(getattr(model, "deployed", model))),
                           **_result_columns(result), **examples_seen(data),
@@ -71,6 +71,6 @@ def trained_checkpoint(model, loss, result, model_cfg, data: Data, cfg: DictConf
 def _result_columns(result) -> dict:
     generated = {} if result.generated is None else {"train_generated": result.generated}
     return {"epochs": result.epochs, "best_epoch": result.best_epoch,
-            "val_acc_best": result.val_acc_best, "test_acc_last": result.test_acc_last,
-            "test_acc_best_val": result.test_acc_best_val,
+            "val_metric_best": result.val_metric_best, "test_metric_last": result.test_metric_last,
+            "test_metric_best_val": result.test_metric_best_val,
             "train_seconds": round(result.train_seconds, 3), **generated}

@@ -47,11 +47,11 @@ def evaluate_given_teacher(ctx: RunContext, model_cfg) -> StageResult:
     if distributed.world().writer:
         with entry.lock():
             entry.record_given(str(path))  # so that files computed from it are tracked
-    val_acc, test_acc = (evaluate(model, s.to(device, ctx.dtype), ctx.tcfg.eval_batch_size,
+    val_metric, test_metric = (evaluate(model, s.to(device, ctx.dtype), ctx.tcfg.eval_batch_size,
                                   data.metric)[1]
                          if len(s) else float("nan") for s in (data.val, data.test))
     ctx.events.write("given", "teacher", ctx.cfg.seed, entry.key, checkpoint=str(path))
     row = SummaryRow.evaluated_teacher(
-        ctx.row_context, describe(model_cfg), model_figures(model), val_acc, test_acc,
+        ctx.row_context, describe(model_cfg), model_figures(model), val_metric, test_metric,
         train_seconds=0.0, reused=True, cache_key=entry.key, checkpoint=str(path))
     return StageResult(row, entry, model)

@@ -58,9 +58,9 @@ def int8_columns(selected, last, data: Data, tcfg) -> dict:
         return (evaluate(model, split.to("cpu", torch.float32), tcfg.eval_batch_size,
                          data.metric)[1] if len(split) else float("nan"))
 
-    return {"val_acc_best": metric(selected, data.val),
-            "test_acc_best_val": metric(selected, data.test),
-            "test_acc_last": metric(last, data.test),
+    return {"val_metric_best": metric(selected, data.val),
+            "test_metric_best_val": metric(selected, data.test),
+            "test_metric_last": metric(last, data.test),
             "size_mb": round(size_on_disk_mb(selected), 4)}
 
 

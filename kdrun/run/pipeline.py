@@ -35,6 +35,7 @@ from kdrun.run.provenance import config_hash, student_seeds
 from kdrun.run.schemes import scheme_of
 from kdrun.run.stages import Stages
 from kdrun.run.summary_row import SummaryRow
+from kdrun.store.columns import current_columns
 from kdrun.store.files import RunDir, remove_temporaries
 
 log = logging.getLogger("kdrun")
@@ -100,7 +101,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         if stages.int8:
             export_int8(cfg, data, run_dir, stages.student_seeds[0])
     run_dir.mark_done({"config_hash": config_hash(cfg),
-                       "distilled_val_acc": result["distilled_val_acc"]})
+                       "distilled_val_metric": result["distilled_val_metric"]})
     distributed.barrier()
     return result
 
@@ -123,7 +124,7 @@ def out_of_memory_line(error: Exception, device: torch.device, plan) -> str:
 
 
 # What a process other than rank 0 returns: rank 0's result is the run's.
-FOLLOWER_RESULT = {"rows": [], "table": "", "line": "", "distilled_val_acc": float("nan")}
+FOLLOWER_RESULT = {"rows": [], "table": "", "line": "", "distilled_val_metric": float("nan")}
 
 
 def prepare(cfg: DictConfig) -> tuple[torch.device, Data]:
@@ -210,9 +211,9 @@ def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFram
     table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
                              teacher=scheme_of(cfg).verdict_scope(cfg), draw=_label_draw(cfg))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
-    distilled_val = summary[summary.role == "distilled"].val_acc_best
+    distilled_val = summary[summary.role == "distilled"].val_metric_best
     return {"rows": summary.to_dict("records"), "table": table, "line": one_line(summary),
-            "distilled_val_acc": float(statistics.mean(distilled_val))}
+            "distilled_val_metric": float(statistics.mean(distilled_val))}
 
 
 def _label_draw(cfg: DictConfig) -> str | None:
@@ -233,7 +234,7 @@ def _finished_run(cfg: DictConfig, run_dir: RunDir) -> dict | None:
         raise UserError(f"{run_dir.root} already holds a finished run of another config; "
                         f"choose a new output directory")
     log.info("%s: this run already finished, nothing to do", run_dir.root)
-    summary = pd.read_csv(run_dir.summary_csv)
+    summary = current_columns(pd.read_csv(run_dir.summary_csv))
     result = _report(cfg, cfg.dataset.name, summary.eval_split.iloc[0], run_dir, summary)
     return {**result, "line": f"this run already finished: {result['line']}"}
 

@@ -214,8 +214,10 @@ RESOLVED_PER_STAGE = ("epochs", "teacher_epochs", "student_epochs", "distill_fro
 
 
 def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: int,
-                   numerics: dict, data_digest: str, extra: dict | None = None) -> dict:
-    """Exactly the settings that decide a trained stage's numbers: its cache key."""
+                   numerics: dict, data_digest: str, adds: dict | None = None) -> dict:
+    """Exactly the settings that decide a trained stage's numbers: its cache key.
+    ``adds``: what the stage's key holds besides the run's settings (its loss, its
+    teacher, a transfer set: kdrun/run/stages.py)."""
     from kdrun.models import model_identity
 
     trainer = without_unkeyed(_plain(cfg.trainer), "trainer.")
@@ -224,7 +226,7 @@ def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: 
         "stage": role, "data": data_digest, "dataset": _dataset(cfg),
         "split": _plain(cfg.split), "model": model_key(_plain(model_cfg)),
         "trainer": {k: v for k, v in trainer.items() if k not in RESOLVED_PER_STAGE},
-        "numerics": numerics, "epochs": epochs, "seed": seed, **(extra or {}),
+        "numerics": numerics, "epochs": epochs, "seed": seed, **(adds or {}),
         **({"model_identity": identity} if identity else {}),
     }
 

@@ -56,7 +56,7 @@ class StageSpec:
     model_cfg: DictConfig
     make_loss: Callable  # builds its loss (after seeding: a learned part starts alike)
     seed: int  # names the stage in the run's files (the student seed)
-    rng: int  # seeds its training: init, batch order, augmentation, dropout
+    train_seed: int  # seeds its training: init, batch order, augmentation, dropout
     epochs: int
     data: Data  # what it trains on
     key: dict = dataclasses.field(default_factory=dict)
@@ -112,9 +112,9 @@ class RunContext:
         """The cache entry of a stage trained as ``spec`` says."""
         key = {**spec.key, **processes_key(spec, self.data)}
         return StageEntry(self.cache_root, stage_material(
-            self.cfg, role=spec.role, model_cfg=spec.model_cfg, seed=spec.rng,
+            self.cfg, role=spec.role, model_cfg=spec.model_cfg, seed=spec.train_seed,
             epochs=spec.epochs, numerics=self.numerics, data_digest=self.data_digest,
-            extra=key))
+            adds=key))
 
     def load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
         """A finished stage's model with its ``weights`` (best_val | last)."""
@@ -166,24 +166,24 @@ def train_stage(spec: StageSpec, entry: StageEntry, ctx: RunContext) -> None:
     model, loss = build_stage(spec, ctx)
     train = spec.train or fit  # fit is looked up now: tests spy on it
     result = train(model, spec.data, loss, ctx.tcfg, stage=spec.role, epochs=spec.epochs,
-                   seed=spec.rng, device=ctx.device, teacher=spec.teacher, augment=ctx.augment,
-                   resume=resume, on_epoch=on_epoch, progress=ctx.cfg.progress,
+                   seed=spec.train_seed, device=ctx.device, teacher=spec.teacher,
+                   augment=ctx.augment, resume=resume, on_epoch=on_epoch, progress=ctx.cfg.progress,
                    label=f"{spec.role} seed {spec.seed}")
     figures = None
     if spec.model_cfg.get("quantize") == "int8":  # the int8 model it converts to
         result, figures = converted_int8(model, result, ctx.data, ctx.tcfg)
     if writer:
-        finish_stage(entry, model, loss, result, role=spec.role, seed=spec.seed, rng=spec.rng,
-                     model_cfg=spec.model_cfg, data=spec.data, cfg=ctx.cfg,
-                     context=ctx.row_context, trained_in="alone", figures=figures)
+        finish_stage(entry, model, loss, result, role=spec.role, seed=spec.seed,
+                     train_seed=spec.train_seed, model_cfg=spec.model_cfg, data=spec.data,
+                     cfg=ctx.cfg, context=ctx.row_context, trained_in="alone", figures=figures)
     ctx.events.write("trained", spec.role, spec.seed, entry.key)
 
 
 def build_stage(spec: StageSpec, ctx: RunContext) -> tuple[torch.nn.Module, object]:
-    """The stage's model and loss, built after seeding with its ``rng``: the model (fake
+    """The stage's model and loss, built after seeding with its ``train_seed``: the model (fake
     quantised for quantisation-aware training), its loss attached and, for a feature
     loss, told the shapes of one row's features, student's and teacher's."""
-    torch.manual_seed(spec.rng)
+    torch.manual_seed(spec.train_seed)
     data = ctx.data
     model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role)
     if spec.model_cfg.get("quantize") == "int8":  # fake-quantised weights and activations

@@ -6,7 +6,6 @@ kdrun/sweep/batched.py lists the specs instead)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 
 import torch
@@ -16,6 +15,7 @@ from kdrun.data import Data, Split, transfer_fingerprint
 from kdrun.losses import CE
 from kdrun.report.logs import MetricLogs, metric_logs
 from kdrun.run import int8_students
+from kdrun.run.all_labels import all_labels_data, reference_spec
 from kdrun.run.given_teacher import evaluate_given_teacher
 from kdrun.run.provenance import config_hash, loss_key, run_keys, seed_stream
 from kdrun.run.schemes import scheme_of
@@ -77,7 +77,8 @@ class Stages:
         """A teacher stage: its own seed stream (it never shares init or batch order with
         a student), on the labelled examples or, with ``all_labels``, the transfer set's
         true labels too where they exist."""
-        data, key = (self.all_labels_data() if all_labels else None) or (self.data, {})
+        data, key = (all_labels_data(self.data, self.transfer_digest)
+                     if all_labels else None) or (self.data, {})
         return StageSpec("teacher", model_cfg, CE, self.cfg.seed,
                          seed_stream("teacher", self.cfg.seed),
                          self.tcfg.teacher_epochs or self.tcfg.epochs, data, key)
@@ -89,14 +90,15 @@ class Stages:
 
     def student(self, role: str, make_loss, seed: int, teacher: TeacherTargets | None = None,
                 teacher_key: str | None = None, model_cfg=None, loss_cfg=None,
-                rng: int | None = None) -> StageResult:
+                train_seed: int | None = None) -> StageResult:
         """Scratch and distilled students of one seed share init, data order and
         optimiser: the model is built after seeding with ``seed`` in both cases
-        (``rng``, when given, seeds a student that must not share them, e.g. an
+        (``train_seed``, when given, seeds a student that must not share them, e.g. an
         intermediate born-again generation)."""
         model_cfg = model_cfg if model_cfg is not None else self.float_student
-        spec = StageSpec(role, model_cfg, make_loss, seed, seed if rng is None else rng,
-                         self.student_epochs, self.data, teacher=teacher)
+        spec = StageSpec(role, model_cfg, make_loss, seed,
+                         seed if train_seed is None else train_seed, self.student_epochs,
+                         self.data, teacher=teacher)
         if role not in SCRATCH_ROLES:  # a distilled student depends on its loss and teacher
             if loss_cfg is None:
                 loss_cfg = OmegaConf.to_container(self.cfg.loss, resolve=True)
@@ -118,25 +120,11 @@ class Stages:
         return dataclasses.replace(spec, key=key, data=data)
 
     def all_labels_student(self, seed: int) -> StageResult | None:
-        """The reference "scratch, all labels": the student trained from scratch on the
-        labelled examples *and* the transfer set with its true labels, which no other
-        stage reads; None when the transfer set's labels are unknown."""
-        found = self.all_labels_data()
-        if found is None:
-            return None
-        data, key = found
-        return self.runner(StageSpec("all_labels", self.float_student, CE, seed, seed,
-                                     self.student_epochs, data, key), self.ctx)
-
-    def all_labels_data(self) -> tuple[Data, dict] | None:
-        """The labelled examples and the transfer set with its true labels, as a stage's
-        training data, with what its key adds; None when those labels are unknown."""
-        train = self.data.all_labels_train()
-        if train is None:
-            return None
-        labels = hashlib.sha256(self.data.transfer_labels.numpy().tobytes()).hexdigest()[:20]
-        return self.data.training_on(train), {"transfer": self.transfer_digest,
-                                              "transfer_labels": labels}
+        """The "scratch, all labels" reference of ``seed`` (kdrun/run/all_labels.py); None
+        when the transfer set's labels are unknown."""
+        spec = reference_spec(self.data, self.transfer_digest, self.float_student, seed,
+                              self.student_epochs)
+        return None if spec is None else self.runner(spec, self.ctx)
 
     def data_free_student(self, seed: int, teacher: StageResult, make_game,
                           settings: dict) -> StageResult:
@@ -174,11 +162,12 @@ class Stages:
         """A finished student, with the weights ``trainer.distill_from`` asks for."""
         return self.ctx.load(self.cfg.student, result.entry, self.tcfg.distill_from)
 
-    def add_transfer(self, extra: Split) -> None:
+    def add_transfer(self, examples: Split) -> None:
         """More unlabelled examples for the distilled students (e.g. text the teacher
         wrote: scheme=sequence_kd), after the transfer set there is; their content is
         part of the distilled stages' keys, as the transfer set's is."""
-        transfer = extra if self.data.transfer is None else self.data.transfer.joined(extra)
+        transfer = (examples if self.data.transfer is None
+                    else self.data.transfer.joined(examples))
         self.use_data(dataclasses.replace(self.data, transfer=transfer, transfer_labels=None,
                                           transfer_digest=None))
 

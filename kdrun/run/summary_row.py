@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 # the rest of it is provenance: what the stage key holds of its arithmetic (device,
 # precision, torch), data_sha256, and the rounding-only settings it ran with (threads,
 # processor, trained_in, ...: provenance.ROUNDING_ONLY).
-STAGE_RESULT_KEYS = ("arch", "params", "size_mb", "epochs", "best_epoch", "val_acc_best",
-                     "test_acc_last", "test_acc_best_val", "train_seconds", "eval_split",
+STAGE_RESULT_KEYS = ("arch", "params", "size_mb", "epochs", "best_epoch", "val_metric_best",
+                     "test_metric_last", "test_metric_best_val", "train_seconds", "eval_split",
                      "selected_by")
 
 
@@ -51,9 +51,9 @@ class SummaryRow:
     size_mb: float
     epochs: int
     best_epoch: int
-    val_acc_best: float
-    test_acc_last: float
-    test_acc_best_val: float
+    val_metric_best: float
+    test_metric_last: float
+    test_metric_best_val: float
     eval_split: str
     selected_by: str
     train_seconds: float
@@ -76,15 +76,15 @@ class SummaryRow:
                    **{k: summary[k] for k in STAGE_RESULT_KEYS})
 
     @classmethod
-    def evaluated_teacher(cls, context: RowContext, arch: str, figures: dict, val_acc: float,
-                          test_acc: float, *, train_seconds: float, reused: bool,
+    def evaluated_teacher(cls, context: RowContext, arch: str, figures: dict, val_metric: float,
+                          test_metric: float, *, train_seconds: float, reused: bool,
                           cache_key: str | None = None, checkpoint: str | None = None,
                           **scheme) -> SummaryRow:
         """A teacher evaluated here but not trained as a stage (a user's checkpoint, an
         ensemble): no epochs, the accuracies it has now."""
         return cls(role="teacher", seed=context.seed, arch=arch, params=figures["params"],
-                   size_mb=figures["size_mb"], epochs=0, best_epoch=0, val_acc_best=val_acc,
-                   test_acc_last=test_acc, test_acc_best_val=test_acc,
+                   size_mb=figures["size_mb"], epochs=0, best_epoch=0, val_metric_best=val_metric,
+                   test_metric_last=test_metric, test_metric_best_val=test_metric,
                    eval_split=context.eval_split, selected_by=context.selected_by,
                    train_seconds=train_seconds, reused=reused, provenance=context.provenance,
                    run=context.run, cache_key=cache_key, checkpoint=checkpoint,

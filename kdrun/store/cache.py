@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from kdrun.store.columns import current_names
 from kdrun.store.files import (
     CorruptFile,
     atomic_write,
@@ -48,7 +49,7 @@ from kdrun.store.files import (
 log = logging.getLogger("kdrun")
 
 CACHE_VERSION = 5  # bump when a change makes old stage results invalid (5: soft_kl written out)
-ROW_COLUMNS = ["stage", "epoch", "split", "loss", "acc", "lr", "seconds"]
+ROW_COLUMNS = ["stage", "epoch", "split", "loss", "score", "lr", "seconds"]
 SET_ASIDE = "set_aside"  # <root>/set_aside/<key>-<time>/: entries that failed their checksums
 
 
@@ -163,7 +164,8 @@ class StageEntry:
             return []
         text = self.rows_csv.read_text()
         complete = text[: text.rfind("\n") + 1]  # a last line without its newline was cut by a kill
-        return [_typed(r) for r in csv.DictReader(io.StringIO(complete, newline=""))]
+        return [_typed(current_names(r))
+                for r in csv.DictReader(io.StringIO(complete, newline=""))]
 
     def save_state(self, state: dict) -> None:
         save_sealed(self.state_pt, state)
@@ -178,7 +180,7 @@ class StageEntry:
         self.state_pt.unlink(missing_ok=True)
 
     def summary(self) -> dict:
-        return self._record()["summary"]
+        return current_names(self._record()["summary"])
 
     def record_given(self, source: str) -> None:
         """Mark an entry for a teacher that was given, not trained: no weights of its
@@ -238,7 +240,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 def _typed(row: dict) -> dict:
     return {**row, "epoch": int(row["epoch"]),
-            **{k: float(row[k]) for k in ("loss", "acc", "lr", "seconds")}}
+            **{k: float(row[k]) for k in ("loss", "score", "lr", "seconds")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,8 @@ def gains_by_setting(summary: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     scratch = summary[summary.role == "scratch"]
     teachers = summary[summary.role == "teacher"].set_index("job")
     distilled = summary[summary.role == "distilled"].reset_index(drop=True)
-    distilled["gain"] = paired_gain(scratch, distilled, "test_acc_best_val", by=("job", "seed"))
-    distilled["teacher_acc"] = distilled.job.map(teachers.test_acc_best_val)
+    distilled["gain"] = paired_gain(scratch, distilled, "test_metric_best_val", by=("job", "seed"))
+    distilled["teacher_metric"] = distilled.job.map(teachers.test_metric_best_val)
     # which teacher taught each student: its stage key, or (an ensemble) its seed; none
     # at all in deep mutual learning
     seeds = "seed " + teachers.seed.astype(str) if "seed" in teachers else pd.Series(dtype=str)
@@ -100,9 +100,10 @@ def _setting_row(group: pd.DataFrame, metric: Metric) -> dict:
     return {
         "method": group.method.iloc[0], "T": group["T"].iloc[0], "alpha": group.alpha.iloc[0],
         "teachers": len(means), "students": len(group),
-        "teacher_acc": group.drop_duplicates("teacher").teacher_acc.mean(),
-        "val_acc": group.val_acc_best.mean(),
-        "test_acc": group.test_acc_best_val.mean(), "test_std": _std(group.test_acc_best_val),
+        "teacher_metric": group.drop_duplicates("teacher").teacher_metric.mean(),
+        "val_metric": group.val_metric_best.mean(),
+        "test_metric": group.test_metric_best_val.mean(),
+        "test_std": _std(group.test_metric_best_val),
         "gain": test.mean, "gain_std": test.std,
         "within_teacher_std": math.sqrt(statistics.mean(within)) if within else float("nan"),
         "gain_ci_low": test.ci_low, "gain_ci_high": test.ci_high, "p": test.p,
@@ -137,9 +138,10 @@ def setting_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
 def best_setting(table: pd.DataFrame, metric: Metric) -> pd.Series | None:
     """The setting whose distilled students score best on *validation*; None without a
     validation split."""
-    if not table.val_acc.notna().any():
+    if not table.val_metric.notna().any():
         return None
-    return table.loc[table.val_acc.idxmax() if metric.higher_is_better else table.val_acc.idxmin()]
+    best = table.val_metric.idxmax() if metric.higher_is_better else table.val_metric.idxmin()
+    return table.loc[best]
 
 
 def how_trained(summary: pd.DataFrame) -> str | None:

@@ -96,9 +96,10 @@ class StagePlan:
         check_batchable(build_model(spec.model_cfg, ctx.data.input_shape, ctx.data.num_classes,
                                     spec.role), loss, ctx.tcfg, self.device)
         self.planned.append(Member(
-            entry=entry, role=spec.role, seed=spec.seed, rng=spec.rng, model_cfg=spec.model_cfg,
-            loss=loss, targets=spec.teacher, teacher_key=spec.key.get("teacher"), cfg=self.cfg,
-            context=ctx.row_context, data=spec.data, device=self.device))
+            entry=entry, role=spec.role, seed=spec.seed, train_seed=spec.train_seed,
+            model_cfg=spec.model_cfg, loss=loss, targets=spec.teacher,
+            teacher_key=spec.key.get("teacher"), cfg=self.cfg, context=ctx.row_context,
+            data=spec.data, device=self.device))
 
 
 class PlanningStages(Stages):
@@ -232,7 +233,7 @@ def _train(members: list[Member], resume: dict | None, state_path: Path) -> int:
             continue
         model, fit_result = result
         finish_stage(member.entry, model, member.loss, fit_result, role=member.role,
-                     seed=member.seed, rng=member.rng, model_cfg=member.model_cfg,
+                     seed=member.seed, train_seed=member.train_seed, model_cfg=member.model_cfg,
                      data=member.data, cfg=member.cfg,
                      context=member.context.with_provenance(threads),
                      trained_in=f"a stacked batch of {len(members)}")

@@ -14,6 +14,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kdrun.run.provenance import REPLICATE_KEYS, outside_the_key
+from kdrun.store.columns import current_columns
 
 
 class NoFinishedJobs(FileNotFoundError):
@@ -74,9 +75,9 @@ def read_jobs(sweep_dir: Path) -> Jobs:
 
 def collect(jobs: Jobs, which: str) -> pd.DataFrame:
     """All finished jobs' summary.csv or metrics.csv, with a ``job`` column and one
-    column per swept key."""
-    frames = [pd.read_csv(d / which).assign(job=str(d.relative_to(jobs.root)),
-                                            **{k: setting.get(k, "-") for k in jobs.swept})
+    column per swept key; an older kdrun's column names read as today's."""
+    frames = [current_columns(pd.read_csv(d / which)).assign(
+                  job=str(d.relative_to(jobs.root)), **{k: setting.get(k, "-") for k in jobs.swept})
               for d, setting in jobs.settings.items()]
     return _as_numbers(pd.concat(frames, ignore_index=True), jobs.swept)
 

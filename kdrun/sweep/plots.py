@@ -183,7 +183,7 @@ def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, swept: list[str],
               "distilled": chosen[chosen.stage == "distilled"]}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in curves.items():
-        mean = rows.groupby("epoch").acc.mean()
+        mean = rows.groupby("epoch").score.mean()
         seeds = rows.seed.nunique() if "seed" in rows else 1
         ax.plot(mean.index, mean.values, label=f"{label} (mean of {seeds} seeds)"
                 if seeds > 1 else label)

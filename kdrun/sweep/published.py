@@ -61,9 +61,9 @@ def beside_published(summary: pd.DataFrame, metrics: pd.DataFrame,
         rows.append({
             "pair": f"{paper.teacher} -> {paper.student}", "method": paper.method,
             "seeds": len(distilled),
-            "teacher": _pair(teacher.test_acc_best_val.mean(), paper.teacher_acc),
-            "student alone": _pair(scratch.test_acc_best_val.mean(), paper.student_acc),
-            "distilled": _pair(distilled.test_acc_best_val.mean(), paper.distilled_acc),
+            "teacher": _pair(teacher.test_metric_best_val.mean(), paper.teacher_acc),
+            "student alone": _pair(scratch.test_metric_best_val.mean(), paper.student_acc),
+            "distilled": _pair(distilled.test_metric_best_val.mean(), paper.distilled_acc),
             "distilled, best test epoch": f"{best_test:.2f}",
             "difference": f"{best_test - paper.distilled_acc:+.2f}",
             "source": paper.source})
@@ -73,7 +73,7 @@ def beside_published(summary: pd.DataFrame, metrics: pd.DataFrame,
 def _best_test_epoch(metrics: pd.DataFrame, stage: str) -> float:
     """The best test accuracy over epochs of a stage, mean over its seeds."""
     test = metrics[(metrics.stage == stage) & (metrics.split == "test")]
-    return float(test.groupby("seed").acc.max().mean())
+    return float(test.groupby("seed").score.max().mean())
 
 
 def _pair(ours: float, theirs: float) -> str:

@@ -73,7 +73,7 @@ def console_lines(table: pd.DataFrame, keys: list[str]) -> list[str]:
         setting = setting_name(keys, tuple(row[k] for k in keys), " ") or "all jobs"
         interval = ("" if math.isnan(row.gain_ci_low)
                     else f" [{row.gain_ci_low:+.2f}, {row.gain_ci_high:+.2f}]")
-        lines.append(f"  {setting}: distilled {row.test_acc:.2f}, gain {row.gain:+.2f}"
+        lines.append(f"  {setting}: distilled {row.test_metric:.2f}, gain {row.gain:+.2f}"
                      f"{interval} over {row.interval_over}: {row.verdict}")
     return lines
 
@@ -116,12 +116,12 @@ def _gain_section(found: SweepAnalysis, keys: list[str]) -> list[str]:
     shown["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in
                        zip(table.gain_ci_low, table.gain_ci_high)]
     shown["p"] = [format_p(p) if not math.isnan(p) else "-" for p in table.p]
-    shown["distilled test acc"] = [f"{m:.2f} ± {s:.2f}" for m, s in
-                                   zip(table.test_acc, table.test_std)]
+    distilled = f"distilled test {metric.short}"  # acc, or ppl
+    shown[distilled] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(table.test_metric, table.test_std)]
     counts = ["labelled", "unlabelled"] if "unlabelled" in table and \
         (table.unlabelled > 0).any() else []
-    columns = keys + counts + ["teachers", "students", "teacher_acc", "val_acc",
-                               "distilled test acc", "gain", "within_teacher_std", "95% CI",
+    columns = keys + counts + ["teachers", "students", "teacher_metric", "val_metric",
+                               distilled, "gain", "within_teacher_std", "95% CI",
                                "p", "interval_over", "verdict"]
     return [
         "## Distillation gain per setting", "",
@@ -147,8 +147,8 @@ def _best_section(found: SweepAnalysis, keys: list[str]) -> list[str]:
                         "split, `split.val_fraction=0`, or data-free students, which read no "
                         "validation example): no setting is selected.", ""]
     best_name = setting_name(keys, tuple(best[k] for k in keys), " ")
-    return lines + [f"**{best_name}**: distilled validation {metric.name} {best.val_acc:.2f}, "
-                    f"test {metric.name} {best.test_acc:.2f}, gain {best.gain:+.2f} "
+    return lines + [f"**{best_name}**: distilled validation {metric.name} {best.val_metric:.2f}, "
+                    f"test {metric.name} {best.test_metric:.2f}, gain {best.gain:+.2f} "
                     f"({best.verdict}).", ""]
 
 

@@ -35,15 +35,10 @@ from kdrun.train.epochs import (
     EpochTrained,
     FitResult,
     OptimizerSteps,
-    drive,
-    restore_training,
-    result_of,
-    training_state,
 )
 from kdrun.train.features import FeatureTap
-from kdrun.train.fit import evaluate
+from kdrun.train.fit import OneModel
 from kdrun.train.optim import make_optimizer, make_schedule
-from kdrun.train.progress import StageProgress
 
 log = logging.getLogger("kdrun")
 SAMPLES_SHOWN = 8  # generated inputs kept for the picture at each snapshot
@@ -140,35 +135,25 @@ def fit_data_free(model: nn.Module, data: Data, loss_fn: DataFreeGame, tcfg, *, 
     s = loss_fn.settings
     loop = DataFreeLoop(model, loss_fn, tcfg, epochs=epochs, seed=seed, device=device,
                         metric=data.metric, stage=stage)
-
-    def each_epoch(out, snapshot):
-        for _, rows in out:
-            on_epoch(rows, snapshot)
-
     teacher_model = teacher.model.to(device, loop.dtype)
     with frozen(teacher_model), teacher_hooks(teacher_model, s) as (prior, tap):
         loop.teacher, loop.prior, loop.tap = teacher_model, prior, tap
-        done = drive(loop, stages=[stage], epochs=epochs,
-                     splits={"test": data.test.to(device, loop.dtype)}, metric=data.metric,
-                     device=device, resume=resume, on_epoch=each_epoch,
-                     bar=lambda start: StageProgress(label or stage, epochs, start, progress,
-                                                     data.metric))
-    return result_of(done[0], stage=stage, seed=seed, epochs=epochs,
-                     optimizer_state=loop.optimizer.state_dict(),
-                     generated=epochs * s.iterations * (s.student_steps + 1) * s.batch_size)
+        return loop.drive(
+            stage=stage, epochs=epochs, seed=seed, device=device, resume=resume,
+            splits={"test": data.test.to(device, loop.dtype)}, on_epoch=on_epoch,
+            progress=progress, label=label,
+            generated=epochs * s.iterations * (s.student_steps + 1) * s.batch_size)
 
 
-class DataFreeLoop:
+class DataFreeLoop(OneModel):
     """fit_data_free's loop for the epoch driver (kdrun/train/epochs.py): the student, its
     game (the generator and its optimiser), the noise's draws; each epoch a Round."""
-
-    size = 1  # models trained together
 
     def __init__(self, model: nn.Module, game: DataFreeGame, tcfg, *, epochs: int, seed: int,
                  device: torch.device, metric, stage: str):
         s = game.settings
         torch.manual_seed(seed)  # dropout masks
-        self.draws = torch.Generator().manual_seed(seed)  # the generator's noise
+        self.noise_draws = torch.Generator().manual_seed(seed)  # the generator's noise
         self.dtype = dtype = working_dtype(tcfg)
         model.to(device, dtype)
         game.to(device, dtype)
@@ -179,11 +164,12 @@ class DataFreeLoop:
         self.generator_opt = torch.optim.Adam(game.generator.parameters(), lr=s.generator_lr)
         self.parts = {"model": model, "loss": game, "optimizer": self.optimizer,
                       "generator_optimizer": self.generator_opt, "schedule": self.schedule}
+        self.draws = {"draws": self.noise_draws}
         self.teacher = self.prior = self.tap = None  # set by fit_data_free
 
     def noise(self) -> torch.Tensor:
         s = self.game.settings
-        return torch.randn(s.batch_size, s.z_dim, generator=self.draws,
+        return torch.randn(s.batch_size, s.z_dim, generator=self.noise_draws,
                            dtype=self.dtype).to(self.device)
 
     def train_epoch(self, epoch: int, steps: OptimizerSteps) -> list[EpochTrained]:
@@ -193,18 +179,6 @@ class DataFreeLoop:
                            self.tcfg)
         spread = sample_spread(this_epoch.play(epoch))
         return [this_epoch.trained(self.stage, epoch, spread, lr)]
-
-    def evaluate(self, split) -> list[tuple[float, float]]:
-        return [evaluate(self.model, split, self.tcfg.eval_batch_size, self.metric)]
-
-    def weights(self, i: int) -> dict:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def snapshot(self, progress: list[dict]) -> dict:
-        return training_state(progress[0], self.parts, {"draws": self.draws})
-
-    def restore(self, state: dict) -> list[dict]:
-        return [restore_training(state, self.parts, {"draws": self.draws})]
 
 
 @contextlib.contextmanager

@@ -32,9 +32,9 @@ class FitResult:
     epochs: int
     best_epoch: int  # epoch with the best validation metric (first on ties); the last
     # epoch when there is no validation split
-    val_acc_best: float  # the task's metric (accuracy, or perplexity); NaN without validation
-    test_acc_last: float
-    test_acc_best_val: float  # test metric at best_epoch: selected on val, never on test
+    val_metric_best: float  # the task's metric (accuracy, or perplexity); NaN without validation
+    test_metric_last: float
+    test_metric_best_val: float  # test metric at best_epoch: selected on val, never on test
     train_seconds: float
     best_state: dict = field(repr=False)  # weights at best_epoch; the model keeps the last ones
     optimizer_state: dict = field(repr=False)
@@ -43,13 +43,13 @@ class FitResult:
 
 @dataclass
 class EpochTrained:
-    """What one member's training epoch gave: its mean loss and training metric, why its
+    """What one member's training epoch gave: its mean loss and training score, why its
     stage must stop (a NaN loss, a collapsed generator) or None, how many steps were
     skipped (``trainer.on_nan=skip``), and rows besides "train" as (split, loss, metric,
     lr), e.g. a data-free generator's."""
 
     loss: float
-    metric: float
+    score: float  # the train row's score: training accuracy (data-free: agreement)
     failure: str | None = None
     skipped: int = 0
     extra_rows: list[tuple[str, float, float, float]] = field(default_factory=list)
@@ -158,7 +158,7 @@ def _stop_failed(loop: EpochLoop, trained: list[EpochTrained], on_failure,
 def epoch_rows(stage: str, epoch: int, trained: EpochTrained, evaluated: dict, i: int,
                lr: float, seconds: float) -> list[dict]:
     """A member's metric rows of one epoch: train, the loop's own, then each split's."""
-    rows = [metric_row(stage, epoch, "train", trained.loss, trained.metric, lr, seconds)]
+    rows = [metric_row(stage, epoch, "train", trained.loss, trained.score, lr, seconds)]
     rows += [metric_row(stage, epoch, split, loss, value, row_lr, seconds)
              for split, loss, value, row_lr in trained.extra_rows]
     rows += [metric_row(stage, epoch, name, *per_member[i], lr, seconds)
@@ -171,8 +171,8 @@ def result_of(progress: dict, *, stage: str, seed: int, epochs: int, optimizer_s
     """A member's FitResult from its progress."""
     best = progress["best"]
     return FitResult(stage=stage, seed=seed, epochs=epochs, best_epoch=best["epoch"],
-                     val_acc_best=best["val"], test_acc_last=progress["test_last"],
-                     test_acc_best_val=best["test"], train_seconds=progress["seconds"],
+                     val_metric_best=best["val"], test_metric_last=progress["test_last"],
+                     test_metric_best_val=best["test"], train_seconds=progress["seconds"],
                      best_state=best["state"], optimizer_state=optimizer_state,
                      generated=generated)
 
@@ -215,15 +215,16 @@ def record_epoch(progress: dict, epoch: int, rows: list[dict], seconds: float,
     the best validation ``metric``, or the last one when there is no validation split;
     ``weights()`` gives the copy of the weights kept for it. Returns the epoch's
     validation metric (NaN without a validation split)."""
-    by_split = {row["split"]: row["acc"] for row in rows}
-    val_acc, test_acc = by_split.get("val", float("nan")), by_split["test"]
+    by_split = {row["split"]: row["score"] for row in rows}
+    val, test = by_split.get("val", float("nan")), by_split["test"]
     best = progress["best"]
-    if metric.better(val_acc, best["val"]) or "val" not in by_split:
-        best.update(epoch=epoch, val=val_acc, test=test_acc, state=weights())
-    progress.update(epoch=epoch, test_last=test_acc, seconds=progress["seconds"] + seconds)
-    return val_acc
+    if metric.better(val, best["val"]) or "val" not in by_split:
+        best.update(epoch=epoch, val=val, test=test, state=weights())
+    progress.update(epoch=epoch, test_last=test, seconds=progress["seconds"] + seconds)
+    return val
 
 
-def metric_row(stage, epoch, split, loss, acc, lr, seconds) -> dict:
-    return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "acc": acc,
+def metric_row(stage, epoch, split, loss, score, lr, seconds) -> dict:
+    """One row of metrics.csv (kdrun/report/logs.py: METRIC_COLUMNS)."""
+    return {"stage": stage, "epoch": epoch, "split": split, "loss": loss, "score": score,
             "lr": lr, "seconds": seconds}

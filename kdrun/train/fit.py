@@ -160,26 +160,51 @@ def fit(
     splits = {"val": data.val.to(device, loop.dtype), "test": data.test.to(device, loop.dtype)}
     if not len(splits["val"]):  # no validation split: the last epoch is the selected one
         del splits["val"]
-
-    def each_epoch(out, snapshot):
-        for _, rows in out:
-            on_epoch(rows, snapshot)
-
-    done = drive(loop, stages=[stage], epochs=epochs, splits=splits, metric=data.metric,
-                 device=device, resume=resume, on_epoch=each_epoch,
-                 bar=lambda start: StageProgress(label or stage, epochs, start, progress,
-                                                 data.metric))
+    result = loop.drive(stage=stage, epochs=epochs, seed=seed, splits=splits, device=device,
+                        resume=resume, on_epoch=on_epoch, progress=progress, label=label)
     if loop.student_tap:
         loop.student_tap.remove()
-    return result_of(done[0], stage=stage, seed=seed, epochs=epochs,
-                     optimizer_state=loop.optimizer.state_dict())
+    return result
 
 
-class SingleModel:
-    """fit's loop for the epoch driver (kdrun/train/epochs.py): one model, its loss and
-    optimiser, its seeded batch order and augmentation draws, its teacher's targets."""
+class OneModel:
+    """A loop of one model under the epoch driver (kdrun/train/epochs.py): what it gives
+    besides its epoch, from its ``model``, the ``parts`` and ``draws`` its state holds,
+    its ``optimizer``, ``tcfg`` and ``metric``."""
 
     size = 1  # models trained together
+
+    def evaluate(self, split) -> list[tuple[float, float]]:
+        return [evaluate(self.model, split, self.tcfg.eval_batch_size, self.metric)]
+
+    def weights(self, i: int) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def snapshot(self, progress: list[dict]) -> dict:
+        return training_state(progress[0], self.parts, self.draws)
+
+    def restore(self, state: dict) -> list[dict]:
+        return [restore_training(state, self.parts, self.draws)]
+
+    def drive(self, *, stage: str, epochs: int, seed: int, splits: dict, device, resume,
+              on_epoch, progress: bool, label: str | None, generated: int | None = None
+              ) -> FitResult:
+        """fit's contract: train under the driver; ``on_epoch(rows, snapshot)``."""
+        def each_epoch(out, snapshot):
+            for _, rows in out:
+                on_epoch(rows, snapshot)
+
+        done = drive(self, stages=[stage], epochs=epochs, splits=splits, metric=self.metric,
+                     device=device, resume=resume, on_epoch=each_epoch,
+                     bar=lambda start: StageProgress(label or stage, epochs, start, progress,
+                                                     self.metric))
+        return result_of(done[0], stage=stage, seed=seed, epochs=epochs,
+                         optimizer_state=self.optimizer.state_dict(), generated=generated)
+
+
+class SingleModel(OneModel):
+    """fit's loop: one model, its loss and optimiser, its seeded batch order and
+    augmentation draws, its teacher's targets."""
 
     def __init__(self, model: nn.Module, data: Data, loss_fn: DistillationLoss, tcfg, *,
                  stage: str, epochs: int, seed: int, device: torch.device,
@@ -276,19 +301,6 @@ class SingleModel:
         distributed.sum_gradients(self.params, batch_rows)
         steps.take(self.optimizer,
                    lambda norm: nn.utils.clip_grad_norm_(self.model.parameters(), norm))
-
-    def evaluate(self, split) -> list[tuple[float, float]]:
-        return [evaluate(self.model, split, self.tcfg.eval_batch_size, self.metric)]
-
-    def weights(self, i: int) -> dict:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def snapshot(self, progress: list[dict]) -> dict:
-        return training_state(progress[0], self.parts, self.draws)
-
-    def restore(self, state: dict) -> list[dict]:
-        return [restore_training(state, self.parts, self.draws)]
-
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every process (all skip a batch, or none does)."""

@@ -51,10 +51,10 @@ class StageProgress:
         self.state = ""
         training(stage, done)
 
-    def update(self, epoch: int, loss: float, val_acc: float) -> None:
+    def update(self, epoch: int, loss: float, val_metric: float) -> None:
         training(self.stage, epoch)
-        val = f"{val_acc:.1f}{self.metric.unit}" if self.metric.unit == "%" else \
-            f"{self.metric.short} {val_acc:.2f}"
+        val = f"{val_metric:.1f}{self.metric.unit}" if self.metric.unit == "%" else \
+            f"{self.metric.short} {val_metric:.2f}"
         self.state = f"epoch {epoch}/{self.epochs}, loss {loss:.3f}, val {val}"
         if self.bar is not None:
             self.bar.update(1)

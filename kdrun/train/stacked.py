@@ -63,7 +63,7 @@ class Member:
     entry: StageEntry
     role: str  # scratch | distilled
     seed: int  # the seed that names the stage
-    rng: int  # the seed it trains with: init, batch order
+    train_seed: int  # the seed it trains with: init, batch order
     model_cfg: DictConfig
     loss: DistillationLoss
     # what it learns from (kdrun/train/targets.py): cached logits, stacked by index, or a
@@ -162,7 +162,7 @@ class _StackedGroup:
         self.members, self.tcfg, self.device, self.epochs = members, tcfg, device, epochs
         self.models = []
         for member in members:  # each built as fit's caller builds it: after its seed
-            torch.manual_seed(member.rng)
+            torch.manual_seed(member.train_seed)
             self.models.append(build_model(member.model_cfg, data.input_shape,
                                            data.num_classes, member.role))
         self.base = copy.deepcopy(self.models[0]).to("meta")
@@ -175,12 +175,12 @@ class _StackedGroup:
                         for k, v in self.buffers.items()}
         self.optimizer = make_optimizer(self.params.values(), tcfg, device)
         self.schedule = make_schedule(self.optimizer, tcfg, epochs)
-        self.orders = [torch.Generator().manual_seed(m.rng) for m in members]
+        self.orders = [torch.Generator().manual_seed(m.train_seed) for m in members]
         # augmented in-memory data: each member's batch augmented with its own draws, the
         # generator fit seeds for that seed
         self.augment = make_augment(members[0].cfg.dataset.get("augment"), data.input_shape) \
             if data.train.in_memory else None
-        self.augment_rngs = [torch.Generator().manual_seed(m.rng + AUGMENT_SEED_OFFSET)
+        self.augment_rngs = [torch.Generator().manual_seed(m.train_seed + AUGMENT_SEED_OFFSET)
                              for m in members]
         self.train, self.val, self.test = (s.to(device, dtype)
                                            for s in (data.train, data.val, data.test))
@@ -283,7 +283,7 @@ class _StackedGroup:
                 continue
             self.models[i].load_state_dict(self.state_of(i))
             out.append((self.models[i], result_of(
-                progress[i], stage=member.role, seed=member.rng, epochs=self.epochs,
+                progress[i], stage=member.role, seed=member.train_seed, epochs=self.epochs,
                 optimizer_state=member_optimizer_state(stacked, i))))
         return out
 

@@ -53,7 +53,11 @@ class Scheme:
     name: str = ""  # the name it is registered (and configured) by, set by scheme_of
 
     def check(self, cfg: DictConfig) -> None:
-        """Checks across config groups, before anything trains (ConfigError)."""
+        """Checks across config groups, at composition (ConfigError)."""
+
+    def check_data(self, cfg: DictConfig, data) -> None:
+        """Checks that need the loaded data, before anything trains (ConfigError;
+        kdrun/run/data_checks.py calls it)."""
 
     def models(self, cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         """Model configs it builds besides the teacher and student groups', each with the
@@ -100,7 +104,7 @@ def scheme_of(cfg: DictConfig) -> Scheme:
 
 
 def taught_students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | None,
-                    teacher_key: str, extra: dict) -> list[SummaryRow]:
+                    teacher_key: str, columns: dict) -> list[SummaryRow]:
     """Per student seed: the scratch row, then the row distilled from ``targets`` (and the
     all-labels reference when asked for)."""
     rows = []
@@ -108,15 +112,15 @@ def taught_students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | N
         scratch = stages.student("scratch", CE, seed)
         distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
                                    teacher_key)
-        rows += [scratch.row, distilled.row.with_columns(**extra)]
+        rows += [scratch.row, distilled.row.with_columns(**columns)]
         if cfg.get("all_labels_reference"):  # checked beforehand: the labels exist
             rows.append(stages.all_labels_student(seed).row)
         if stages.int8:  # quantised after training, and trained quantisation-aware
             rows += [stages.post_training_int8(scratch, seed),
-                     stages.post_training_int8(distilled, seed).with_columns(**extra),
+                     stages.post_training_int8(distilled, seed).with_columns(**columns),
                      stages.student("scratch_qat", CE, seed, model_cfg=cfg.student).row,
                      stages.student("distilled_qat", lambda: build_loss(cfg.loss), seed, targets,
-                                    teacher_key, model_cfg=cfg.student).row.with_columns(**extra)]
+                                    teacher_key, model_cfg=cfg.student).row.with_columns(**columns)]
     return rows
 
 
@@ -134,13 +138,13 @@ def teacher_targets(stages: Stages, cfg: DictConfig,
     return targets, {"soft_target_entropy": targets.soft_target_entropy(cfg.loss.T)}
 
 
-def check_text_windows(stages: Stages, scheme: str, prompt: int) -> None:
+def check_text_windows(data, scheme: str, prompt: int) -> None:
     """A language model's scheme (it continues prompts of the training windows): the data
     must be text, its windows longer than ``prompt``; one line before anything trains."""
-    if not stages.data.per_position:
+    if not data.per_position:
         raise ConfigError("scheme.name", scheme, "needs a language model's data (targets per "
                           "position, e.g. dataset=text_lm)")
-    positions = stages.data.input_shape[0]
+    positions = data.input_shape[0]
     if prompt >= positions:
         raise ConfigError("scheme.prompt", prompt, f"must be shorter than the windows "
                           f"({positions} tokens)")

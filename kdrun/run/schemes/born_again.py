@@ -49,13 +49,13 @@ class BornAgain(Scheme):
             for generation in range(1, self.generations + 1):
                 last = generation == self.generations
                 role = "distilled" if last else f"generation{generation}"
-                targets, extra = teacher_targets(stages, cfg, previous)
+                targets, columns = teacher_targets(stages, cfg, previous)
                 # the last generation shares the scratch student's init and batch order;
                 # each earlier one has a stream of its own, so no generation starts as its
                 # teacher did
-                rng = None if last else seed_stream(role, seed)
+                train_seed = None if last else seed_stream(role, seed)
                 student = stages.student(role, lambda: build_loss(cfg.loss), seed, targets,
-                                         previous.entry.key, rng=rng)
-                rows.append(student.row.with_columns(generation=generation, **extra))
+                                         previous.entry.key, train_seed=train_seed)
+                rows.append(student.row.with_columns(generation=generation, **columns))
                 previous = StageResult(student.row, student.entry, stages.load_student(student))
         return rows

@@ -75,9 +75,6 @@ class DataFree(Scheme):
         return super().verdict_scope(cfg)
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        self.check_data(stages)
-        self.check_teacher(meta_model(cfg.teacher, stages.data.input_shape,
-                                      stages.data.num_classes))
         budget = cfg.split.get("labeled") is not None
         teacher = stages.teacher(cfg.teacher, all_labels=budget)
         self.check_teacher(teacher.model)
@@ -102,16 +99,18 @@ class DataFree(Scheme):
             return game
         return make
 
-    def check_data(self, stages: Stages) -> None:
-        """Inputs a generator can make: numbers held in memory."""
-        if not getattr(stages.data.test, "in_memory", False):
-            raise ConfigError("scheme.name", "data_free", f"dataset={stages.data.name} is read "
+    def check_data(self, cfg: DictConfig, data) -> None:
+        """Inputs a generator can make: numbers held in memory; and a teacher whose layers
+        its generator's loss reads (built on the meta device)."""
+        if not getattr(data.test, "in_memory", False):
+            raise ConfigError("scheme.name", "data_free", f"dataset={data.name} is read "
                               "from disk; data-free distillation runs on in-memory data sets "
                               "(mnist1d, digits, synthetic, mnist, cifar10, ...)")
-        if not stages.data.test.x.is_floating_point():
-            raise ConfigError("scheme.name", "data_free", f"dataset={stages.data.name} gives "
+        if not data.test.x.is_floating_point():
+            raise ConfigError("scheme.name", "data_free", f"dataset={data.name} gives "
                               "token ids, which a generator cannot make by gradient; use "
                               "images or sequences of numbers")
+        self.check_teacher(meta_model(cfg.teacher, data.input_shape, data.num_classes))
 
     def check_teacher(self, teacher: nn.Module | None) -> None:
         """DeepInversion's prior reads the teacher's batch-norm layers: it needs some (a

@@ -78,9 +78,9 @@ class Ensemble(Scheme):
         rows = [_ensemble_row(stages, members, self.combine, T)]
         rows += [m.row.as_role(f"teacher{i}") for i, m in enumerate(members, start=1)]
         key = "+".join(m.entry.key for m in members) + f"|{self.combine}|T={T}"
-        extra = {"soft_target_entropy": soft_target_entropy(combined, T)} \
+        columns = {"soft_target_entropy": soft_target_entropy(combined, T)} \
             if "T" in cfg.loss else {}
-        return rows + taught_students(stages, cfg, CachedLogits(combined), key, extra)
+        return rows + taught_students(stages, cfg, CachedLogits(combined), key, columns)
 
 
 def _ensemble_row(stages: Stages, members: list[StageResult], how: str, T: float) -> SummaryRow:

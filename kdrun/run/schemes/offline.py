@@ -29,5 +29,5 @@ class Offline(Scheme):
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
         teacher = stages.teacher(cfg.teacher)
-        targets, extra = teacher_targets(stages, cfg, teacher)
-        return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, extra)]
+        targets, columns = teacher_targets(stages, cfg, teacher)
+        return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, columns)]

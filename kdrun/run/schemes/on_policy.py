@@ -36,8 +36,10 @@ class OnPolicy(Scheme):
         self.fraction, self.prompt = float(fraction), int(prompt)
         self.temperature = float(temperature)
 
+    def check_data(self, cfg: DictConfig, data) -> None:
+        check_text_windows(data, "on_policy", self.prompt)
+
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        check_text_windows(stages, "on_policy", self.prompt)
         loss = build_loss(cfg.loss)
         if not loss.needs_teacher:
             raise ConfigError("loss.name", cfg.loss.name, "on-policy distillation needs a "

@@ -46,13 +46,15 @@ class SequenceKD(Scheme):
         self.samples, self.prompt, self.temperature = int(samples), int(prompt), float(
             temperature)
 
+    def check_data(self, cfg: DictConfig, data) -> None:
+        check_text_windows(data, "sequence_kd", self.prompt)
+
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
-        check_text_windows(stages, "sequence_kd", self.prompt)
         teacher = stages.teacher(cfg.teacher)
         written = self.write(teacher.model, stages.data.train, stages.device, cfg.seed)
         stages.add_transfer(Split(written, torch.full_like(written, UNLABELED)))
-        targets, extra = teacher_targets(stages, cfg, teacher)
-        return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, extra)]
+        targets, columns = teacher_targets(stages, cfg, teacher)
+        return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, columns)]
 
     def write(self, teacher, train: Split, device, seed: int) -> torch.Tensor:
         """(samples, positions) token windows: prompts from training windows, continued
