@@ -197,3 +197,15 @@ def test_a_sweep_written_with_the_old_acc_column_names_reads_as_today(tmp_path):
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert {"val_metric_best", "test_metric_best_val"} <= set(summary.columns)
     assert not {"val_acc_best", "test_acc_best_val", "acc"} & set(summary.columns)
+
+
+def test_a_distilled_student_without_its_scratch_twin_is_never_a_gain(tmp_path):
+    """The gain is paired by job and seed, as the run's table pairs it by seed (one
+    function, kdrun/report/statistics.py: paired_gain): a row without its twin stops the
+    report instead of becoming a number."""
+    fake_job(tmp_path, "a", ["loss.T=2"], "t0", {0: (50.0, 51.0), 1: (50.0, 52.5)}, T=2.0)
+    summary = pd.read_csv(tmp_path / "a" / "summary.csv")
+    summary.loc[(summary.role == "scratch") & (summary.seed == 1), "seed"] = 7
+    summary.to_csv(tmp_path / "a" / "summary.csv", index=False)
+    with pytest.raises(RuntimeError, match=r"not paired on \['job', 'seed'"):
+        write_report(tmp_path)

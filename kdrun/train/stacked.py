@@ -2,13 +2,15 @@
 sweep that differ only in their loss parameters (T, alpha, ...), their seed or their
 teacher.
 
-Each member is trained exactly as ``train.fit`` would train it alone: the same init
-(the model built after seeding with its seed), its own seed's batch order and
-augmentation draws, its own loss, its own gradient-norm clipping, an optimiser whose
-maths is elementwise and so the same as a separate one per member, its own
-best-validation epoch. Only the
-floating-point order of the stacked matrix products differs, so the weights agree
-with a sequential run's to rounding (tests/test_batched.py bounds it).
+The group runs under the epoch driver every loop shares (kdrun/train/epochs.py: the
+schedule, the optimiser's steps and clipping call, the metric rows, each member's best
+epoch, resuming, a NaN loss), so those are ``fit``'s by construction. What this module
+keeps equal to ``train.fit`` alone, member by member: the same init (the model built
+after seeding with its seed), its own seed's batch order and augmentation draws, its own
+loss, its own gradient-norm clipping, and an optimiser whose maths is elementwise and so
+the same as a separate one per member. Only the floating-point order of the stacked
+matrix products differs, so the weights agree with a sequential run's to rounding
+(tests/test_batched.py bounds it).
 
 Every member writes the files its stage would write alone: rows.csv each epoch,
 result.pt and summary.json at the end, so a sequential run reuses them. The resumable
