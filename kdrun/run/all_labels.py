@@ -1,6 +1,7 @@
 """The "scratch, all labels" reference (``all_labels_reference=true``), an add-on to a run
-with a transfer set whose labels exist: the student trained from scratch on the labelled
-examples *and* the transfer set with its true labels, which no other student stage reads.
+with a transfer set whose labels exist (kdrun/run/add_ons.py): the student trained from
+scratch on the labelled examples *and* the transfer set with its true labels, which no
+other student stage reads.
 The same training data serves a teacher that learns every label (scheme=data_free under
 a label budget: the data owner's teacher)."""
 
@@ -31,3 +32,13 @@ def reference_spec(data: Data, transfer_digest: str | None, model_cfg, seed: int
         return None
     train, key = found
     return StageSpec("all_labels", model_cfg, CE, seed, seed, epochs, train, key)
+
+
+def wanted(cfg) -> bool:
+    """Whether the run adds the reference row (checked beforehand: the labels exist)."""
+    return bool(cfg.get("all_labels_reference"))
+
+
+def rows(stages, cfg, taught) -> list:
+    """A seed's reference row."""
+    return [stages.all_labels_student(taught.seed).row]

@@ -1,4 +1,5 @@
-"""int8 students (``student.quantize=int8``), an add-on to a run's float32 students: each
+"""int8 students (``student.quantize=int8``), an add-on to a run's float32 students
+(kdrun/run/add_ons.py): each
 trained student quantised after training (PTQ, its activation ranges calibrated on the
 labelled training examples), and the quantisation-aware stages (QAT, trained with
 fake-quantised weights and activations) converted to int8 when they finish. Their rows
@@ -14,11 +15,11 @@ from omegaconf import DictConfig
 
 from kdrun.data import Data
 from kdrun.errors import ConfigError
+from kdrun.losses import CE, build_loss
 from kdrun.models import build_model, count_params, describe, example_inputs
 from kdrun.models.quantize import fake_quantized, int8_weights, post_training_int8, to_int8
 from kdrun.precision import on_gpu
 from kdrun.report.measure import size_on_disk_mb
-from kdrun.run import schemes
 from kdrun.run.summary_row import SummaryRow
 from kdrun.train.fit import evaluate
 
@@ -64,15 +65,25 @@ def int8_columns(selected, last, data: Data, tcfg) -> dict:
             "size_mb": round(size_on_disk_mb(selected), 4)}
 
 
-def check_settings(cfg: DictConfig, loss_class) -> None:
+def rows(stages, cfg: DictConfig, taught) -> list[SummaryRow]:
+    """A seed's int8 rows: its scratch and distilled students quantised after training
+    (PTQ), and both trained quantisation-aware (QAT, ``cfg.student``)."""
+    distill = lambda: build_loss(cfg.loss)  # noqa: E731
+    columns, seed = taught.columns, taught.seed
+    return [stages.post_training_int8(taught.scratch, seed),
+            stages.post_training_int8(taught.distilled, seed).with_columns(**columns),
+            stages.student("scratch_qat", CE, seed, model_cfg=cfg.student).row,
+            stages.student("distilled_qat", distill, seed, taught.targets, taught.teacher_key,
+                           model_cfg=cfg.student).row.with_columns(**columns)]
+
+
+def check_settings(cfg: DictConfig, loss_class, offered_by: list[str]) -> None:
     """At composition: what int8 students (student.quantize=int8) cannot run with, one
-    line each."""
+    line each; ``offered_by``: the schemes that make int8 rows."""
     why = None
-    if not schemes.scheme_of(cfg).int8_students:
-        offering = [name for name in schemes.SCHEMES.names()
-                    if schemes.SCHEMES.get(name, "scheme.name").int8_students]
-        why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offering)}, not "
-               f"scheme={cfg.scheme.name}")
+    if cfg.scheme.name not in offered_by:
+        why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offered_by)}, "
+               f"not scheme={cfg.scheme.name}")
     elif on_gpu(cfg.device):
         why = "int8 kernels run on the CPU: set device=cpu"
     elif cfg.trainer.get("float64"):

@@ -19,6 +19,7 @@ from kdrun.checks import Check
 from kdrun.errors import ConfigError
 from kdrun.losses import CE, build_loss
 from kdrun.registry import Registry
+from kdrun.run.add_ons import Taught, add_on_rows
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.train.targets import TeacherTargets
 
@@ -105,22 +106,16 @@ def scheme_of(cfg: DictConfig) -> Scheme:
 
 def taught_students(stages: Stages, cfg: DictConfig, targets: TeacherTargets | None,
                     teacher_key: str, columns: dict) -> list[SummaryRow]:
-    """Per student seed: the scratch row, then the row distilled from ``targets`` (and the
-    all-labels reference when asked for)."""
+    """Per student seed: the scratch row, then the row distilled from ``targets``, then the
+    rows of the add-ons asked for (kdrun/run/add_ons.py: the all-labels reference, int8)."""
     rows = []
     for seed in stages.student_seeds:
         scratch = stages.student("scratch", CE, seed)
         distilled = stages.student("distilled", lambda: build_loss(cfg.loss), seed, targets,
                                    teacher_key)
         rows += [scratch.row, distilled.row.with_columns(**columns)]
-        if cfg.get("all_labels_reference"):  # checked beforehand: the labels exist
-            rows.append(stages.all_labels_student(seed).row)
-        if stages.int8:  # quantised after training, and trained quantisation-aware
-            rows += [stages.post_training_int8(scratch, seed),
-                     stages.post_training_int8(distilled, seed).with_columns(**columns),
-                     stages.student("scratch_qat", CE, seed, model_cfg=cfg.student).row,
-                     stages.student("distilled_qat", lambda: build_loss(cfg.loss), seed, targets,
-                                    teacher_key, model_cfg=cfg.student).row.with_columns(**columns)]
+        rows += add_on_rows(stages, cfg, Taught(seed, scratch, distilled, targets, teacher_key,
+                                                columns))
     return rows
 
 
