@@ -77,11 +77,11 @@ def rows(stages, cfg: DictConfig, taught) -> list[SummaryRow]:
                            model_cfg=cfg.student).row.with_columns(**columns)]
 
 
-def check_settings(cfg: DictConfig, loss_class, offered_by: list[str]) -> None:
+def check_settings(cfg: DictConfig, loss_class, scheme, offered_by: list[str]) -> None:
     """At composition: what int8 students (student.quantize=int8) cannot run with, one
-    line each; ``offered_by``: the schemes that make int8 rows."""
+    line each; ``offered_by``: the schemes that declare int8 rows (``int8_students``)."""
     why = None
-    if cfg.scheme.name not in offered_by:
+    if not scheme.int8_students:
         why = (f"its int8 rows come with {' or '.join(f'scheme={n}' for n in offered_by)}, "
                f"not scheme={cfg.scheme.name}")
     elif on_gpu(cfg.device):

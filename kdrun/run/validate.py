@@ -118,7 +118,7 @@ def validate(cfg: DictConfig) -> None:
     scheme = schemes.scheme_of(cfg)
     scheme.check(cfg)
     if int8_students.wanted(cfg):
-        int8_students.check_settings(cfg, loss_class, [
+        int8_students.check_settings(cfg, loss_class, scheme, [
             name for name in schemes.SCHEMES.names()
             if schemes.SCHEMES.get(name, "scheme.name").int8_students])
     for prefix, node in scheme.models(cfg):  # e.g. an ensemble's members
