@@ -350,3 +350,17 @@ def test_the_launcher_composes_jobs_as_hydra_does():
         assert plain(mine) == plain(theirs), job
         assert plain(second) == plain(theirs) and second is not mine
     assert len(calls) == 5  # seed=0, seed=1, loss=dkd, loss=dkd with +student.extra, none
+
+
+def test_top_k_teacher_targets_are_refused_by_the_plan_and_train_alone(tmp_path):
+    """A target kind that does not stack says so (its stack_refusal): the job trains its
+    students on its own. (The planner used to pass top-k targets on as "no teacher", and
+    the stacked pass failed with a traceback.)"""
+    from kdrun.sweep.batched import plan_job
+    from kdrun.train.stacked import NotBatchable
+
+    cfg = make_config(*TINY_SWEEP, "trainer.teacher_topk=3", f"cache.dir={tmp_path}/cache")
+    with pytest.raises(NotBatchable, match="its teacher targets are top-k logits"):
+        plan_job(cfg, tmp_path / "plan")
+    assert plan_job(make_config(*TINY_SWEEP, f"cache.dir={tmp_path}/cache"),
+                    tmp_path / "plan2")  # the same job with every logit plans its students
