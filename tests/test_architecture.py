@@ -60,9 +60,9 @@ def counting_steps(monkeypatch) -> list[int]:
     counted = [0]
     take = epochs.OptimizerSteps.take
 
-    def counting(self, optimizer, clip):
+    def counting(self, optimizer):
         counted[0] += 1
-        take(self, optimizer, clip)
+        take(self, optimizer)
 
     monkeypatch.setattr(epochs.OptimizerSteps, "take", counting)
     return counted

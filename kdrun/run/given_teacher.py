@@ -18,7 +18,7 @@ from kdrun.run.stage import WEIGHTS
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.store.cache import StageEntry
 from kdrun.store.files import sha256_file
-from kdrun.train.fit import evaluate
+from kdrun.train.fit import metric_on
 
 if TYPE_CHECKING:
     from kdrun.run.stage import RunContext
@@ -47,9 +47,9 @@ def evaluate_given_teacher(ctx: RunContext, model_cfg) -> StageResult:
     if distributed.world().writer:
         with entry.lock():
             entry.record_given(str(path))  # so that files computed from it are tracked
-    val_metric, test_metric = (evaluate(model, s.to(device, ctx.dtype), ctx.tcfg.eval_batch_size,
-                                  data.metric)[1]
-                         if len(s) else float("nan") for s in (data.val, data.test))
+    val_metric, test_metric = (metric_on(model, s.to(device, ctx.dtype),
+                                         ctx.tcfg.eval_batch_size, data.metric)
+                               for s in (data.val, data.test))
     ctx.events.write("given", "teacher", ctx.cfg.seed, entry.key, checkpoint=str(path))
     row = SummaryRow.evaluated_teacher(
         ctx.row_context, describe(model_cfg), model_figures(model), val_metric, test_metric,

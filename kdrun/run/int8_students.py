@@ -21,12 +21,17 @@ from kdrun.models.quantize import fake_quantized, int8_weights, post_training_in
 from kdrun.precision import on_gpu
 from kdrun.report.measure import size_on_disk_mb
 from kdrun.run.summary_row import SummaryRow
-from kdrun.train.fit import evaluate
+from kdrun.train.fit import metric_on
+
+
+def quantized(model_cfg) -> bool:
+    """Whether a model config asks for an int8 model (``quantize: int8``)."""
+    return model_cfg.get("quantize") == "int8"
 
 
 def wanted(cfg) -> bool:
     """Whether the run also makes int8 students."""
-    return cfg.student.get("quantize") == "int8"
+    return quantized(cfg.student)
 
 
 def ptq_row(row: SummaryRow, load, data: Data, tcfg) -> SummaryRow:
@@ -56,8 +61,8 @@ def int8_columns(selected, last, data: Data, tcfg) -> dict:
     """A student's row columns as int8: the validation and test metric of its selected
     weights' int8 model, the test metric of its last weights', and the size on disk."""
     def metric(model, split) -> float:  # on the CPU, in float32
-        return (evaluate(model, split.to("cpu", torch.float32), tcfg.eval_batch_size,
-                         data.metric)[1] if len(split) else float("nan"))
+        return metric_on(model, split.to("cpu", torch.float32), tcfg.eval_batch_size,
+                         data.metric)
 
     return {"val_metric_best": metric(selected, data.val),
             "test_metric_best_val": metric(selected, data.test),

@@ -25,7 +25,7 @@ from kdrun.models.quantize import fake_quantized
 from kdrun.precision import working_dtype
 from kdrun.report.logs import EventLog, MetricLogs
 from kdrun.run.finish import finish_stage
-from kdrun.run.int8_students import converted_int8
+from kdrun.run.int8_students import converted_int8, quantized
 from kdrun.run.provenance import (
     arithmetic_order,
     numerics,
@@ -170,7 +170,7 @@ def train_stage(spec: StageSpec, entry: StageEntry, ctx: RunContext) -> None:
                    augment=ctx.augment, resume=resume, on_epoch=on_epoch, progress=ctx.cfg.progress,
                    label=f"{spec.role} seed {spec.seed}")
     figures = None
-    if spec.model_cfg.get("quantize") == "int8":  # the int8 model it converts to
+    if quantized(spec.model_cfg):  # the int8 model it converts to
         result, figures = converted_int8(model, result, ctx.data, ctx.tcfg)
     if writer:
         finish_stage(entry, model, loss, result, role=spec.role, seed=spec.seed,
@@ -186,7 +186,7 @@ def build_stage(spec: StageSpec, ctx: RunContext) -> tuple[torch.nn.Module, obje
     torch.manual_seed(spec.train_seed)
     data = ctx.data
     model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role)
-    if spec.model_cfg.get("quantize") == "int8":  # fake-quantised weights and activations
+    if quantized(spec.model_cfg):  # fake-quantised weights and activations
         model = fake_quantized(model, data.input_shape)
     loss = spec.make_loss()  # after seeding: a learned regressor starts alike per seed
     loss.attach(model)  # e.g. a mutual loss reads the whole cohort's outputs

@@ -186,7 +186,7 @@ def check_processes(cfg: DictConfig, world: World) -> str:
     if str(cfg.device).startswith("cuda:"):
         raise ConfigError("device", cfg.device, "names one GPU, but each process takes the GPU "
                           "of its local rank; use device=cuda or auto")
-    if cfg.student.get("quantize") == "int8":
+    if int8_students.wanted(cfg):
         raise ConfigError("student.quantize", "int8", "int8 students train in one process; "
                           "start kdrun without torchrun")
     scheme = schemes.scheme_of(cfg)

@@ -35,6 +35,7 @@ from kdrun.run.stage import RunContext, StageSpec, run_stage
 from kdrun.run.stages import Stages
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.run.validate import validate
+from kdrun.store.cache import StageEntry
 from kdrun.store.files import RunDir, load_sealed, save_sealed
 from kdrun.train.stacked import Member, NotBatchable, check_batchable, train_group
 from kdrun.train.targets import LiveTeacher
@@ -70,8 +71,7 @@ class StagePlan:
                                f"its own")
         if spec.teacher is not None and spec.teacher.stack_refusal:
             raise NotBatchable(spec.teacher.stack_refusal)
-        entry = ctx.entry(spec)
-        self.plan(spec, entry, ctx)
+        entry = self.plan(spec, ctx)
         placeholder = SummaryRow.evaluated_teacher(
             ctx.row_context, "planned", {"params": 0, "size_mb": 0.0}, math.nan, math.nan,
             train_seconds=0.0, reused=False).as_role(spec.role)
@@ -82,16 +82,16 @@ class StagePlan:
         their seed train as one stacked model), where the cache does not hold them."""
         for model_cfg, all_labels in scheme.teacher_stages(self.cfg):
             if not model_cfg.get("checkpoint"):
-                spec = self.stages.teacher_spec(model_cfg, all_labels)
-                self.plan(spec, self.stages.ctx.entry(spec), self.stages.ctx)
+                self.plan(self.stages.teacher_spec(model_cfg, all_labels), self.stages.ctx)
 
-    def plan(self, spec: StageSpec, entry, ctx: RunContext) -> None:
+    def plan(self, spec: StageSpec, ctx: RunContext) -> StageEntry:
         """List the stage, which trains on ``spec.data`` (with a transfer set, a distilled
         student's differs from a scratch one's: they group apart, as their keys do), as a
         Member, unless the cache already holds it; NotBatchable when its model or loss
-        cannot train stacked."""
+        cannot train stacked. Returns its cache entry."""
+        entry = ctx.entry(spec)
         if entry.done():
-            return
+            return entry
         loss = spec.make_loss()
         check_batchable(build_model(spec.model_cfg, ctx.data.input_shape, ctx.data.num_classes,
                                     spec.role), loss, ctx.tcfg, self.device)
@@ -100,6 +100,7 @@ class StagePlan:
             model_cfg=spec.model_cfg, loss=loss, targets=spec.teacher,
             teacher_key=spec.key.get("teacher"), cfg=self.cfg, context=ctx.row_context,
             data=spec.data, device=self.device))
+        return entry
 
 
 class PlanningStages(Stages):

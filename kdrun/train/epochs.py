@@ -5,8 +5,8 @@ data-free round: ``train/data_free.py``) supplies only its training epoch, its
 evaluation and its state. The driver owns what is the same for all of them: the
 learning-rate schedule, every optimiser step (``OptimizerSteps``: gradient clipping; the
 place for any new per-step option), the metric rows, the best epoch, resuming, and what
-a NaN or infinite loss does. A loop trains ``members`` models at once (1 but in a
-stacked group), each with its own rows, best epoch and result.
+a NaN or infinite loss does. A loop trains ``size`` models at once (1 but in a stacked
+group), each with its own rows, best epoch and result.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class FitResult:
 class EpochTrained:
     """What one member's training epoch gave: its mean loss and training score, why its
     stage must stop (a NaN loss, a collapsed generator) or None, how many steps were
-    skipped (``trainer.on_nan=skip``), and rows besides "train" as (split, loss, metric,
+    skipped (``trainer.on_nan=skip``), and rows besides "train" as (split, loss, score,
     lr), e.g. a data-free generator's."""
 
     loss: float
@@ -57,15 +57,16 @@ class EpochTrained:
 
 class OptimizerSteps:
     """Every optimiser step of every loop: the gradient clipping ``trainer.grad_clip``
-    asks for (each loop says how it clips: one model, each member of a stack), then the
-    step. A trainer option that acts per step is written here once."""
+    asks for (``clip(max_norm)``: each loop says once how it clips, one model or each
+    member of a stack), then the step. A trainer option that acts per step is written
+    here once."""
 
-    def __init__(self, tcfg):
-        self.grad_clip = tcfg.get("grad_clip")
+    def __init__(self, tcfg, clip: Callable[[float], None]):
+        self.grad_clip, self.clip = tcfg.get("grad_clip"), clip
 
-    def take(self, optimizer: torch.optim.Optimizer, clip: Callable[[float], None]) -> None:
+    def take(self, optimizer: torch.optim.Optimizer) -> None:
         if self.grad_clip:
-            clip(self.grad_clip)
+            self.clip(self.grad_clip)
         optimizer.step()
 
 
@@ -79,6 +80,8 @@ class EpochLoop(Protocol):
     schedule: object | None
 
     def train_epoch(self, epoch: int, steps: OptimizerSteps) -> list[EpochTrained]: ...
+
+    def clip(self, max_norm: float) -> None: ...  # the gradient clipping of one step
 
     def evaluate(self, split) -> list[tuple[float, float]]: ...  # per member: loss, metric
 
@@ -110,7 +113,7 @@ def drive(loop: EpochLoop, *, stages: list[str], epochs: int, splits: dict, metr
                 else [new_progress(metric) for _ in range(loop.size)])
     start = max(p["epoch"] for p in progress)  # a member stopped early stays behind
     bar = bar(start)
-    steps = OptimizerSteps(loop.tcfg)
+    steps = OptimizerSteps(loop.tcfg, loop.clip)
     for epoch in range(start + 1, epochs + 1):
         lr = loop.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()

@@ -56,6 +56,13 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
     return loss, metric.compute(logits, labels)
 
 
+def metric_on(model: nn.Module, split: Split, batch_size: int,
+              metric: Metric = ACCURACY) -> float:
+    """The task's metric of ``model`` on a split; NaN for an empty one (no validation
+    split)."""
+    return evaluate(model, split, batch_size, metric)[1] if len(split) else float("nan")
+
+
 class EpochMeter:
     """Training loss and accuracy of one epoch, kept on the device. A step writes into
     buffers allocated once per epoch: no read from the device, and no small tensor
@@ -180,6 +187,9 @@ class OneModel:
     def weights(self, i: int) -> dict:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def clip(self, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def snapshot(self, progress: list[dict]) -> dict:
         return training_state(progress[0], self.parts, self.draws)
 
@@ -299,8 +309,7 @@ class SingleModel(OneModel):
     def optimizer_step(self, steps: OptimizerSteps, batch_rows: int) -> None:
         """On the gradients summed over the processes when there are several."""
         distributed.sum_gradients(self.params, batch_rows)
-        steps.take(self.optimizer,
-                   lambda norm: nn.utils.clip_grad_norm_(self.model.parameters(), norm))
+        steps.take(self.optimizer)
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every process (all skip a batch, or none does)."""

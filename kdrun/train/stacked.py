@@ -224,6 +224,9 @@ class _StackedGroup:
     def weights(self, i: int) -> dict:
         return self.state_of(i)
 
+    def clip(self, max_norm: float) -> None:
+        clip_each_member(self.params.values(), max_norm)
+
     def _train_epoch(self, steps: OptimizerSteps):
         m, n, size = len(self.members), len(self.train), self.tcfg.batch_size
         sums = torch.zeros(m, device=self.device, dtype=self.dtype)
@@ -242,7 +245,7 @@ class _StackedGroup:
             losses = self.losses(logits, teacher, yb)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            steps.take(self.optimizer, lambda norm: clip_each_member(self.params.values(), norm))
+            steps.take(self.optimizer)
             detached = losses.detach()
             bad_steps.append(~torch.isfinite(detached))
             sums += detached * idx.shape[1]
