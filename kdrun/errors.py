@@ -23,3 +23,8 @@ class OutOfMemory(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
+
+
+class StorageFault(UserError):
+    """A file that could not be written or read where it lives: no space left, a
+    read-only or forbidden folder, a file removed while the run used it."""

@@ -55,11 +55,11 @@ if point:
     else:  # a checkpoint or summary half-way: the temporary file written, not yet renamed
         atomic_write = store.atomic_write
 
-        def killing_atomic_write(path, write):
+        def killing_atomic_write(path, write, **options):
             if path.name == target:
-                atomic_write(path, lambda tmp: (write(tmp), hit()))
+                atomic_write(path, lambda tmp: (write(tmp), hit()), **options)
             else:
-                atomic_write(path, write)
+                atomic_write(path, write, **options)
         for module in list(sys.modules.values()):
             if getattr(module, "__name__", "").startswith("kdrun") and \\
                     getattr(module, "atomic_write", None) is atomic_write:

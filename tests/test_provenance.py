@@ -40,6 +40,7 @@ FLIPS = {
     "hparams_search": None,  # selects the sweeper: compared as composed configs below
     "trainer.checkpoint_every": "trainer.checkpoint_every=0",
     "distributed.timeout_min": "distributed.timeout_min=5",
+    "slurm.vanished_after_s": "slurm.vanished_after_s=60",
 }
 
 

@@ -28,7 +28,7 @@ from kdrun.run.validate import validate
 from kdrun.store.files import RunDir
 from kdrun.sweep.launch import fit_to_launcher
 from kdrun.sweep.report import SweepReport
-from kdrun.sweep.slurm_logs import quiet_submitit
+from kdrun.sweep.slurm_jobs import watch_submitit
 from kdrun.train.progress import on_terminal, where_now
 
 # configs/hydra/launcher/ refines the launcher plugins' own configs under their own names
@@ -61,14 +61,16 @@ def hydra_main(cfg: DictConfig) -> float:
         return result["distilled_val_metric"]
     except KeyboardInterrupt:
         if not follower():
-            run_dir.mark_interrupted(where_now(), resume_hint())
+            with contextlib.suppress(UserError):
+                run_dir.mark_interrupted(where_now(), resume_hint())
         raise
     except UserError as e:
         if hydra_cfg.mode != RunMode.MULTIRUN or follower():
             fail(e)
         # one job of a sweep: the others go on, and the sweep report lists this one as
         # failed with its line; NaN is what Optuna takes for a failed trial
-        run_dir.mark_failed(one_line_message(e))
+        with contextlib.suppress(UserError):  # a full disk: the line below still says it
+            run_dir.mark_failed(one_line_message(e))
         print(f"kdrun: error: job {job_name(hydra_cfg)}: {one_line_message(e)}",
               file=sys.stderr)
         return float("nan")
@@ -127,16 +129,19 @@ def register_batched_launcher() -> None:
 
 
 def main() -> None:
+    # a log line that cannot be written (a full disk under kdrun.log) is dropped, not
+    # printed as a traceback; kdrun's own next write names the fault in one line
+    logging.raiseExceptions = False
     register_batched_launcher()
     for name in LAUNCHER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    if "hydra/launcher=submitit_slurm" in sys.argv:
-        quiet_submitit()  # one line, not one per status poll, on a Slurm without accounting
     try:
         sys.argv = [sys.argv[0], *torchrun_arguments(sys.argv[1:])]
-        preflight(sys.argv[1:])
+        cfg = preflight(sys.argv[1:])
     except UserError as e:
         fail(e)
+    if cfg is not None and any(a.startswith("hydra/launcher=submitit_") for a in sys.argv):
+        watch_submitit(cfg.slurm.vanished_after_s)  # kdrun/sweep/slurm_jobs.py
     try:
         hydra_main()
         if SweepReport.status:  # a sweep ran every job, and some failed (its report says)

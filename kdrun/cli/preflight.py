@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from importlib.resources import files
 from pathlib import Path
 
@@ -32,10 +33,11 @@ OPTIONAL = {
 }
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate the config of every job the command line asks for."""
+def preflight(argv: list[str]) -> DictConfig | None:
+    """Compose and validate the config of every job the command line asks for; returns
+    the first (None for Hydra's own flags)."""
     if any(a.startswith("-") and a not in SWEEP_FLAGS for a in argv):
-        return  # --help, --cfg, -cp, ...: Hydra's own flags, Hydra handles them
+        return None  # --help, --cfg, -cp, ...: Hydra's own flags, Hydra handles them
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
@@ -43,10 +45,12 @@ def preflight(argv: list[str]) -> None:
     sweep = any(a in SWEEP_FLAGS or a.startswith(SWEEPER_CHOICES) for a in argv)
     jobs = _expand(overrides) if sweep else [overrides]
     composed: dict[tuple[str, ...], DictConfig] = {}
+    first = None
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for job in jobs:
             _check_group_choices(job)
             _check_optional_packages(job)
+            _check_slurm_commands(job)
             cfg = _reuse_composition(job, compose, composed)
             if cfg is None:
                 try:
@@ -56,11 +60,15 @@ def preflight(argv: list[str]) -> None:
                                     _hydra_message_on_one_line(str(e))) from e
             validate(cfg)
             _check_search_space(job, compose)
-            _check_writable(cfg.output_root)
+            _check_writable("output_root", cfg.output_root)
+            if cfg.cache.enabled:
+                _check_writable("cache.dir", cfg.cache.dir)
             if cfg.logger.name == "mlflow" and cfg.logger.get("tracking_uri"):
                 from kdrun.report.mlflow_log import check_reachable
 
                 check_reachable(cfg.logger.tracking_uri)  # before anything trains
+            first = first or cfg
+    return first
 
 
 def _reuse_composition(job: list[str], compose, composed: dict) -> DictConfig | None:
@@ -98,13 +106,28 @@ def _check_search_space(job: list[str], compose) -> None:
 _ABSENT = object()
 
 
-def _check_writable(folder: str) -> None:
-    """Fail before Hydra creates anything if the output folder cannot be written."""
+def _check_writable(key: str, folder: str) -> None:
+    """Fail before Hydra creates anything if ``folder`` cannot be written, or its disk
+    is full (Hydra's own files, written first, would fail with a traceback)."""
     path = Path(folder).expanduser().resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("output_root", folder, f"{existing} is not a writable folder; "
-                          f"choose another output_root")
+        reason = "is on a read-only file system" if read_only(existing) else \
+            "is not a writable folder"
+        raise ConfigError(key, folder, f"{existing} {reason}; choose another {key}")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(key, folder, f"no space left on the device of {existing} "
+                                       f"({free / 1e3:.0f} kB free); free some, or choose "
+                                       f"another {key}")
+
+
+# what a run writes before its first stage (Hydra's config files, kdrun.log, metrics.csv)
+MIN_FREE_BYTES = 256_000
+
+
+def read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -159,6 +182,17 @@ def _check_optional_packages(overrides: list[str]) -> None:
         if module and importlib.util.find_spec(module) is None:
             raise ConfigError(key, value, f"needs the optional package {module.split('.')[-1]}: "
                                           f"pip install 'kdrun[{extra}]'")
+
+
+def _check_slurm_commands(overrides: list[str]) -> None:
+    """submitit_slurm where Slurm is not: one line, not submitit's traceback at launch."""
+    if "hydra/launcher=submitit_slurm" in overrides:
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            raise ConfigError("hydra/launcher", "submitit_slurm",
+                              f"Slurm's {' and '.join(missing)} not found on PATH: run kdrun "
+                              f"on the cluster's login node (hydra/launcher=submitit_local "
+                              f"runs the same jobs on this machine)")
 
 
 def _unknown_key_message(message: str, job: list[str], compose) -> str | None:

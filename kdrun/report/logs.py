@@ -4,6 +4,7 @@ what is printed at the end lives in kdrun/report/table.py."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdrun.report.metric_log import MetricLog
+from kdrun.store.faults import writing
 from kdrun.store.files import atomic_write
 
 # score: the epoch's value of the task's metric on the split (summary.csv's ``metric``
@@ -33,7 +35,7 @@ class MetricsLog(MetricLog):
         atomic_write(path, lambda tmp: tmp.write_text(",".join(self.columns) + "\n"))
 
     def append(self, rows: list[dict], seed: int, reused: bool = False) -> None:
-        with open(self.path, "a", newline="") as f:
+        with writing(self.path), open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             for row in rows:
                 writer.writerow({**row, "seed": seed, "reused": reused, **self.keys})
@@ -63,8 +65,11 @@ class MetricLogs:
             metric_log.finish(run_dir, summary, table)
 
     def fail(self) -> None:
+        """The run stopped on an error: a log that cannot record it (a full disk, an
+        unreachable server) must not hide that error."""
         for metric_log in self.logs:
-            metric_log.fail()
+            with contextlib.suppress(Exception):
+                metric_log.fail()
 
     def interrupt(self) -> None:
         for metric_log in self.logs:
@@ -97,7 +102,7 @@ class EventLog:
     def write(self, event: str, stage: str, seed: int, key: str, **extra) -> None:
         line = {"time": time.time(), "event": event, "stage": stage, "seed": seed, "key": key,
                 **extra}
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -36,6 +36,7 @@ from kdrun.run.schemes import scheme_of
 from kdrun.run.stages import Stages
 from kdrun.run.summary_row import SummaryRow
 from kdrun.store.columns import current_columns
+from kdrun.store.faults import storage_fault
 from kdrun.store.files import RunDir, remove_temporaries
 
 log = logging.getLogger("kdrun")
@@ -57,7 +58,22 @@ def pick_device(name: str) -> torch.device:
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     """Run the whole pipeline into ``out_dir``; return the summary rows and the table.
-    A run directory that already holds this finished run is not run again."""
+    A run directory that already holds this finished run is not run again. A full disk,
+    a vanished file or exhausted memory, wherever met, is one line (a UserError)."""
+    try:
+        return _run(cfg, out_dir)
+    except Exception as e:
+        fault = storage_fault(e)  # a file a library wrote or read, or one that vanished
+        if fault is None and is_out_of_memory(e):  # outside the stages: no plan to cite
+            device = cfg.device if cfg.device != "auto" else \
+                ("cuda" if torch.cuda.is_available() else "cpu")
+            fault = OutOfMemory(out_of_memory_line(e, device))
+        if fault is None:
+            raise
+        raise fault from e
+
+
+def _run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     run_dir = RunDir(out_dir)
     writer = distributed.world().writer
     finished = _finished_run(cfg, run_dir) if writer else None
@@ -112,13 +128,15 @@ def is_out_of_memory(error: Exception) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
-def out_of_memory_line(error: Exception, device: torch.device, plan) -> str:
-    """What ran out, how much was asked for (where the allocator said), and the knobs."""
+def out_of_memory_line(error: Exception, device, plan=None) -> str:
+    """What ran out, how much was asked for (where the allocator said), the memory plan's
+    figures (when there is one), and the knobs."""
     asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMG]iB)", str(error))
     size = "" if asked is None else (f" asking for {int(asked[1]) / 1e9:.2f} GB" if asked[1]
                                      else f" asking for {asked[2]}")
-    return (f"out of memory on {device}{size} (the plan said about {plan.peak / 1e9:.2f} GB, "
-            f"with {plan.available / 1e9:.2f} GB free); finished stages are kept in the stage "
+    planned = "" if plan is None else (f" (the plan said about {plan.peak / 1e9:.2f} GB, "
+                                       f"with {plan.available / 1e9:.2f} GB free)")
+    return (f"out of memory on {device}{size}{planned}; finished stages are kept in the stage "
             f"cache: lower trainer.batch_size or trainer.eval_batch_size, set "
             f"trainer.loss_chunk_rows or trainer.teacher_topk, and run the same command again")
 

@@ -34,6 +34,7 @@ import torch
 from filelock import FileLock
 
 from kdrun.store.columns import current_names
+from kdrun.store.faults import writing
 from kdrun.store.files import (
     CorruptFile,
     atomic_write,
@@ -154,7 +155,7 @@ class StageEntry:
         return state
 
     def append_rows(self, rows: list[dict]) -> None:
-        with open(self.rows_csv, "a", newline="") as f:
+        with writing(self.rows_csv), open(self.rows_csv, "a", newline="") as f:
             csv.DictWriter(f, ROW_COLUMNS).writerows({k: r[k] for k in ROW_COLUMNS} for r in rows)
             f.flush()
             os.fsync(f.fileno())

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from kdrun.store.faults import writing
+
 TEMPORARY = re.compile(r"\..+\.tmp\d+")  # .<name>.tmp<pid>: a file being written
 
 
@@ -68,17 +70,17 @@ class RunDir:
         return self.checkpoints / f"{role}{suffix}.pt"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path: Path, write, size: int | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path`` in one step; a full
+    disk, a read-only folder, ... is a one-line StorageFault (``size``: the bytes being
+    written, for its message), and ``path`` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # matches TEMPORARY
-    try:
+    with writing(path, size, partial=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_temporaries(folder: Path) -> None:
@@ -147,8 +149,9 @@ def save_sealed(path: Path, payload) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     blob = buffer.getvalue()
-    save_checkpoint(path, {"sha256": hashlib.sha256(blob).hexdigest(),
-                           "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
+    atomic_write(path, lambda tmp: torch.save(
+        {"sha256": hashlib.sha256(blob).hexdigest(),
+         "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, tmp), size=len(blob))
 
 
 def load_sealed(path: Path):

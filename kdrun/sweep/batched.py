@@ -29,13 +29,14 @@ from kdrun.models import build_model
 from kdrun.report.logs import MetricLogs, MetricsLog
 from kdrun.run.finish import finish_stage
 from kdrun.run.memory_plan import plan_memory
-from kdrun.run.pipeline import prepare, set_threads
+from kdrun.run.pipeline import is_out_of_memory, prepare, set_threads
 from kdrun.run.schemes import scheme_of
 from kdrun.run.stage import RunContext, StageSpec, run_stage
 from kdrun.run.stages import Stages
 from kdrun.run.summary_row import StageResult, SummaryRow
 from kdrun.run.validate import validate
 from kdrun.store.cache import StageEntry
+from kdrun.store.faults import storage_fault
 from kdrun.store.files import RunDir, load_sealed, save_sealed
 from kdrun.train.stacked import Member, NotBatchable, check_batchable, train_group
 from kdrun.train.targets import LiveTeacher
@@ -132,9 +133,24 @@ def train_sweep_stages(job_cfgs: list[DictConfig], work_dir: Path,
             except UserError:
                 pass  # the job stops with its own one-line message when it runs
         shutil.rmtree(work_dir, ignore_errors=True)
-        trained += sum(train_planned_group(members, max_members)
+        trained += sum(train_or_leave(members, max_members)
                        for members in group_members(planned))
     return trained
+
+
+def train_or_leave(members: list[Member], max_members: int | None) -> int:
+    """``train_planned_group``; a group that runs out of memory or disk leaves its stages
+    to their jobs, which train them alone (a smaller need) or fail with their own line."""
+    try:
+        return train_planned_group(members, max_members)
+    except Exception as e:
+        fault = storage_fault(e)
+        if fault is None and not is_out_of_memory(e):
+            raise
+        log.warning("batched launcher: a stacked group of %d stopped (%s); their jobs train "
+                    "them alone", len(members),
+                    fault if fault is not None else "out of memory")
+        return 0
 
 
 def plan_job(cfg: DictConfig, work_dir: Path, teachers: bool = False) -> list[Member]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdrun.data.metrics import ACCURACY, Metric
+from kdrun.store.files import atomic_write
 
 
 def _pyplot():
@@ -29,6 +30,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, **options) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a full disk: one line), then closed."""
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, **options))
+    finally:
+        _pyplot().close(fig)
 
 
 def numeric_keys(table: pd.DataFrame, swept: list[str]) -> list[str]:
@@ -92,8 +101,7 @@ def plot_heatmaps(table: pd.DataFrame, swept: list[str], axes_keys: list[str],
     fig.colorbar(image, ax=list(axes[0]))
     fig.suptitle(f"distillation gain, test {metric.name} points (ns: not significant)",
                  fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
     return path
 
 
@@ -145,8 +153,7 @@ def plot_gain_against(table: pd.DataFrame, swept: list[str], key: str, path: Pat
     ax.grid(alpha=0.3)
     ax.set_title(f"distillation gain against {key}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -164,8 +171,7 @@ def plot_gain_by_setting(table: pd.DataFrame, swept: list[str], path: Path, labe
     ax.grid(alpha=0.3, axis="x")
     ax.set_title("distillation gain per setting", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -194,8 +200,7 @@ def plot_curves(metrics: pd.DataFrame, best: pd.Series | None, swept: list[str],
     ax.grid(alpha=0.3)
     ax.set_title(_curves_title(best, swept, metric), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

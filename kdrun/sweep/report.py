@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from kdrun.errors import StorageFault
 from kdrun.report.statistics import format_p
 from kdrun.report.table import markdown_table, write_summary
 from kdrun.store.files import atomic_write
@@ -187,6 +188,11 @@ class SweepReport(Callback):
             log.info("sweep report: %s\n%s", report, "\n".join(lines))
         except NoFinishedJobs as e:
             log.warning("no sweep report: %s", e)
+        except StorageFault as e:  # the jobs' own files are kept; kdrun-report writes it later
+            print(f"kdrun: error: no sweep report: {e}; kdrun-report {sweep_dir} writes it "
+                  f"once there is room", file=sys.stderr)
+            SweepReport.status = 1
+            return SweepReport.status
         if config.logger.name == "mlflow":
             from kdrun.report.mlflow_log import log_sweep_report
 

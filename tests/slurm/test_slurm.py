@@ -119,3 +119,33 @@ def test_a_job_of_two_tasks_trains_each_stage_on_two_processes(tmp_path):
           "num_threads=1", "progress=false", f"hydra.run.dir={tmp_path}/alone", cache)
     alone = pd.read_csv(tmp_path / "alone" / "summary.csv")
     assert alone.reused.all() and list(alone.cache_key) == list(summary.cache_key)
+
+
+def test_a_job_killed_before_it_reports_ends_the_sweep_as_failed(tmp_path):
+    # scancel --signal=KILL: the job leaves the queue with no result file, as one signalled
+    # before submitit's handlers are in place; on this cluster without accounting only
+    # squeue can tell
+    sweep = tmp_path / "sweep"
+    args = [KDRUN, *SLURM, "repeats=1", "dataset.unlabeled=0", "trainer.teacher_epochs=300",
+            "trainer.student_epochs=1", "hydra.launcher.array_parallelism=2", "seed=0,1",
+            "slurm.vanished_after_s=15", f"hydra.sweep.dir={sweep}",
+            f"cache.dir={tmp_path}/cache"]
+    login = subprocess.Popen(args, cwd=tmp_path, text=True, stderr=subprocess.PIPE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while True:
+        queue = subprocess.run(["squeue", "--noheader", "--array", "--format=%i|%T"],
+                               capture_output=True, text=True).stdout.split()
+        running = sorted(j.split("|")[0] for j in queue if j.endswith("|RUNNING"))
+        if len(running) == 2:
+            break
+        assert time.monotonic() < deadline and login.poll() is None, queue
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=KILL", running[0]], check=True)
+    _, err = login.communicate(timeout=600)
+    assert login.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "1 job(s) of the sweep failed" in last and f"Slurm job {running[0]} " in last
+    report = (sweep / "report.md").read_text()
+    assert "1 failed (listed below)" in report and running[0] in report
