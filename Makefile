@@ -29,8 +29,9 @@ sweep: $(STAMP) ## a small T x alpha sweep on the default data (one teacher, 3 s
 bench: $(STAMP) ## kdrun's epochs vs the seed notebook's loop, side by side (a few minutes on CPU)
 	$(BIN)/python benchmarks/bench_kd.py
 
-bench-lm: $(STAMP) ## token-level distillation of a GPT-2: kdrun's step vs a plain PyTorch loop, speed and memory (about a minute on CPU)
+bench-lm: $(STAMP) ## a GPT-2's distillation step vs a plain PyTorch loop (about a minute on CPU); then kdrun vs nanoGPT's train.py loop on real text, TEXT=input.txt (generated without it; ~8 min on CPU)
 	$(BIN)/python benchmarks/bench_lm.py
+	$(BIN)/python benchmarks/bench_lm_text.py $(if $(TEXT),--text $(TEXT))
 
 bench-sweep: $(STAMP) ## the 24-job T x alpha x seed sweep, basic vs batched launcher, cold cache (a few minutes on CPU)
 	$(BIN)/python benchmarks/bench_sweep.py

@@ -20,3 +20,16 @@ def test_a_benchmark_script_starts_as_documented(script, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
+
+
+@pytest.mark.slow  # two short trainings of a 4x128 GPT-2 (~20 s)
+def test_the_real_text_benchmark_runs_both_loops_on_generated_text(tmp_path):
+    pytest.importorskip("transformers")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lm_text.py"
+    out = subprocess.run([sys.executable, str(script), "--iters", "30", "--rounds", "2",
+                          "--speed-steps", "10"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kdrun / plain " in out.stdout and "round 2: plain " in out.stdout
+    rows = out.stdout.split("| plain | kdrun\n")[1].strip().splitlines()
+    assert rows and all(float(r.split("|")[1]) > 0 and float(r.split("|")[2]) > 0 for r in rows)

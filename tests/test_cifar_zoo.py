@@ -278,7 +278,7 @@ def test_feature_taps_by_stage_and_penultimate():
 def lrs(schedule_cfg, epochs=8):
     params = [torch.zeros(1, requires_grad=True)]
     optimizer = torch.optim.SGD(params, lr=0.05)
-    schedule = make_schedule(optimizer, OmegaConf.create(schedule_cfg), epochs)
+    schedule = make_schedule(optimizer, OmegaConf.create(schedule_cfg), epochs, 1)
     out = []
     for _ in range(epochs):
         out.append(optimizer.param_groups[0]["lr"])

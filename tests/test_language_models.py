@@ -454,7 +454,10 @@ def test_sequence_kd_continues_training_prompts_the_same_way_every_time():
     pytest.importorskip("transformers")
     from omegaconf import OmegaConf
 
+    from types import SimpleNamespace
+
     from kdrun.data import Split
+    from kdrun.data.labels import UNLABELED
     from kdrun.models import build_model
     from kdrun.run.schemes.sequence import SequenceKD
 
@@ -464,9 +467,12 @@ def test_sequence_kd_continues_training_prompts_the_same_way_every_time():
                                             "heads": 2}), (12,), BYTE_VOCAB)
     scheme = SequenceKD(samples=7, prompt=4, temperature=1.0)
     train = Split(raw.x_train, raw.y_train)
-    written = scheme.write(teacher, train, torch.device("cpu"), seed=3)
-    assert written.shape == (7, 12) and written.dtype == torch.long
-    assert torch.equal(written, scheme.write(teacher, train, torch.device("cpu"), seed=3))
+    data = SimpleNamespace(train=train, end_token=None)  # plain text: no instructions
+    written = scheme.write(teacher, data, torch.device("cpu"), seed=3)
+    assert written.x.shape == (7, 12) and written.x.dtype == torch.long
+    assert (written.y == UNLABELED).all()  # the teacher's text carries no label
+    assert torch.equal(written.x, scheme.write(teacher, data, torch.device("cpu"), seed=3).x)
+    written = written.x
     prefixes = {tuple(row[:4].tolist()) for row in raw.x_train}
     assert all(tuple(row[:4].tolist()) in prefixes for row in written)  # training prompts
 

@@ -159,6 +159,8 @@ def material(cfg, role="teacher", device=CPU, numerics=None, data="d" * 20, **ex
     "trainer.float64=true", "trainer.optimizer=sgd", "trainer.schedule=none",
     "trainer.batch_size=50", "trainer.weight_decay=0.1", "trainer.grad_clip=1.0",
     "split.labeled=100", "split.seed=1", "split.val_fraction=0.2", "dataset.n=301",
+    "trainer.accumulate=2", "trainer.schedule_unit=step", "trainer.min_lr=0.001",
+    "trainer.schedule=linear", "trainer.betas=[0.9,0.99]",
 ])
 def test_a_setting_that_defines_the_computation_changes_the_key(override):
     base, flipped = make_config(*TINY), make_config(*TINY, override)

@@ -94,6 +94,28 @@ def test_no_space_at_each_write_is_one_line_and_the_next_run_reuses_what_finishe
 
 
 @pytest.mark.parametrize("code, words", [
+    (errno.EROFS, "cannot write {path}: the file system is read-only"),
+    (errno.ENOENT, "{path} vanished while the run used it"),
+])
+def test_a_read_only_or_vanished_file_mid_run_is_one_line_and_the_next_run_reuses(
+        tmp_path, monkeypatch, code, words):
+    from kdrun.run import pipeline
+
+    cfg = make_config(*ARGS, f"cache.dir={tmp_path}/cache")
+    full_disk_at(monkeypatch, "state.pt", code)  # the scratch student's first epoch's state
+    with pytest.raises(StorageFault) as fault:
+        pipeline.run(cfg, tmp_path / "run")
+    line = str(fault.value)
+    assert "\n" not in line and re.search(words.format(path=r"\S+/state\.pt"), line), line
+    before = len(events_of(tmp_path / "run"))
+    monkeypatch.undo()
+    pipeline.run(cfg, tmp_path / "run")
+    again = events_of(tmp_path / "run")[before:]
+    assert (again[0]["event"], again[0]["stage"]) == ("reused", "teacher")
+    assert verify_cache(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("code, words", [
     (errno.ENOSPC, "no space left on the device of "),
     (errno.EDQUOT, "no space left on the device of "),
     (errno.EROFS, "the file system is read-only; put output_root (runs) or cache.dir"),

@@ -21,7 +21,7 @@ BAD = [
     ("trainer.batch_size=0", "trainer.batch_size", ">= 1"),
     ("trainer.lr=0", "trainer.lr", "> 0"),
     ("trainer.optimizer=adagrad", "trainer.optimizer", "adam, adamw, sgd"),
-    ("trainer.schedule=linear", "trainer.schedule", "none, cosine, step"),
+    ("trainer.schedule=exponential", "trainer.schedule", "none, cosine, linear, step"),
     ("trainer.grad_clip=-1", "trainer.grad_clip", "> 0"),
     ("trainer.distill_from=first", "trainer.distill_from", "best_val, last"),
     ("split.val_fraction=1", "split.val_fraction", "< 1"),

@@ -42,6 +42,7 @@ class RawData:
     y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
     # only by the "scratch, all labels" reference, never by a distilled student
     metric: Metric = ACCURACY  # what the task is judged by (kdrun/data/metrics.py)
+    end_token: int | None = None  # instruction data: the token that ends a response
 
     def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
         """In-memory data is augmented later, batched on the device (kdrun/data/augment.py)."""
@@ -104,6 +105,9 @@ class Data:
     transfer_labels: torch.Tensor | None = None  # their true labels where known (reference row)
     transfer_digest: str | None = None  # transfer_fingerprint(), once computed
     metric: Metric = ACCURACY  # what the task is judged by: its data set declares it
+    # instruction data (kdrun/data/instructions.py): the token that ends a response, which
+    # a model continuing a prompt writes last; None for other data
+    end_token: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -251,7 +255,8 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
         mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
         for s in splits:
             s.x = (s.x - mean) / std
-    data = Data(name, *splits[:3], raw.num_classes, metric=raw.metric)
+    data = Data(name, *splits[:3], raw.num_classes, metric=raw.metric,
+                end_token=raw.end_token)
     if transfer is not None:
         data.transfer, data.transfer_labels = splits[3], transfer[1]
     return data

@@ -15,6 +15,9 @@ import torch
 from kdrun.errors import DataError
 
 UNLABELED = -100  # F.cross_entropy's default ignore_index
+# A position of a window that no loss, meter or metric reads (kdrun/train/tokens.py drops
+# its row): an instruction's prompt, the padding after a response
+NO_LOSS = -200
 
 
 def labeled_count(budget: int | float | None, n: int, num_classes: int) -> int | None:

@@ -46,6 +46,8 @@ def averaging(cfg: DictConfig, data: Data) -> Averaging:
     and which of them carry labels (a transfer set, or a scheme's unlabelled text)."""
     scheme = scheme_of(cfg)
     unit = "position" if data.per_position else "example"
+    if data.end_token is not None:  # instruction data: prompts and padding reach no loss
+        unit = "response position"
     unlabelled = scheme.unlabelled_rows or (
         "the transfer set's" if data.transfer is not None and scheme.uses_transfer_set else None)
     every = f"every {unit} of a batch"

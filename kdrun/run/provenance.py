@@ -134,7 +134,20 @@ def config_hash(cfg: DictConfig) -> str:
     refuses a config whose hash differs)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings["student"] = model_key(settings["student"])
+    settings["trainer"] = trainer_key(settings["trainer"])
     return digest(without_unkeyed(settings))
+
+
+# Trainer keys added after stages were first keyed, at the value that leaves the maths
+# as it was: left out of keys and hashes there, so that existing stages and finished runs
+# keep theirs.
+NEUTRAL_TRAINER = {"schedule_unit": "epoch", "warmup_steps": 0, "min_lr": 0.0,
+                   "accumulate": 1, "betas": [0.9, 0.999]}
+
+
+def trainer_key(trainer: dict) -> dict:
+    return {k: v for k, v in trainer.items()
+            if not (k in NEUTRAL_TRAINER and v == NEUTRAL_TRAINER[k])}
 
 
 def model_key(model: dict) -> dict:
@@ -221,7 +234,7 @@ def stage_material(cfg: DictConfig, *, role: str, model_cfg, seed: int, epochs: 
     teacher, a transfer set: kdrun/run/stages.py)."""
     from kdrun.models import model_identity
 
-    trainer = without_unkeyed(_plain(cfg.trainer), "trainer.")
+    trainer = trainer_key(without_unkeyed(_plain(cfg.trainer), "trainer."))
     identity = model_identity(model_cfg)  # e.g. the hash of the pretrained weights it starts from
     return {
         "stage": role, "data": data_digest, "dataset": _dataset(cfg),

@@ -73,7 +73,16 @@ RULES: dict[str, Check] = {
     "trainer.lr": number(0, lo_open=True),
     "trainer.momentum": number(0, 1, hi_open=True),
     "trainer.weight_decay": number(0),
-    "trainer.schedule": one_of("none", "cosine", "step", "multistep"),
+    "trainer.schedule": one_of("none", "cosine", "linear", "step", "multistep"),
+    "trainer.schedule_unit": one_of("epoch", "step"),
+    "trainer.warmup_steps": lambda v: None if isinstance(v, (int, float)) and not
+    isinstance(v, bool) and (0 <= v < 1 or float(v).is_integer() and v >= 1) else (
+        "must be 0, a share of the stage's steps (0 < x < 1) or a number of steps"),
+    "trainer.min_lr": number(0),
+    "trainer.accumulate": number(1, integer=True),
+    "trainer.betas": lambda v: None if isinstance(v, list) and len(v) == 2 and all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in v) else (
+        "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
     "trainer.milestones": increasing_epochs,
     "trainer.warmup_epochs": number(0, integer=True),
     "trainer.step_size": number(1, integer=True),
@@ -112,6 +121,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.loss_chunk_rows", cfg.trainer.loss_chunk_rows,
                           f"loss={cfg.loss.name} is not computed row by row; chunks apply to "
                           f"{chunked} (or set it to null)")
+    _check_steps(cfg)
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
@@ -123,6 +133,16 @@ def validate(cfg: DictConfig) -> None:
             if schemes.SCHEMES.get(name, "scheme.name").int8_students])
     for prefix, node in scheme.models(cfg):  # e.g. an ensemble's members
         _check_model(prefix, node)
+
+
+def _check_steps(cfg: DictConfig) -> None:
+    """Per-step schedules decay (cosine, linear) or stay (none) to a floor below lr."""
+    tcfg = cfg.trainer
+    if tcfg.get("schedule_unit") == "step" and tcfg.schedule not in ("none", "cosine", "linear"):
+        raise ConfigError("trainer.schedule", tcfg.schedule, "with trainer.schedule_unit=step: "
+                          "cosine, linear or none (step and multistep count epochs)")
+    if (tcfg.get("min_lr") or 0) >= tcfg.lr and tcfg.schedule in ("cosine", "linear"):
+        raise ConfigError("trainer.min_lr", tcfg.min_lr, f"must be below trainer.lr={tcfg.lr}")
 
 
 def _check_model(prefix: str, node) -> None:

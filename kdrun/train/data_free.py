@@ -160,7 +160,8 @@ class DataFreeLoop(OneModel):
         self.model, self.game, self.tcfg, self.device = model, game, tcfg, device
         self.metric, self.stage, self.alive = metric, stage, [True]
         self.optimizer = make_optimizer(model.parameters(), tcfg, device)
-        self.schedule = make_schedule(self.optimizer, tcfg, epochs)
+        self.schedule = make_schedule(self.optimizer, tcfg, epochs,
+                                      s.iterations * s.student_steps)
         self.generator_opt = torch.optim.Adam(game.generator.parameters(), lr=s.generator_lr)
         self.parts = {"model": model, "loss": game, "optimizer": self.optimizer,
                       "generator_optimizer": self.generator_opt, "schedule": self.schedule}
@@ -236,8 +237,9 @@ class Round:
         if self.skip_nan and not torch.isfinite(loss):
             self.skipped += 1
             return
+        # the generator's step left gradients on the student: accumulate is 1 here
         self.student_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.steps.backward(loss, len(x))
         self.steps.take(self.student_opt)
         self.student_losses[index] = loss.detach()
         self.agree += (s_logits.detach().argmax(1) == t_logits.argmax(1)).sum()

@@ -21,6 +21,7 @@ import torch
 
 from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.errors import TrainingDiverged
+from kdrun.train.optim import per_step
 
 log = logging.getLogger("kdrun")
 
@@ -56,18 +57,53 @@ class EpochTrained:
 
 
 class OptimizerSteps:
-    """Every optimiser step of every loop: the gradient clipping ``trainer.grad_clip``
-    asks for (``clip(max_norm)``: each loop says once how it clips, one model or each
-    member of a stack), then the step. A trainer option that acts per step is written
-    here once."""
+    """Every optimiser step of every loop. A loop hands each batch's loss to ``backward``
+    and then calls ``take``; this decides when the optimiser steps (every ``accumulate``
+    batches, their gradients summed, weighted by rows: the gradient of the mean over the
+    global batch), and what each step does: the loop's gradient sum over processes
+    (``sync``), the clipping ``grad_clip`` asks for (``clip(max_norm)``: each loop says once
+    how it clips, one model or each member of a stack), the step, and a per-step
+    schedule's advance (``schedule_unit: step``). A trainer option that acts per step is
+    written here once."""
 
-    def __init__(self, tcfg, clip: Callable[[float], None]):
-        self.grad_clip, self.clip = tcfg.get("grad_clip"), clip
+    def __init__(self, tcfg, loop: EpochLoop):
+        self.grad_clip, self.loop = tcfg.get("grad_clip"), loop
+        self.every = tcfg.get("accumulate") or 1
+        self.schedule = loop.schedule if per_step(tcfg) else None
+        self.batches = self.rows = 0  # since the last step
+
+    def backward(self, loss: torch.Tensor | None, rows: int) -> None:
+        """The gradients of a batch of ``rows`` (global) rows whose ``loss`` is a mean over
+        them (None: this process has no rows of it)."""
+        if loss is not None:
+            (loss if self.every == 1 else loss * rows).backward()
+        self.rows += rows
 
     def take(self, optimizer: torch.optim.Optimizer) -> None:
+        """After each batch's ``backward``: a step, once ``accumulate`` batches are in."""
+        self.batches += 1
+        if self.batches == self.every:
+            self.step(optimizer)
+
+    def flush(self, optimizer: torch.optim.Optimizer) -> None:
+        """At an epoch's end: a step on the last batches, fewer than ``accumulate``."""
+        if self.batches:
+            self.step(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.loop.sync(self.rows)
+        if self.every > 1:  # the sum of rows x mean over each batch, to the mean over all
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.rows)
         if self.grad_clip:
-            self.clip(self.grad_clip)
+            self.loop.clip(self.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None:
+            self.schedule.step()
+        self.batches = self.rows = 0
 
 
 class EpochLoop(Protocol):
@@ -82,6 +118,8 @@ class EpochLoop(Protocol):
     def train_epoch(self, epoch: int, steps: OptimizerSteps) -> list[EpochTrained]: ...
 
     def clip(self, max_norm: float) -> None: ...  # the gradient clipping of one step
+
+    def sync(self, rows: int) -> None: ...  # gradients summed over processes, before a step
 
     def evaluate(self, split) -> list[tuple[float, float]]: ...  # per member: loss, metric
 
@@ -113,12 +151,13 @@ def drive(loop: EpochLoop, *, stages: list[str], epochs: int, splits: dict, metr
                 else [new_progress(metric) for _ in range(loop.size)])
     start = max(p["epoch"] for p in progress)  # a member stopped early stays behind
     bar = bar(start)
-    steps = OptimizerSteps(loop.tcfg, loop.clip)
+    steps = OptimizerSteps(loop.tcfg, loop)
     for epoch in range(start + 1, epochs + 1):
-        lr = loop.optimizer.param_groups[0]["lr"]
+        lr = loop.optimizer.param_groups[0]["lr"]  # per-step schedules: the epoch's first
         t0 = time.perf_counter()
         trained = loop.train_epoch(epoch, steps)
-        if loop.schedule is not None:
+        steps.flush(loop.optimizer)
+        if loop.schedule is not None and steps.schedule is None:
             loop.schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch

@@ -38,7 +38,7 @@ from kdrun.train.optim import make_optimizer, make_schedule
 from kdrun.train.progress import StageProgress
 from kdrun.train.shards import on_shards
 from kdrun.train.targets import TeacherTargets, predict_logits
-from kdrun.train.tokens import feature_rows, token_rows
+from kdrun.train.tokens import feature_rows, has_no_loss_rows, token_rows
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -51,7 +51,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
     """(cross-entropy loss, the task's metric) on a split, in eval mode; with several
     processes each predicts its shard of the split (every process must call it)."""
     logits = on_shards(lambda rows: predict_logits(model, rows, batch_size), split)
-    logits, labels = token_rows(logits, split.y.to(logits.device))
+    logits, labels = token_rows(logits, split.y.to(logits.device), has_no_loss_rows(split.y))
     loss = F.cross_entropy(logits, labels).item()
     return loss, metric.compute(logits, labels)
 
@@ -190,6 +190,9 @@ class OneModel:
     def clip(self, max_norm: float) -> None:
         nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
+    def sync(self, rows: int) -> None:
+        """One process: nothing to sum (fit's loop sums over several)."""
+
     def snapshot(self, progress: list[dict]) -> dict:
         return training_state(progress[0], self.parts, self.draws)
 
@@ -228,6 +231,7 @@ class SingleModel(OneModel):
         # on-policy: unlabelled text of the student's; a transfer set: unlabelled examples
         self.rewrites = getattr(teacher, "rewrites", False)
         self.labelled_only = not (self.rewrites or bool((self.train.y == UNLABELED).any()))
+        self.masked = has_no_loss_rows(self.train.y)  # instruction data: prompts, padding
         self.teacher = teacher.to(device, self.dtype) if teacher is not None else None
         self.model, self.stage, self.tcfg, self.device = model, stage, tcfg, device
         self.metric, self.augment, self.alive = data.metric, augment, [True]
@@ -241,7 +245,8 @@ class SingleModel(OneModel):
             if loss_fn.reads_features else None
         self.params = [*model.parameters(), *loss_fn.parameters()]
         self.optimizer = make_optimizer(self.params, tcfg, device)
-        self.schedule = make_schedule(self.optimizer, tcfg, epochs)
+        self.schedule = make_schedule(self.optimizer, tcfg, epochs,
+                                      math.ceil(len(self.train) / tcfg.batch_size))
         self.parts = {"model": model, "loss": loss_fn, "optimizer": self.optimizer,
                       "schedule": self.schedule}
         self.draws = {"order_rng": self.order, "augment_rng": self.augment_rng}
@@ -279,16 +284,15 @@ class SingleModel(OneModel):
             idx, xb, yb = idx[here], xb[here], yb[here]
             if not len(idx):  # a last batch shorter than the processes: none here
                 if not self.skip_nan or finite_everywhere(torch.zeros((), device=self.device)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.optimizer_step(steps, batch_rows)
+                    steps.backward(None, batch_rows)
+                    steps.take(self.optimizer)
                 return 0
         loss, logits, labels = self.loss_of(idx, xb, yb)
         if self.skip_nan and not finite_everywhere(loss):  # reading the flag syncs: on request
             return 1
-        self.optimizer.zero_grad(set_to_none=True)
         share = len(idx) / batch_rows  # this shard's part of the batch; 1 for one process
-        (loss if share == 1 else loss * share).backward()
-        self.optimizer_step(steps, batch_rows)
+        steps.backward(loss if share == 1 else loss * share, batch_rows)
+        steps.take(self.optimizer)
         meter.add(step, loss, logits, labels)
         return 0
 
@@ -301,15 +305,16 @@ class SingleModel(OneModel):
         with self.autocast():
             logits = self.forward(xb)
         s_feature = self.student_tap.read_float() if self.student_tap else None
-        logits, labels = token_rows(logits, yb)
-        t_logits = token_rows(t_logits, yb)[0]
-        s_feature, t_feature = feature_rows(s_feature, yb), feature_rows(t_feature, yb)
+        masked = self.masked  # instruction data: only the responses' rows
+        logits, labels = token_rows(logits, yb, masked)
+        t_logits = token_rows(t_logits, yb, masked)[0]
+        s_feature = feature_rows(s_feature, yb, masked)
+        t_feature = feature_rows(t_feature, yb, masked)
         return self.loss_fn(widen(logits), t_logits, labels, s_feature, t_feature), logits, labels
 
-    def optimizer_step(self, steps: OptimizerSteps, batch_rows: int) -> None:
-        """On the gradients summed over the processes when there are several."""
-        distributed.sum_gradients(self.params, batch_rows)
-        steps.take(self.optimizer)
+    def sync(self, rows: int) -> None:
+        """The gradients summed over the processes when there are several."""
+        distributed.sum_gradients(self.params, rows)
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every process (all skip a batch, or none does)."""

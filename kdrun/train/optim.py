@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -16,7 +17,8 @@ def make_optimizer(params, tcfg, device: torch.device) -> torch.optim.Optimizer:
     if tcfg.optimizer == "sgd":
         cls, kwargs = torch.optim.SGD, {"momentum": tcfg.momentum}
     else:
-        cls, kwargs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer], {}
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[tcfg.optimizer]
+        kwargs = {"betas": tuple(tcfg.get("betas") or (0.9, 0.999))}
     kwargs.update(lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     return cls(params, fused=True, **kwargs) if uses_fused(tcfg, device) else cls(params, **kwargs)
 
@@ -38,8 +40,15 @@ def fused_kernel_exists(optimizer: str, device_type: str) -> bool:
         return False
 
 
-def make_schedule(optimizer, tcfg, epochs: int):
-    """Per-epoch learning-rate schedule, or None for a constant rate."""
+def make_schedule(optimizer, tcfg, epochs: int, batches: int):
+    """The learning-rate schedule of a stage of ``epochs`` epochs of ``batches`` batches,
+    or None for a constant rate: advanced every epoch, or with ``schedule_unit: step``
+    every optimiser step (``per_step_factor``)."""
+    if per_step(tcfg):
+        total = epochs * steps_per_epoch(tcfg, batches)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(per_step_factor, tcfg.schedule, total,
+                                         warmup_steps(tcfg, total), floor(tcfg)))
     if tcfg.schedule == "multistep":
         milestones, gamma = list(tcfg.milestones), tcfg.gamma
         warmup = tcfg.get("warmup_epochs") or 0
@@ -50,7 +59,46 @@ def make_schedule(optimizer, tcfg, epochs: int):
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if tcfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
+                                                          eta_min=tcfg.get("min_lr") or 0.0)
+    if tcfg.schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(per_step_factor, "linear", epochs, 0, floor(tcfg)))
     if tcfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, tcfg.step_size, tcfg.gamma)
     return None
+
+
+def per_step(tcfg) -> bool:
+    return tcfg.get("schedule_unit", "epoch") == "step"
+
+
+def steps_per_epoch(tcfg, batches: int) -> int:
+    """Optimiser steps in an epoch of ``batches`` batches: one per ``accumulate``."""
+    return math.ceil(batches / (tcfg.get("accumulate") or 1))
+
+
+def warmup_steps(tcfg, total: int) -> int:
+    """``warmup_steps``: a number of steps, or below 1 a share of the ``total``."""
+    warmup = tcfg.get("warmup_steps") or 0
+    return round(warmup * total) if 0 < warmup < 1 else int(warmup)
+
+
+def floor(tcfg) -> float:
+    """``min_lr`` over the base rate: where cosine and linear decay end."""
+    return (tcfg.get("min_lr") or 0.0) / tcfg.lr
+
+
+def per_step_factor(schedule: str, total: int, warmup: int, end: float, done: int) -> float:
+    """The rate of step ``done + 1`` of ``total``, over the base rate: step k <= ``warmup``
+    at k / warmup of it; then from the base rate at the first step after the warm-up down
+    to ``end`` of it at the last step, along half a cosine or a line (``none``: the base
+    rate throughout)."""
+    if done < warmup:
+        return (done + 1) / warmup
+    progress = min(1.0, (done - warmup) / max(1, total - warmup - 1))
+    if schedule == "cosine":
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return end + (1 - end) * (1 - progress)
+    return 1.0

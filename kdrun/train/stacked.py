@@ -176,7 +176,8 @@ class _StackedGroup:
         self.buffers = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
                         for k, v in self.buffers.items()}
         self.optimizer = make_optimizer(self.params.values(), tcfg, device)
-        self.schedule = make_schedule(self.optimizer, tcfg, epochs)
+        self.schedule = make_schedule(self.optimizer, tcfg, epochs,
+                                      math.ceil(len(data.train) / tcfg.batch_size))
         self.orders = [torch.Generator().manual_seed(m.train_seed) for m in members]
         # augmented in-memory data: each member's batch augmented with its own draws, the
         # generator fit seeds for that seed
@@ -227,6 +228,9 @@ class _StackedGroup:
     def clip(self, max_norm: float) -> None:
         clip_each_member(self.params.values(), max_norm)
 
+    def sync(self, rows: int) -> None:
+        """One process: a stacked group trains alone."""
+
     def _train_epoch(self, steps: OptimizerSteps):
         m, n, size = len(self.members), len(self.train), self.tcfg.batch_size
         sums = torch.zeros(m, device=self.device, dtype=self.dtype)
@@ -243,8 +247,7 @@ class _StackedGroup:
                 logits = widen(self.forward(self.params, self.buffers, xb))
             teacher = self._teacher_logits(idx, xb)
             losses = self.losses(logits, teacher, yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            steps.backward(losses.sum(), idx.shape[1])
             steps.take(self.optimizer)
             detached = losses.detach()
             bad_steps.append(~torch.isfinite(detached))

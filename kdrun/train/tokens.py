@@ -13,13 +13,27 @@ from __future__ import annotations
 
 import torch
 
+from kdrun.data.labels import NO_LOSS
 
-def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor):
-    """(outputs, targets) with each position a row; a classifier's unchanged."""
+
+def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor, masked: bool = False):
+    """(outputs, targets) with each position a row; a classifier's unchanged. ``masked``
+    (instruction data): the rows whose target is NO_LOSS, a prompt's or padding, are
+    dropped, so that nothing downstream reads them (one mask per batch: a sync on a
+    GPU, which only such data pays)."""
     if targets.ndim < 2:
         return outputs, targets
     rows = None if outputs is None else outputs.flatten(-3, -2)
-    return rows, targets.flatten(-2)
+    targets = targets.flatten(-2)
+    if masked:
+        keep = targets != NO_LOSS
+        rows, targets = (None if rows is None else rows[keep]), targets[keep]
+    return rows, targets
+
+
+def has_no_loss_rows(targets: torch.Tensor) -> bool:
+    """Whether some targets are NO_LOSS: a split of instruction data (checked once)."""
+    return targets.ndim > 1 and bool((targets == NO_LOSS).any())
 
 
 def row_shapes(shapes, per_position: bool):
@@ -30,10 +44,17 @@ def row_shapes(shapes, per_position: bool):
     return shapes[1:] if isinstance(shapes, tuple) else [s[1:] for s in shapes]
 
 
-def feature_rows(features, targets: torch.Tensor):
+def feature_rows(features, targets: torch.Tensor, masked: bool = False):
     """A tapped feature (batch, positions, width), or a list of them, as one row per
-    position, when the targets are per position; otherwise unchanged."""
+    position, when the targets are per position (``masked``: less the NO_LOSS rows, as
+    token_rows); otherwise unchanged."""
     if features is None or targets.ndim < 2:
         return features
-    flat = lambda f: f.flatten(0, 1) if f.shape[:2] == targets.shape else f  # noqa: E731
+    keep = (targets != NO_LOSS).flatten() if masked else None
+
+    def flat(f):
+        if f.shape[:2] != targets.shape:
+            return f
+        f = f.flatten(0, 1)
+        return f if keep is None else f[keep]
     return flat(features) if torch.is_tensor(features) else [flat(f) for f in features]

@@ -140,6 +140,6 @@ def check_text_windows(data, scheme: str, prompt: int) -> None:
         raise ConfigError("scheme.name", scheme, "needs a language model's data (targets per "
                           "position, e.g. dataset=text_lm)")
     positions = data.input_shape[0]
-    if prompt >= positions:
+    if prompt >= positions and data.end_token is None:  # instructions: their own prompts
         raise ConfigError("scheme.prompt", prompt, f"must be shorter than the windows "
                           f"({positions} tokens)")

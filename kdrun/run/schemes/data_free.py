@@ -99,6 +99,13 @@ class DataFree(Scheme):
             return game
         return make
 
+    def check(self, cfg: DictConfig) -> None:
+        """A student's batches alternate with its generator's steps: none accumulate."""
+        if (cfg.trainer.get("accumulate") or 1) > 1:
+            raise ConfigError("trainer.accumulate", cfg.trainer.accumulate, "must be 1 with "
+                              "scheme=data_free: the generator steps between the student's "
+                              "batches")
+
     def check_data(self, cfg: DictConfig, data) -> None:
         """Inputs a generator can make: numbers held in memory; and a teacher whose layers
         its generator's loss reads (built on the meta device)."""

@@ -47,5 +47,6 @@ class OnPolicy(Scheme):
         teacher = stages.teacher(cfg.teacher)
         targets = OnPolicyTeacher(teacher.model, configure_device(stages.tcfg, stages.device),
                                   self.fraction, self.prompt, self.temperature,
-                                  loss.teacher_layer if loss.reads_features else None)
+                                  loss.teacher_layer if loss.reads_features else None,
+                                  end_token=stages.data.end_token)
         return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, {})]

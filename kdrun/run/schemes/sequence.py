@@ -21,7 +21,7 @@ from kdrun.run.schemes.base import (
     teacher_targets,
 )
 from kdrun.run.summary_row import SummaryRow
-from kdrun.train.generate import continue_text
+from kdrun.train.generate import continue_text, respond
 
 if TYPE_CHECKING:
     from kdrun.run.stages import Stages
@@ -34,8 +34,9 @@ class SequenceKD(Scheme):
     training windows, sampling each next token at ``temperature``, to full windows. Those
     windows join the distilled student's transfer set (no labels: it learns the
     teacher's token distributions on them, with the loss's soft term); the scratch
-    student never sees them. The draws come from a generator of their own, so the text,
-    and with it the distilled stage's key, is the same on every run."""
+    student never sees them. On instruction data each sampled window's own prompt is
+    answered, and only the answer is learned. The draws come from a generator of their
+    own, so the text, and with it the distilled stage's key, is the same on every run."""
 
     config_rules = {"samples": number(1, integer=True), "prompt": number(1, integer=True),
                     "temperature": TEMPERATURE}
@@ -51,17 +52,24 @@ class SequenceKD(Scheme):
 
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
         teacher = stages.teacher(cfg.teacher)
-        written = self.write(teacher.model, stages.data.train, stages.device, cfg.seed)
-        stages.add_transfer(Split(written, torch.full_like(written, UNLABELED)))
+        stages.add_transfer(self.write(teacher.model, stages.data, stages.device, cfg.seed))
         targets, columns = teacher_targets(stages, cfg, teacher)
         return [teacher.row, *taught_students(stages, cfg, targets, teacher.entry.key, columns)]
 
-    def write(self, teacher, train: Split, device, seed: int) -> torch.Tensor:
-        """(samples, positions) token windows: prompts from training windows, continued
-        by the teacher one sampled token at a time."""
+    def write(self, teacher, data, device, seed: int) -> Split:
+        """(samples, positions) token windows without labels: prompts from training
+        windows, continued by the teacher one sampled token at a time (instruction data:
+        each window's own prompt, answered up to its end token; only the answer is
+        learned)."""
         draw = torch.Generator().manual_seed(seed_stream("sequence_kd", seed))
-        positions = train.x.shape[1]
+        train = data.train
         rows = torch.randint(0, len(train), (self.samples,), generator=draw)
+        teacher = teacher.to(device)
+        if data.end_token is not None:
+            x, labels = respond(teacher, train.x[rows].to(device), train.y[rows].to(device),
+                                data.end_token, self.temperature, draw)
+            return Split(x.cpu(), labels.cpu())
         prompts = train.x[rows, : self.prompt].to(device)
-        return continue_text(teacher.to(device), prompts, positions, self.temperature,
-                             draw).cpu()
+        written = continue_text(teacher, prompts, train.x.shape[1], self.temperature,
+                                draw).cpu()
+        return Split(written, torch.full_like(written, UNLABELED))
