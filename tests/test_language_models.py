@@ -452,9 +452,9 @@ def test_top_k_caching_distils_a_language_model_and_keys_only_the_distilled_stag
 
 def test_sequence_kd_continues_training_prompts_the_same_way_every_time():
     pytest.importorskip("transformers")
-    from omegaconf import OmegaConf
-
     from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
 
     from kdrun.data import Split
     from kdrun.data.labels import UNLABELED
