@@ -91,6 +91,7 @@ class OptimizerSteps:
             self.step(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimiser step on the gradients gathered since the last."""
         self.loop.sync(self.rows)
         if self.every > 1:  # the sum of rows x mean over each batch, to the mean over all
             for group in optimizer.param_groups:
