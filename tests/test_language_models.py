@@ -567,3 +567,34 @@ def test_on_policy_refuses_data_that_is_not_text(tmp_path):
         pipeline.run(make_config("dataset=synthetic", "dataset.n=200", "teacher=mlp",
                                  "repeats=1", "trainer.epochs=1", "progress=false",
                                  "scheme=on_policy", f"cache.dir={tmp_path}/c"), tmp_path / "r")
+
+
+def test_a_bpe_learned_from_the_training_text_tokenizes_offline_and_decodes_exactly():
+    pytest.importorskip("tokenizers")
+    from kdrun.data.text import check_tokenizer, learned_bpe, tokenize
+
+    text = grammar_text(400, seed=0) + " zebra zebra zebra zebra"  # test text: a new word
+    train_chars = len(text) - len(" zebra zebra zebra zebra")
+    ids, vocab = tokenize(text, "bpe:300", train_chars)
+    assert vocab == 300 and int(ids.max()) < 300
+    again, _ = tokenize(text, "bpe:300", train_chars)
+    assert torch.equal(ids, again)  # the same text, the same tokenizer
+    bpe = learned_bpe(text[:train_chars], 300)
+    assert bpe.decode(ids.tolist()) == text  # every token decodes to exact bytes
+    assert len(ids) < len(text.encode()) / 2  # merges learned: under half the bytes
+    assert "Ġzebra" not in bpe.get_vocab()  # the test text shaped no token
+    assert "Ġteacher" in bpe.get_vocab()
+    assert check_tokenizer("bpe:100") and check_tokenizer("bpe:x") and not check_tokenizer(
+        "bpe:512")
+
+
+@pytest.mark.slow  # one language-model run (~4 s)
+def test_text_tokenized_by_a_learned_bpe_trains_a_language_model(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+
+    cfg = make_config(*TINY_LM, "dataset.tokenizer=bpe:300", "repeats=1",
+                      f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+    assert all(1 < r["test_metric_best_val"] < 300 for r in rows)  # perplexity of 300 tokens

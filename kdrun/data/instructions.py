@@ -144,7 +144,10 @@ def read_pairs(files, hf_dataset, hf_split, prompt_column, response_column,
 @DATASETS.register("instructions", rules={
     "seq_len": number(4, integer=True), "examples": number(10, integer=True),
     "test_fraction": FRACTION, "seed": SEED,
-    "chat_template": lambda v: None if v in ("auto", False) else "must be auto or false"})
+    "chat_template": lambda v: None if v in ("auto", False) else "must be auto or false",
+    "tokenizer": lambda v: "must be bytes or a Hugging Face tokenizer's name or folder (bpe:N "
+    "is learned for dataset=text_lm)" if not isinstance(v, str) or not v or
+    v.startswith("bpe:") else None})
 def instructions(files: str | None = None, hf_dataset: str | None = None,
                  hf_split: str = "train", prompt_column: str = "prompt",
                  response_column: str = "response", messages_column: str | None = None,

@@ -91,11 +91,17 @@ def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return stream[:-1].view(n, seq_len), stream[1:].view(n, seq_len)
 
 
-def tokenize(text: str, tokenizer: str) -> tuple[torch.Tensor, int]:
-    """(token ids, vocabulary size): bytes, or the Hugging Face tokenizer ``tokenizer``
-    found on this machine (kdrun/store/hf_local.py)."""
+def tokenize(text: str, tokenizer: str, train_chars: int | None = None
+             ) -> tuple[torch.Tensor, int]:
+    """(token ids, vocabulary size): bytes; ``bpe:N``, a byte-level BPE of N tokens
+    learned from the first ``train_chars`` characters (the training text: the test
+    text never shapes the vocabulary); or the Hugging Face tokenizer ``tokenizer`` found
+    on this machine (kdrun/store/hf_local.py)."""
     if tokenizer == "bytes":
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), BYTE_VOCAB
+    if tokenizer.startswith("bpe:"):
+        bpe = learned_bpe(text[:train_chars], int(tokenizer[4:]))
+        return torch.tensor(bpe.encode(text).ids, dtype=torch.long), bpe.get_vocab_size()
     from transformers import AutoTokenizer
 
     folder = local_snapshot(tokenizer, "dataset.tokenizer")
@@ -103,11 +109,38 @@ def tokenize(text: str, tokenizer: str) -> tuple[torch.Tensor, int]:
     return torch.tensor(tok(text)["input_ids"], dtype=torch.long), len(tok)
 
 
+def learned_bpe(text: str, size: int):
+    """A byte-level BPE tokenizer (the ``tokenizers`` library, as GPT-2's: every byte a
+    token to start, so any text encodes, and each token decodes to exact bytes) whose
+    merges are learned from ``text`` up to ``size`` tokens; the same text gives the same
+    tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe
+
+
+def check_tokenizer(value) -> str | None:
+    """``dataset.tokenizer``: bytes, bpe:N (257 to 65536 tokens), or a Hugging Face name or
+    folder."""
+    if not isinstance(value, str) or not value:
+        return "must be bytes, bpe:N, or a Hugging Face tokenizer's name or folder"
+    if value.startswith("bpe:"):
+        size = value[4:]
+        if not size.isdigit() or not 257 <= int(size) <= 65536:
+            return ("bpe:N learns a byte-level BPE of N tokens from the training text: N "
+                    "from 257 (the 256 bytes and one merge) to 65536")
+    return None
+
+
 @DATASETS.register("text_lm", rules={
     "seq_len": number(2, integer=True), "sentences": number(10, integer=True),
-    "test_fraction": FRACTION, "seed": SEED,
-    "tokenizer": lambda v: None if isinstance(v, str) and v else
-    "must be bytes, or a Hugging Face tokenizer's name or folder"})
+    "test_fraction": FRACTION, "seed": SEED, "tokenizer": check_tokenizer})
 def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
             test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes",
             text_column: str = "text", hf_dataset: str | None = None,
@@ -126,7 +159,7 @@ def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
     if not text.strip():
         raise DataError(f"dataset.{'hf_dataset' if hf_dataset else 'files'}="
                         f"{hf_dataset or files}: the text is empty")
-    tokens, vocab = tokenize(text, tokenizer)
+    tokens, vocab = tokenize(text, tokenizer, int(len(text) * (1 - test_fraction)))
     cut = int(len(tokens) * (1 - test_fraction))
     x_train, y_train = windows(tokens[:cut], seq_len)
     x_test, y_test = windows(tokens[cut:], seq_len)

@@ -81,9 +81,9 @@ def check_pretrained_vocabulary(name: str, key: str, data_tokenizer: str, vocab:
         else f"{rows} output rows"
     if not has_tokenizer(folder):
         return f"{key}={name}: {padding}; no tokenizer in its folder, taken to be the data's"
-    if data_tokenizer == "bytes":
+    if data_tokenizer == "bytes" or data_tokenizer.startswith("bpe:"):
         raise DataError(f"{key}={name} has its own tokenizer, and the data is tokenized as "
-                        f"bytes: set dataset.tokenizer={name}")
+                        f"{data_tokenizer}: set dataset.tokenizer={name}")
     data_tokens = token_strings(local_snapshot(data_tokenizer, "dataset.tokenizer"))
     own = token_strings(folder)
     differ = first_difference(data_tokens, own)
