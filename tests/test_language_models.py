@@ -598,3 +598,68 @@ def test_text_tokenized_by_a_learned_bpe_trains_a_language_model(tmp_path):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
     assert all(1 < r["test_metric_best_val"] < 300 for r in rows)  # perplexity of 300 tokens
+
+
+def test_a_byte_teachers_view_aligns_with_each_bpe_position_on_the_text():
+    pytest.importorskip("tokenizers")
+    from kdrun.data.text import ByteView, learned_bpe, windows
+
+    text = grammar_text(300, seed=1)
+    bpe = learned_bpe(text, 320)
+    tokens = torch.tensor(bpe.encode(text).ids)
+    x, y = windows(tokens, 12)
+    view = ByteView.of(bpe)
+    view.positions = max(view.span(row) for row in x.tolist())
+    texts, aligned = view(x[:20])
+    for i in range(20):
+        window = bpe.decode(x[i].tolist()).encode()
+        assert bytes(texts[i, :len(window)].tolist()) == window  # the window's own text
+        for j in range(12):  # after the aligned byte comes the student's next token
+            following = bpe.decode([int(y[i, j])]).encode()
+            span = bpe.decode(x[i, :j + 1].tolist()).encode()
+            assert int(aligned[i, j]) == len(span) - 1
+            assert window[:int(aligned[i, j]) + 1] + following == \
+                bpe.decode(x[i, :j + 1].tolist() + [int(y[i, j])]).encode()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["loss=kd"], "loss.name='kd' is invalid: compares the teacher's and the student's "
+                  "distributions token by token, one vocabulary; with "
+                  "dataset.teacher_tokenizer: uld"),
+    (["scheme=sequence_kd"], "scheme.name='sequence_kd' is invalid: does not align"),
+    (["dataset.tokenizer=bytes", "dataset.teacher_tokenizer=bpe:300"],
+     "dataset.teacher_tokenizer='bpe:300' is invalid: must be null"),
+    (["trainer.teacher_topk=8"], "needs the teacher's every logit, cached"),
+])
+def test_a_teacher_with_its_own_tokenizer_refuses_what_cannot_align(overrides, words):
+    from kdrun.errors import UserError
+    from kdrun.run.validate import validate
+
+    with pytest.raises(UserError) as error:
+        cfg = make_config("experiment=lm_cross_tokenizer", *overrides)
+        validate(cfg)
+        from kdrun.data import load_data
+
+        load_data(cfg.dataset, cfg.split)
+    assert words in str(error.value)
+
+
+@pytest.mark.slow  # one cross-tokenizer run (~10 s)
+def test_a_byte_teacher_distils_a_bpe_student_through_aligned_logits(tmp_path):
+    pytest.importorskip("transformers")
+    from kdrun.run import pipeline
+    from kdrun.store.files import load_checkpoint, load_sealed
+
+    cfg = make_config("experiment=lm_cross_tokenizer", "dataset.sentences=300",
+                      "trainer.teacher_epochs=2", "trainer.student_epochs=1", "repeats=1",
+                      "progress=false", "latency.repeats_b1=4", "latency.repeats_b256=4",
+                      "latency.warmup=0", f"cache.dir={tmp_path}/cache")
+    rows = pipeline.run(cfg, tmp_path / "run")["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
+    teacher = load_checkpoint(tmp_path / "run" / "checkpoints" / "teacher.pt")["model"]
+    student = load_checkpoint(tmp_path / "run" / "checkpoints" / "scratch.pt")["model"]
+    assert teacher["lm.lm_head.weight"].shape[0] == 256  # the teacher reads bytes
+    assert student["lm.lm_head.weight"].shape[0] > 256  # the student, its BPE
+    (aligned,) = (tmp_path / "cache").glob("*/logits-aligned-best_val.pt")
+    logits = load_sealed(aligned)
+    assert logits.shape[1:] == (32, 256)  # every student window, position, byte

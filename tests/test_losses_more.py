@@ -377,3 +377,25 @@ def test_reviewkd_runs_on_tiny_cifar_files(tmp_path, skip_cifar_md5):
     rows = pipeline.run(cfg, tmp_path / "run")["rows"]
     assert [r["role"] for r in rows] == ["teacher", "scratch", "distilled"]
     assert all(math.isfinite(r["test_metric_last"]) for r in rows)
+
+
+def test_uld_equals_an_independent_computation_of_the_sorted_distance():
+    from kdrun.losses.divergence import ULD
+
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, dtype=torch.float64)  # 5 student tokens
+    teacher = torch.randn(3, 7, dtype=torch.float64)  # 7 teacher tokens: another vocabulary
+    labels = torch.tensor([0, 4, 2])
+    by_hand = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p_s = sorted((math.exp(v / 2) for v in s_row), reverse=True)
+        p_t = sorted((math.exp(v / 2) for v in t_row), reverse=True)
+        p_s = [v / sum(p_s) for v in p_s] + [0.0, 0.0]  # padded to the wider vocabulary
+        p_t = [v / sum(p_t) for v in p_t]
+        by_hand += sum(abs(a - b) for a, b in zip(p_s, p_t)) / 3
+    ce = sum(-math.log(math.exp(row[y]) / sum(math.exp(v) for v in row))
+             for row, y in zip(student.tolist(), labels.tolist())) / 3
+    loss = ULD(T=2.0, alpha=0.25)(student, teacher, labels)
+    assert float(loss) == pytest.approx(0.25 * 4 * by_hand + 0.75 * ce, rel=1e-12)
+    same = ULD(alpha=1.0)(teacher, teacher.flip(-1), labels)  # a permuted vocabulary: 0
+    assert float(same) == pytest.approx(0.0, abs=1e-15)

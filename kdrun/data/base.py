@@ -43,6 +43,10 @@ class RawData:
     # only by the "scratch, all labels" reference, never by a distilled student
     metric: Metric = ACCURACY  # what the task is judged by (kdrun/data/metrics.py)
     end_token: int | None = None  # instruction data: the token that ends a response
+    # a teacher with its own tokenizer (dataset.teacher_tokenizer): the same text as it
+    # reads it, and its view of the student's windows (kdrun/data/text.py ByteView)
+    teacher: RawData | None = None
+    teacher_view: object | None = None
 
     def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
         """In-memory data is augmented later, batched on the device (kdrun/data/augment.py)."""
@@ -108,6 +112,10 @@ class Data:
     # instruction data (kdrun/data/instructions.py): the token that ends a response, which
     # a model continuing a prompt writes last; None for other data
     end_token: int | None = None
+    # a teacher with its own tokenizer: its own data (the teacher stage's), and its view
+    # of the student's windows, (token windows) -> (its windows, the aligned positions)
+    teacher_data: Data | None = None
+    teacher_view: object | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -256,7 +264,9 @@ def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None =
         for s in splits:
             s.x = (s.x - mean) / std
     data = Data(name, *splits[:3], raw.num_classes, metric=raw.metric,
-                end_token=raw.end_token)
+                end_token=raw.end_token, teacher_view=raw.teacher_view)
+    if raw.teacher is not None:
+        data.teacher_data = _split_tensors(name, raw.teacher, split_cfg)
     if transfer is not None:
         data.transfer, data.transfer_labels = splits[3], transfer[1]
     return data

@@ -125,6 +125,54 @@ def learned_bpe(text: str, size: int):
     return bpe
 
 
+def byte_of_char() -> dict[str, int]:
+    """The byte each character of a byte-level BPE's tokens stands for: GPT-2's table,
+    printable bytes as themselves and the others moved to code points from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + moved)] = b
+            moved += 1
+    return chars
+
+
+class ByteView:
+    """The teacher's view of a student's windows when the student reads a learned BPE and
+    the teacher reads bytes (``dataset.teacher_tokenizer=bytes``): each window's text as
+    bytes, right-padded to ``positions``, and for each student position the teacher
+    position that predicts the same next text, the byte before the next student token's
+    first byte (every BPE token starts on a byte boundary: the two align on the text)."""
+
+    def __init__(self, token_bytes: list[bytes], positions: int):
+        self.token_bytes, self.positions = token_bytes, positions
+
+    @classmethod
+    def of(cls, bpe, positions: int = 0) -> ByteView:
+        table = byte_of_char()
+        return cls([bytes(table[c] for c in bpe.id_to_token(i))
+                    for i in range(bpe.get_vocab_size())], positions)
+
+    def span(self, row: list[int]) -> int:
+        """The bytes of a window of token ids."""
+        return sum(len(self.token_bytes[t]) for t in row)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the windows as bytes (rows, positions), the aligned positions (rows, tokens))."""
+        texts = torch.zeros(len(x), self.positions, dtype=torch.long)
+        aligned = torch.zeros(x.shape, dtype=torch.long)
+        for i, row in enumerate(x.tolist()):
+            pieces = [self.token_bytes[t] for t in row]
+            text = b"".join(pieces)
+            texts[i, :len(text)] = torch.tensor(list(text))
+            ends = torch.tensor([len(p) for p in pieces]).cumsum(0)
+            aligned[i] = ends - 1  # the last byte of token j predicts token j + 1's first
+        return texts.to(x.device), aligned.to(x.device)
+
+
 def check_tokenizer(value) -> str | None:
     """``dataset.tokenizer``: bytes, bpe:N (257 to 65536 tokens), or a Hugging Face name or
     folder."""
@@ -140,11 +188,13 @@ def check_tokenizer(value) -> str | None:
 
 @DATASETS.register("text_lm", rules={
     "seq_len": number(2, integer=True), "sentences": number(10, integer=True),
-    "test_fraction": FRACTION, "seed": SEED, "tokenizer": check_tokenizer})
+    "test_fraction": FRACTION, "seed": SEED, "tokenizer": check_tokenizer,
+    "teacher_tokenizer": lambda v: None if v in (None, "bytes") else (
+        "must be null (the data's tokenizer) or bytes (with tokenizer=bpe:N)")})
 def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
             test_fraction: float = 0.1, seed: int = 0, tokenizer: str = "bytes",
             text_column: str = "text", hf_dataset: str | None = None,
-            hf_split: str = "train") -> RawData:
+            hf_split: str = "train", teacher_tokenizer: str | None = None) -> RawData:
     """Next-token prediction on ``files`` (text files, or a table's ``text_column``, its
     rows joined by newlines), on a Hugging Face dataset's ``text_column`` alike, or on
     generated text (``sentences`` of GRAMMAR), tokenized by ``tokenizer``, judged by
@@ -163,7 +213,25 @@ def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
     cut = int(len(tokens) * (1 - test_fraction))
     x_train, y_train = windows(tokens[:cut], seq_len)
     x_test, y_test = windows(tokens[cut:], seq_len)
-    return RawData(x_train, y_train, x_test, y_test, vocab, metric=PERPLEXITY)
+    raw = RawData(x_train, y_train, x_test, y_test, vocab, metric=PERPLEXITY)
+    if teacher_tokenizer is not None and teacher_tokenizer != tokenizer:
+        raw.teacher, raw.teacher_view = teacher_text(text, tokenizer, test_fraction, x_train,
+                                                     x_test)
+    return raw
+
+
+def teacher_text(text: str, tokenizer: str, test_fraction: float, *student_windows):
+    """The teacher's own data (the same text as bytes, in windows as long as the longest
+    student window's bytes, so that it can read any of them whole) and its view of the
+    student's windows."""
+    view = ByteView.of(learned_bpe(text[:int(len(text) * (1 - test_fraction))],
+                                   int(tokenizer[4:])))
+    view.positions = max(view.span(row) for x in student_windows for row in x.tolist())
+    tokens = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    cut = int(len(tokens) * (1 - test_fraction))
+    x_train, y_train = windows(tokens[:cut], view.positions)
+    x_test, y_test = windows(tokens[cut:], view.positions)
+    return RawData(x_train, y_train, x_test, y_test, BYTE_VOCAB, metric=PERPLEXITY), view
 
 
 # ------------------------------------------------------------ text classification

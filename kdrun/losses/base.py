@@ -25,6 +25,7 @@ from kdrun.registry import Registry
 
 class DistillationLoss(nn.Module):
     needs_teacher: ClassVar[bool] = True  # False: the teacher is never asked for
+    cross_vocab: ClassVar[bool] = False  # True: teacher and student vocabularies may differ
     reads_features: ClassVar[bool] = False  # True: student_layer / teacher_layer are tapped
     reads_indices: ClassVar[bool] = False  # True: told the training set's size and each
     # batch's example indices (set_examples, set_batch), e.g. for a memory bank

@@ -7,7 +7,9 @@ of logits is one position: kdrun/train/tokens.py), and as any classifier can:
   TRL's convention: beta = 0 is the forward KL(p_t || p_s), beta = 1 the reverse KL;
 - ``skew_kl``: DistiLLM's skew KL (Ko et al. 2024), KL(p_t || a p_t + (1 - a) p_s), or
   its reverse KL(p_s || a p_s + (1 - a) p_t);
-- ``tv``: the total variation distance, half the L1 distance of the distributions.
+- ``tv``: the total variation distance, half the L1 distance of the distributions;
+- ``uld``: Universal Logit Distillation's sorted-probability distance (Boizard et al.
+  2024), for a teacher and a student with different tokenizers.
 
 Each is L = kd_weight * T^2 * D + ce_weight * CE, weighted by ``alpha`` (kd_weight =
 alpha, ce_weight = 1 - alpha) or by the two term weights, as ``kd``; p = softmax(z / T);
@@ -173,3 +175,34 @@ class TotalVariation(Divergence):
 
     def formula(self) -> str:
         return "TV(p_t, p_s) = 0.5 * sum |p_t - p_s|"
+
+
+def sorted_l1(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation's distance (Boizard et al. 2024): each row's
+    probabilities sorted from the largest, the shorter vocabulary padded with zeros, and
+    the absolute differences summed (the Wasserstein-1 distance between the two sorted
+    distributions under their closed form), averaged over the rows. It reads no token's
+    identity, so teacher and student may have different vocabularies."""
+    p_s = log_s.exp().sort(-1, descending=True).values
+    p_t = log_t.exp().sort(-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum(-1).mean(-1)
+
+
+@LOSSES.register("uld")
+class ULD(Divergence):
+    """Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer
+    Distillation"): the sorted-probability distance between the teacher's and the
+    student's next-token distributions, position by position, with the hard CE: for a
+    teacher and a student with different tokenizers (``dataset.teacher_tokenizer``)."""
+
+    cross_vocab = True
+
+    def term(self, log_s, log_t):
+        return sorted_l1(log_s, log_t)
+
+    def formula(self) -> str:
+        return ("ULD = sum_k |sort(p_s)_k - sort(p_t)_k| (each sorted from the largest, the "
+                "shorter vocabulary padded with 0)")

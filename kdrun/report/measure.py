@@ -54,7 +54,11 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
     """Per model, ``repeats`` wall times (ms) of one eval-mode forward pass on ``batch``
     inputs. Each round times every model once, in turn, so the machine's drift (other
     processes, clock changes) hits them alike; the first ``warmup`` rounds are dropped."""
-    x = example_inputs(next(iter(models.values())), batch, input_shape, device)
+    shared = example_inputs(next(iter(models.values())), batch, input_shape, device)
+    # a language model draws its own token ids (a teacher with its own tokenizer reads
+    # other ids, and windows of the same text in more positions)
+    inputs = {name: model.example_inputs(batch, device) if hasattr(model, "example_inputs")
+              else shared for name, model in models.items()}
     times = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # timed as deployed: float32, whatever it trained in
@@ -64,7 +68,7 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch
         for i in range(warmup + repeats):
             for name, model in models.items():
                 t0 = time.perf_counter()
-                model(x)
+                model(inputs[name])
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if i >= warmup:

@@ -88,6 +88,11 @@ def _run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
     report_inputs(cfg, data)
+    if data.teacher_data is not None:
+        log.info("teacher tokenizer: %s, windows of %d (the students': %s, %d); the teacher's "
+                 "perplexity is per token of its own, not comparable with the students'",
+                 cfg.dataset.teacher_tokenizer, data.teacher_data.input_shape[0],
+                 cfg.dataset.tokenizer, data.input_shape[0])
     int8 = data_checks.check(cfg, data)  # with int8 students: one to time after training
     plan = plan_memory(cfg, data, device)
     log.info("%s", plan.line)

@@ -116,9 +116,12 @@ class RunContext:
             epochs=spec.epochs, numerics=self.numerics, data_digest=self.data_digest,
             adds=key))
 
-    def load(self, model_cfg, entry: StageEntry, weights: str) -> torch.nn.Module:
-        """A finished stage's model with its ``weights`` (best_val | last)."""
-        model = build_model(model_cfg, self.data.input_shape, self.data.num_classes)
+    def load(self, model_cfg, entry: StageEntry, weights: str,
+             data: Data | None = None) -> torch.nn.Module:
+        """A finished stage's model with its ``weights`` (best_val | last), built for
+        ``data`` (the run's unless a stage trained on other)."""
+        data = data or self.data
+        model = build_model(model_cfg, data.input_shape, data.num_classes)
         model.load_state_dict(entry.result()[WEIGHTS[weights]])
         return model.to(self.device, self.dtype)
 
@@ -184,7 +187,7 @@ def build_stage(spec: StageSpec, ctx: RunContext) -> tuple[torch.nn.Module, obje
     quantised for quantisation-aware training), its loss attached and, for a feature
     loss, told the shapes of one row's features, student's and teacher's."""
     torch.manual_seed(spec.train_seed)
-    data = ctx.data
+    data = spec.data  # a teacher with its own tokenizer: its own vocabulary and windows
     model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role)
     if quantized(spec.model_cfg):  # fake-quantised weights and activations
         model = fake_quantized(model, data.input_shape)

@@ -67,8 +67,9 @@ class Stages:
         if model_cfg.get("checkpoint"):
             result = evaluate_given_teacher(self.ctx, model_cfg)
         else:
-            result = self.runner(self.teacher_spec(model_cfg, all_labels), self.ctx)
-            model = self.ctx.load(model_cfg, result.entry, self.tcfg.distill_from)
+            spec = self.teacher_spec(model_cfg, all_labels)
+            result = self.runner(spec, self.ctx)
+            model = self.ctx.load(model_cfg, result.entry, self.tcfg.distill_from, spec.data)
             result = StageResult(result.row, result.entry, model)
         self.teacher_model = result.model
         return result
@@ -78,7 +79,7 @@ class Stages:
         a student), on the labelled examples or, with ``all_labels``, the transfer set's
         true labels too where they exist."""
         data, key = (all_labels_data(self.data, self.transfer_digest)
-                     if all_labels else None) or (self.data, {})
+                     if all_labels else None) or (self.data.teacher_data or self.data, {})
         return StageSpec("teacher", model_cfg, CE, self.cfg.seed,
                          seed_stream("teacher", self.cfg.seed),
                          self.tcfg.teacher_epochs or self.tcfg.epochs, data, key)

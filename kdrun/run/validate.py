@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
                           f"loss={cfg.loss.name} is not computed row by row; chunks apply to "
                           f"{chunked} (or set it to null)")
     _check_steps(cfg)
+    _check_other_tokenizer(cfg, loss_class)
     for role in ("teacher", "student"):
         _check_model(role, cfg[role])
     _check_option("scheme", cfg.scheme, schemes.SCHEMES, "name")
@@ -143,6 +144,34 @@ def _check_steps(cfg: DictConfig) -> None:
                           "cosine, linear or none (step and multistep count epochs)")
     if (tcfg.get("min_lr") or 0) >= tcfg.lr and tcfg.schedule in ("cosine", "linear"):
         raise ConfigError("trainer.min_lr", tcfg.min_lr, f"must be below trainer.lr={tcfg.lr}")
+
+
+def _check_other_tokenizer(cfg: DictConfig, loss_class) -> None:
+    """A teacher with its own tokenizer: a learned BPE for the student, a loss that compares
+    distributions without token identities, the teacher's every logit, cached, from a
+    teacher kdrun trains, and a scheme that aligns it."""
+    given = cfg.dataset.get("teacher_tokenizer")
+    if given is None or given == cfg.dataset.get("tokenizer"):
+        return
+    key = "dataset.teacher_tokenizer"
+    if not str(cfg.dataset.get("tokenizer")).startswith("bpe:"):
+        raise ConfigError(key, given, "a byte-level teacher aligns with a student tokenized by "
+                          "dataset.tokenizer=bpe:N (each token exact bytes)")
+    if not loss_class.cross_vocab:
+        crossing = ", ".join(n for n in losses.LOSSES.names()
+                             if losses.LOSSES.get(n, "loss.name").cross_vocab)
+        raise ConfigError("loss.name", cfg.loss.name, f"compares the teacher's and the "
+                          f"student's distributions token by token, one vocabulary; with "
+                          f"{key}: {crossing}")
+    if not schemes.scheme_of(cfg).other_tokenizer:
+        raise ConfigError("scheme.name", cfg.scheme.name, f"does not align a teacher's "
+                          f"tokenizer yet; with {key}: scheme=offline")
+    if cfg.trainer.get("teacher_topk") or not cfg.trainer.cache_teacher_logits:
+        raise ConfigError(key, given, "needs the teacher's every logit, cached "
+                          "(trainer.teacher_topk=null, trainer.cache_teacher_logits=true)")
+    if cfg.teacher.get("name") or cfg.teacher.get("checkpoint"):
+        raise ConfigError(key, given, "aligns a teacher kdrun trains on the text as bytes; "
+                          "set teacher.name and teacher.checkpoint to null")
 
 
 def _check_model(prefix: str, node) -> None:

@@ -203,6 +203,20 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return top.values, top.indices.int(), outside - math.log(max(others, 1))
 
 
+@torch.no_grad()
+def predict_aligned(model: nn.Module, x: torch.Tensor, view, batch_size: int) -> torch.Tensor:
+    """(windows, student positions, teacher vocabulary): the teacher run on its view of
+    each student window, its logits taken at the positions aligned with the student's."""
+    x = x if torch.is_tensor(x) else x.x  # a split's windows
+    out = []
+    with eval_mode(model):
+        for rows in x.split(batch_size):
+            texts, aligned = view(rows)
+            logits = model(texts)
+            out.append(logits.gather(1, aligned[..., None].expand(-1, -1, logits.shape[-1])))
+    return torch.cat(out)
+
+
 @dataclass
 class TeacherOnData:
     """A trained teacher (``model``, its stage ``entry``) and the data its students train
@@ -219,7 +233,15 @@ class TeacherOnData:
     transfer_digest: str | None = None
 
     def logits(self) -> torch.Tensor:
-        """The teacher's logits on every training example."""
+        """The teacher's logits on every training example (a teacher with its own
+        tokenizer: on its view of each window, at the positions aligned with the
+        student's)."""
+        view = self.data.teacher_view
+        if view is not None:
+            return self.on_training_set(
+                "aligned logits", f"logits-aligned-{self.tcfg.distill_from}",
+                lambda split: predict_aligned(self.model, split, view,
+                                              self.tcfg.eval_batch_size))
         return self.on_training_set("logits", f"logits-{self.tcfg.distill_from}",
                                     lambda split: predict_logits(self.model, split,
                                                                  self.tcfg.eval_batch_size))

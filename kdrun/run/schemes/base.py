@@ -40,6 +40,9 @@ class Scheme:
     all_labels_reference: ClassVar[bool] = False  # can add the "scratch, all labels" row
     int8_students: ClassVar[bool] = False  # can add int8 rows (student.quantize=int8: PTQ, QAT)
     batchable: ClassVar[bool] = True  # the batched launcher can plan its students
+    # a teacher with its own tokenizer (dataset.teacher_tokenizer): its targets aligned
+    # to the student's positions; a scheme that writes or samples text does not align yet
+    other_tokenizer: ClassVar[bool] = False
     data_parallel: ClassVar[bool] = True  # its stages can train on several processes
     # under a label budget (split.labeled), its teacher learns from the transfer set's true
     # labels too, where they exist

@@ -20,6 +20,7 @@ class Offline(Scheme):
 
     all_labels_reference = True
     int8_students = True
+    other_tokenizer = True
     shown = False  # the default: the header names the loss only
 
     def verdict_scope(self, cfg: DictConfig) -> str:
