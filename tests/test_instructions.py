@@ -146,3 +146,30 @@ def test_no_prompt_or_padding_position_reaches_any_loss(tmp_path, monkeypatch, s
     distilled = [yb for stage, yb in batches if stage == "distilled"]
     if scheme:  # the teacher's or the student's own answers were learned, on their rows only
         assert any((yb == UNLABELED).any() for yb in distilled)
+
+
+def test_a_tokenizer_with_a_chat_template_writes_the_prompts(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from kdrun.data.text import learned_bpe
+
+    bpe = learned_bpe("hello there, say one two three four five. " * 20, 300)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tok.add_special_tokens({"eos_token": "</s>"})
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(tmp_path / "tok")
+    table = tmp_path / "pairs.jsonl"
+    table.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n"
+                             for w in ["one", "two", "three", "four", "five"] * 6))
+    cfg = make_config("dataset=instructions", f"dataset.files={table}",
+                      f"dataset.tokenizer={tmp_path / 'tok'}", "dataset.seq_len=40",
+                      "split.val_fraction=0")
+    data = load_data(cfg.dataset, cfg.split)
+    x, y = data.train.x[0], data.train.y[0]
+    first = int((y != NO_LOSS).float().argmax())  # the first response target
+    prompt = tok.decode(x[: first + 1].tolist())  # the positions up to it: the prompt
+    assert prompt.startswith("<user>say ") and prompt.endswith("<assistant>")
+    answer_ids = y[y != NO_LOSS].tolist()
+    assert answer_ids[-1] == tok.eos_token_id == data.end_token  # the response's end
+    assert tok.decode(answer_ids[:-1]).strip() in {"one", "two", "three", "four", "five"}

@@ -13,7 +13,7 @@ from kdrun.data.labels import UNLABELED
 from kdrun.losses import LOSSES, build_loss
 from tests.helpers import make_config
 
-CHUNKED = ["kd", "kd_ls", "ce", "reverse_kl", "jsd", "skew_kl", "tv"]
+CHUNKED = ["kd", "kd_ls", "ce", "reverse_kl", "jsd", "skew_kl", "tv", "uld"]
 
 
 @functools.cache
