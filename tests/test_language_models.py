@@ -663,3 +663,17 @@ def test_a_byte_teacher_distils_a_bpe_student_through_aligned_logits(tmp_path):
     (aligned,) = (tmp_path / "cache").glob("*/logits-aligned-best_val.pt")
     logits = load_sealed(aligned)
     assert logits.shape[1:] == (32, 256)  # every student window, position, byte
+
+
+def test_a_byte_teachers_training_text_ends_where_the_students_does():
+    pytest.importorskip("tokenizers")
+    from kdrun.data.text import text_lm
+
+    raw = text_lm(sentences=400, seq_len=16, tokenizer="bpe:320", teacher_tokenizer="bytes")
+    view = raw.teacher_view
+    student_bytes = view.span(raw.x_train.flatten().tolist()) + len(
+        view.token_bytes[int(raw.y_train[-1, -1])])  # through the last window's target
+    teacher_bytes = raw.teacher.x_train.numel() + 1  # its windows and their last target
+    assert teacher_bytes <= student_bytes + raw.teacher.x_train.shape[1]  # none beyond
+    assert raw.teacher.x_train.shape[1] == view.positions >= view.span(
+        raw.x_test[0].tolist())

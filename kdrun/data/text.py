@@ -215,20 +215,21 @@ def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
     x_test, y_test = windows(tokens[cut:], seq_len)
     raw = RawData(x_train, y_train, x_test, y_test, vocab, metric=PERPLEXITY)
     if teacher_tokenizer is not None and teacher_tokenizer != tokenizer:
-        raw.teacher, raw.teacher_view = teacher_text(text, tokenizer, test_fraction, x_train,
-                                                     x_test)
+        raw.teacher, raw.teacher_view = teacher_text(text, tokenizer, test_fraction,
+                                                     tokens[:cut], x_train, x_test)
     return raw
 
 
-def teacher_text(text: str, tokenizer: str, test_fraction: float, *student_windows):
+def teacher_text(text: str, tokenizer: str, test_fraction: float, student_train: torch.Tensor,
+                 *student_windows):
     """The teacher's own data (the same text as bytes, in windows as long as the longest
-    student window's bytes, so that it can read any of them whole) and its view of the
-    student's windows."""
+    student window's bytes, so that it can read any of them whole; its training text ends
+    where the students' does) and its view of the student's windows."""
     view = ByteView.of(learned_bpe(text[:int(len(text) * (1 - test_fraction))],
                                    int(tokenizer[4:])))
     view.positions = max(view.span(row) for x in student_windows for row in x.tolist())
     tokens = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    cut = int(len(tokens) * (1 - test_fraction))
+    cut = view.span(student_train.tolist())  # the bytes of the students' training text
     x_train, y_train = windows(tokens[:cut], view.positions)
     x_test, y_test = windows(tokens[cut:], view.positions)
     return RawData(x_train, y_train, x_test, y_test, BYTE_VOCAB, metric=PERPLEXITY), view
