@@ -93,6 +93,7 @@ def test_no_space_at_each_write_is_one_line_and_the_next_run_reuses_what_finishe
     assert verify_cache(tmp_path / "cache") == []
 
 
+@pytest.mark.slow  # two runs each (~3 s)
 @pytest.mark.parametrize("code, words", [
     (errno.EROFS, "cannot write {path}: the file system is read-only"),
     (errno.ENOENT, "{path} vanished while the run used it"),
