@@ -194,9 +194,11 @@ def run_cli(cwd, *args, env_extra=None):
 @pytest.mark.parametrize("arch, cache_words", [
     ("timm", ["timm's weights timm/resnet18.a1_in1k", "hf/models--timm--resnet18.a1_in1k",
               "timm.create_model('resnet18', pretrained=True)"]),
-    ("torchvision", ["torchvision's weights ResNet18_Weights.IMAGENET1K_V1",
-                     "torch/hub/checkpoints",
-                     "get_model('resnet18', weights='ResNet18_Weights.IMAGENET1K_V1')"]),
+    pytest.param("torchvision", ["torchvision's weights ResNet18_Weights.IMAGENET1K_V1",
+                                 "torch/hub/checkpoints",
+                                 "get_model('resnet18', weights='ResNet18_Weights."
+                                 "IMAGENET1K_V1')"],
+                 marks=pytest.mark.slow),  # make test under 5 minutes: timm's runs there
 ])
 def test_missing_pretrained_weights_offline_is_one_line_and_exit_2(tmp_path, arch, cache_words):
     env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
@@ -212,9 +214,10 @@ def test_missing_pretrained_weights_offline_is_one_line_and_exit_2(tmp_path, arc
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("arch, typo, close", [("timm", "resnet181", "resnet18"),
-                                                ("torchvision", "mobilenet_v3_smal",
-                                                 "mobilenet_v3_small")])
+@pytest.mark.parametrize("arch, typo, close", [
+    ("timm", "resnet181", "resnet18"),
+    pytest.param("torchvision", "mobilenet_v3_smal", "mobilenet_v3_small",
+                 marks=pytest.mark.slow)])  # make test under 5 minutes: timm's runs there
 def test_an_unknown_model_name_lists_close_matches(tmp_path, arch, typo, close):
     proc, _ = run_cli(tmp_path, f"teacher={arch}", f"teacher.name={typo}")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -144,7 +144,8 @@ def test_seed_synthetic_runs(tmp_path):
 FEWEST_TIMINGS = ["latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=0"]
 
 
-@pytest.mark.parametrize("experiment", ["seed_mnist_mlp", "seed_mnist_cnn"])
+@pytest.mark.parametrize("experiment", [
+    "seed_mnist_mlp", pytest.param("seed_mnist_cnn", marks=pytest.mark.slow)])  # ~5 s
 def test_seed_mnist_experiments_run_on_tiny_mnist_files(tmp_path, experiment):
     write_mnist(tmp_path / "data", n_train=64, n_test=16)
     cfg = make_config(f"experiment={experiment}", cache(tmp_path), f"dataset.root={tmp_path}/data",

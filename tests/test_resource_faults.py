@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -194,29 +193,26 @@ def test_a_read_only_or_full_output_folder_is_refused_before_anything_is_written
     assert not (tmp_path / "out").exists()
 
 
-FULL_DISK = '''
-import errno, os, sys
-from pathlib import Path
-fsync = os.fsync
-def failing_fsync(fd):
-    if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".state.pt"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    fsync(fd)
-os.fsync = failing_fsync
-sys.argv = ["kdrun", *sys.argv[1:]]
-from kdrun.cli.main import main
-main()
-'''
+def test_the_command_says_a_full_disk_in_one_line_and_exits_2(tmp_path, monkeypatch, capfd):
+    from kdrun import cli
 
+    fsync = os.fsync
 
-def test_the_command_says_a_full_disk_in_one_line_and_exits_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    p = subprocess.run([sys.executable, "-c", FULL_DISK, *ARGS,
-                        "hydra.run.dir=run", f"cache.dir={tmp_path}/cache"], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr and "Error executing job" not in p.stderr
-    (line,) = [x for x in p.stderr.splitlines() if x.startswith("kdrun:")]
+    def failing_fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".state.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["kdrun", *ARGS, "hydra.run.dir=run",
+                                      f"cache.dir={tmp_path}/cache"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out, err = capfd.readouterr()
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in out + err and "Error executing job" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("kdrun:")]
     assert line.startswith(f"kdrun: error: no space left on the device of {tmp_path}/cache/")
     assert "state.pt" in line
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")  # the run's files are kept
