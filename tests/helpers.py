@@ -3,6 +3,7 @@ the installed commands, and a helper to compose kdrun configs as the CLI does.""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -47,6 +48,13 @@ def assert_float64_weights_agree(ours: dict, theirs: dict, what: str = "") -> fl
         assert difference <= FLOAT64_WEIGHT_BOUND, (what, name, difference)
         largest = max(largest, difference)
     return largest
+
+
+def run_events(run: Path) -> list[dict]:
+    """A run folder's events.jsonl (what each stage did: trained, reused, resumed), in
+    order; none before the run wrote any."""
+    path = Path(run) / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def make_config(*overrides: str):

@@ -3,7 +3,6 @@ computed again, the run finishes, and no run directory's checkpoint is harmed.""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -13,7 +12,7 @@ from kdrun.run import pipeline
 from kdrun.store.cache import SET_ASIDE, StageEntry
 from kdrun.store.cache import main as kdrun_cache
 from kdrun.store.files import load_checkpoint
-from tests.helpers import make_config
+from tests.helpers import make_config, run_events
 
 TINY = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
         "teacher.hidden=[32]", "student=mlp", "student.hidden=[8]", "trainer.epochs=2",
@@ -39,10 +38,6 @@ def run(tmp, name):
     return {r["role"]: r for r in pipeline.run(cfg, tmp / name)["rows"]}
 
 
-def events(run_dir):
-    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("role,name,how", [
     ("teacher", "result.pt", "flip"),
     ("scratch", "result.pt", "truncate"),
@@ -66,7 +61,7 @@ def test_a_damaged_cache_file_is_caught_recomputed_and_never_reaches_a_run(tmp_p
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert name in warnings[0] or "missing" in warnings[0], warnings
-    stage_events = {e["stage"]: e["event"] for e in events(tmp_path / "b")}
+    stage_events = {e["stage"]: e["event"] for e in run_events(tmp_path / "b")}
     if name.startswith("logits"):  # the teacher stage is intact: only its logits are redone
         assert StageEntry.at(entry).problem() is None
     else:

@@ -11,7 +11,6 @@ lines: the closing note of issue 41 shows them."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import sys
@@ -26,7 +25,7 @@ from kdrun.errors import StorageFault
 from kdrun.store import faults
 from kdrun.store.cache import verify_cache
 from kdrun.store.files import atomic_write, save_sealed
-from tests.helpers import make_config
+from tests.helpers import make_config, run_events
 
 ARGS = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
         "teacher.hidden=[32]", "student=mlp", "student.hidden=[8]", "trainer.epochs=2",
@@ -56,11 +55,6 @@ def full_disk_at(monkeypatch, site: str, code: int = errno.ENOSPC) -> list[str]:
     return seen
 
 
-def events_of(run: Path) -> list[dict]:
-    path = run / "events.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 # every kind of file a run writes after its teacher finished
 SITES = ["logits-*.pt", "key.json", "rows.csv", "state.pt", "result.pt", "summary.json",
          "metrics.csv", "events.jsonl", "scratch.pt", "summary.csv", "done.json"]
@@ -83,11 +77,11 @@ def test_no_space_at_each_write_is_one_line_and_the_next_run_reuses_what_finishe
     assert verify_cache(tmp_path / "cache") == []  # nothing written before the fault is lost
     assert not [p for p in tmp_path.rglob(".*.tmp*")]  # nor a partial file left behind
 
-    before = len(events_of(tmp_path / "run"))
+    before = len(run_events(tmp_path / "run"))
     monkeypatch.undo()  # space again: the same command finishes, the teacher reused
     result = pipeline.run(cfg, tmp_path / "run")
     assert [r["role"] for r in result["rows"]] == ["teacher", "scratch", "distilled"]
-    again = events_of(tmp_path / "run")[before:]
+    again = run_events(tmp_path / "run")[before:]
     assert (again[0]["event"], again[0]["stage"]) == ("reused", "teacher")
     assert verify_cache(tmp_path / "cache") == []
 
@@ -107,10 +101,10 @@ def test_a_read_only_or_vanished_file_mid_run_is_one_line_and_the_next_run_reuse
         pipeline.run(cfg, tmp_path / "run")
     line = str(fault.value)
     assert "\n" not in line and re.search(words.format(path=r"\S+/state\.pt"), line), line
-    before = len(events_of(tmp_path / "run"))
+    before = len(run_events(tmp_path / "run"))
     monkeypatch.undo()
     pipeline.run(cfg, tmp_path / "run")
-    again = events_of(tmp_path / "run")[before:]
+    again = run_events(tmp_path / "run")[before:]
     assert (again[0]["event"], again[0]["stage"]) == ("reused", "teacher")
     assert verify_cache(tmp_path / "cache") == []
 

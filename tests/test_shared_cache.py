@@ -5,7 +5,6 @@ does not block the others, which take the stage over from its last saved epoch."
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 
 from kdrun.store.cache import verify_cache
-from tests.helpers import KDRUN
+from tests.helpers import KDRUN, run_events
 from tests.test_faults import KILLER
 
 ARGS = ["dataset=synthetic", "dataset.n=300", "dataset.dim=10", "teacher=mlp",
@@ -38,10 +37,6 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
     return process.returncode, err
 
 
-def events(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow  # three kdrun processes at once (~25 s on 2 cores)
 def test_three_processes_at_once_train_each_stage_once(tmp_path):
     runs = {"a": ["loss.T=4"], "b": ["loss.T=4"], "c": ["loss.T=2"]}  # a, b: the same stages
@@ -50,7 +45,7 @@ def test_three_processes_at_once_train_each_stage_once(tmp_path):
     for process in processes:
         code, err = finish(process)
         assert code == 0, err
-    done = [dict(e, run=name) for name in runs for e in events(tmp_path / f"run_{name}")]
+    done = [dict(e, run=name) for name in runs for e in run_events(tmp_path / f"run_{name}")]
     trained = pd.DataFrame([e for e in done if e["event"] == "trained"])
     # the teacher and the scratch student are every run's; a and b share their distilled one
     assert sorted(trained.stage) == ["distilled", "distilled", "scratch", "teacher"]
@@ -81,7 +76,7 @@ def test_a_process_killed_holding_a_lock_does_not_block_the_others(tmp_path):
     assert code == -9 and "killing at rows:teacher:2" in err, err
     code, err = finish(other)
     assert code == 0, err
-    teacher = [e for e in events(tmp_path / "run_other") if e["stage"] == "teacher"]
+    teacher = [e for e in run_events(tmp_path / "run_other") if e["stage"] == "teacher"]
     assert [(e["event"], e.get("from_epoch")) for e in teacher] == [("resumed", 1),
                                                                     ("trained", None)]
     metrics = pd.read_csv(tmp_path / "run_other" / "metrics.csv")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import ConfigError, UserError
 from kdrun.run.validate import group_options, validate
+from kdrun.store.faults import free_bytes, nearest_existing
 from kdrun.sweep.compose import split_plain, with_values
 
 CONFIG_MODULE = "kdrun.configs"
@@ -109,13 +110,12 @@ _ABSENT = object()
 def _check_writable(key: str, folder: str) -> None:
     """Fail before Hydra creates anything if ``folder`` cannot be written, or its disk
     is full (Hydra's own files, written first, would fail with a traceback)."""
-    path = Path(folder).expanduser().resolve()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(Path(folder).expanduser().resolve())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         reason = "is on a read-only file system" if read_only(existing) else \
             "is not a writable folder"
         raise ConfigError(key, folder, f"{existing} {reason}; choose another {key}")
-    free = shutil.disk_usage(existing).free
+    free = free_bytes(existing)
     if free < MIN_FREE_BYTES:
         raise ConfigError(key, folder, f"no space left on the device of {existing} "
                                        f"({free / 1e3:.0f} kB free); free some, or choose "

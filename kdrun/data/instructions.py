@@ -27,9 +27,14 @@ from kdrun.checks import number
 from kdrun.data.base import DATASETS, FRACTION, SEED, RawData
 from kdrun.data.labels import NO_LOSS
 from kdrun.data.metrics import PERPLEXITY
-from kdrun.data.text import BYTE_VOCAB, grammar_text, read_rows
+from kdrun.data.text import (
+    BYTE_VOCAB,
+    GRAMMAR,
+    grammar_sentences,
+    local_tokenizer,
+    read_rows,
+)
 from kdrun.errors import DataError
-from kdrun.store.hf_local import local_snapshot
 
 log = logging.getLogger("kdrun")
 
@@ -41,7 +46,7 @@ def generated_pairs(examples: int, seed: int) -> list[tuple[str, str]]:
     about it ("subject?", "verb?", "object?"), answered by the word asked for (the noun of
     its first noun phrase, its verb, the noun after the verb, or "none")."""
     rng = random.Random(seed)
-    sentences = [s.strip() + "." for s in grammar_text(examples, seed).split(".") if s.strip()]
+    sentences, _ = grammar_sentences(examples, seed)
     pairs = []
     for sentence in sentences:
         question = rng.choice(QUESTIONS)
@@ -51,10 +56,7 @@ def generated_pairs(examples: int, seed: int) -> list[tuple[str, str]]:
 
 def answer(sentence: str, question: str) -> str:
     """The word of a grammar sentence a question asks for."""
-    from kdrun.data.text import GRAMMAR
-
-    nouns = {w for (w,), _ in GRAMMAR["N"]}
-    verbs = {w for (w,), _ in GRAMMAR["V"]}
+    nouns, verbs, prepositions = ({w for (w,), _ in GRAMMAR[part]} for part in "NVP")
     words = sentence.rstrip(".").split()
     verb_at = next(i for i, w in enumerate(words) if w in verbs)
     if question == "subject":
@@ -62,7 +64,7 @@ def answer(sentence: str, question: str) -> str:
     if question == "verb":
         return words[verb_at]
     after = [w for w in words[verb_at + 1:] if w in nouns]
-    object_np = after and words[verb_at + 1] not in ("near", "with", "under")
+    object_np = after and words[verb_at + 1] not in prepositions
     return after[0] if object_np else "none"
 
 
@@ -76,10 +78,7 @@ class PairEncoder:
             self.vocab, self.end_token = BYTE_VOCAB, end_text.encode("utf-8")[-1]
             self.pad = 0
             return
-        from transformers import AutoTokenizer
-
-        folder = local_snapshot(tokenizer, "dataset.tokenizer")
-        self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tok = local_tokenizer(tokenizer)
         if self.tok.eos_token_id is None:
             raise DataError(f"dataset.tokenizer={tokenizer}: it has no end-of-sequence token "
                             f"to end a response with")

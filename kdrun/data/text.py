@@ -91,22 +91,27 @@ def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return stream[:-1].view(n, seq_len), stream[1:].view(n, seq_len)
 
 
-def tokenize(text: str, tokenizer: str, train_chars: int | None = None
+def tokenize(text: str, tokenizer: str, train_chars: int | None = None, bpe=None
              ) -> tuple[torch.Tensor, int]:
     """(token ids, vocabulary size): bytes; ``bpe:N``, a byte-level BPE of N tokens
     learned from the first ``train_chars`` characters (the training text: the test
-    text never shapes the vocabulary); or the Hugging Face tokenizer ``tokenizer`` found
-    on this machine (kdrun/store/hf_local.py)."""
+    text never shapes the vocabulary), or the one given as ``bpe``; or the Hugging Face
+    tokenizer ``tokenizer`` found on this machine (kdrun/store/hf_local.py)."""
     if tokenizer == "bytes":
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long), BYTE_VOCAB
     if tokenizer.startswith("bpe:"):
-        bpe = learned_bpe(text[:train_chars], int(tokenizer[4:]))
+        bpe = bpe or learned_bpe(text[:train_chars], int(tokenizer[4:]))
         return torch.tensor(bpe.encode(text).ids, dtype=torch.long), bpe.get_vocab_size()
+    tok = local_tokenizer(tokenizer)
+    return torch.tensor(tok(text)["input_ids"], dtype=torch.long), len(tok)
+
+
+def local_tokenizer(name: str):
+    """The Hugging Face tokenizer ``name`` (``dataset.tokenizer``) found on this machine."""
     from transformers import AutoTokenizer
 
-    folder = local_snapshot(tokenizer, "dataset.tokenizer")
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return torch.tensor(tok(text)["input_ids"], dtype=torch.long), len(tok)
+    folder = local_snapshot(name, "dataset.tokenizer")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def learned_bpe(text: str, size: int):
@@ -151,10 +156,11 @@ class ByteView:
         self.token_bytes, self.positions = token_bytes, positions
 
     @classmethod
-    def of(cls, bpe, positions: int = 0) -> ByteView:
+    def of(cls, bpe) -> ByteView:
+        """The view of a byte-level BPE's tokens, its window length still to be set."""
         table = byte_of_char()
         return cls([bytes(table[c] for c in bpe.id_to_token(i))
-                    for i in range(bpe.get_vocab_size())], positions)
+                    for i in range(bpe.get_vocab_size())], 0)
 
     def span(self, row: list[int]) -> int:
         """The bytes of a window of token ids."""
@@ -209,24 +215,24 @@ def text_lm(files: str | None = None, seq_len: int = 64, sentences: int = 6000,
     if not text.strip():
         raise DataError(f"dataset.{'hf_dataset' if hf_dataset else 'files'}="
                         f"{hf_dataset or files}: the text is empty")
-    tokens, vocab = tokenize(text, tokenizer, int(len(text) * (1 - test_fraction)))
+    bpe = learned_bpe(text[:int(len(text) * (1 - test_fraction))], int(tokenizer[4:])) \
+        if tokenizer.startswith("bpe:") else None  # learned once, for the teacher's view too
+    tokens, vocab = tokenize(text, tokenizer, bpe=bpe)
     cut = int(len(tokens) * (1 - test_fraction))
     x_train, y_train = windows(tokens[:cut], seq_len)
     x_test, y_test = windows(tokens[cut:], seq_len)
     raw = RawData(x_train, y_train, x_test, y_test, vocab, metric=PERPLEXITY)
     if teacher_tokenizer is not None and teacher_tokenizer != tokenizer:
-        raw.teacher, raw.teacher_view = teacher_text(text, tokenizer, test_fraction,
-                                                     tokens[:cut], x_train, x_test)
+        raw.teacher, raw.teacher_view = teacher_text(text, bpe, tokens[:cut], x_train, x_test)
     return raw
 
 
-def teacher_text(text: str, tokenizer: str, test_fraction: float, student_train: torch.Tensor,
-                 *student_windows):
+def teacher_text(text: str, bpe, student_train: torch.Tensor, *student_windows):
     """The teacher's own data (the same text as bytes, in windows as long as the longest
     student window's bytes, so that it can read any of them whole; its training text ends
-    where the students' does) and its view of the student's windows."""
-    view = ByteView.of(learned_bpe(text[:int(len(text) * (1 - test_fraction))],
-                                   int(tokenizer[4:])))
+    where the students' does) and its view of the student's windows (tokenized by
+    ``bpe``)."""
+    view = ByteView.of(bpe)
     view.positions = max(view.span(row) for x in student_windows for row in x.tolist())
     tokens = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     cut = view.span(student_train.tolist())  # the bytes of the students' training text

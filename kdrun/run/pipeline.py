@@ -65,9 +65,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     except Exception as e:
         fault = storage_fault(e)  # a file a library wrote or read, or one that vanished
         if fault is None and is_out_of_memory(e):  # outside the stages: no plan to cite
-            device = cfg.device if cfg.device != "auto" else \
-                ("cuda" if torch.cuda.is_available() else "cpu")
-            fault = OutOfMemory(out_of_memory_line(e, device))
+            fault = OutOfMemory(out_of_memory_line(e, pick_device(cfg.device)))
         if fault is None:
             raise
         raise fault from e

@@ -68,10 +68,12 @@ def no_space_figures(path: Path | None, size: int | None, written: int | None) -
 
 def free_bytes(path: Path) -> int:
     """Free bytes on the file system of ``path`` (of its nearest existing folder)."""
-    for folder in (Path(path), *Path(path).parents):
-        if folder.exists():
-            return shutil.disk_usage(folder).free
-    return 0
+    return shutil.disk_usage(nearest_existing(path)).free
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest of its parents that exists (where it would be made)."""
+    return next(p for p in (Path(path), *Path(path).parents) if p.exists())
 
 
 def release_frames(error: BaseException) -> None:

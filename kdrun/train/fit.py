@@ -38,7 +38,7 @@ from kdrun.train.optim import make_optimizer, make_schedule
 from kdrun.train.progress import StageProgress
 from kdrun.train.shards import on_shards
 from kdrun.train.targets import TeacherTargets, predict_logits
-from kdrun.train.tokens import feature_rows, has_no_loss_rows, token_rows
+from kdrun.train.tokens import feature_rows, has_no_loss_rows, kept_rows, token_rows
 
 log = logging.getLogger("kdrun")
 # The augmentation draws of a fit seeded with s come from s + this, not s: they must not
@@ -51,7 +51,9 @@ def evaluate(model: nn.Module, split: Split, batch_size: int,
     """(cross-entropy loss, the task's metric) on a split, in eval mode; with several
     processes each predicts its shard of the split (every process must call it)."""
     logits = on_shards(lambda rows: predict_logits(model, rows, batch_size), split)
-    logits, labels = token_rows(logits, split.y.to(logits.device), has_no_loss_rows(split.y))
+    targets = split.y.to(logits.device)
+    keep = kept_rows(targets) if has_no_loss_rows(targets) else None  # instruction data
+    logits, labels = token_rows(logits, targets, keep)
     loss = F.cross_entropy(logits, labels).item()
     return loss, metric.compute(logits, labels)
 
@@ -305,11 +307,10 @@ class SingleModel(OneModel):
         with self.autocast():
             logits = self.forward(xb)
         s_feature = self.student_tap.read_float() if self.student_tap else None
-        masked = self.masked  # instruction data: only the responses' rows
-        logits, labels = token_rows(logits, yb, masked)
-        t_logits = token_rows(t_logits, yb, masked)[0]
-        s_feature = feature_rows(s_feature, yb, masked)
-        t_feature = feature_rows(t_feature, yb, masked)
+        keep = kept_rows(yb) if self.masked else None  # instruction data: the responses'
+        logits, labels = token_rows(logits, yb, keep)
+        t_logits = token_rows(t_logits, yb, keep)[0]
+        s_feature, t_feature = feature_rows(s_feature, yb, keep), feature_rows(t_feature, yb, keep)
         return self.loss_fn(widen(logits), t_logits, labels, s_feature, t_feature), logits, labels
 
     def sync(self, rows: int) -> None:

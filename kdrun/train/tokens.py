@@ -16,19 +16,24 @@ import torch
 from kdrun.data.labels import NO_LOSS
 
 
-def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor, masked: bool = False):
-    """(outputs, targets) with each position a row; a classifier's unchanged. ``masked``
-    (instruction data): the rows whose target is NO_LOSS, a prompt's or padding, are
-    dropped, so that nothing downstream reads them (one mask per batch: a sync on a
-    GPU, which only such data pays)."""
+def token_rows(outputs: torch.Tensor | None, targets: torch.Tensor,
+               keep: torch.Tensor | None = None):
+    """(outputs, targets) with each position a row; a classifier's unchanged. ``keep``
+    (instruction data, ``kept_rows``): only those rows, so that nothing downstream reads a
+    prompt's or the padding's."""
     if targets.ndim < 2:
         return outputs, targets
     rows = None if outputs is None else outputs.flatten(-3, -2)
     targets = targets.flatten(-2)
-    if masked:
-        keep = targets != NO_LOSS
+    if keep is not None:
         rows, targets = (None if rows is None else rows[keep]), targets[keep]
     return rows, targets
+
+
+def kept_rows(targets: torch.Tensor) -> torch.Tensor:
+    """The rows (flattened positions) whose target is not NO_LOSS: found once per batch,
+    for every tensor of it (a sync on a GPU, which only instruction data pays)."""
+    return (targets.flatten() != NO_LOSS).nonzero().squeeze(1)
 
 
 def has_no_loss_rows(targets: torch.Tensor) -> bool:
@@ -44,13 +49,12 @@ def row_shapes(shapes, per_position: bool):
     return shapes[1:] if isinstance(shapes, tuple) else [s[1:] for s in shapes]
 
 
-def feature_rows(features, targets: torch.Tensor, masked: bool = False):
+def feature_rows(features, targets: torch.Tensor, keep: torch.Tensor | None = None):
     """A tapped feature (batch, positions, width), or a list of them, as one row per
-    position, when the targets are per position (``masked``: less the NO_LOSS rows, as
-    token_rows); otherwise unchanged."""
+    position, when the targets are per position (only the ``keep`` rows, as token_rows);
+    otherwise unchanged."""
     if features is None or targets.ndim < 2:
         return features
-    keep = (targets != NO_LOSS).flatten() if masked else None
 
     def flat(f):
         if f.shape[:2] != targets.shape:
