@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from hydra import compose, initialize_config_module
 
@@ -55,6 +56,26 @@ def run_events(run: Path) -> list[dict]:
     order; none before the run wrote any."""
     path = Path(run) / "events.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+# the fewest latency rounds validation allows: a run's timing in a test costs little
+QUICK_LATENCY = ["latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=1"]
+
+
+def run_then_rerun(tmp_path: Path, *overrides: str):
+    """`kdrun OVERRIDES` in this process into ``tmp_path/a`` (the summary rows by role,
+    and the result), then again into ``tmp_path/b`` on the same cache, which must reuse
+    every stage."""
+    from kdrun.run import pipeline
+
+    def run(folder: str) -> dict:
+        return pipeline.run(make_config(*overrides, f"cache.dir={tmp_path}/cache"),
+                            tmp_path / folder)
+
+    result = run("a")
+    run("b")
+    assert {e["event"] for e in run_events(tmp_path / "b")} == {"reused"}
+    return pd.DataFrame(result["rows"]).set_index("role"), result
 
 
 def make_config(*overrides: str):

@@ -100,6 +100,18 @@ def image_folder(problem: str):
     return setup
 
 
+def paired_files(tmp: Path) -> list[str]:
+    from PIL import Image
+
+    for view in ("rgb", "depth"):
+        for c in range(2):
+            (tmp / "pairs" / view / f"c{c}").mkdir(parents=True)
+            for i in range(4 if view == "rgb" else 3):  # rgb/c*/3.png has no depth twin
+                Image.new("RGB", (8, 8), (40 * c, 0, 0)).save(tmp / "pairs" / view / f"c{c}"
+                                                              / f"{i}.png")
+    return ["dataset=paired_folders", f"dataset.root={tmp}/pairs", "dataset.image_size=8"]
+
+
 def unwritable_output(tmp: Path) -> list[str]:
     (tmp / "a_file").write_text("mine")
     return [f"output_root={tmp}/a_file/runs"]
@@ -135,7 +147,7 @@ CASES = [
     ("unknown optimizer", args("trainer.optimizer=adagrad"), ["adagrad", "adam, adamw, sgd"]),
     ("unknown on_nan", args("trainer.on_nan=ignore"), ["trainer.on_nan='ignore'", "stop, skip"]),
     ("unknown architecture", args("teacher.arch=vit"),
-     ["teacher.arch='vit'", "cnn, dsconv, hf_cls, hf_lm, linear, mlp", "import path"]),
+     ["teacher.arch='vit'", "cnn, dsconv, gcn, hf_cls, hf_lm, linear, mlp", "import path"]),
     ("seed not an integer", args("seed=abc"), ["seed='abc'", "integer"]),
     ("repeats zero", args("repeats=0"), ["repeats=0", ">= 1"]),
     ("unknown device", args("device=tpu"), ["device='tpu'", "auto, cpu, cuda"]),
@@ -177,6 +189,16 @@ CASES = [
     ("empty class folder", image_folder("empty_class"), ["class2", "has no images"]),
     ("file that is no image", image_folder("not_an_image"), ["class1/3.png", "unreadable image"]),
     ("truncated image", image_folder("truncated_image"), ["class0/2.png", "unreadable image"]),
+    # graphs and paired views
+    ("Planetoid files absent", lambda tmp: ["dataset=planetoid", f"dataset.root={tmp}",
+                                            "teacher=gcn"],
+     ["dataset.root: no file", "ind.cora.x", "point dataset.root at the folder"]),
+    ("graph model on data without a graph", args("teacher=gcn"),
+     ["teacher.arch='gcn'", "reads a graph", "dataset=csbm"]),
+    ("unknown view", args("dataset=mnist1d_views", "dataset.num_samples=200",
+                          "dataset.student_view=depth"),
+     ["dataset.student_view='depth'", "plot, signal"]),
+    ("unpaired file", paired_files, ["rgb/c0/3.png has no pair", "pairs/depth"]),
     # teacher checkpoints
     ("checkpoint missing", args(*SYNTHETIC, "teacher.checkpoint=/no/such/teacher.pt"),
      ["teacher.checkpoint", "no such file"]),

@@ -33,13 +33,14 @@ BAD = [
     ("student.dropout=1", "student.dropout", "< 1"),
     ("teacher.pool=median", "teacher.pool", "none, max, avg"),
     ("teacher.arch=transformer", "teacher.arch",
-     "cnn, dsconv, hf_cls, hf_lm, linear, mlp, resnet110"),
+     "cnn, dsconv, gcn, hf_cls, hf_lm, linear, mlp, resnet110"),
     ("+teacher.width=3", "teacher.width", "valid: channels"),
     ("+dataset.colour=1", "dataset.colour", "valid: num_samples, seed"),
     ("loss=dkd loss.dkd_beta=-1", "loss.dkd_beta", ">= 0"),
     ("scheme=dml scheme.students=1", "scheme.students", ">= 2"),
     ("scheme=ensemble scheme.combine=median", "scheme.combine", "arithmetic, geometric"),
-    ("student.arch=cohort", "student.arch", "cnn, dsconv, hf_cls, hf_lm, linear, mlp, resnet110"),
+    ("student.arch=cohort", "student.arch",
+     "cnn, dsconv, gcn, hf_cls, hf_lm, linear, mlp, resnet110"),
 ]
 
 

@@ -12,7 +12,6 @@ from kdrun.data.base import (
     DATASETS,
     NOT_BUILDER_KEYS,
     Data,
-    RawData,
     Split,
     epoch_batches,
     fingerprint,
@@ -20,6 +19,7 @@ from kdrun.data.base import (
     subsample_indices,
     transfer_fingerprint,
 )
+from kdrun.data.raw import RawData
 from kdrun.packages import import_every_module
 
 __all__ = ["DATASETS", "NOT_BUILDER_KEYS", "Data", "RawData", "Split", "epoch_batches",

@@ -1,8 +1,8 @@
 """Data set builders, registered by name in DATASETS, and the train/val/test split.
 
-A builder returns a ``RawData`` (tensors, already scaled to a sensible range);
-``load_data`` then carves the validation split from the training data with a
-fixed seed, optionally subsamples, and standardises with training statistics.
+A builder returns a ``RawData`` (kdrun/data/raw.py: tensors, already scaled to a sensible
+range), which ``load_data`` turns into a run's Data: subsampled, the validation split
+carved from the training data with a fixed seed, standardised with training statistics.
 All data sets here are small enough to live in memory as tensors. To add a data
 set: write its builder, add it to DATASETS, add ``configs/dataset/<name>.yaml``.
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from kdrun.checks import number
-from kdrun.data.labels import UNLABELED, split_labeled
 from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.errors import DataError
 from kdrun.registry import Registry
@@ -31,34 +30,12 @@ FRACTION = number(0, 1, lo_open=True, hi_open=True)
 
 
 @dataclass
-class RawData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    random_labels: bool = False  # labels carry no signal: evaluate on the training data
-    x_unlabeled: torch.Tensor | None = None  # extra transfer-set examples (dataset.unlabeled)
-    y_unlabeled: torch.Tensor | None = None  # their true labels, where the data has them: read
-    # only by the "scratch, all labels" reference, never by a distilled student
-    metric: Metric = ACCURACY  # what the task is judged by (kdrun/data/metrics.py)
-    end_token: int | None = None  # instruction data: the token that ends a response
-    # a teacher with its own tokenizer (dataset.teacher_tokenizer): the same text as it
-    # reads it, and its view of the student's windows (kdrun/data/text.py ByteView)
-    teacher: RawData | None = None
-    teacher_view: object | None = None
-
-    def to_data(self, name: str, split_cfg, augment_cfg=None, normalize=None) -> Data:
-        """In-memory data is augmented later, batched on the device (kdrun/data/augment.py)."""
-        return _split_tensors(name, self, split_cfg, normalize)
-
-
-@dataclass
 class Split:
     """A split held in memory as tensors (on the training device during training)."""
 
     x: torch.Tensor  # float32, (N, *input_shape); int64 token ids for text (N, positions)
     y: torch.Tensor  # int64, (N,); for text the next tokens, (N, positions)
+    other: torch.Tensor | None = None  # paired views: the teacher's input of each row
     in_memory = True
 
     def __len__(self) -> int:
@@ -70,12 +47,26 @@ class Split:
 
     def to(self, device, dtype: torch.dtype | None = None) -> Split:
         """On ``device``; the inputs in ``dtype`` when given (trainer.float64)."""
-        dtype = dtype if self.x.is_floating_point() else None  # token ids stay integers
-        return Split(self.x.to(device, dtype), self.y.to(device))
+        def moved(x):  # token ids and node ids stay integers
+            return None if x is None else x.to(device, dtype if x.is_floating_point() else None)
+
+        return Split(moved(self.x), self.y.to(device), moved(self.other))
 
     def joined(self, other: Split) -> Split:
         """This split's examples, then ``other``'s."""
-        return Split(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+        paired = self.other is not None and other.other is not None
+        return Split(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]),
+                     torch.cat([self.other, other.other]) if paired else None)
+
+    def rows(self, idx: torch.Tensor | None) -> Split:
+        """The rows ``idx`` (all of them when None), each with its teacher's input."""
+        if idx is None:
+            return self
+        return Split(self.x[idx], self.y[idx], None if self.other is None else self.other[idx])
+
+    def teacher_side(self) -> Split:
+        """The teacher's view of these rows (paired views), else these rows."""
+        return self if self.other is None else Split(self.other, self.y)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         """(indices, inputs, labels) per batch: in a random order fixed by ``generator``
@@ -116,10 +107,21 @@ class Data:
     # of the student's windows, (token windows) -> (its windows, the aligned positions)
     teacher_data: Data | None = None
     teacher_view: object | None = None
+    graph: object | None = None  # node ids index this graph (kdrun/data/graphs.py)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.train.input_shape
+
+    @property
+    def teacher_input_shape(self) -> tuple[int, ...]:
+        """What the teacher reads: its own data's inputs where it has its own."""
+        return (self.teacher_data or self).input_shape
+
+    @property
+    def paired(self) -> bool:
+        """Teacher and student read two views of the same examples, row by row."""
+        return self.train.in_memory and self.train.other is not None
 
     @property
     def per_position(self) -> bool:
@@ -160,15 +162,6 @@ def unlabeled_seed(seed: int) -> int:
     """The generator seed of a data set's extra unlabelled examples: never a seed the
     labelled data of a small seed uses."""
     return int.from_bytes(hashlib.sha256(f"unlabeled:{seed}".encode()).digest()[:4], "big")
-
-
-def carve_test(x, y, test_fraction, seed, num_classes) -> RawData:
-    """A test split of ``test_fraction`` of the examples, drawn with ``seed``, for a set
-    that has none of its own."""
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = round(len(y) * test_fraction)
-    te, tr = perm[:n_test], perm[n_test:]
-    return RawData(x[tr], y[tr], x[te], y[te], num_classes)
 
 
 # dataset config keys that are not builder arguments (normalize: kdrun/run/pipeline.py)
@@ -235,69 +228,14 @@ def _build(dataset_cfg, split_cfg, normalize: Stats | None) -> Data:
     return data
 
 
-def _split_tensors(name: str, raw: RawData, split_cfg, normalize: Stats | None = None) -> Data:
-    x, y = _subsample(raw.x_train, raw.y_train, split_cfg.max_train, split_cfg.seed)
-    if raw.random_labels:  # nothing to generalise to: report memorisation of the training set
-        if split_cfg.get("labeled") is not None:
-            raise DataError("split.labeled: random labels cannot be distilled from a transfer "
-                            "set (there is nothing to generalise); set it to null")
-        train = Split(x, y)
-        return Data(name, train, train, train, raw.num_classes, eval_split="train",
-                    metric=raw.metric)
-    if split_cfg.get("labeled") is not None and y.ndim > 1:
-        raise DataError(f"split.labeled: dataset={name} is text whose every token is its own "
-                        "label; a label budget applies to labelled examples: set it to null")
-    budget = split_labeled(y, split_cfg.get("labeled"), split_cfg.seed, raw.num_classes)
-    transfer = _transfer_set(x, y, budget, raw)
-    if budget is not None:  # the validation split is carved from the labelled part only
-        x, y = x[budget[0]], y[budget[0]]
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_cfg.seed))
-    n_val = round(len(y) * split_cfg.val_fraction)
-    val, train = perm[:n_val], perm[n_val:]
-    x_test, y_test = _subsample(raw.x_test, raw.y_test, split_cfg.max_test, split_cfg.seed)
-    splits = [Split(x[train], y[train]), Split(x[val], y[val]), Split(x_test, y_test)]
-    if transfer is not None:
-        splits.append(transfer[0])
-    floats = splits[0].x.is_floating_point()  # not token ids
-    if split_cfg.standardize and floats and len(splits[0]):  # by the labelled train split
-        mean, std = _stats(splits[0].x) if normalize is None else _given(normalize, splits[0].x)
-        for s in splits:
-            s.x = (s.x - mean) / std
-    data = Data(name, *splits[:3], raw.num_classes, metric=raw.metric,
-                end_token=raw.end_token, teacher_view=raw.teacher_view)
-    if raw.teacher is not None:
-        data.teacher_data = _split_tensors(name, raw.teacher, split_cfg)
-    if transfer is not None:
-        data.transfer, data.transfer_labels = splits[3], transfer[1]
-    return data
-
-
-def _transfer_set(x, y, budget, raw: RawData) -> tuple[Split, torch.Tensor | None] | None:
-    """The unlabelled examples (labels UNLABELED): the training examples outside the label
-    budget, then the data set's extra unlabelled ones; and their true labels where the
-    data has them all."""
-    parts_x, parts_y = [], []
-    if budget is not None:
-        parts_x.append(x[budget[1]])
-        parts_y.append(y[budget[1]])
-    if raw.x_unlabeled is not None and len(raw.x_unlabeled):
-        parts_x.append(raw.x_unlabeled)
-        parts_y.append(raw.y_unlabeled)
-    if not parts_x:
-        return None
-    inputs = torch.cat(parts_x)
-    known = all(part is not None for part in parts_y)
-    labels = torch.cat(parts_y) if known else None
-    return Split(inputs, torch.full((len(inputs),), UNLABELED, dtype=torch.int64)), labels
-
-
 def fingerprint(data: Data) -> str:
     """A hash of the examples and labels of every split, as the models see them: the
     stage cache keys data by content, so changed files on disk are never mistaken for
     the data a cached stage was trained on. In-memory data is hashed once."""
     if data.train.in_memory and data.digest is not None:
         return data.digest
-    data.digest = _content_hash((data.train, data.val, data.test))
+    graph = () if data.graph is None else data.graph.tensors()  # what node ids index
+    data.digest = _content_hash((data.train, data.val, data.test), graph)
     return data.digest
 
 
@@ -312,11 +250,16 @@ def transfer_fingerprint(data: Data) -> str | None:
     return data.transfer_digest
 
 
-def _content_hash(splits) -> str:
+def _content_hash(splits, tensors=()) -> str:
     digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.contiguous().cpu().numpy())
     for split in splits:
         if split.in_memory:
-            for tensor in (split.x, split.y):
+            for tensor in (split.x, split.y, split.other):
+                if tensor is None:  # no teacher's view: the hash of a single-view split
+                    continue
                 digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
                 digest.update(tensor.contiguous().cpu().numpy())  # hashed in place, no copy
         else:
@@ -331,29 +274,3 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> torch.Tensor | No
     if limit is None or limit >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
-
-
-def _subsample(x, y, limit, seed):
-    keep = subsample_indices(len(y), limit, seed)
-    return (x, y) if keep is None else (x[keep], y[keep])
-
-
-def _given(normalize: Stats, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Given per-channel statistics, shaped for (N, C, ...) inputs of ``x``'s channels."""
-    mean, std = (torch.tensor(v, dtype=x.dtype) for v in normalize)
-    if x.ndim < 3 or x.shape[1] != len(mean):
-        raise DataError(f"dataset.normalize=model: the model's statistics are for "
-                        f"{len(mean)} channels, this data's inputs have shape "
-                        f"{tuple(x.shape[1:])} (for gray images: dataset.channels=3)")
-    shape = (len(mean),) + (1,) * (x.ndim - 2)
-    return mean.view(shape), std.view(shape)
-
-
-def _stats(x: torch.Tensor):
-    """Per-channel mean/std for (N, C, ...) inputs, per-feature for flat (N, D)."""
-    dims = [0] + list(range(2, x.ndim))
-    mean = x.mean(dim=dims, keepdim=True)[0]
-    if len(x) < 2:  # one example has no spread: centre it only
-        return mean, torch.ones_like(mean)
-    std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-6)
-    return mean, std

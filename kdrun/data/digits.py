@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kdrun.data.base import DATASETS, FRACTION, SEED, RawData, carve_test
+from kdrun.data.base import DATASETS, FRACTION, SEED
+from kdrun.data.raw import RawData, carve_test
 
 
 @DATASETS.register("digits", rules={"test_fraction": FRACTION, "seed": SEED})

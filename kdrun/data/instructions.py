@@ -24,9 +24,10 @@ import random
 import torch
 
 from kdrun.checks import number
-from kdrun.data.base import DATASETS, FRACTION, SEED, RawData
+from kdrun.data.base import DATASETS, FRACTION, SEED
 from kdrun.data.labels import NO_LOSS
 from kdrun.data.metrics import PERPLEXITY
+from kdrun.data.raw import RawData
 from kdrun.data.text import (
     BYTE_VOCAB,
     GRAMMAR,

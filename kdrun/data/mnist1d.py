@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from kdrun.checks import number
-from kdrun.data.base import DATASETS, SEED, UNLABELED_COUNT, RawData, unlabeled_seed
+from kdrun.data.base import DATASETS, SEED, UNLABELED_COUNT, unlabeled_seed
+from kdrun.data.raw import RawData
 from kdrun.store.files import load_sealed, save_sealed
 
 

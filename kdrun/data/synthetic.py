@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 
 from kdrun.checks import boolean, number
-from kdrun.data.base import (
-    DATASETS,
-    FRACTION,
-    SEED,
-    UNLABELED_COUNT,
-    RawData,
-    carve_test,
-    unlabeled_seed,
-)
+from kdrun.data.base import DATASETS, FRACTION, SEED, UNLABELED_COUNT, unlabeled_seed
+from kdrun.data.raw import RawData, carve_test
 from kdrun.errors import DataError
 
 

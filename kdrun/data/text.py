@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from kdrun.checks import number
-from kdrun.data.base import DATASETS, FRACTION, SEED, RawData, carve_test
+from kdrun.data.base import DATASETS, FRACTION, SEED
 from kdrun.data.metrics import PERPLEXITY
+from kdrun.data.raw import RawData, carve_test
 from kdrun.errors import DataError
 from kdrun.store.hf_local import local_snapshot
 

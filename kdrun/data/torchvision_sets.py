@@ -9,7 +9,8 @@ import os
 import torch
 
 from kdrun.checks import boolean, number, one_of
-from kdrun.data.base import DATASETS, RawData
+from kdrun.data.base import DATASETS
+from kdrun.data.raw import RawData
 from kdrun.errors import DataError
 
 

@@ -261,11 +261,21 @@ def model_builder(arch: str, key: str = "arch"):
     return MODELS.get(arch, key) if arch != "cohort" else cohort
 
 
-def build_model(model_cfg, input_shape, num_classes: int, role: str = "model") -> nn.Module:
-    """Build ``model_cfg.arch`` for this data; ``role`` (teacher/student) names errors."""
+def build_model(model_cfg, input_shape, num_classes: int, role: str = "model",
+                graph=None) -> nn.Module:
+    """Build ``model_cfg.arch`` for this data; ``role`` (teacher/student) names errors. A
+    model that reads a graph (kdrun/models/graph.py) is given the ``graph`` its inputs,
+    node ids, index."""
     params = {k: v for k, v in dict(model_cfg).items() if k not in NOT_BUILDER_KEYS}
+    builder = model_builder(model_cfg.arch)
+    if getattr(builder, "reads_graph", False):
+        if graph is None:
+            raise ConfigError(f"{role}.arch", model_cfg.arch, "it reads a graph: give it a "
+                              "graph's node ids (dataset=csbm or dataset=planetoid, its view "
+                              "graph), or use a model of node features (mlp)")
+        params["graph"] = graph
     try:
-        return model_builder(model_cfg.arch)(tuple(input_shape), num_classes, **params)
+        return builder(tuple(input_shape), num_classes, **params)
     except RuntimeError as e:  # e.g. the input shrinks to nothing after too many strided convs
         raise ConfigError(
             f"{role}", model_cfg.arch,

@@ -50,15 +50,24 @@ def model_figures(model: nn.Module) -> dict:
 
 
 def interleaved_latency(models: dict[str, nn.Module], input_shape, device, batch: int,
-                        repeats: int, warmup: int) -> dict[str, list[float]]:
+                        repeats: int, warmup: int,
+                        shapes: dict | None = None) -> dict[str, list[float]]:
     """Per model, ``repeats`` wall times (ms) of one eval-mode forward pass on ``batch``
-    inputs. Each round times every model once, in turn, so the machine's drift (other
-    processes, clock changes) hits them alike; the first ``warmup`` rounds are dropped."""
-    shared = example_inputs(next(iter(models.values())), batch, input_shape, device)
-    # a language model draws its own token ids (a teacher with its own tokenizer reads
-    # other ids, and windows of the same text in more positions)
-    inputs = {name: model.example_inputs(batch, device) if hasattr(model, "example_inputs")
-              else shared for name, model in models.items()}
+    inputs (of ``shapes[name]`` where given: a teacher reading another view). Each round
+    times every model once, in turn, so the machine's drift (other processes, clock
+    changes) hits them alike; the first ``warmup`` rounds are dropped."""
+    shared = {}  # models that read inputs of one shape read the same ones
+    inputs = {}
+    for name, model in models.items():
+        # a language model draws its own token ids (a teacher with its own tokenizer reads
+        # other ids, and windows of the same text in more positions), a GNN its node ids
+        if hasattr(model, "example_inputs"):
+            inputs[name] = model.example_inputs(batch, device)
+            continue
+        shape = tuple((shapes or {}).get(name, input_shape))
+        if shape not in shared:
+            shared[shape] = example_inputs(model, batch, shape, device)
+        inputs[name] = shared[shape]
     times = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # timed as deployed: float32, whatever it trained in
@@ -131,20 +140,22 @@ _TIMED: dict[tuple, Timing] = {}
 
 
 def side_by_side(teacher: nn.Module | None, student: nn.Module, input_shape, device,
-                 latency_cfg, int8: nn.Module | None = None) -> Timing:
+                 latency_cfg, int8: nn.Module | None = None, teacher_shape=None) -> Timing:
     """Teacher and student (and the student's ``int8`` model, when the run has one) timed
     side by side in this process, at each batch size in BATCHES, timed again (up to TRIES
     times) while the teacher's and the student's rounds disagree. Every student row of a
     run shares this: they share an architecture."""
-    key = (repr(teacher), repr(student), repr(int8), tuple(input_shape), str(device),
-           tuple(latency_cfg[k] for k in ("repeats_b1", "repeats_b256", "warmup")))
+    teacher_shape = tuple(teacher_shape or input_shape)
+    key = (repr(teacher), repr(student), repr(int8), tuple(input_shape), teacher_shape,
+           str(device), tuple(latency_cfg[k] for k in ("repeats_b1", "repeats_b256", "warmup")))
     if key not in _TIMED:
         _TIMED[key] = _time_side_by_side(teacher, student, input_shape, device, latency_cfg,
-                                         int8)
+                                         int8, teacher_shape)
     return _TIMED[key]
 
 
-def _time_side_by_side(teacher, student, input_shape, device, latency_cfg, int8=None) -> Timing:
+def _time_side_by_side(teacher, student, input_shape, device, latency_cfg, int8=None,
+                       teacher_shape=None) -> Timing:
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     if int8 is not None:
         models["int8"] = int8
@@ -153,7 +164,8 @@ def _time_side_by_side(teacher, student, input_shape, device, latency_cfg, int8=
     for batch in BATCHES:
         for _ in range(TRIES):
             times = interleaved_latency(models, input_shape, device, batch,
-                                        latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup)
+                                        latency_cfg[f"repeats_b{batch}"], latency_cfg.warmup,
+                                        {"teacher": teacher_shape or input_shape})
             agree = teacher is None or rounds_agree(times["teacher"], times["student"])
             if agree:
                 break

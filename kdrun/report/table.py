@@ -47,6 +47,8 @@ def comparison_table(summary: pd.DataFrame, header: str, teacher: str | None = N
     chosen = "best val" if selected == "val" else "last ep."
     metric = summary_metric(summary)
     int8 = summary.role.str.endswith(INT8_SUFFIXES)
+    if "view" in summary and summary.view.notna().all():  # paired views: what each model read
+        summary = summary.assign(arch=summary.arch + " on " + summary.view.astype(str))
     w = max(17, *(len(a) + (len(" distilled") if q else 0) for a, q in zip(summary.arch, int8)))
     p = max(9, *(len(f"{n:,}") for n in summary.params))  # params' width
     lines = [header, *_data_line(summary), f"{'role':<10} {'model':<{w}} {'params':>{p}}  "
@@ -142,9 +144,10 @@ def _speed_line(row) -> str:
     """Compression and the side-by-side speed-ups; a speed-up whose timing rounds
     disagreed (a busy machine) is not printed as a figure."""
     busy = [b for b in BATCHES if row.get(f"speedup_b{b}_reliable", True) in (False, "False")]
-    speeds = ", ".join(f"{row[f'speedup_b{b}']:g}x {'faster ' if b == 1 else ''}at batch {b}"
-                       for b in BATCHES if b not in busy)
-    text = f"student vs teacher: {row.compression:.2f}x fewer parameters"
+    speeds = ", ".join(_faster(row[f"speedup_b{b}"], b) for b in BATCHES if b not in busy)
+    ratio = row.compression  # the teacher's parameters over the student's
+    text = (f"student vs teacher: {ratio:.2f}x fewer parameters" if ratio >= 1 else
+            f"student vs teacher: {1 / ratio:.2f}x more parameters")
     if speeds:
         text += f", {speeds}, timed side by side now"
     if busy:
@@ -152,6 +155,13 @@ def _speed_line(row) -> str:
                  f"machine was busy (its timing rounds disagreed, {TRIES} tries); run again "
                  f"on a quiet machine")
     return text + f" ({row.size_mb:.3f} MB on disk)"
+
+
+def _faster(speedup: float, batch: int) -> str:
+    """A speed-up in words: faster, or slower for a student that takes longer."""
+    if speedup >= 1:
+        return f"{speedup:g}x {'faster ' if batch == 1 else ''}at batch {batch}"
+    return f"{1 / speedup:.3g}x slower at batch {batch}"
 
 
 def one_line(summary: pd.DataFrame) -> str:
@@ -198,10 +208,15 @@ def _data_line(summary: pd.DataFrame) -> list[str]:
     if "train_unlabeled" not in distilled or not (distilled.train_unlabeled > 0).any():
         return []
     row = distilled.iloc[0]
+    teacher = summary[summary.role == "teacher"]
+    own = (teacher.train_labeled.iloc[0] if not teacher.empty and "train_labeled" in teacher
+           else row.train_labeled)
+    who = ("teacher and scratch student learn from the labelled examples"
+           if own == row.train_labeled else f"the teacher learns from {own:,.0f} labelled "
+           "examples of its view, the scratch student from the labelled ones")
     return [f"data: labelled {row.train_labeled:,.0f} (+ {row.val_examples:,.0f} validation) · "
-            f"unlabelled {row.train_unlabeled:,.0f}: teacher and scratch student learn from "
-            f"the labelled examples, the distilled student from both (labels on the "
-            f"labelled ones only)"]
+            f"unlabelled {row.train_unlabeled:,.0f}: {who}, the distilled student from both "
+            f"(labels on the labelled ones only)"]
 
 
 def _data_free_line(summary: pd.DataFrame, student) -> list[str]:

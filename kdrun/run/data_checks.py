@@ -24,7 +24,7 @@ log = logging.getLogger("kdrun")
 def check(cfg: DictConfig, data: Data) -> torch.nn.Module | None:
     """Every check of this phase, in order; with int8 students, the student's int8 model
     they proved it converts to (timed after training)."""
-    for each in (check_feature_layers, check_transfer_set, check_token_models,
+    for each in (check_views, check_feature_layers, check_transfer_set, check_token_models,
                  check_vocabularies, scheme_of(cfg).check_data):
         each(cfg, data)
     return int8_students.check_converts(cfg, data)
@@ -37,10 +37,41 @@ def model_roles(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return [*roles, ("student", cfg.student), *scheme.models(cfg)]
 
 
+def check_views(cfg: DictConfig, data: Data) -> None:
+    """Paired views (kdrun/data/views.py): the teacher's targets are computed once on its
+    view of each example, by the offline scheme; a graph-reading model needs node ids."""
+    views = f"{cfg.dataset.get('teacher_view')} for the teacher, " \
+            f"{cfg.dataset.get('student_view')} for the student"
+    if data.paired:
+        if scheme_of(cfg).name != "offline":
+            raise ConfigError("scheme", scheme_of(cfg).name, f"dataset={data.name} gives two "
+                              f"views of each example ({views}): only scheme=offline distils "
+                              f"across them")
+        if cfg.dataset.get("augment") or not cfg.trainer.cache_teacher_logits:
+            raise ConfigError("trainer.cache_teacher_logits", cfg.trainer.cache_teacher_logits,
+                              f"dataset={data.name} gives two views of each example ({views}): "
+                              "the teacher's targets are computed once on its view, so keep "
+                              "it true and leave dataset.augment unset")
+    for role, view_data in (("student", data), ("teacher", data.teacher_data or data)):
+        node = cfg.get(role)
+        if node is None or (role == "teacher" and not scheme_of(cfg).has_teacher):
+            continue
+        reads_graph = bool(builder_hook(node, "reads_graph"))
+        if view_data.graph is not None and not reads_graph:
+            raise ConfigError(f"{role}.arch", node.get("arch"), f"dataset.{role}_view=graph "
+                              "gives node ids, which only a graph network reads (gcn, sage); "
+                              f"for an mlp set dataset.{role}_view=features")
+        if reads_graph and view_data.graph is None:
+            raise ConfigError(f"{role}.arch", node.get("arch"), f"it reads a graph, and "
+                              f"dataset={data.name} gives the {role} none: use dataset=csbm "
+                              f"or dataset=planetoid with dataset.{role}_view=graph")
+
+
 def check_token_models(cfg: DictConfig, data: Data) -> None:
     """Text (token ids) needs a language model for every role: one line, not a traceback
     from a linear layer given integers."""
-    if not getattr(data.train, "in_memory", False) or data.train.x.is_floating_point():
+    if (not getattr(data.train, "in_memory", False) or data.train.x.is_floating_point()
+            or data.graph is not None):  # a graph's node ids are not tokens
         return
     for prefix, node in model_roles(cfg):
         if not builder_hook(node, "reads_tokens"):
@@ -98,7 +129,10 @@ def check_feature_layers(cfg: DictConfig, data: Data) -> None:
     teacher_cfg = scheme_of(cfg).feature_teacher(cfg)
     if teacher_cfg is None or not loss_class(cfg.loss).reads_features:
         return
-    student, teacher = (build_model(c, data.input_shape, data.num_classes, role)
-                        for c, role in ((cfg.student, "student"), (teacher_cfg, "teacher")))
+    teacher_data = data.teacher_data or data  # the teacher's view, where it reads another
+    student = build_model(cfg.student, data.input_shape, data.num_classes, "student", data.graph)
+    teacher = build_model(teacher_cfg, teacher_data.input_shape, data.num_classes, "teacher",
+                          teacher_data.graph)
     loss = build_loss(cfg.loss)
-    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape, data.per_position))
+    loss.prepare(*feature_shapes(loss, student, teacher, data.input_shape, data.per_position,
+                                 teacher_data.input_shape))

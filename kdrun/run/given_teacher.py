@@ -24,12 +24,13 @@ if TYPE_CHECKING:
     from kdrun.run.stage import RunContext
 
 
-def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str) -> nn.Module:
+def load_given_teacher(model_cfg, input_shape, num_classes: int, weights: str,
+                       graph=None) -> nn.Module:
     """The model ``model_cfg`` describes with the weights of its ``checkpoint`` file: a
     kdrun checkpoint (its ``weights`` entry, else ``model``) or a plain state dict."""
     source = f"teacher.checkpoint={model_cfg.checkpoint}"
     state = read_state_dict(model_cfg.checkpoint, source, entries=(weights, "model"))
-    model = build_model(model_cfg, input_shape, num_classes, "teacher")
+    model = build_model(model_cfg, input_shape, num_classes, "teacher", graph)
     load_weights(model, state, source)
     return model
 
@@ -39,9 +40,9 @@ def evaluate_given_teacher(ctx: RunContext, model_cfg) -> StageResult:
     trained, with a cache entry of its own for what is computed from it (its logits)."""
     path = Path(model_cfg.checkpoint).expanduser()
     weights = WEIGHTS[ctx.tcfg.distill_from]
-    data, device = ctx.data, ctx.device
-    model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights).to(
-        device, ctx.dtype)
+    data, device = ctx.data.teacher_data or ctx.data, ctx.device  # the teacher's view
+    model = load_given_teacher(model_cfg, data.input_shape, data.num_classes, weights,
+                               data.graph).to(device, ctx.dtype)
     entry = StageEntry(ctx.cache_root, given_teacher_material(
         ctx.cfg, model_cfg, sha256_file(path), weights, ctx.numerics, ctx.data_digest))
     if distributed.world().writer:

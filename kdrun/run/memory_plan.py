@@ -215,7 +215,7 @@ def plan_memory(cfg: DictConfig, data: Data, device: torch.device) -> MemoryPlan
     rows = tcfg.batch_size * per_row
     classes = data.num_classes
     student = model_figures(cfg.student, data, tcfg.batch_size, dtype)
-    teacher = (model_figures(cfg.teacher, data, tcfg.batch_size, dtype)
+    teacher = (model_figures(cfg.teacher, data.teacher_data or data, tcfg.batch_size, dtype)
                if scheme.has_teacher and not cfg.teacher.get("checkpoint") else None)
     taught_rows = per_row * (len(data.train) + (data.unlabeled_count if scheme.uses_transfer_set
                                                 else 0))

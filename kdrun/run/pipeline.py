@@ -86,7 +86,9 @@ def _run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
              data.name, len(data.train), len(data.val), len(data.test), data.eval_split,
              data.input_shape, data.num_classes)
     report_inputs(cfg, data)
-    if data.teacher_data is not None:
+    if data.paired:
+        log.info("%s", views_line(cfg, data))
+    elif data.teacher_data is not None:
         log.info("teacher tokenizer: %s, windows of %d (the students': %s, %d); the teacher's "
                  "perplexity is per token of its own, not comparable with the students'",
                  cfg.dataset.teacher_tokenizer, data.teacher_data.input_shape[0],
@@ -111,7 +113,8 @@ def _run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         distributed.barrier()
         return FOLLOWER_RESULT
     rows = goal.on_rows(_with_figures(rows, stages.teacher_model, cfg, data, device, int8))
-    rows = [row.with_columns(**plan.columns()) for row in rows]
+    rows = [row.with_columns(**plan.columns(), **view_column(cfg, data, row.role))
+            for row in rows]
     summary = write_summary(run_dir.summary_csv, [row.columns() for row in rows])
     result = _report(cfg, data.name, data.eval_split, run_dir, summary)
     stages.metrics.finish(run_dir, summary, result["table"])
@@ -123,6 +126,29 @@ def _run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
                        "distilled_val_metric": result["distilled_val_metric"]})
     distributed.barrier()
     return result
+
+
+def view_column(cfg: DictConfig, data: Data, role: str) -> dict:
+    """Paired views: the view a row's model read (the table names it)."""
+    if not data.paired:
+        return {}
+    return {"view": cfg.dataset.teacher_view if role == "teacher" else cfg.dataset.student_view}
+
+
+def views_line(cfg: DictConfig, data: Data) -> str:
+    """What each model reads of paired views, and what the students distil on."""
+    graph = data.graph or data.teacher_data.graph
+    setting = cfg.dataset.get("setting")
+    on_graph = "" if graph is None else (
+        f" of a graph of {graph.num_nodes} nodes and {graph.edges.shape[1] // 2} edges "
+        f"({setting})")
+    among = (" (transductive: the validation and test nodes among them, without labels)"
+             if graph is not None and setting == "transductive" else "")
+    return (f"views: the teacher reads {cfg.dataset.teacher_view} "
+            f"{data.teacher_input_shape or '(node ids)'}{on_graph}, the students read "
+            f"{cfg.dataset.student_view} {data.input_shape or '(node ids)'}; the distilled "
+            f"student learns the teacher's outputs on its {len(data.train)} labelled and "
+            f"{data.unlabeled_count} unlabelled examples{among}")
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -188,7 +214,8 @@ def small_models(cfg: DictConfig, data: Data) -> bool:
     on an idle machine and lose several times over when another process shares the
     cores (benchmarks/bench_threads.py). A model whose cost cannot be counted without
     building it for real (pretrained weights, a language model) counts as large."""
-    costs = [forward_mflop(cfg[role], data.input_shape, data.num_classes,
+    shapes = {"teacher": data.teacher_input_shape, "student": data.input_shape}
+    costs = [forward_mflop(cfg[role], shapes[role], data.num_classes,
                            cfg.trainer.batch_size) for role in ("teacher", "student")]
     return all(cost is not None and cost < cfg.one_thread_below_mflop for cost in costs)
 
@@ -222,8 +249,9 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device,
                   int8: torch.nn.Module | None = None) -> list[SummaryRow]:
     """The rows with latency, speed-up and compression: teacher and student (and its
     ``int8`` model) timed now, side by side, in this process."""
-    student = build_model(cfg.student, data.input_shape, data.num_classes)
-    timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency, int8)
+    student = build_model(cfg.student, data.input_shape, data.num_classes, graph=data.graph)
+    timing = side_by_side(teacher, student, data.input_shape, device, cfg.latency, int8,
+                          teacher_shape=data.teacher_input_shape)
     teacher_params = next((row.params for row in rows if row.role == "teacher"), None)
     return [row.with_figures(timing, teacher_params) for row in rows]
 

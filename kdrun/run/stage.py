@@ -121,9 +121,10 @@ class RunContext:
         """A finished stage's model with its ``weights`` (best_val | last), built for
         ``data`` (the run's unless a stage trained on other)."""
         data = data or self.data
-        model = build_model(model_cfg, data.input_shape, data.num_classes)
+        model = build_model(model_cfg, data.input_shape, data.num_classes, graph=data.graph)
+        model.to(self.device, self.dtype)  # first: float64 weights are never rounded to float32
         model.load_state_dict(entry.result()[WEIGHTS[weights]])
-        return model.to(self.device, self.dtype)
+        return model
 
 
 def run_stage(spec: StageSpec, ctx: RunContext) -> StageResult:
@@ -188,7 +189,8 @@ def build_stage(spec: StageSpec, ctx: RunContext) -> tuple[torch.nn.Module, obje
     loss, told the shapes of one row's features, student's and teacher's."""
     torch.manual_seed(spec.train_seed)
     data = spec.data  # a teacher with its own tokenizer: its own vocabulary and windows
-    model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role)
+    model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role,
+                        data.graph)
     if quantized(spec.model_cfg):  # fake-quantised weights and activations
         model = fake_quantized(model, data.input_shape)
     loss = spec.make_loss()  # after seeding: a learned regressor starts alike per seed

@@ -94,8 +94,9 @@ class StagePlan:
         if entry.done():
             return entry
         loss = spec.make_loss()
-        check_batchable(build_model(spec.model_cfg, ctx.data.input_shape, ctx.data.num_classes,
-                                    spec.role), loss, ctx.tcfg, self.device)
+        data = spec.data  # a teacher's own data where it reads another view
+        check_batchable(build_model(spec.model_cfg, data.input_shape, data.num_classes,
+                                    spec.role, data.graph), loss, ctx.tcfg, self.device)
         self.planned.append(Member(
             entry=entry, role=spec.role, seed=spec.seed, train_seed=spec.train_seed,
             model_cfg=spec.model_cfg, loss=loss, targets=spec.teacher,

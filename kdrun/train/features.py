@@ -115,10 +115,11 @@ def feature_shape(model: nn.Module, layer: str | list[str], input_shape, key: st
 
 
 def feature_shapes(loss, student: nn.Module, teacher: nn.Module, input_shape,
-                   per_position: bool = False):
-    """The shapes of the layers a feature loss reads, student's and teacher's: of one
-    row's when the targets are per position (a language model)."""
+                   per_position: bool = False, teacher_shape=None):
+    """The shapes of the layers a feature loss reads, student's and teacher's (whose input
+    is ``teacher_shape`` where it reads another view): of one row's when the targets are
+    per position (a language model)."""
     return (row_shapes(feature_shape(student, loss.student_layer, input_shape,
                                      "loss.student_layer"), per_position),
-            row_shapes(feature_shape(teacher, loss.teacher_layer, input_shape,
+            row_shapes(feature_shape(teacher, loss.teacher_layer, teacher_shape or input_shape,
                                      "loss.teacher_layer"), per_position))

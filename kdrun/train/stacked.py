@@ -83,6 +83,8 @@ def check_batchable(model: nn.Module, loss: DistillationLoss, tcfg, device) -> N
     slower stacked than alone)."""
     if getattr(model, "outputs_per_token", False):
         raise NotBatchable("it is a language model (not stacked yet)")
+    if getattr(model, "reads_graph", False):
+        raise NotBatchable("it reads a graph (each batch gathers its own neighbourhood)")
     for module in model.modules():
         if device.type == "cpu" and isinstance(module, (nn.Conv2d, nn.Conv3d)):
             raise NotBatchable("it has 2-D convolutions, which train slower stacked than "

@@ -28,6 +28,7 @@ from torch import nn
 
 from kdrun import distributed
 from kdrun.data import Data
+from kdrun.errors import ConfigError
 from kdrun.losses.kd import soft_target_entropy
 from kdrun.models import eval_mode
 from kdrun.precision import widen, working_dtype
@@ -263,7 +264,8 @@ class TeacherOnData:
     def features_fit(self, layer) -> bool:
         """Whether the teacher's features at ``layer`` over the training set take at most
         ``trainer.cache_teacher_features_mb``."""
-        shapes = feature_shape(self.model, layer, self.data.input_shape, "loss.teacher_layer")
+        shapes = feature_shape(self.model, layer, self.data.teacher_input_shape,
+                               "loss.teacher_layer")
         shapes = [shapes] if isinstance(layer, str) else shapes
         size = sum(math.prod(shape) for shape in shapes) * len(self.data.train)
         megabytes = size * torch.finfo(working_dtype(self.tcfg)).bits / 8 / 1e6
@@ -285,7 +287,9 @@ class TeacherOnData:
                             "computing the teacher's %s again", path, what)
             dtype = working_dtype(self.tcfg)
             self.model.to(self.device, dtype)
-            result = on_shards(compute, self.data.train.to(self.device, dtype))
+            train = self.data.train  # paired views: on the teacher's view of each row
+            train = train.teacher_side() if self.data.paired else train
+            result = on_shards(compute, train.to(self.device, dtype))
             if writer:
                 save_sealed(path, each_feature(lambda value: value.cpu(), result))
                 self.entry.note_derived(path.name)
@@ -305,5 +309,10 @@ def choose_targets(teacher: TeacherOnData, loss, *, cacheable: bool, topk: int |
         return CachedLogits(teacher.logits())
     if cacheable and teacher.features_fit(loss.teacher_layer):
         return CachedLogits(teacher.logits(), teacher.features(loss.teacher_layer))
+    if teacher.data.paired:  # a live teacher would read the student's view
+        raise ConfigError("trainer.cache_teacher_features_mb",
+                          teacher.tcfg.get("cache_teacher_features_mb"),
+                          "the teacher reads another view than the student, so its features "
+                          "are computed once on it: raise it until they fit")
     return LiveTeacher(teacher.model, autocast, loss.teacher_layer if features else None,
                        training_logits=teacher.logits)
