@@ -59,6 +59,17 @@ def run_events(run: Path) -> list[dict]:
 
 
 # the fewest latency rounds validation allows: a run's timing in a test costs little
+def slurm_commands_on_path(monkeypatch, folder: Path) -> None:
+    """Stand-ins for Slurm's sbatch and srun first on the PATH: a README line that
+    launches on Slurm validates as on a login node (where Slurm is absent, preflight
+    stops it with one line, tests/test_sweep_failures.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("sbatch", "srun"):
+        (folder / name).write_text("#!/bin/sh\nexit 1\n")
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+
+
 QUICK_LATENCY = ["latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=1"]
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from kdrun.cli.preflight import preflight
 from kdrun.errors import UserError
+from tests.helpers import slurm_commands_on_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVATE = Path(sys.executable).parent / "activate"  # the venv the tests run in
@@ -55,13 +56,15 @@ def pasted(tmp_path: Path) -> list[list[str]]:
     return [json.loads(line) for line in lines]
 
 
-def test_every_readme_line_finds_its_command_and_every_kdrun_line_validates(tmp_path):
+def test_every_readme_line_finds_its_command_and_every_kdrun_line_validates(tmp_path,
+                                                                           monkeypatch):
     calls = pasted(tmp_path)
     assert len(calls) == len(readme_lines())  # each line ran its one command
     assert calls[0] == ["make", "run"] and calls[1] == ["make", "test"]
     kdrun_calls = [kdrun_arguments(argv) for argv in calls if kdrun_arguments(argv) is not None]
     assert len(kdrun_calls) >= 40
     assert any(argv[0] == "torchrun" for argv in calls)
+    slurm_commands_on_path(monkeypatch, tmp_path / "slurm")  # as on a cluster's login node
     for argv in kdrun_calls:
         expected = [message for key, message in NEEDS_FILES.items() if any(key in a for a in argv)]
         if not expected:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from kdrun.cli.preflight import preflight
 from kdrun.errors import UserError
 from kdrun.sweep import launch
-from tests.helpers import KDRUN
+from tests.helpers import KDRUN, slurm_commands_on_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["progress=false", "repeats=1", "trainer.epochs=1", "split.max_train=300",
@@ -57,7 +57,8 @@ NEEDS_FILES = {".pretrained=true": "are not in the local cache",
 
 
 @pytest.mark.parametrize("argv", readme_recipes(), ids=lambda a: " ".join(a)[:60])
-def test_every_readme_recipe_composes_and_validates(argv):
+def test_every_readme_recipe_composes_and_validates(argv, tmp_path, monkeypatch):
+    slurm_commands_on_path(monkeypatch, tmp_path)  # as on a cluster's login node
     expected = [message for key, message in NEEDS_FILES.items() if any(key in a for a in argv)]
     if not expected:
         preflight(argv)  # raises UserError on any bad key, value or missing plugin
