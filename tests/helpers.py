@@ -58,7 +58,6 @@ def run_events(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-# the fewest latency rounds validation allows: a run's timing in a test costs little
 def slurm_commands_on_path(monkeypatch, folder: Path) -> None:
     """Stand-ins for Slurm's sbatch and srun first on the PATH: a README line that
     launches on Slurm validates as on a login node (where Slurm is absent, preflight
@@ -70,6 +69,7 @@ def slurm_commands_on_path(monkeypatch, folder: Path) -> None:
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
 
 
+# the fewest latency rounds validation allows: a run's timing in a test costs little
 QUICK_LATENCY = ["latency.repeats_b1=4", "latency.repeats_b256=4", "latency.warmup=1"]
 
 

@@ -24,6 +24,7 @@ from kdrun.cli.preflight import CONFIG_MODULE, preflight
 from kdrun.cli.processes import follow, follower, processes_joined, torchrun_arguments
 from kdrun.errors import UserError
 from kdrun.run import pipeline
+from kdrun.run.search import sweep_values
 from kdrun.run.validate import validate
 from kdrun.store.files import RunDir
 from kdrun.sweep.launch import fit_to_launcher
@@ -39,9 +40,10 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
-def hydra_main(cfg: DictConfig) -> float:
-    """One job. Returns the distilled student's validation accuracy (what a
-    Hydra sweeper such as Optuna maximises)."""
+def hydra_main(cfg: DictConfig) -> float | list[float]:
+    """One job. Returns ``search.objectives`` (kdrun/run/search.py): by default the
+    distilled student's validation accuracy, what a Hydra sweeper such as Optuna
+    maximises."""
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(hydra_cfg.runtime.output_dir)
     for mark in (run_dir.failed_json, run_dir.interrupted_json):  # a job run again
@@ -58,7 +60,7 @@ def hydra_main(cfg: DictConfig) -> float:
         if sweep:  # the job's table is in its kdrun.log; the console gets one line
             print(f"job {job_name(hydra_cfg)}: {result['line']} ({shown_path(run_dir.root)})",
                   flush=True)
-        return result["distilled_val_metric"]
+        return sweep_values(cfg.search.objectives, result)
     except KeyboardInterrupt:
         if not follower():
             with contextlib.suppress(UserError):
@@ -73,7 +75,8 @@ def hydra_main(cfg: DictConfig) -> float:
             run_dir.mark_failed(one_line_message(e))
         print(f"kdrun: error: job {job_name(hydra_cfg)}: {one_line_message(e)}",
               file=sys.stderr)
-        return float("nan")
+        nan = float("nan")
+        return nan if len(cfg.search.objectives) == 1 else [nan] * len(cfg.search.objectives)
 
 
 def resume_hint() -> str:

@@ -24,6 +24,7 @@ class Metric:
     # outputs (..., examples, classes) and targets (examples,) -> the metric over the
     # examples, one value per leading index: a stacked group scores all its members at once
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    listed: bool = True  # in METRICS, by name; False: a variant of a listed metric's
 
     def compute(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The metric of one model's outputs."""
@@ -43,7 +44,8 @@ class Metric:
         return gain if self.higher_is_better else -gain
 
     def __post_init__(self):
-        METRICS[self.name] = self  # found by name when a report reads a summary back
+        if self.listed:
+            METRICS[self.name] = self  # found by name when a report reads a summary back
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,19 @@ PLAIN_ROLES = ("teacher", "scratch", "all_labels")
 class Objective:
     distilled: str  # the distilled student's loss as computed
     plain: str  # the teacher's and the scratch student's
+    # who trains with each (a scheme's own, e.g. lifelong's learners), and the roles of
+    # the plain one
+    names: tuple[str, str] = ("distilled student", "teacher and scratch student")
+    plain_roles: tuple[str, ...] = PLAIN_ROLES
 
     @property
     def line(self) -> str:
-        return (f"objective: distilled student = {self.distilled}; teacher and scratch "
-                f"student = {self.plain} (p_t, p_s: the teacher's and the student's "
+        return (f"objective: {self.names[0]} = {self.distilled}; {self.names[1]} = "
+                f"{self.plain} (p_t, p_s: the teacher's and the student's "
                 f"softmax(logits / T))")
 
     def of(self, role: str) -> str:
-        return self.plain if role.startswith(PLAIN_ROLES) else self.distilled
+        return self.plain if role.startswith(self.plain_roles) else self.distilled
 
     def on_rows(self, rows: list[SummaryRow]) -> list[SummaryRow]:
         """Each row with its own objective in an ``objective`` column."""
@@ -60,6 +64,9 @@ def averaging(cfg: DictConfig, data: Data) -> Averaging:
 def objective(cfg: DictConfig, data: Data) -> Objective:
     """The run's objectives in words, from the loss its distilled student trains with."""
     over = averaging(cfg, data)
+    own = scheme_of(cfg).objective(cfg, over)
+    if own is not None:
+        return Objective(**own)
     loss_cfg = scheme_of(cfg).distillation_loss(cfg)
     try:
         with torch.random.fork_rng(devices=[]):  # a probe: the stages' draws stay theirs

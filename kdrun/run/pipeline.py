@@ -257,12 +257,14 @@ def _with_figures(rows: list[SummaryRow], teacher, cfg, data: Data, device,
 
 
 def _report(cfg, dataset_name, eval_split, run_dir: RunDir, summary: pd.DataFrame) -> dict:
-    table = comparison_table(summary, header=_header(cfg, dataset_name, eval_split),
-                             teacher=scheme_of(cfg).verdict_scope(cfg), draw=_label_draw(cfg))
+    scheme, header = scheme_of(cfg), _header(cfg, dataset_name, eval_split)
+    table, line = scheme.report(summary, header, run_dir) or (
+        comparison_table(summary, header=header, teacher=scheme.verdict_scope(cfg),
+                         draw=_label_draw(cfg)), one_line(summary))
     log.info("\n%s\nfiles: %s (metrics.csv, summary.csv, checkpoints/)", table, run_dir.root)
-    distilled_val = summary[summary.role == "distilled"].val_metric_best
-    return {"rows": summary.to_dict("records"), "table": table, "line": one_line(summary),
-            "distilled_val_metric": float(statistics.mean(distilled_val))}
+    selected_val = summary[summary.role == scheme.selected_role(cfg)].val_metric_best
+    return {"rows": summary.to_dict("records"), "table": table, "line": line,
+            "distilled_val_metric": float(statistics.mean(selected_val))}
 
 
 def _label_draw(cfg: DictConfig) -> str | None:

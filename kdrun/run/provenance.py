@@ -48,6 +48,8 @@ NO_EFFECT: dict[str, str] = {
     "trainer.checkpoint_every": "how often the resumable state is saved; a resume is exact",
     "distributed.timeout_min": "how long a process waits for the others before failing",
     "slurm.vanished_after_s": "how long a sweep waits for a Slurm job that left the queue",
+    "search.objectives": "what a job returns to the sweeper",
+    "search.tolerance": "what a student search's report marks",
 }
 # Settings that change only the order in which floating-point operations run: the same
 # computation up to rounding. Left out of stage keys (a stage trained under one value is

@@ -62,6 +62,9 @@ class StageSpec:
     key: dict = dataclasses.field(default_factory=dict)
     teacher: TeacherTargets | None = None
     train: Callable | None = None  # fit's contract (kdrun/train/fit.py); fit when None
+    # loads the weights it starts from into its built model (scheme=lifelong: the previous
+    # task's), whose stage key is then in ``key``; None: it starts from its seeded init
+    init: Callable[[torch.nn.Module], None] | None = None
 
 
 @dataclasses.dataclass
@@ -191,6 +194,8 @@ def build_stage(spec: StageSpec, ctx: RunContext) -> tuple[torch.nn.Module, obje
     data = spec.data  # a teacher with its own tokenizer: its own vocabulary and windows
     model = build_model(spec.model_cfg, data.input_shape, data.num_classes, spec.role,
                         data.graph)
+    if spec.init is not None:
+        spec.init(model)
     if quantized(spec.model_cfg):  # fake-quantised weights and activations
         model = fake_quantized(model, data.input_shape)
     loss = spec.make_loss()  # after seeding: a learned regressor starts alike per seed

@@ -29,6 +29,7 @@ from kdrun.distributed import World
 from kdrun.errors import ConfigError
 from kdrun.precision import on_gpu
 from kdrun.run import int8_students, schemes
+from kdrun.run.search import search_objectives
 
 RULES: dict[str, Check] = {
     "seed": number(integer=True),
@@ -45,6 +46,8 @@ RULES: dict[str, Check] = {
     "latency.repeats_b1": number(4, integer=True),
     "latency.repeats_b256": number(4, integer=True),
     "latency.warmup": number(0, integer=True),
+    "search.objectives": search_objectives,
+    "search.tolerance": number(0),
     "cache.enabled": boolean,
     "cache.dir": lambda v: None if isinstance(v, str) and v else "must be a directory path",
     "split.val_fraction": number(0, 1, hi_open=True),

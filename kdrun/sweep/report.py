@@ -34,7 +34,9 @@ from kdrun.report.table import markdown_table, write_summary
 from kdrun.store.files import atomic_write
 from kdrun.sweep.analysis import SweepAnalysis, analyse
 from kdrun.sweep.jobs import NoFinishedJobs, collect, failed_jobs, read_jobs
+from kdrun.sweep.pareto import is_student_search
 from kdrun.sweep.plots import plot_curves, plot_gains, setting_name, short_value
+from kdrun.sweep.search_report import search_section
 
 log = logging.getLogger("kdrun")
 
@@ -57,7 +59,11 @@ def _write_report(sweep_dir: Path, published: Path | None = None) -> tuple[Path,
     figures = [*plot_gains(found.table, found.keys, sweep_dir, found.metric),
                plot_curves(metrics, found.best, found.keys, sweep_dir / "curves.png",
                            found.metric)]
-    text = markdown(found, [f.name for f in figures])
+    search = []
+    if is_student_search(jobs.swept):  # candidate students: their Pareto fronts
+        search, files = search_section(summary, jobs, sweep_dir)
+        figures += files
+    text = markdown(found, [f.name for f in figures], search)
     if published is not None:
         from kdrun.sweep.published import published_section
 
@@ -82,11 +88,11 @@ def console_lines(table: pd.DataFrame, keys: list[str]) -> list[str]:
 # ---------------------------------------------------------------- report.md
 
 
-def markdown(found: SweepAnalysis, figures: list[str]) -> str:
-    """report.md: its sections in order."""
+def markdown(found: SweepAnalysis, figures: list[str], search: list[str] = ()) -> str:
+    """report.md: its sections in order (``search``: a student search's, search_report.py)."""
     keys = found.keys if found.swept else ["method", "T", "alpha"]
     lines = [*_header(found), *_gain_section(found, keys), *_best_section(found, keys),
-             *_entropy_section(found.table), *_failed_section(found.failed),
+             *search, *_entropy_section(found.table), *_failed_section(found.failed),
              "## Files", "",
              "- `summary.csv`: every job's summary rows, one column per swept key",
              *[f"- `{name}`" for name in figures]]

@@ -91,6 +91,21 @@ class Scheme:
         """Which teacher the student seeds share: what the gain's verdict holds for."""
         return f"one teacher (seed {cfg.seed})"
 
+    def objective(self, cfg: DictConfig, over) -> dict | None:
+        """Its own objectives in words, an Objective's fields (kdrun/run/objective.py),
+        where its stages do not train as a distilled and a plain student do; None: those."""
+        return None
+
+    def selected_role(self, cfg: DictConfig) -> str:
+        """The role whose validation metric is the run's (what a hyperparameter search
+        optimises: kdrun/cli/main.py)."""
+        return "distilled"
+
+    def report(self, summary, header: str, run_dir) -> tuple[str, str] | None:
+        """Its own printed table and one-line result, with any figure it draws into
+        ``run_dir``; None: the comparison table (kdrun/report/table.py)."""
+        return None
+
     def run(self, stages: Stages, cfg: DictConfig) -> list[SummaryRow]:
         raise NotImplementedError
 
