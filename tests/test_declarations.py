@@ -40,7 +40,8 @@ def test_every_scheme_makes_the_rows_it_declares(tmp_path):
                  "sequence_kd": [*TINY_LM, "scheme.samples=8"],  # language models' schemes
                  "on_policy": [*TINY_LM, "scheme.prompt=12", "dataset.sentences=100"],
                  "data_free": [*TINY, "scheme.iterations=2", "scheme.batch_size=16",
-                               "scheme.width=4", "scheme.student_steps=1"]}  # flat inputs
+                               "scheme.width=4", "scheme.student_steps=1"],  # flat inputs
+                 "lifelong": [*TINY, "scheme.tasks=2"]}  # task1, then each learner's task2
     assert set(overrides) == set(SCHEMES.names())
     for name, extra in overrides.items():
         cfg = make_config(*extra, f"scheme={name}", f"cache.dir={tmp_path}/cache")

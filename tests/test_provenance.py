@@ -41,6 +41,8 @@ FLIPS = {
     "trainer.checkpoint_every": "trainer.checkpoint_every=0",
     "distributed.timeout_min": "distributed.timeout_min=5",
     "slurm.vanished_after_s": "slurm.vanished_after_s=60",
+    "search.objectives": "search.objectives=[val_metric,params]",
+    "search.tolerance": "search.tolerance=2.5",
 }
 
 
