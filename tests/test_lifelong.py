@@ -152,3 +152,21 @@ def test_a_run_killed_mid_sequence_resumes_to_the_uninterrupted_numbers(tmp_path
     columns = ["role", "acc_task1", "acc_task2", "acc_task3"]
     pd.testing.assert_frame_equal(pd.DataFrame(resumed["rows"])[columns],
                                   pd.DataFrame(whole["rows"])[columns])
+
+
+@pytest.mark.slow  # a 2-job sweep (~20 s)
+def test_a_sweep_over_T_retrains_only_lwf_and_writes_a_report(tmp_path):
+    import subprocess
+
+    from tests.helpers import KDRUN
+
+    proc = subprocess.run([KDRUN, "-m", *TINY, "scheme.tasks=2", "loss.T=2,4",
+                           f"hydra.sweep.dir={tmp_path}/sweep", f"cache.dir={tmp_path}/cache"],
+                          cwd=tmp_path, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no gain is pooled" in (tmp_path / "sweep" / "report.md").read_text()
+    trained = [e["stage"] for job in (tmp_path / "sweep").glob("loss.T=*")
+               for e in run_events(job) if e["event"] == "trained"]
+    # the first task, fine-tuning and joint training do not depend on T: trained once a seed
+    assert sorted(trained) == sorted(["task1", "finetune_task2", "joint_task2"] * 2
+                                     + ["lwf_task2"] * 4)

@@ -55,6 +55,8 @@ def _write_report(sweep_dir: Path, published: Path | None = None) -> tuple[Path,
     summary = collect(jobs, "summary.csv")
     metrics = collect(jobs, "metrics.csv")
     write_summary(sweep_dir / "summary.csv", summary.to_dict("records"))
+    if not (summary.role == "distilled").any():  # e.g. scheme=lifelong: no gain to pool
+        return _jobs_only_report(sweep_dir, jobs)
     found = analyse(jobs, summary)
     figures = [*plot_gains(found.table, found.keys, sweep_dir, found.metric),
                plot_curves(metrics, found.best, found.keys, sweep_dir / "curves.png",
@@ -70,6 +72,19 @@ def _write_report(sweep_dir: Path, published: Path | None = None) -> tuple[Path,
         text += "\n" + "\n".join(published_section(summary, metrics, Path(published)))
     atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text(text))
     return sweep_dir / "report.md", console_lines(found.table, found.keys)
+
+
+def _jobs_only_report(sweep_dir: Path, jobs) -> tuple[Path, list[str]]:
+    """report.md of a sweep whose scheme makes no scratch and distilled rows to pair (e.g.
+    scheme=lifelong): its jobs, each with its own table in its kdrun.log."""
+    names = [str(d.relative_to(sweep_dir)) for d in jobs.settings]
+    lines = ["# kdrun sweep report", "",
+             f"Sweep `{sweep_dir}`: {len(names)} of {len(jobs.started)} started jobs finished. "
+             "Their scheme makes no scratch and distilled students to pair, so no gain is "
+             "pooled here: each job's table is in its `kdrun.log`, its rows in `summary.csv`.",
+             "", *[f"- `{name}`" for name in names], ""]
+    atomic_write(sweep_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+    return sweep_dir / "report.md", [f"  {name}: see its kdrun.log" for name in names]
 
 
 def console_lines(table: pd.DataFrame, keys: list[str]) -> list[str]:
