@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kdrun.data.base import Data, Split
-from kdrun.data.metrics import Metric
+from kdrun.data.metrics import ACCURACY, Metric
 from kdrun.errors import ConfigError
 
 SETTINGS = ("task", "class")
@@ -79,8 +79,7 @@ def masked_accuracy(allowed: torch.Tensor) -> Metric:
     ``allowed[y]`` only (TaskSequence.choices)."""
     def score(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         mask = allowed.to(logits.device)[labels]
-        picked = logits.masked_fill(~mask, float("-inf")).argmax(-1)
-        return (picked == labels).float().mean(-1).double() * 100
+        return ACCURACY.score(logits.masked_fill(~mask, float("-inf")), labels)
 
     return Metric("accuracy", "acc", "%", higher_is_better=True, score=score, listed=False)
 

@@ -9,7 +9,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.checks import number, one_of
-from kdrun.data.tasks import SETTINGS, TaskSequence, masked_accuracy, task_data, task_sequence
+from kdrun.data.tasks import (
+    SETTINGS,
+    TaskSequence,
+    masked_accuracy,
+    rows_of,
+    task_data,
+    task_sequence,
+)
 from kdrun.errors import ConfigError
 from kdrun.losses import build_loss, loss_class
 from kdrun.losses.base import term_weights
@@ -171,7 +178,7 @@ class Learners:
         metric = masked_accuracy(self.sequence.choices(task))
         columns = {}
         for seen in range(task + 1):
-            test = task_data(self.stages.data, self.sequence, [seen], task).test
+            test = rows_of(self.stages.data.test, list(self.sequence.classes[seen]))
             logits = self.logits(model, test.x)
             columns[f"acc_task{seen + 1}"] = metric.compute(logits, test.y.to(logits.device))
         return columns
